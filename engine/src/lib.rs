@@ -1,0 +1,1 @@
+//! sessio-engine: placeholder.

@@ -1,0 +1,128 @@
+//! Errors, one enum per operation. Corruption is kept apart from I/O and from
+//! the caller's own mistakes.
+
+use crate::session::OpError;
+use std::path::{Path, PathBuf};
+
+/// Opening or creating an arena failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// No arena exists at that path.
+    #[error("no arena at {0}")]
+    NotFound(PathBuf),
+    /// The name has characters other than `A-Za-z0-9-_.` or is too long.
+    #[error("bad arena name {0:?}: use 1-200 characters of A-Za-z0-9-_. not starting with '.'")]
+    BadName(String),
+    /// A configuration value is out of range.
+    #[error("bad arena config: {field} {why}")]
+    BadConfig {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// The file is not a sessio arena at all.
+    #[error("{path} is not a sessio arena: {why}")]
+    NotAnArena {
+        /// The file.
+        path: PathBuf,
+        /// What gave it away.
+        why: &'static str,
+    },
+    /// The arena was written by another format version.
+    #[error("{path} has arena format {found}, this build reads format {expected}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// Format found in the file.
+        found: u32,
+        /// Format this build reads.
+        expected: u32,
+    },
+    /// The header's geometry or layout fingerprint does not match this build.
+    #[error("{path} has a layout this build does not read: {why}")]
+    Layout {
+        /// The file.
+        path: PathBuf,
+        /// What differs.
+        why: &'static str,
+    },
+    /// The file is shorter than its header says.
+    #[error("{path} is truncated: {len} bytes, expected {expected}")]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+        /// The length the header implies.
+        expected: u64,
+    },
+    /// Every participant slot is taken by a live handle.
+    #[error("too many open handles on this arena (at most {0})")]
+    TooManyHandles(u32),
+    /// Huge pages were required and are not available.
+    #[error("huge pages unavailable: {0}")]
+    HugePages(String),
+    /// Recovery found the arena damaged beyond repair.
+    #[error("arena {path} is corrupt: {why}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What was found.
+        why: String,
+    },
+    /// The operating system refused.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl OpenError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> OpenError {
+        OpenError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// An operation on a session failed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// No live session has that SID (never existed, invalidated or expired).
+    #[error("no such session")]
+    NotFound,
+    /// The arena holds as many sessions as its capacity allows.
+    #[error("arena full: {0} sessions live")]
+    Full(u64),
+    /// The heap has no free block large enough.
+    #[error("arena heap full: no free block of {0} bytes")]
+    HeapFull(u64),
+    /// The update was refused; the session is unchanged.
+    #[error(transparent)]
+    Op(#[from] OpError),
+    /// The record would not fit the largest block even below quota.
+    #[error("session record of {0} bytes is larger than the arena's largest block")]
+    TooLarge(u64),
+    /// Shared memory holds something that cannot be: damaged memory or a bug.
+    #[error("arena corrupt: {0}")]
+    Corrupt(&'static str),
+    /// A snapshot handed to `install` did not validate.
+    #[error("invalid snapshot: {0}")]
+    BadSnapshot(String),
+    /// The arena holds a copy of the session with a newer ownership epoch.
+    #[error("stale ownership epoch {offered}, the arena holds epoch {held}")]
+    StaleEpoch {
+        /// Epoch offered.
+        offered: u64,
+        /// Epoch held.
+        held: u64,
+    },
+}

@@ -1,0 +1,317 @@
+//! The arena's byte layout: every structure that lives in shared memory, with
+//! its size pinned at compile time. The full picture, with the reasons, is in
+//! `docs/ARCHITECTURE.md`.
+//!
+//! ```text
+//! | header (4 KiB) | participants | index slots | dirty bitmap | chunk map | heap |
+//! ```
+//!
+//! Only fixed-width integers and atomics live here: no `usize`, no pointers.
+//! Offsets are in bytes from the start of the arena unless a name says
+//! otherwise; a "block index" is a heap offset divided by [`BLOCK`].
+
+use crate::sync::{AtomicU32, AtomicU64};
+use std::mem::size_of;
+
+/// First eight bytes of every arena.
+pub(crate) const MAGIC: [u8; 8] = *b"SESSIO\x00A";
+/// Bumped whenever a layout below changes meaning.
+pub(crate) const FORMAT_VERSION: u32 = 1;
+/// Bytes of the header page.
+pub(crate) const HEADER_BYTES: u64 = 4096;
+/// The heap's allocation unit; every block starts on a multiple of it.
+pub(crate) const BLOCK: u64 = 64;
+/// Open arena handles at once, over all processes.
+pub(crate) const PARTICIPANTS_MAX: u32 = 512;
+/// Retired blocks a participant may hold before it must reclaim.
+pub(crate) const RETIRE_RING: u32 = 1024;
+/// Size classes of the heap.
+pub(crate) const CLASSES_MAX: usize = 128;
+/// Chunk-map value of a chunk that no class owns.
+pub(crate) const CHUNK_UNASSIGNED: u8 = 0xff;
+/// Smallest heap chunk; a chunk holds blocks of one size class.
+pub(crate) const CHUNK_BYTES_MIN: u64 = 64 * 1024;
+
+/// `state` kinds of an index slot (low two bits).
+pub(crate) const SLOT_EMPTY: u64 = 0;
+pub(crate) const SLOT_LIVE: u64 = 1;
+pub(crate) const SLOT_TOMB: u64 = 2;
+pub(crate) const SLOT_KIND_MASK: u64 = 0b11;
+
+/// Magic of a record block header.
+pub(crate) const RECORD_MAGIC: u32 = 0x5345_5352; // "RSES"
+/// Magic of an op node header.
+pub(crate) const NODE_MAGIC: u32 = 0x5345_4f50; // "POES"
+
+/// The header page. Geometry fields are written once, before the arena is
+/// published under its name, and never change; the atomics are shared state.
+#[repr(C)]
+pub(crate) struct Header {
+    pub magic: [u8; 8],
+    pub format: u32,
+    pub participants: u32,
+    pub fingerprint: u64,
+    pub capacity: u64,
+    pub index_slots: u64,
+    pub heap_bytes: u64,
+    pub quota_bytes: u64,
+    pub chunk_bytes: u64,
+    pub chunks: u64,
+    pub class_count: u32,
+    pub page_bytes: u32,
+    pub participants_off: u64,
+    pub index_off: u64,
+    pub dirty_off: u64,
+    pub chunk_map_off: u64,
+    pub heap_off: u64,
+    pub total_bytes: u64,
+    pub created_ms: u64,
+    /// Global reclamation epoch; bumped at every retire.
+    pub epoch: AtomicU64,
+    /// Owner word of the index insert/remove lock.
+    pub insert_lock: AtomicU32,
+    /// Owner word of the heap compaction lock.
+    pub compact_lock: AtomicU32,
+    /// Chunks handed out so far (bump pointer).
+    pub chunk_top: AtomicU64,
+    /// Free chunks: | tag 24 | chunk + 1 (40) |, linked through block `link`.
+    pub chunk_free: AtomicU64,
+    /// Live sessions.
+    pub live: AtomicU64,
+    /// Sessions ever created, expired, and reclaimed blocks (statistics).
+    pub created_total: AtomicU64,
+    pub expired_total: AtomicU64,
+    pub recoveries: AtomicU64,
+    /// Seed of the index hash, random per arena.
+    pub hash_seed: u64,
+    /// One past the highest participant slot ever claimed.
+    pub participants_hwm: AtomicU32,
+    pub _pad1: u32,
+    pub _pad2: [u64; 2],
+    /// Free blocks per class: | tag 24 | block index (40) |.
+    pub class_free: [AtomicU64; CLASSES_MAX],
+}
+const _: () = assert!(size_of::<Header>() as u64 <= HEADER_BYTES);
+
+/// One open arena handle's shared state.
+#[repr(C)]
+pub(crate) struct Participant {
+    /// Bumped at every claim; part of the owner words this handle writes.
+    pub generation: AtomicU32,
+    /// The claiming process, for diagnostics only (liveness is the kernel lock).
+    pub pid: AtomicU32,
+    /// Reclamation epoch this handle is pinned at; 0 = not pinned.
+    pub pin: AtomicU64,
+    /// Retire ring: entries `[head, tail)` wait to be freed.
+    pub ring_head: AtomicU32,
+    pub ring_tail: AtomicU32,
+    pub _pad: [u64; 5],
+    pub ring: [RetireEntry; RETIRE_RING as usize],
+}
+
+/// A block retired at `epoch`.
+#[repr(C)]
+pub(crate) struct RetireEntry {
+    pub block: AtomicU64,
+    pub epoch: AtomicU64,
+}
+const _: () = assert!(size_of::<Participant>() == 64 + 16 * RETIRE_RING as usize);
+
+/// One slot of the open-addressing index; one cache line.
+#[repr(C, align(64))]
+pub(crate) struct IndexSlot {
+    pub sid_lo: AtomicU64,
+    pub sid_hi: AtomicU64,
+    /// | generation (62) | kind (2) |; generation grows at every change of kind.
+    pub state: AtomicU64,
+    /// Byte offset of the published record block.
+    pub record: AtomicU64,
+    /// Update queue head word (see `queue`).
+    pub head: AtomicU64,
+    /// Combiner lock owner word (see `lock`).
+    pub lock: AtomicU32,
+    /// Last read, in seconds since the arena was created (coarse, relaxed).
+    pub access_s: AtomicU32,
+    /// Replication acks: | node id (16) | version (48) |, 0 = none.
+    pub acked: [AtomicU64; 2],
+}
+const _: () = assert!(size_of::<IndexSlot>() == 64);
+
+/// The first 64 bytes of a record block; the rkyv archive follows.
+#[repr(C)]
+pub(crate) struct RecordHeader {
+    /// Free-list link while the block is free; untouched while in use.
+    pub link: AtomicU64,
+    pub magic: u32,
+    /// Bytes of the archive that follows.
+    pub len: u32,
+    /// xxh3 of the archive.
+    pub checksum: u64,
+    pub version: u64,
+    pub epoch: u64,
+    pub sid: [u64; 2],
+    /// Newest queue seq this record includes.
+    pub applied_seq: u32,
+    pub reserved: u32,
+}
+const _: () = assert!(size_of::<RecordHeader>() as u64 == BLOCK);
+
+/// The first 64 bytes of an op node block; the encoded ops follow.
+#[repr(C)]
+pub(crate) struct NodeHeader {
+    pub link: AtomicU64,
+    pub magic: u32,
+    pub len: u32,
+    pub seq: AtomicU32,
+    /// Outcome, written by the combiner before its commit.
+    pub result: AtomicU32,
+    pub next: AtomicU64,
+    pub sid: [u64; 2],
+    pub checksum: u64,
+    /// Detail of a refusal (bytes needed, for an over-quota batch).
+    pub detail: AtomicU64,
+}
+const _: () = assert!(size_of::<NodeHeader>() as u64 == BLOCK);
+
+/// Block sizes of the heap's classes, smallest first: steps of 64 bytes up
+/// to 1 KiB, then steps of about 1/8, so a block wastes at most ~12 %.
+pub(crate) fn class_sizes(chunk_bytes: u64) -> Vec<u64> {
+    let mut sizes = Vec::new();
+    let mut s = BLOCK;
+    while s < chunk_bytes && sizes.len() < CLASSES_MAX - 1 {
+        sizes.push(s);
+        let step = if s < 1024 {
+            BLOCK
+        } else {
+            (s / 8).next_multiple_of(BLOCK)
+        };
+        s += step;
+    }
+    sizes.push(chunk_bytes);
+    sizes
+}
+
+/// Everything derived from the configuration, fixed at creation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Geometry {
+    pub capacity: u64,
+    pub index_slots: u64,
+    pub heap_bytes: u64,
+    pub quota_bytes: u64,
+    pub chunk_bytes: u64,
+    pub chunks: u64,
+    pub participants_off: u64,
+    pub index_off: u64,
+    pub dirty_off: u64,
+    pub chunk_map_off: u64,
+    pub heap_off: u64,
+    pub total_bytes: u64,
+    pub classes: Vec<u64>,
+}
+
+impl Geometry {
+    /// Lays out an arena; `align` is the page size the file is mapped with.
+    pub(crate) fn new(capacity: u64, heap_bytes: u64, quota_bytes: u64, align: u64) -> Geometry {
+        // Load factor at most 3/4 of live sessions (tombstones are reused
+        // under the insert lock, so they do not pile up).
+        let index_slots = (capacity * 4 / 3 + 1).next_power_of_two().max(64);
+        let chunk_bytes = (quota_bytes + BLOCK)
+            .next_power_of_two()
+            .max(CHUNK_BYTES_MIN);
+        let chunks = heap_bytes.div_ceil(chunk_bytes).max(1);
+        let participants_off = HEADER_BYTES;
+        let index_off = (participants_off
+            + PARTICIPANTS_MAX as u64 * size_of::<Participant>() as u64)
+            .next_multiple_of(4096);
+        let dirty_off = index_off + index_slots * 64;
+        let chunk_map_off = dirty_off + (index_slots / 8).next_multiple_of(64);
+        let heap_off = (chunk_map_off + chunks).next_multiple_of(align.max(4096));
+        let total_bytes = (heap_off + chunks * chunk_bytes).next_multiple_of(align.max(4096));
+        Geometry {
+            capacity,
+            index_slots,
+            heap_bytes: chunks * chunk_bytes,
+            quota_bytes,
+            chunk_bytes,
+            chunks,
+            participants_off,
+            index_off,
+            dirty_off,
+            chunk_map_off,
+            heap_off,
+            total_bytes,
+            classes: class_sizes(chunk_bytes),
+        }
+    }
+
+    /// A hash of everything whose meaning a reader of the arena depends on:
+    /// the struct sizes, the format, the geometry. Opening an arena whose
+    /// fingerprint differs is refused.
+    pub(crate) fn fingerprint(&self) -> u64 {
+        let mut words: Vec<u64> = vec![
+            u64::from(FORMAT_VERSION),
+            size_of::<Header>() as u64,
+            size_of::<Participant>() as u64,
+            size_of::<IndexSlot>() as u64,
+            size_of::<RecordHeader>() as u64,
+            size_of::<NodeHeader>() as u64,
+            u64::from(PARTICIPANTS_MAX),
+            u64::from(RETIRE_RING),
+            self.capacity,
+            self.index_slots,
+            self.heap_bytes,
+            self.quota_bytes,
+            self.chunk_bytes,
+            self.chunks,
+            self.participants_off,
+            self.index_off,
+            self.dirty_off,
+            self.chunk_map_off,
+            self.heap_off,
+            self.total_bytes,
+        ];
+        words.extend(&self.classes);
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        xxhash_rust::xxh3::xxh3_64(&bytes)
+    }
+
+    /// The class whose blocks fit `bytes`, if any.
+    pub(crate) fn class_for(&self, bytes: u64) -> Option<usize> {
+        let i = self.classes.partition_point(|&s| s < bytes);
+        (i < self.classes.len()).then_some(i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_cover_and_grow() {
+        let c = class_sizes(128 * 1024);
+        assert_eq!(c[0], 64);
+        assert_eq!(*c.last().unwrap(), 128 * 1024);
+        assert!(c.len() < CLASSES_MAX);
+        for w in c.windows(2) {
+            assert!(w[0] < w[1]);
+            assert_eq!(w[0] % BLOCK, 0);
+            // No class wastes more than an eighth plus one block.
+            assert!(w[1] - w[0] <= w[0] / 8 + BLOCK);
+        }
+    }
+
+    #[test]
+    fn geometry_is_aligned_and_fingerprinted() {
+        let g = Geometry::new(1000, 4 << 20, 64 * 1024, 4096);
+        assert!(g.index_slots >= 1334);
+        assert_eq!(g.heap_off % 4096, 0);
+        assert_eq!(g.chunk_bytes, 128 * 1024);
+        assert!(g.total_bytes >= g.heap_off + g.heap_bytes);
+        assert_eq!(g.class_for(1).unwrap(), 0);
+        assert_eq!(g.classes[g.class_for(1100).unwrap()], 1152);
+        assert!(g.class_for(g.chunk_bytes + 1).is_none());
+        let h = Geometry::new(1001, 4 << 20, 64 * 1024, 4096);
+        assert_eq!(g.fingerprint(), g.clone().fingerprint());
+        assert_ne!(g.fingerprint(), h.fingerprint());
+    }
+}

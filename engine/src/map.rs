@@ -1,0 +1,549 @@
+//! The arena file: where it lives, how it is created so no process ever sees
+//! it half-initialized, how it is mapped and validated, and the byte-range
+//! locks that tell the living from the dead.
+
+use crate::error::OpenError;
+use crate::layout::{
+    CHUNK_UNASSIGNED, FORMAT_VERSION, Geometry, HEADER_BYTES, Header, IndexSlot, MAGIC,
+    PARTICIPANTS_MAX, Participant,
+};
+use memmap2::{MmapOptions, MmapRaw};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// Where an arena's bytes live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A named shared-memory arena, `/dev/shm/sessio-<name>`: gone at reboot.
+    Shm(String),
+    /// A regular file, kept across restarts of every process (warm restart).
+    File(PathBuf),
+}
+
+/// Longest arena name.
+pub const NAME_BYTES_MAX: usize = 200;
+
+impl Location {
+    /// The path of the arena file.
+    pub fn path(&self) -> Result<PathBuf, OpenError> {
+        match self {
+            Location::Shm(name) => {
+                let ok = !name.is_empty()
+                    && name.len() <= NAME_BYTES_MAX
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                    && !name.starts_with('.');
+                if !ok {
+                    return Err(OpenError::BadName(name.clone()));
+                }
+                Ok(PathBuf::from(format!("/dev/shm/sessio-{name}")))
+            }
+            Location::File(p) => Ok(p.clone()),
+        }
+    }
+}
+
+/// Byte where participant locks start (past any real arena's end; locks
+/// beyond end-of-file are allowed and never touch data).
+const LOCK_BASE: i64 = 1 << 50;
+/// The open lock: every handle holds it shared; recovery needs it exclusive.
+const OPEN_LOCK: i64 = LOCK_BASE - 1;
+
+fn ofd_lock(file: &File, start: i64, kind: i32, wait: bool) -> io::Result<bool> {
+    // SAFETY: `flock` is plain old data; zeroed is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = start;
+    fl.l_len = 1;
+    let cmd = if wait {
+        libc::F_OFD_SETLKW
+    } else {
+        libc::F_OFD_SETLK
+    };
+    loop {
+        // SAFETY: valid fd, valid pointer to an initialized `flock`.
+        let r = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &raw mut fl) };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => {}
+            Some(libc::EAGAIN | libc::EACCES) if !wait => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Whether some open file description other than `file`'s holds a lock on byte `start`.
+fn ofd_locked_by_other(file: &File, start: i64) -> io::Result<bool> {
+    // SAFETY: as above.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = start;
+    fl.l_len = 1;
+    // SAFETY: valid fd, valid pointer.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &raw mut fl) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fl.l_type != libc::F_UNLCK as i16)
+}
+
+/// One mapping of an arena, shared by every handle of a process.
+pub(crate) struct Map {
+    raw: MmapRaw,
+    pub(crate) geo: Geometry,
+    pub(crate) path: PathBuf,
+    pub(crate) huge: bool,
+    /// A file description used only to query other handles' locks.
+    probe: File,
+}
+
+// SAFETY: the mapping is shared memory accessed only through atomics and
+// through bytes published by atomics; `MmapRaw` is a plain pointer+length.
+unsafe impl Sync for Map {}
+// SAFETY: as above; nothing in `Map` is tied to a thread.
+unsafe impl Send for Map {}
+
+/// Options fixed when an arena is created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArenaConfig {
+    /// Most live sessions.
+    pub capacity: u64,
+    /// Bytes of the record heap (records and queued updates).
+    pub heap_bytes: u64,
+    /// Most attribute bytes one session may hold.
+    pub quota_bytes: u64,
+    /// Back the arena with 2 MiB pages.
+    pub huge_pages: HugePages,
+}
+
+/// Whether to back the arena with 2 MiB pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HugePages {
+    /// 4 KiB pages.
+    Off,
+    /// 2 MiB pages from a mounted hugetlbfs with enough reserved pages,
+    /// else 4 KiB pages (see `Arena::huge_pages`).
+    Try,
+    /// 2 MiB pages or an error.
+    Require,
+}
+
+impl ArenaConfig {
+    /// A config for `capacity` sessions of about `session_bytes` each.
+    pub fn for_sessions(capacity: u64, session_bytes: u64) -> ArenaConfig {
+        // Records are copied on write and updates queue in the same heap:
+        // leave room for one copy in flight per session plus slack.
+        let per = (session_bytes + 64).next_multiple_of(64) * 5 / 4;
+        ArenaConfig {
+            capacity,
+            heap_bytes: (capacity * per).max(8 << 20) + (16 << 20),
+            quota_bytes: 64 * 1024,
+            huge_pages: HugePages::Off,
+        }
+    }
+
+    fn check(&self) -> Result<(), OpenError> {
+        let bad = |field: &'static str, why: &'static str| Err(OpenError::BadConfig { field, why });
+        if self.capacity == 0 || self.capacity > 1 << 32 {
+            return bad("capacity", "must be between 1 and 2^32 sessions");
+        }
+        if self.quota_bytes < 256 || self.quota_bytes > 64 << 20 {
+            return bad("quota_bytes", "must be between 256 B and 64 MiB");
+        }
+        if self.heap_bytes < 1 << 20 || self.heap_bytes > 1 << 44 {
+            return bad("heap_bytes", "must be between 1 MiB and 16 TiB");
+        }
+        Ok(())
+    }
+}
+
+fn hugetlbfs_dir() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_dev, dir, kind) = (f.next()?, f.next()?, f.next()?);
+        (kind == "hugetlbfs").then(|| PathBuf::from(dir))
+    })
+}
+
+fn free_huge_pages() -> u64 {
+    std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+const HUGE: u64 = 2 << 20;
+
+impl Map {
+    /// Creates the arena at `path` unless it exists; opens it either way.
+    pub(crate) fn create_or_open(loc: &Location, cfg: &ArenaConfig) -> Result<Map, OpenError> {
+        cfg.check()?;
+        let path = Self::resolve(loc, cfg)?;
+        match Self::open_path(&path) {
+            Err(OpenError::NotFound(_)) => {}
+            other => return other,
+        }
+        let huge = path
+            .parent()
+            .is_some_and(|d| Some(d.to_path_buf()) == hugetlbfs_dir());
+        let align = if huge { HUGE } else { 4096 };
+        let geo = Geometry::new(cfg.capacity, cfg.heap_bytes, cfg.quota_bytes, align);
+        let tmp = path.with_file_name(format!(
+            ".{}.{}-{:x}.tmp",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("arena"),
+            std::process::id(),
+            rand_u64()
+        ));
+        let built = Self::build(&tmp, &geo, huge);
+        let linked = built
+            .and_then(|()| std::fs::hard_link(&tmp, &path).map_err(|e| OpenError::io(&path, e)));
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            // Someone else created it first: theirs wins.
+            Err(OpenError::Io { source, .. }) if source.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        Self::open_path(&path)
+    }
+
+    fn resolve(loc: &Location, cfg: &ArenaConfig) -> Result<PathBuf, OpenError> {
+        let path = loc.path()?;
+        if cfg.huge_pages == HugePages::Off || !matches!(loc, Location::Shm(_)) {
+            if cfg.huge_pages == HugePages::Require && !matches!(loc, Location::Shm(_)) {
+                return Err(OpenError::HugePages(
+                    "huge pages need a named shared-memory arena".into(),
+                ));
+            }
+            return Ok(path);
+        }
+        let geo = Geometry::new(cfg.capacity, cfg.heap_bytes, cfg.quota_bytes, HUGE);
+        let needed = geo.total_bytes / HUGE;
+        match hugetlbfs_dir() {
+            Some(dir) if free_huge_pages() >= needed => {
+                Ok(dir.join(path.file_name().expect("shm path has a file name")))
+            }
+            found => {
+                let why = match found {
+                    None => "no hugetlbfs is mounted".to_string(),
+                    Some(_) => format!(
+                        "{needed} free 2 MiB pages needed, {} reserved and free",
+                        free_huge_pages()
+                    ),
+                };
+                if cfg.huge_pages == HugePages::Require {
+                    Err(OpenError::HugePages(why))
+                } else {
+                    Ok(path)
+                }
+            }
+        }
+    }
+
+    fn build(tmp: &Path, geo: &Geometry, huge: bool) -> Result<(), OpenError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(tmp)
+            .map_err(|e| OpenError::io(tmp, e))?;
+        file.set_len(geo.total_bytes)
+            .map_err(|e| OpenError::io(tmp, e))?;
+        let raw = MmapOptions::new()
+            .len(geo.total_bytes as usize)
+            .map_raw(&file)
+            .map_err(|e| OpenError::io(tmp, e))?;
+        // A fresh file reads as zeros: every atomic is 0, every slot empty,
+        // every participant free. Only the header and the chunk map need
+        // values.
+        // SAFETY: the mapping is at least HEADER_BYTES long, page-aligned,
+        // private to us (the file is not yet linked under its name).
+        let h = unsafe { &mut *raw.as_mut_ptr().cast::<Header>() };
+        h.format = FORMAT_VERSION;
+        h.participants = PARTICIPANTS_MAX;
+        h.fingerprint = geo.fingerprint();
+        h.capacity = geo.capacity;
+        h.index_slots = geo.index_slots;
+        h.heap_bytes = geo.heap_bytes;
+        h.quota_bytes = geo.quota_bytes;
+        h.chunk_bytes = geo.chunk_bytes;
+        h.chunks = geo.chunks;
+        h.class_count = geo.classes.len() as u32;
+        h.page_bytes = if huge { HUGE as u32 } else { 4096 };
+        h.participants_off = geo.participants_off;
+        h.index_off = geo.index_off;
+        h.dirty_off = geo.dirty_off;
+        h.chunk_map_off = geo.chunk_map_off;
+        h.heap_off = geo.heap_off;
+        h.total_bytes = geo.total_bytes;
+        h.created_ms = crate::clock::now_ms();
+        h.hash_seed = rand_u64();
+        h.epoch.store(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the chunk map lies inside the mapping (Geometry::new).
+        unsafe {
+            std::ptr::write_bytes(
+                raw.as_mut_ptr().add(geo.chunk_map_off as usize),
+                CHUNK_UNASSIGNED,
+                geo.chunks as usize,
+            );
+        }
+        // The magic goes last, so a file caught half-built is "not an arena".
+        h.magic = MAGIC;
+        raw.flush().map_err(|e| OpenError::io(tmp, e))?;
+        Ok(())
+    }
+
+    /// Opens and validates an existing arena.
+    pub(crate) fn open_path(path: &Path) -> Result<Map, OpenError> {
+        let file = match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(OpenError::NotFound(path.to_path_buf()));
+            }
+            Err(e) => return Err(OpenError::io(path, e)),
+        };
+        let len = file.metadata().map_err(|e| OpenError::io(path, e))?.len();
+        if len < HEADER_BYTES {
+            return Err(OpenError::NotAnArena {
+                path: path.to_path_buf(),
+                why: "shorter than the header",
+            });
+        }
+        let raw = MmapOptions::new()
+            .len(len as usize)
+            .map_raw(&file)
+            .map_err(|e| OpenError::io(path, e))?;
+        // SAFETY: the mapping holds at least HEADER_BYTES; the header's plain
+        // fields are immutable once the arena is linked under its name.
+        let h = unsafe { &*raw.as_ptr().cast::<Header>() };
+        if h.magic != MAGIC {
+            return Err(OpenError::NotAnArena {
+                path: path.to_path_buf(),
+                why: "bad magic",
+            });
+        }
+        if h.format != FORMAT_VERSION {
+            return Err(OpenError::Format {
+                path: path.to_path_buf(),
+                found: h.format,
+                expected: FORMAT_VERSION,
+            });
+        }
+        let align = u64::from(h.page_bytes);
+        if align != 4096 && align != HUGE {
+            return Err(OpenError::Layout {
+                path: path.to_path_buf(),
+                why: "unknown page size",
+            });
+        }
+        if h.capacity == 0
+            || h.capacity > 1 << 32
+            || h.heap_bytes > 1 << 44
+            || h.quota_bytes > 64 << 20
+        {
+            return Err(OpenError::Layout {
+                path: path.to_path_buf(),
+                why: "geometry out of range",
+            });
+        }
+        let geo = Geometry::new(h.capacity, h.heap_bytes, h.quota_bytes, align);
+        let same = geo.index_slots == h.index_slots
+            && geo.heap_bytes == h.heap_bytes
+            && geo.chunk_bytes == h.chunk_bytes
+            && geo.chunks == h.chunks
+            && geo.participants_off == h.participants_off
+            && geo.index_off == h.index_off
+            && geo.dirty_off == h.dirty_off
+            && geo.chunk_map_off == h.chunk_map_off
+            && geo.heap_off == h.heap_off
+            && geo.total_bytes == h.total_bytes
+            && geo.classes.len() as u32 == h.class_count
+            && h.participants == PARTICIPANTS_MAX;
+        if !same || geo.fingerprint() != h.fingerprint {
+            return Err(OpenError::Layout {
+                path: path.to_path_buf(),
+                why: "layout fingerprint differs",
+            });
+        }
+        if len < geo.total_bytes {
+            return Err(OpenError::Truncated {
+                path: path.to_path_buf(),
+                len,
+                expected: geo.total_bytes,
+            });
+        }
+        Ok(Map {
+            raw,
+            geo,
+            path: path.to_path_buf(),
+            huge: align == HUGE,
+            probe: file,
+        })
+    }
+
+    #[inline]
+    pub(crate) fn base(&self) -> *mut u8 {
+        self.raw.as_mut_ptr()
+    }
+
+    #[inline]
+    pub(crate) fn header(&self) -> &Header {
+        // SAFETY: validated at open: the mapping starts with a Header.
+        unsafe { &*self.base().cast::<Header>() }
+    }
+
+    #[inline]
+    pub(crate) fn participant(&self, i: u32) -> &Participant {
+        debug_assert!(i < PARTICIPANTS_MAX);
+        let off =
+            self.geo.participants_off + u64::from(i) * std::mem::size_of::<Participant>() as u64;
+        // SAFETY: i < PARTICIPANTS_MAX and the participant table lies inside
+        // the mapping (Geometry); its bytes are atomics or zero-valid ints.
+        unsafe { &*self.base().add(off as usize).cast::<Participant>() }
+    }
+
+    #[inline]
+    pub(crate) fn slot(&self, i: u64) -> &IndexSlot {
+        debug_assert!(i < self.geo.index_slots);
+        // SAFETY: i < index_slots; the index lies inside the mapping and is
+        // 64-byte aligned (index_off is a multiple of 4096).
+        unsafe {
+            &*self
+                .base()
+                .add((self.geo.index_off + i * 64) as usize)
+                .cast::<IndexSlot>()
+        }
+    }
+
+    /// The dirty bitmap word `w` (64 slots).
+    #[inline]
+    pub(crate) fn dirty_word(&self, w: u64) -> &std::sync::atomic::AtomicU64 {
+        debug_assert!(w < self.geo.index_slots / 64);
+        // SAFETY: the bitmap lies inside the mapping, 8-byte aligned.
+        unsafe {
+            &*self
+                .base()
+                .add((self.geo.dirty_off + w * 8) as usize)
+                .cast()
+        }
+    }
+
+    /// The chunk map entry of chunk `c`.
+    #[inline]
+    pub(crate) fn chunk_class(&self, c: u64) -> &std::sync::atomic::AtomicU8 {
+        debug_assert!(c < self.geo.chunks);
+        // SAFETY: the chunk map lies inside the mapping.
+        unsafe {
+            &*self
+                .base()
+                .add((self.geo.chunk_map_off + c) as usize)
+                .cast()
+        }
+    }
+
+    /// Whether `off` is the start of a block in the heap.
+    #[inline]
+    pub(crate) fn is_block(&self, off: u64) -> bool {
+        off >= self.geo.heap_off
+            && off < self.geo.heap_off + self.geo.heap_bytes
+            && (off - self.geo.heap_off).is_multiple_of(crate::layout::BLOCK)
+    }
+
+    /// A typed view of the block header at `off`.
+    ///
+    /// # Safety
+    /// `off` must satisfy [`Map::is_block`]; `T` must be one of the 64-byte
+    /// block headers of `layout`.
+    #[inline]
+    pub(crate) unsafe fn block<T>(&self, off: u64) -> &T {
+        debug_assert!(self.is_block(off));
+        // SAFETY: by the caller's contract the block is in bounds and
+        // 64-byte aligned, and a block header is at most 64 bytes.
+        unsafe { &*self.base().add(off as usize).cast::<T>() }
+    }
+
+    /// `len` bytes at `off`, checked against the heap's bounds.
+    #[inline]
+    pub(crate) fn heap_bytes(&self, off: u64, len: u64) -> Option<&[u8]> {
+        let end = off.checked_add(len)?;
+        if off < self.geo.heap_off || end > self.geo.heap_off + self.geo.heap_bytes {
+            return None;
+        }
+        // SAFETY: the range was just checked to lie inside the heap.
+        Some(unsafe { std::slice::from_raw_parts(self.base().add(off as usize), len as usize) })
+    }
+
+    /// Writes `bytes` at `off` in a block the caller owns.
+    ///
+    /// # Safety
+    /// The caller must own the block (allocated and not yet published), so
+    /// no other process reads these bytes while they are written.
+    pub(crate) unsafe fn write_heap(&self, off: u64, bytes: &[u8]) {
+        let end = off + bytes.len() as u64;
+        assert!(off >= self.geo.heap_off && end <= self.geo.heap_off + self.geo.heap_bytes);
+        // SAFETY: in bounds (asserted); exclusive by the caller's contract.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.base().add(off as usize),
+                bytes.len(),
+            );
+        }
+    }
+
+    /// Locks byte `i` of the participant range for `file`; false if taken.
+    pub(crate) fn claim_lock(file: &File, i: u32) -> io::Result<bool> {
+        ofd_lock(file, LOCK_BASE + i64::from(i), libc::F_WRLCK, false)
+    }
+
+    /// Whether participant `i` is held by a live handle (some process holds
+    /// its lock). The kernel drops the lock when the holder dies.
+    pub(crate) fn participant_alive(&self, i: u32) -> bool {
+        // An error (which would be a bug) errs on the side of "alive": it can
+        // only delay reclamation, never free memory under a reader.
+        ofd_locked_by_other(&self.probe, LOCK_BASE + i64::from(i)).unwrap_or(true)
+    }
+
+    /// Takes the open lock: exclusive if no other handle has the arena open
+    /// (returns true: the caller is alone and may recover), else shared.
+    pub(crate) fn open_lock(file: &File) -> io::Result<bool> {
+        if ofd_lock(file, OPEN_LOCK, libc::F_WRLCK, false)? {
+            return Ok(true);
+        }
+        ofd_lock(file, OPEN_LOCK, libc::F_RDLCK, true)?;
+        Ok(false)
+    }
+
+    /// Turns an exclusive open lock into a shared one, atomically.
+    pub(crate) fn share_open_lock(file: &File) -> io::Result<()> {
+        ofd_lock(file, OPEN_LOCK, libc::F_RDLCK, true).map(|_| ())
+    }
+
+    /// Opens another file description of the arena (each handle has its own,
+    /// so its locks are its own).
+    pub(crate) fn reopen(&self) -> Result<File, OpenError> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .map_err(|e| OpenError::io(&self.path, e))
+    }
+}
+
+/// 64 random bits from the OS CSPRNG.
+pub(crate) fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("the OS random source failed");
+    u64::from_le_bytes(b)
+}

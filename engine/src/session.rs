@@ -1,0 +1,531 @@
+//! The session model: what a record holds, the ops that change it, and the
+//! pure function that applies a batch of ops. Everything here is plain Rust
+//! and rkyv; the arena stores the archives.
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+/// Longest attribute key, in bytes.
+pub const KEY_BYTES_MAX: usize = 255;
+/// Most attributes one session may hold.
+pub const ATTRS_MAX: usize = 1024;
+/// Most items a bounded append may keep.
+pub const APPEND_ITEMS_MAX: u32 = 4096;
+/// Bytes of recent op batches a record keeps so the replicator can ship
+/// deltas instead of whole records.
+pub const LOG_BYTES_MAX: usize = 1024;
+/// Most op batches kept in that log.
+pub const LOG_ENTRIES_MAX: usize = 32;
+
+/// A session's contents, as archived in a record.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct SessionData {
+    /// Creation time, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// Last update time, ms since the Unix epoch.
+    pub updated_ms: u64,
+    /// Idle time-to-live in ms; 0 = none.
+    pub idle_ttl_ms: u64,
+    /// Absolute expiry, ms since the Unix epoch; 0 = none.
+    pub expires_at_ms: u64,
+    /// Attributes sorted by key, keys unique.
+    pub attrs: Vec<Attr>,
+    /// The most recent op batches, oldest first (bounded by
+    /// [`LOG_BYTES_MAX`] and [`LOG_ENTRIES_MAX`]).
+    pub log: Vec<LogEntry>,
+}
+
+/// One named attribute.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    /// The name.
+    pub key: String,
+    /// The value.
+    pub value: Vec<u8>,
+}
+
+/// One applied op batch: the version it produced and its encoding.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    /// The record version after this batch.
+    pub version: u64,
+    /// The batch as encoded by [`encode_ops`].
+    pub ops: Vec<u8>,
+}
+
+pub use op::{ArchivedOp, Op};
+
+/// `Op` lives in its own module so the rkyv-generated archived types can go
+/// without docs of their own (the derive cannot copy field docs).
+#[allow(missing_docs)]
+mod op {
+    use rkyv::{Archive, Deserialize, Serialize};
+
+    /// One change to a session. A batch of ops is applied atomically: all or none.
+    #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+    pub enum Op {
+        /// Sets an attribute.
+        Set {
+            /// Attribute name.
+            key: String,
+            /// New value.
+            value: Vec<u8>,
+        },
+        /// Removes an attribute (no error if absent).
+        Remove {
+            /// Attribute name.
+            key: String,
+        },
+        /// Appends an item to a bounded list attribute, dropping the oldest
+        /// items beyond `max_items`. The value is a sequence of
+        /// `u32 LE length, bytes` items (see [`append_items`](super::append_items)).
+        Append {
+            /// Attribute name.
+            key: String,
+            /// The new item.
+            item: Vec<u8>,
+            /// Most items kept (at most [`APPEND_ITEMS_MAX`](super::APPEND_ITEMS_MAX)).
+            max_items: u32,
+        },
+        /// Adds to a counter attribute stored as `i64` little-endian (absent = 0).
+        Incr {
+            /// Attribute name.
+            key: String,
+            /// Amount to add (wrapping is refused).
+            by: i64,
+        },
+        /// Marks the session used now, extending its idle expiry.
+        Touch,
+        /// Ends the session.
+        Invalidate,
+    }
+}
+
+/// Why a batch was refused; the session is left as it was.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpError {
+    /// A key is empty or longer than [`KEY_BYTES_MAX`].
+    #[error("attribute key is empty or longer than {KEY_BYTES_MAX} bytes")]
+    BadKey,
+    /// The session would hold more than [`ATTRS_MAX`] attributes.
+    #[error("more than {ATTRS_MAX} attributes")]
+    TooManyAttrs,
+    /// `Incr` on a value that is not 8 bytes, or that would overflow.
+    #[error("attribute is not a counter, or the counter would overflow")]
+    NotACounter,
+    /// `Append` on a value that is not an item list, or a bad `max_items`.
+    #[error("attribute is not an append list, or max_items is 0 or over {APPEND_ITEMS_MAX}")]
+    NotAList,
+    /// The session would exceed its byte quota.
+    #[error("session would hold {needed} bytes, over its quota of {quota}")]
+    OverQuota {
+        /// Bytes the record would need.
+        needed: u64,
+        /// The arena's per-session quota.
+        quota: u64,
+    },
+}
+
+impl OpError {
+    /// A small code for the op node's result word.
+    pub(crate) fn code(&self) -> u32 {
+        match self {
+            OpError::BadKey => 1,
+            OpError::TooManyAttrs => 2,
+            OpError::NotACounter => 3,
+            OpError::NotAList => 4,
+            OpError::OverQuota { .. } => 5,
+        }
+    }
+}
+
+/// What a successful batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Applied {
+    /// The session changed (or was touched) and lives on.
+    Changed,
+    /// The batch invalidated the session.
+    Invalidated,
+}
+
+fn check_key(key: &str) -> Result<(), OpError> {
+    if key.is_empty() || key.len() > KEY_BYTES_MAX {
+        Err(OpError::BadKey)
+    } else {
+        Ok(())
+    }
+}
+
+/// Splits an append-list value into its items; `None` if it is not one.
+pub fn append_items(value: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut items = Vec::new();
+    let mut rest = value;
+    while !rest.is_empty() {
+        let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let item = rest.get(4..4 + len)?;
+        items.push(item);
+        rest = &rest[4 + len..];
+    }
+    Some(items)
+}
+
+impl SessionData {
+    /// The value of attribute `key`.
+    pub fn get(&self, key: &str) -> Option<&[u8]> {
+        self.attrs
+            .binary_search_by(|a| a.key.as_str().cmp(key))
+            .ok()
+            .map(|i| self.attrs[i].value.as_slice())
+    }
+
+    fn slot(&mut self, key: &str) -> Result<usize, usize> {
+        self.attrs.binary_search_by(|a| a.key.as_str().cmp(key))
+    }
+
+    /// Bytes the attributes take, the measure the quota applies to.
+    pub fn attr_bytes(&self) -> u64 {
+        self.attrs
+            .iter()
+            .map(|a| (a.key.len() + a.value.len() + 16) as u64)
+            .sum()
+    }
+
+    /// Applies a batch to a copy and commits it only if every op succeeds.
+    pub(crate) fn apply(
+        &mut self,
+        ops: &[Op],
+        now_ms: u64,
+        quota: u64,
+    ) -> Result<Applied, OpError> {
+        let mut next = self.clone();
+        let mut outcome = Applied::Changed;
+        for op in ops {
+            match op {
+                Op::Set { key, value } => {
+                    check_key(key)?;
+                    match next.slot(key) {
+                        Ok(i) => next.attrs[i].value.clone_from(value),
+                        Err(i) => {
+                            if next.attrs.len() >= ATTRS_MAX {
+                                return Err(OpError::TooManyAttrs);
+                            }
+                            next.attrs.insert(
+                                i,
+                                Attr {
+                                    key: key.clone(),
+                                    value: value.clone(),
+                                },
+                            );
+                        }
+                    }
+                }
+                Op::Remove { key } => {
+                    check_key(key)?;
+                    if let Ok(i) = next.slot(key) {
+                        next.attrs.remove(i);
+                    }
+                }
+                Op::Append {
+                    key,
+                    item,
+                    max_items,
+                } => {
+                    check_key(key)?;
+                    if *max_items == 0 || *max_items > APPEND_ITEMS_MAX {
+                        return Err(OpError::NotAList);
+                    }
+                    let old = next.get(key).unwrap_or(&[]);
+                    let items = append_items(old).ok_or(OpError::NotAList)?;
+                    let keep = items.len().saturating_sub(*max_items as usize - 1);
+                    let mut value = Vec::with_capacity(old.len() + item.len() + 4);
+                    for it in &items[keep..] {
+                        value.extend_from_slice(&(it.len() as u32).to_le_bytes());
+                        value.extend_from_slice(it);
+                    }
+                    value.extend_from_slice(&(item.len() as u32).to_le_bytes());
+                    value.extend_from_slice(item);
+                    match next.slot(key) {
+                        Ok(i) => next.attrs[i].value = value,
+                        Err(i) => {
+                            if next.attrs.len() >= ATTRS_MAX {
+                                return Err(OpError::TooManyAttrs);
+                            }
+                            next.attrs.insert(
+                                i,
+                                Attr {
+                                    key: key.clone(),
+                                    value,
+                                },
+                            );
+                        }
+                    }
+                }
+                Op::Incr { key, by } => {
+                    check_key(key)?;
+                    let cur = match next.get(key) {
+                        None => 0,
+                        Some(v) => {
+                            i64::from_le_bytes(v.try_into().map_err(|_| OpError::NotACounter)?)
+                        }
+                    };
+                    let new = cur.checked_add(*by).ok_or(OpError::NotACounter)?;
+                    let value = new.to_le_bytes().to_vec();
+                    match next.slot(key) {
+                        Ok(i) => next.attrs[i].value = value,
+                        Err(i) => {
+                            if next.attrs.len() >= ATTRS_MAX {
+                                return Err(OpError::TooManyAttrs);
+                            }
+                            next.attrs.insert(
+                                i,
+                                Attr {
+                                    key: key.clone(),
+                                    value,
+                                },
+                            );
+                        }
+                    }
+                }
+                Op::Touch => {}
+                Op::Invalidate => outcome = Applied::Invalidated,
+            }
+        }
+        let needed = next.attr_bytes();
+        if needed > quota {
+            return Err(OpError::OverQuota { needed, quota });
+        }
+        next.updated_ms = now_ms;
+        *self = next;
+        Ok(outcome)
+    }
+
+    /// Records an applied batch in the bounded log.
+    pub(crate) fn log_batch(&mut self, version: u64, encoded: &[u8]) {
+        self.log.push(LogEntry {
+            version,
+            ops: encoded.to_vec(),
+        });
+        let mut bytes: usize = self.log.iter().map(|e| e.ops.len()).sum();
+        let mut drop = 0;
+        while drop < self.log.len()
+            && (bytes > LOG_BYTES_MAX || self.log.len() - drop > LOG_ENTRIES_MAX)
+        {
+            bytes -= self.log[drop].ops.len();
+            drop += 1;
+        }
+        self.log.drain(..drop);
+    }
+
+    /// Whether the session has expired at `now_ms`, given its last read.
+    pub fn expired(&self, now_ms: u64, last_read_ms: u64) -> bool {
+        let last = self.updated_ms.max(last_read_ms);
+        (self.expires_at_ms != 0 && now_ms >= self.expires_at_ms)
+            || (self.idle_ttl_ms != 0 && now_ms >= last.saturating_add(self.idle_ttl_ms))
+    }
+}
+
+impl ArchivedSessionData {
+    /// The value of attribute `key`, without copying.
+    #[inline]
+    pub fn get(&self, key: &str) -> Option<&[u8]> {
+        let attrs = self.attrs.as_slice();
+        attrs
+            .binary_search_by(|a| a.key.as_str().cmp(key))
+            .ok()
+            .map(|i| attrs[i].value.as_slice())
+    }
+
+    /// Whether the session has expired at `now_ms`, given its last read.
+    pub fn expired(&self, now_ms: u64, last_read_ms: u64) -> bool {
+        let last = self.updated_ms.to_native().max(last_read_ms);
+        let expires = self.expires_at_ms.to_native();
+        let idle = self.idle_ttl_ms.to_native();
+        (expires != 0 && now_ms >= expires) || (idle != 0 && now_ms >= last.saturating_add(idle))
+    }
+}
+
+/// Encodes an op batch (the bytes stored in the queue and shipped as a delta).
+pub fn encode_ops(ops: &[Op]) -> rkyv::util::AlignedVec {
+    // Serializing plain owned data into a growable buffer cannot fail.
+    rkyv::to_bytes::<rkyv::rancor::Error>(&ops.to_vec()).expect("serializing ops into memory")
+}
+
+/// Decodes and validates an op batch from untrusted bytes.
+pub fn decode_ops(bytes: &[u8]) -> Result<Vec<Op>, rkyv::rancor::Error> {
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+    aligned.extend_from_slice(bytes);
+    rkyv::from_bytes::<Vec<Op>, rkyv::rancor::Error>(&aligned)
+}
+
+/// Encodes a session's contents (what a record holds after its header).
+pub fn encode_session(data: &SessionData) -> rkyv::util::AlignedVec {
+    rkyv::to_bytes::<rkyv::rancor::Error>(data).expect("serializing a session into memory")
+}
+
+/// Decodes and validates a session snapshot from untrusted bytes.
+pub fn decode_session(bytes: &[u8]) -> Result<SessionData, rkyv::rancor::Error> {
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+    aligned.extend_from_slice(bytes);
+    rkyv::from_bytes::<SessionData, rkyv::rancor::Error>(&aligned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("a".to_string()),
+            Just("b".to_string()),
+            Just("c".to_string()),
+            Just(String::new())
+        ]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (key(), proptest::collection::vec(any::<u8>(), 0..16))
+                .prop_map(|(key, value)| Op::Set { key, value }),
+            key().prop_map(|key| Op::Remove { key }),
+            (key(), proptest::collection::vec(any::<u8>(), 0..8), 0u32..5).prop_map(
+                |(key, item, max_items)| Op::Append {
+                    key,
+                    item,
+                    max_items
+                }
+            ),
+            (key(), any::<i64>()).prop_map(|(key, by)| Op::Incr { key, by }),
+            Just(Op::Touch),
+        ]
+    }
+
+    /// The reference: a map from key to either bytes, a counter or a list.
+    #[derive(Clone, Debug, PartialEq)]
+    enum V {
+        Bytes(Vec<u8>),
+        Count(i64),
+        List(Vec<Vec<u8>>),
+    }
+
+    fn model_apply(m: &BTreeMap<String, V>, ops: &[Op], quota: u64) -> Option<BTreeMap<String, V>> {
+        let mut m = m.clone();
+        for op in ops {
+            match op {
+                Op::Set { key, value } if !key.is_empty() => {
+                    m.insert(key.clone(), V::Bytes(value.clone()));
+                }
+                Op::Remove { key } if !key.is_empty() => {
+                    m.remove(key);
+                }
+                Op::Append {
+                    key,
+                    item,
+                    max_items,
+                } if !key.is_empty() && *max_items > 0 => {
+                    let mut list = match m.get(key) {
+                        None => vec![],
+                        Some(V::List(l)) => l.clone(),
+                        Some(V::Bytes(b)) => append_items(b)?.iter().map(|s| s.to_vec()).collect(),
+                        Some(V::Count(c)) => append_items(&c.to_le_bytes())?
+                            .iter()
+                            .map(|s| s.to_vec())
+                            .collect(),
+                    };
+                    list.push(item.clone());
+                    while list.len() > *max_items as usize {
+                        list.remove(0);
+                    }
+                    m.insert(key.clone(), V::List(list));
+                }
+                Op::Incr { key, by } if !key.is_empty() => {
+                    let cur = match m.get(key) {
+                        None => 0,
+                        Some(V::Count(c)) => *c,
+                        Some(V::Bytes(b)) => i64::from_le_bytes(b.as_slice().try_into().ok()?),
+                        Some(V::List(l)) => {
+                            let mut enc = vec![];
+                            for it in l {
+                                enc.extend_from_slice(&(it.len() as u32).to_le_bytes());
+                                enc.extend_from_slice(it);
+                            }
+                            i64::from_le_bytes(enc.as_slice().try_into().ok()?)
+                        }
+                    };
+                    m.insert(key.clone(), V::Count(cur.checked_add(*by)?));
+                }
+                Op::Touch => {}
+                _ => return None,
+            }
+        }
+        let bytes: u64 = m
+            .iter()
+            .map(|(k, v)| (k.len() + encode(v).len() + 16) as u64)
+            .sum();
+        (bytes <= quota).then_some(m)
+    }
+
+    fn encode(v: &V) -> Vec<u8> {
+        match v {
+            V::Bytes(b) => b.clone(),
+            V::Count(c) => c.to_le_bytes().to_vec(),
+            V::List(l) => {
+                let mut enc = vec![];
+                for it in l {
+                    enc.extend_from_slice(&(it.len() as u32).to_le_bytes());
+                    enc.extend_from_slice(it);
+                }
+                enc
+            }
+        }
+    }
+
+    proptest! {
+        /// Applying batches to a session agrees with the plain model, batches
+        /// are all-or-nothing, and the archive round-trips.
+        #[test]
+        fn apply_matches_model(batches in proptest::collection::vec(proptest::collection::vec(op(), 1..4), 1..12)) {
+            let quota = 120;
+            let mut s = SessionData::default();
+            let mut m = BTreeMap::new();
+            for (i, batch) in batches.iter().enumerate() {
+                let before = s.clone();
+                let expect = model_apply(&m, batch, quota);
+                let got = s.apply(batch, i as u64, quota);
+                if let Some(next) = expect {
+                    prop_assert!(got.is_ok(), "model accepted, engine refused: {got:?}");
+                    m = next;
+                } else {
+                    prop_assert!(got.is_err());
+                    prop_assert_eq!(&s, &before);
+                }
+                let flat: Vec<(String, Vec<u8>)> = m.iter().map(|(k, v)| (k.clone(), encode(v))).collect();
+                let ours: Vec<(String, Vec<u8>)> = s.attrs.iter().map(|a| (a.key.clone(), a.value.clone())).collect();
+                prop_assert_eq!(flat, ours);
+                s.log_batch(i as u64 + 1, &encode_ops(batch));
+            }
+            prop_assert!(s.log.iter().map(|e| e.ops.len()).sum::<usize>() <= LOG_BYTES_MAX.max(s.log.last().map_or(0, |e| e.ops.len())));
+            let bytes = encode_session(&s);
+            prop_assert_eq!(decode_session(&bytes).unwrap(), s);
+        }
+
+        #[test]
+        fn decoders_refuse_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_ops(&bytes);
+            let _ = decode_session(&bytes);
+        }
+    }
+
+    #[test]
+    fn ops_round_trip() {
+        let ops = vec![
+            Op::Set {
+                key: "k".into(),
+                value: vec![1; 100],
+            },
+            Op::Invalidate,
+        ];
+        assert_eq!(decode_ops(&encode_ops(&ops)).unwrap(), ops);
+    }
+}

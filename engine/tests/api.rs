@@ -1,0 +1,488 @@
+//! The arena's API, one process.
+
+mod common;
+
+use common::{TempArena, small_config};
+use sessio_engine::session::{append_items, decode_ops};
+use sessio_engine::{
+    Arena, ArenaConfig, Delta, Dirty, Location, NewSession, Op, OpError, OpenError, SessionError,
+    Sid,
+};
+
+fn set(key: &str, value: &[u8]) -> Op {
+    Op::Set {
+        key: key.into(),
+        value: value.to_vec(),
+    }
+}
+
+#[test]
+fn create_read_update_invalidate() {
+    let t = TempArena::new("crud");
+    let a = t.open(&small_config());
+    let sid = a
+        .create(NewSession::default(), &[("user", b"ada")])
+        .unwrap();
+    {
+        let g = a.read(sid).unwrap();
+        assert_eq!(g.get("user"), Some(&b"ada"[..]));
+        assert_eq!(g.version(), 1);
+        assert!(g.verify());
+    }
+    assert_eq!(a.update(sid, &[set("cart", b"apples")]).unwrap(), 2);
+    assert_eq!(
+        a.update(
+            sid,
+            &[Op::Incr {
+                key: "n".into(),
+                by: 5
+            }]
+        )
+        .unwrap(),
+        3
+    );
+    assert_eq!(
+        a.update(
+            sid,
+            &[Op::Incr {
+                key: "n".into(),
+                by: -2
+            }]
+        )
+        .unwrap(),
+        4
+    );
+    for i in 0..5u8 {
+        a.update(
+            sid,
+            &[Op::Append {
+                key: "h".into(),
+                item: vec![i],
+                max_items: 3,
+            }],
+        )
+        .unwrap();
+    }
+    a.update(sid, &[Op::Remove { key: "user".into() }, Op::Touch])
+        .unwrap();
+    {
+        let g = a.read(sid).unwrap();
+        assert_eq!(g.get("cart"), Some(&b"apples"[..]));
+        assert_eq!(g.get("n"), Some(&3i64.to_le_bytes()[..]));
+        assert_eq!(
+            append_items(g.get("h").unwrap()).unwrap(),
+            vec![&[2u8][..], &[3], &[4]]
+        );
+        assert_eq!(g.get("user"), None);
+        assert!(g.verify());
+        let owned = g.to_owned();
+        assert_eq!(owned.get("cart"), Some(&b"apples"[..]));
+    }
+    a.invalidate(sid).unwrap();
+    assert_eq!(a.read(sid).err(), Some(SessionError::NotFound));
+    assert_eq!(
+        a.update(sid, &[set("x", b"y")]).err(),
+        Some(SessionError::NotFound)
+    );
+    assert_eq!(a.invalidate(sid).err(), Some(SessionError::NotFound));
+    assert_eq!(a.stats().live, 0);
+}
+
+#[test]
+fn unknown_sids_are_never_created() {
+    let t = TempArena::new("fixation");
+    let a = t.open(&small_config());
+    let sid = Sid::random();
+    assert_eq!(a.read(sid).err(), Some(SessionError::NotFound));
+    assert_eq!(
+        a.update(sid, &[set("a", b"b")]).err(),
+        Some(SessionError::NotFound)
+    );
+    assert_eq!(a.stats().live, 0);
+}
+
+#[test]
+fn refused_batches_change_nothing() {
+    let t = TempArena::new("refused");
+    let a = t.open(&small_config());
+    let sid = a
+        .create(NewSession::default(), &[("c", b"not eight")])
+        .unwrap();
+    let err = a
+        .update(
+            sid,
+            &[
+                set("a", b"1"),
+                Op::Incr {
+                    key: "c".into(),
+                    by: 1,
+                },
+            ],
+        )
+        .unwrap_err();
+    assert_eq!(err, SessionError::Op(OpError::NotACounter));
+    assert_eq!(
+        a.update(sid, &[set("", b"1")]).unwrap_err(),
+        SessionError::Op(OpError::BadKey)
+    );
+    let g = a.read(sid).unwrap();
+    assert_eq!(g.get("a"), None, "a refused batch is all-or-nothing");
+    assert_eq!(g.version(), 1);
+}
+
+#[test]
+fn quota_is_enforced() {
+    let t = TempArena::new("quota");
+    let mut cfg = small_config();
+    cfg.quota_bytes = 4096;
+    let a = t.open(&cfg);
+    let sid = a.create(NewSession::default(), &[]).unwrap();
+    a.update(sid, &[set("a", &[1; 3000])]).unwrap();
+    let err = a.update(sid, &[set("b", &[2; 3000])]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SessionError::Op(OpError::OverQuota { quota: 4096, .. })
+        ),
+        "{err:?}"
+    );
+    // Far over quota is refused before it is even queued.
+    assert!(matches!(
+        a.update(sid, &[set("c", &vec![3; 100_000])]),
+        Err(SessionError::Op(OpError::OverQuota { .. }))
+    ));
+    assert!(
+        a.create(NewSession::default(), &[("big", &[0; 5000])])
+            .is_err()
+    );
+    let g = a.read(sid).unwrap();
+    assert_eq!(g.get("a").map(<[u8]>::len), Some(3000));
+    assert_eq!(g.get("b"), None);
+}
+
+#[test]
+fn capacity_full_and_heap_full_are_clear_errors() {
+    let t = TempArena::new("full");
+    let cfg = ArenaConfig {
+        capacity: 50,
+        heap_bytes: 1 << 20,
+        quota_bytes: 32 * 1024,
+        huge_pages: sessio_engine::HugePages::Off,
+    };
+    let a = t.open(&cfg);
+    let mut sids = Vec::new();
+    for _ in 0..50 {
+        sids.push(a.create(NewSession::default(), &[("k", b"v")]).unwrap());
+    }
+    assert!(matches!(
+        a.create(NewSession::default(), &[]),
+        Err(SessionError::Full(50))
+    ));
+    // Fill the heap with big values until it refuses.
+    let mut refused = None;
+    'fill: for round in 0..100 {
+        for s in &sids {
+            if let Err(e) = a.update(*s, &[set(&format!("v{round}"), &[7; 8000])]) {
+                refused = Some(e);
+                break 'fill;
+            }
+        }
+    }
+    let e = refused.expect("a 1 MiB heap must fill up");
+    assert!(
+        matches!(
+            e,
+            SessionError::HeapFull(_) | SessionError::Op(OpError::OverQuota { .. })
+        ),
+        "{e:?}"
+    );
+    // Everything still reads and verifies.
+    for s in &sids {
+        assert!(a.read(*s).unwrap().verify());
+    }
+    // Freeing sessions gives capacity back.
+    for s in &sids[..25] {
+        a.invalidate(*s).unwrap();
+    }
+    a.create(NewSession::default(), &[]).unwrap();
+    a.update(sids[30], &[set("after", b"ok")]).unwrap();
+}
+
+#[test]
+fn churn_keeps_full_capacity() {
+    let t = TempArena::new("churn");
+    let cfg = ArenaConfig::for_sessions(500, 512);
+    let a = t.open(&cfg);
+    let value = [9u8; 300];
+    for _round in 0..10 {
+        let mut sids = Vec::new();
+        for _ in 0..500 {
+            sids.push(
+                a.create(
+                    NewSession {
+                        idle_ttl_ms: 0,
+                        lifetime_ms: 1,
+                    },
+                    &[("v", &value)],
+                )
+                .unwrap(),
+            );
+        }
+        for s in &sids[..100] {
+            a.update(*s, &[set("w", &value)]).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(15));
+        let swept = a.sweep(sessio_engine::clock::now_ms(), u64::MAX);
+        assert_eq!(swept.expired, 500);
+        assert_eq!(a.stats().live, 0);
+    }
+    // After 10x the capacity has come and gone, all of it is there again.
+    let mut sids = Vec::new();
+    for _ in 0..500 {
+        sids.push(a.create(NewSession::default(), &[("v", &value)]).unwrap());
+    }
+    assert_eq!(a.stats().live, 500);
+    assert!(a.stats().chunks_used <= a.stats().chunks);
+}
+
+#[test]
+fn idle_expiry_honours_reads() {
+    let t = TempArena::new("idle");
+    let a = t.open(&small_config());
+    let sid = a
+        .create(
+            NewSession {
+                idle_ttl_ms: 60_000,
+                lifetime_ms: 0,
+            },
+            &[],
+        )
+        .unwrap();
+    let now = sessio_engine::clock::now_ms();
+    assert_eq!(a.sweep(now, u64::MAX).expired, 0);
+    assert!(a.read(sid).is_ok());
+    assert_eq!(a.sweep(now + 120_000, u64::MAX).expired, 1);
+    assert_eq!(a.read(sid).err(), Some(SessionError::NotFound));
+}
+
+#[test]
+fn replication_view_dirty_delta_acks() {
+    let t = TempArena::new("repl");
+    let a = t.open(&small_config());
+    let sid = a.create(NewSession::default(), &[("a", b"1")]).unwrap();
+    let mut out = Vec::new();
+    a.take_dirty(100, &mut out);
+    assert!(matches!(out.as_slice(), [Dirty::Changed { sid: s, version: 1, .. }] if *s == sid));
+    a.take_dirty(100, &mut out);
+    assert!(out.is_empty(), "taking clears the mark");
+    a.update(sid, &[set("b", b"2")]).unwrap();
+    a.update(sid, &[set("c", b"3")]).unwrap();
+    a.take_dirty(100, &mut out);
+    assert!(matches!(
+        out.as_slice(),
+        [Dirty::Changed { version: 3, .. }]
+    ));
+    match a.delta_since(sid, 1).unwrap() {
+        Delta::Ops {
+            version: 3,
+            batches,
+            ..
+        } => {
+            assert_eq!(batches.len(), 2);
+            assert_eq!(decode_ops(&batches[0]).unwrap(), vec![set("b", b"2")]);
+        }
+        d => panic!("{d:?}"),
+    }
+    assert_eq!(a.delta_since(sid, 3).unwrap(), Delta::UpToDate);
+    assert!(matches!(
+        a.delta_since(sid, 0).unwrap(),
+        Delta::Full { version: 3, .. }
+    ));
+    a.mark_acked(sid, 7, 3).unwrap();
+    a.mark_acked(sid, 9, 2).unwrap();
+    a.mark_acked(sid, 9, 1).unwrap();
+    assert_eq!(a.acked(sid).unwrap(), [(7, 3), (9, 2)]);
+    a.mark_acked(sid, 11, 3).unwrap();
+    assert_eq!(
+        a.acked(sid).unwrap(),
+        [(7, 3), (11, 3)],
+        "a third node replaces the oldest ack"
+    );
+    a.invalidate(sid).unwrap();
+    a.take_dirty(100, &mut out);
+    assert_eq!(out, vec![Dirty::Removed { sid }]);
+}
+
+#[test]
+fn install_moves_ownership() {
+    let t = TempArena::new("install");
+    let a = t.open(&small_config());
+    let src = a
+        .create(NewSession::default(), &[("cart", b"pears")])
+        .unwrap();
+    let Delta::Full { bytes, version, .. } = a.delta_since(src, 0).unwrap() else {
+        panic!()
+    };
+    let sid = Sid::random();
+    assert_eq!(a.install(sid, &bytes, version, 2).unwrap(), version);
+    assert_eq!(a.read(sid).unwrap().get("cart"), Some(&b"pears"[..]));
+    assert_eq!(a.read(sid).unwrap().epoch(), 2);
+    // An older epoch is fenced; a newer one replaces.
+    assert!(matches!(
+        a.install(sid, &bytes, version + 5, 1),
+        Err(SessionError::StaleEpoch {
+            offered: 1,
+            held: 2
+        })
+    ));
+    a.install(sid, &bytes, version + 1, 3).unwrap();
+    assert_eq!(a.read(sid).unwrap().epoch(), 3);
+    // Garbage snapshots are refused.
+    assert!(matches!(
+        a.install(Sid::random(), b"garbage!", 1, 1),
+        Err(SessionError::BadSnapshot(_))
+    ));
+    a.update(sid, &[set("more", b"x")]).unwrap();
+    assert_eq!(a.read(sid).unwrap().version(), version + 2);
+}
+
+#[test]
+fn reopen_finds_sessions_and_rejects_bad_files() {
+    let dir = std::env::temp_dir().join(format!("sessio-reopen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("arena");
+    let loc = Location::File(path.clone());
+    let sid = {
+        let a = Arena::open(&loc, &small_config()).unwrap();
+        let sid = a.create(NewSession::default(), &[("k", b"v")]).unwrap();
+        a.update(sid, &[set("k2", b"v2")]).unwrap();
+        sid
+    };
+    {
+        let a = Arena::open_existing(&loc).unwrap();
+        assert!(a.recovery_report().is_some());
+        assert_eq!(a.read(sid).unwrap().get("k2"), Some(&b"v2"[..]));
+    }
+    // Garbage, truncation and another layout are clear errors.
+    let garbage = dir.join("garbage");
+    std::fs::write(&garbage, vec![0xab; 10_000]).unwrap();
+    assert!(matches!(
+        Arena::open_existing(&Location::File(garbage)),
+        Err(OpenError::NotAnArena { .. })
+    ));
+    let short = dir.join("short");
+    std::fs::write(&short, b"SESS").unwrap();
+    assert!(matches!(
+        Arena::open_existing(&Location::File(short)),
+        Err(OpenError::NotAnArena { .. })
+    ));
+    let bytes = std::fs::read(&path).unwrap();
+    let trunc = dir.join("trunc");
+    std::fs::write(&trunc, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(matches!(
+        Arena::open_existing(&Location::File(trunc)),
+        Err(OpenError::Truncated { .. })
+    ));
+    let mut other = bytes.clone();
+    other[12] ^= 0xff; // participants count: a different layout
+    let other_path = dir.join("other");
+    std::fs::write(&other_path, &other).unwrap();
+    assert!(matches!(
+        Arena::open_existing(&Location::File(other_path)),
+        Err(OpenError::Layout { .. })
+    ));
+    let mut fmt = bytes;
+    fmt[8] = 99;
+    let fmt_path = dir.join("fmt");
+    std::fs::write(&fmt_path, &fmt).unwrap();
+    assert!(matches!(
+        Arena::open_existing(&Location::File(fmt_path)),
+        Err(OpenError::Format { found: 99, .. })
+    ));
+    assert!(matches!(
+        Arena::open_existing(&Location::Shm("bad/name".into())),
+        Err(OpenError::BadName(_))
+    ));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn corrupt_record_is_dropped_at_recovery() {
+    let dir = std::env::temp_dir().join(format!("sessio-corrupt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("arena");
+    let loc = Location::File(path.clone());
+    let (good, bad) = {
+        let a = Arena::open(&loc, &small_config()).unwrap();
+        let good = a
+            .create(NewSession::default(), &[("k", b"good-value")])
+            .unwrap();
+        let bad = a
+            .create(NewSession::default(), &[("k", b"damaged-value")])
+            .unwrap();
+        (good, bad)
+    };
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes
+        .windows(13)
+        .position(|w| w == b"damaged-value")
+        .unwrap();
+    bytes[at] ^= 0x20;
+    std::fs::write(&path, &bytes).unwrap();
+    let a = Arena::open_existing(&loc).unwrap();
+    let r = a.recovery_report().unwrap();
+    assert_eq!((r.sessions, r.corrupt_records), (1, 1));
+    assert!(a.read(good).unwrap().verify());
+    assert_eq!(a.read(bad).err(), Some(SessionError::NotFound));
+    drop(a);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn handles_on_threads_share_sessions() {
+    let t = TempArena::new("threads");
+    let a = t.open(&small_config());
+    let sid = a.create(NewSession::default(), &[]).unwrap();
+    let handles: Vec<_> = (0..2)
+        .map(|w| {
+            let h = a.try_clone().unwrap();
+            std::thread::spawn(move || {
+                for i in 0..2000u32 {
+                    h.update(
+                        sid,
+                        &[
+                            Op::Incr {
+                                key: "n".into(),
+                                by: 1,
+                            },
+                            Op::Append {
+                                key: format!("w{w}"),
+                                item: i.to_le_bytes().to_vec(),
+                                max_items: 4096,
+                            },
+                        ],
+                    )
+                    .unwrap();
+                    assert!(h.read(sid).unwrap().verify());
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let g = a.read(sid).unwrap();
+    assert_eq!(g.get("n"), Some(&4000i64.to_le_bytes()[..]));
+    for w in 0..2 {
+        let items = append_items(g.get(&format!("w{w}")).unwrap()).unwrap();
+        let seqs: Vec<u32> = items
+            .iter()
+            .map(|b| u32::from_le_bytes((*b).try_into().unwrap()))
+            .collect();
+        assert_eq!(
+            seqs,
+            (0..2000).collect::<Vec<_>>(),
+            "each writer's events exactly once, in order"
+        );
+    }
+}

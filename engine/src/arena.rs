@@ -5,6 +5,7 @@
 //! ring. It is `Send` but not `Sync`; a thread that needs its own handle
 //! calls [`Arena::try_clone`], which shares the mapping.
 
+use crate::epoch;
 use crate::error::{OpenError, SessionError};
 use crate::layout::{
     BLOCK, CHUNK_UNASSIGNED, Header, IndexSlot, NODE_MAGIC, NodeHeader, PARTICIPANTS_MAX,
@@ -83,7 +84,8 @@ pub struct RecoveryReport {
     pub broken_queues: u64,
     /// Removals a dead process had started and recovery finished.
     pub finished_removals: u64,
-    /// Heap blocks no structure referenced (leaked by crashes), now free.
+    /// Heap blocks the rebuild put back on free lists: blocks leaked by
+    /// crashes, plus those that were free already.
     pub reclaimed_blocks: u64,
     /// Sessions that had queued updates, applied during recovery.
     pub pending_applied: u64,
@@ -285,10 +287,10 @@ impl Arena {
     fn attach(map: Arc<Map>) -> Result<Arena, OpenError> {
         let file = map.reopen()?;
         let alone = Map::open_lock(&file).map_err(|e| OpenError::io(&map.path, e))?;
-        let start = std::process::id() % PARTICIPANTS_MAX;
+        // The lowest free slot: slots of the dead are reused soon, and with
+        // them whatever the dead left in their retire rings.
         let mut me = None;
-        for k in 0..PARTICIPANTS_MAX {
-            let i = (start + k) % PARTICIPANTS_MAX;
+        for i in 0..PARTICIPANTS_MAX {
             if Map::claim_lock(&file, i).map_err(|e| OpenError::io(&map.path, e))? {
                 me = Some(i);
                 break;
@@ -359,11 +361,7 @@ impl Arena {
     fn pin(&self) {
         let n = self.pins.get();
         if n == 0 {
-            let e = self.header().epoch.load(Ordering::Relaxed);
-            // SeqCst store, then every load of a published offset: pairs
-            // with the reclaimer's SeqCst epoch bump and pin scan (Dekker).
-            self.participant().pin.store(e, Ordering::SeqCst);
-            fence(Ordering::SeqCst);
+            epoch::pin(&self.header().epoch, &self.participant().pin);
         }
         self.pins.set(n + 1);
     }
@@ -374,7 +372,7 @@ impl Arena {
         debug_assert!(n > 0);
         self.pins.set(n - 1);
         if n == 1 {
-            self.participant().pin.store(0, Ordering::Release);
+            epoch::unpin(&self.participant().pin);
             let p = self.participant();
             let len = p
                 .ring_tail
@@ -389,7 +387,7 @@ impl Arena {
     /// Hands a block to reclamation: freed once no pin can still see it.
     fn retire(&self, block: u64) {
         debug_assert!(self.map.is_block(block));
-        let e = self.header().epoch.fetch_add(1, Ordering::SeqCst);
+        let e = epoch::retire(&self.header().epoch);
         let p = self.participant();
         let tail = p.ring_tail.load(Ordering::Relaxed);
         if tail.wrapping_sub(p.ring_head.load(Ordering::Relaxed)) >= RETIRE_RING {
@@ -414,7 +412,7 @@ impl Arena {
             .min(PARTICIPANTS_MAX);
         let mut min = u64::MAX;
         for i in 0..hwm {
-            let v = self.map.participant(i).pin.load(Ordering::SeqCst);
+            let v = epoch::scan(&self.map.participant(i).pin);
             if v != 0 && v < min && (i == self.me || self.participant_live(i)) {
                 min = v;
             }
@@ -436,7 +434,7 @@ impl Arena {
         let mut h = head;
         while h != tail {
             let entry = &p.ring[(h % RETIRE_RING) as usize];
-            if entry.epoch.load(Ordering::Relaxed) >= min {
+            if !epoch::may_free(entry.epoch.load(Ordering::Relaxed), min) {
                 break;
             }
             free.push(entry.block.load(Ordering::Relaxed));
@@ -450,7 +448,7 @@ impl Arena {
         }
         let mut overflow = std::mem::take(&mut *self.overflow.borrow_mut());
         overflow.retain(|&(b, e)| {
-            if e < min {
+            if epoch::may_free(e, min) {
                 self.free(b);
                 false
             } else {
@@ -458,6 +456,43 @@ impl Arena {
             }
         });
         self.overflow.borrow_mut().extend(overflow);
+    }
+
+    /// Frees what dead participants left in their retire rings. Each ring
+    /// is taken over by locking its participant's byte, so no claimant can
+    /// race us, then drained like our own and released.
+    fn adopt_dead_rings(&self) {
+        let hwm = self
+            .header()
+            .participants_hwm
+            .load(Ordering::Acquire)
+            .min(PARTICIPANTS_MAX);
+        let min = self.min_pin();
+        for i in (0..hwm).filter(|&i| i != self.me) {
+            let p = self.map.participant(i);
+            if p.ring_head.load(Ordering::Acquire) == p.ring_tail.load(Ordering::Acquire) {
+                continue;
+            }
+            if !Map::claim_lock(&self.file, i).unwrap_or(false) {
+                continue;
+            }
+            let tail = p.ring_tail.load(Ordering::Acquire);
+            let mut h = p.ring_head.load(Ordering::Acquire);
+            let mut free = Vec::new();
+            while h != tail {
+                let entry = &p.ring[(h % RETIRE_RING) as usize];
+                if !epoch::may_free(entry.epoch.load(Ordering::Relaxed), min) {
+                    break;
+                }
+                free.push(entry.block.load(Ordering::Relaxed));
+                h = h.wrapping_add(1);
+            }
+            p.ring_head.store(h, Ordering::Release);
+            let _ = Map::release_lock(&self.file, i);
+            for b in free {
+                self.free(b);
+            }
+        }
     }
 
     // ----- heap -------------------------------------------------------
@@ -566,8 +601,13 @@ impl Arena {
         if let Some(b) = self.alloc_from_chunk(class) {
             return Ok(b);
         }
-        // No fresh chunk: give wholly free chunks back from every class
-        // (sizes drift as records grow), then try again.
+        // No fresh chunk: free what dead handles left retired, give wholly
+        // free chunks back from every class (sizes drift as records grow),
+        // then try again.
+        self.adopt_dead_rings();
+        if let Some(b) = self.pop(class) {
+            return Ok(b);
+        }
         if self.compact() > 0
             && let Some(b) = self.alloc_from_chunk(class)
         {

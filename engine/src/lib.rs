@@ -54,6 +54,7 @@
 pub mod clock;
 pub mod session;
 
+mod epoch;
 mod error;
 mod lock;
 mod queue;
@@ -81,9 +82,12 @@ pub use sid::{ParseSidError, Sid};
 
 /// The protocol cores, exposed only to the loom models.
 #[cfg(loom)]
+#[allow(missing_docs)]
 pub mod loom_api {
+    pub use crate::epoch::{may_free, pin, retire, scan, unpin};
     pub use crate::lock::{owner, steal, try_lock, unlock};
     pub use crate::queue::{
-        Nodes, close, detach, head, head_node, head_seq, is_closed, pending, push,
+        Closed, EMPTY, Nodes, close, detach, head, head_node, head_seq, is_closed, pending, push,
+        seq_after,
     };
 }

@@ -18,25 +18,25 @@ use crate::sync::{AtomicU32, Ordering};
 
 /// Packs an owner word.
 #[inline]
-pub(crate) const fn owner(generation: u16, slot: u16) -> u32 {
+pub const fn owner(generation: u16, slot: u16) -> u32 {
     ((generation as u32) << 16) | (slot as u32 + 1)
 }
 
 /// The participant slot of a non-zero owner word.
 #[inline]
-pub(crate) const fn owner_slot(word: u32) -> u16 {
+pub const fn owner_slot(word: u32) -> u16 {
     ((word & 0xffff) - 1) as u16
 }
 
 /// The generation of a non-zero owner word.
 #[inline]
-pub(crate) const fn owner_generation(word: u32) -> u16 {
+pub const fn owner_generation(word: u32) -> u16 {
     (word >> 16) as u16
 }
 
 /// Tries to take a free lock. On failure returns the current holder.
 #[inline]
-pub(crate) fn try_lock(word: &AtomicU32, me: u32) -> Result<(), u32> {
+pub fn try_lock(word: &AtomicU32, me: u32) -> Result<(), u32> {
     match word.compare_exchange(0, me, Ordering::SeqCst, Ordering::Acquire) {
         Ok(_) => Ok(()),
         Err(0) => Err(0),
@@ -47,14 +47,14 @@ pub(crate) fn try_lock(word: &AtomicU32, me: u32) -> Result<(), u32> {
 /// Takes the lock over from a holder known to be dead. Fails if the word
 /// changed meanwhile (someone else stole it, or it was released).
 #[inline]
-pub(crate) fn steal(word: &AtomicU32, dead: u32, me: u32) -> bool {
+pub fn steal(word: &AtomicU32, dead: u32, me: u32) -> bool {
     word.compare_exchange(dead, me, Ordering::SeqCst, Ordering::Relaxed)
         .is_ok()
 }
 
 /// Releases a lock held by `me`.
 #[inline]
-pub(crate) fn unlock(word: &AtomicU32, me: u32) {
+pub fn unlock(word: &AtomicU32, me: u32) {
     let prev = word.swap(0, Ordering::SeqCst);
     debug_assert_eq!(prev, me, "released a lock held by another owner");
 }

@@ -507,6 +507,11 @@ impl Map {
         ofd_lock(file, LOCK_BASE + i64::from(i), libc::F_WRLCK, false)
     }
 
+    /// Drops this file description's lock on participant `i`'s byte.
+    pub(crate) fn release_lock(file: &File, i: u32) -> io::Result<()> {
+        ofd_lock(file, LOCK_BASE + i64::from(i), libc::F_UNLCK, false).map(|_| ())
+    }
+
     /// Whether participant `i` is held by a live handle (some process holds
     /// its lock). The kernel drops the lock when the holder dies.
     pub(crate) fn participant_alive(&self, i: u32) -> bool {

@@ -23,44 +23,44 @@
 use crate::sync::{AtomicU64, Ordering};
 
 /// Node index meaning "no node".
-pub(crate) const EMPTY: u32 = 0;
+pub const EMPTY: u32 = 0;
 /// Flag of a closed queue: the session is being removed, no more pushes.
-pub(crate) const CLOSED: u32 = 1 << 31;
+pub const CLOSED: u32 = 1 << 31;
 /// Largest node index a head word can hold.
-pub(crate) const NODE_MAX: u32 = CLOSED - 1;
+pub const NODE_MAX: u32 = CLOSED - 1;
 
 /// Packs a head word.
 #[inline]
-pub(crate) const fn head(seq: u32, node: u32) -> u64 {
+pub const fn head(seq: u32, node: u32) -> u64 {
     ((seq as u64) << 32) | node as u64
 }
 
 /// The sequence number of the newest node in a head word.
 #[inline]
-pub(crate) const fn head_seq(word: u64) -> u32 {
+pub const fn head_seq(word: u64) -> u32 {
     (word >> 32) as u32
 }
 
 /// The newest node of a head word (or [`EMPTY`]).
 #[inline]
-pub(crate) const fn head_node(word: u64) -> u32 {
+pub const fn head_node(word: u64) -> u32 {
     word as u32 & NODE_MAX
 }
 
 /// Whether the queue is closed.
 #[inline]
-pub(crate) const fn is_closed(word: u64) -> bool {
+pub const fn is_closed(word: u64) -> bool {
     word as u32 & CLOSED != 0
 }
 
 /// `a` is newer than `b` in wrapping sequence space.
 #[inline]
-pub(crate) const fn seq_after(a: u32, b: u32) -> bool {
+pub const fn seq_after(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
 }
 
 /// Where op nodes live: the arena's heap, or a plain table in the loom models.
-pub(crate) trait Nodes {
+pub trait Nodes {
     /// The seq written into node `n` before it was pushed.
     fn seq(&self, n: u32) -> u32;
     /// The node pushed just before `n` (or [`EMPTY`]).
@@ -76,10 +76,10 @@ pub(crate) trait Nodes {
 
 /// The session was closed before the push.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Closed;
+pub struct Closed;
 
 /// Pushes node `n`; returns its seq. One CAS: the linearization point.
-pub(crate) fn push(head_word: &AtomicU64, nodes: &impl Nodes, n: u32) -> Result<u32, Closed> {
+pub fn push(head_word: &AtomicU64, nodes: &impl Nodes, n: u32) -> Result<u32, Closed> {
     let mut cur = head_word.load(Ordering::Acquire);
     loop {
         if is_closed(cur) {
@@ -102,11 +102,11 @@ pub(crate) fn push(head_word: &AtomicU64, nodes: &impl Nodes, n: u32) -> Result<
 /// The queue is corrupt: a node index is out of bounds or the chain is out
 /// of order. Only possible if the arena's memory was damaged.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Broken;
+pub struct Broken;
 
 /// Collects, oldest first, the nodes newer than `applied`, as seen in `word`
 /// (a head word loaded by the caller, who holds the combiner lock).
-pub(crate) fn pending(
+pub fn pending(
     word: u64,
     applied: u32,
     nodes: &impl Nodes,
@@ -137,7 +137,7 @@ pub(crate) fn pending(
 /// newest applied node instead. Returns the chain of nodes that are now
 /// unreachable from the head, newest first, for the caller to retire; the
 /// newest applied node stays linked (and alive) when newer nodes point to it.
-pub(crate) fn detach(head_word: &AtomicU64, word: u64, nodes: &impl Nodes) -> u32 {
+pub fn detach(head_word: &AtomicU64, word: u64, nodes: &impl Nodes) -> u32 {
     let newest = head_node(word);
     if newest == EMPTY || is_closed(word) {
         return EMPTY;
@@ -157,7 +157,7 @@ pub(crate) fn detach(head_word: &AtomicU64, word: u64, nodes: &impl Nodes) -> u3
 /// Closes the queue so that no push succeeds any more; returns the closed
 /// head word (its seq is the last op that will ever be accepted; its node
 /// still leads to the chain).
-pub(crate) fn close(head_word: &AtomicU64) -> u64 {
+pub fn close(head_word: &AtomicU64) -> u64 {
     let mut cur = head_word.load(Ordering::Acquire);
     loop {
         if is_closed(cur) {

@@ -39,18 +39,15 @@ fn main() {
             continue;
         }
         let started = Instant::now();
-        match std::panic::catch_unwind(f) {
-            Ok(()) => {
-                passed += 1;
-                println!(
-                    "test {name} ... ok ({:.1} s)",
-                    started.elapsed().as_secs_f64()
-                );
-            }
-            Err(_) => {
-                failed += 1;
-                println!("test {name} ... FAILED");
-            }
+        if std::panic::catch_unwind(f).is_ok() {
+            passed += 1;
+            println!(
+                "test {name} ... ok ({:.1} s)",
+                started.elapsed().as_secs_f64()
+            );
+        } else {
+            failed += 1;
+            println!("test {name} ... FAILED");
         }
     }
     println!("{passed} passed, {failed} failed");
@@ -386,8 +383,7 @@ fn random_kills() {
     ));
     assert_eq!(created.len() as u64, cap);
     println!(
-        "  {kills} kills, {} workers, {total_acked} acknowledged updates, recovery: {report:?}",
-        next_id
+        "  {kills} kills, {next_id} workers, {total_acked} acknowledged updates, recovery: {report:?}"
     );
 }
 

@@ -1,0 +1,5 @@
+//! sessio-net (overview written below).
+
+pub mod frame;
+pub mod handshake;
+pub mod message;

@@ -117,6 +117,16 @@ impl Drop for Slot {
     }
 }
 
+/// Counts a connection while it is unauthenticated. Taken at accept (not
+/// when its task first runs) so a burst of connects sees the cap at once.
+struct HandshakeSlot(Rc<ServerStats>);
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0.handshaking.set(self.0.handshaking.get() - 1);
+    }
+}
+
 impl<B: Backend> Server<B> {
     /// Binds `addr` (port 0 picks a free port). Call inside a runtime of `B`.
     pub fn bind(addr: SocketAddr, config: ServerConfig, secret: Secret) -> io::Result<Server<B>> {
@@ -217,10 +227,12 @@ where
     }
     stats.open.set(stats.open.get() + 1);
     let slot = Slot(Rc::clone(stats));
+    stats.handshaking.set(stats.handshaking.get() + 1);
+    let hs_slot = HandshakeSlot(Rc::clone(stats));
     let shared = Rc::clone(shared);
     B::spawn(async move {
         let _slot = slot;
-        if let Err(e) = connection::<B, H>(&shared, stream, addr).await {
+        if let Err(e) = connection::<B, H>(&shared, stream, addr, hs_slot).await {
             match e {
                 TransportError::Closed => tracing::debug!(%addr, "peer closed"),
                 e => tracing::info!(%addr, "connection closed: {e}"),
@@ -233,6 +245,7 @@ async fn connection<B: Backend, H>(
     shared: &Shared<H>,
     mut stream: B::Stream,
     addr: SocketAddr,
+    hs_slot: HandshakeSlot,
 ) -> Result<(), TransportError>
 where
     H: FnMut(PeerInfo, Message) -> Option<Message>,
@@ -241,10 +254,9 @@ where
     let stats = &shared.stats;
     cfg.socket.apply(&stream)?;
     let hs = Handshake::responder(&shared.secret, cfg.identity, cfg.limits.frame_bytes_max)?;
-    stats.handshaking.set(stats.handshaking.get() + 1);
     let hs_timeout = ms(cfg.handshake_timeout_ms);
     let outcome = B::timeout(hs_timeout, drive_handshake(&mut stream, hs)).await;
-    stats.handshaking.set(stats.handshaking.get() - 1);
+    drop(hs_slot);
     let established = match outcome {
         Ok(Ok(est)) => est,
         Ok(Err(e)) => {

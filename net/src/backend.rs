@@ -1,0 +1,260 @@
+//! The two I/O engines a [`crate::Client`] or [`crate::Server`] can run on:
+//! [`IoUring`] (compio, completion-based, owned buffers) and [`Epoll`] (tokio,
+//! readiness-based), behind one small trait so the protocol code above is
+//! written once and a benchmark compares the engines carrying the same bytes.
+//!
+//! Both are single-threaded: run one runtime per thread (thread-per-core)
+//! and several servers on one port with [`crate::SocketOptions::reuse_port`].
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::SocketOptions;
+use crate::handshake::HANDSHAKE_FRAME_BYTES_MAX;
+
+/// A fixed buffer for handshake frames.
+pub(crate) type SmallBuf = [u8; HANDSHAKE_FRAME_BYTES_MAX];
+
+/// The deadline passed.
+#[derive(Debug, Clone, Copy)]
+#[doc(hidden)]
+pub struct Elapsed;
+
+/// Byte-stream operations in owned-buffer style (the `io_uring` way; the epoll
+/// side adapts to it at no cost).
+// The futures are not `Send`: every backend runs single-threaded runtimes.
+#[allow(async_fn_in_trait)]
+#[doc(hidden)]
+pub trait Stream: 'static {
+    /// Reads into the spare capacity of `buf` (never past its capacity),
+    /// appending; `Ok(0)` is end of stream.
+    async fn read_append(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
+    /// Writes all of `buf`.
+    async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>);
+    /// Reads exactly `len` bytes into the front of `buf`.
+    async fn read_exact_small(&mut self, buf: SmallBuf, len: usize) -> (io::Result<()>, SmallBuf);
+    /// Writes the first `len` bytes of `buf`.
+    async fn write_small(&mut self, buf: SmallBuf, len: usize) -> io::Result<()>;
+}
+
+/// An I/O engine: sockets, timers and task spawning of one runtime flavour.
+#[allow(async_fn_in_trait)]
+pub trait Backend: sealed::Sealed + 'static {
+    /// Connected stream type.
+    #[doc(hidden)]
+    type Stream: Stream + std::os::fd::AsFd;
+    /// Listener type.
+    #[doc(hidden)]
+    type Listener;
+    /// Human-readable engine name, for logs and benchmark labels.
+    const NAME: &'static str;
+    #[doc(hidden)]
+    async fn connect(addr: SocketAddr) -> io::Result<Self::Stream>;
+    #[doc(hidden)]
+    fn listen(addr: SocketAddr, opts: &SocketOptions) -> io::Result<Self::Listener>;
+    #[doc(hidden)]
+    async fn accept(listener: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)>;
+    #[doc(hidden)]
+    fn local_addr(listener: &Self::Listener) -> io::Result<SocketAddr>;
+    #[doc(hidden)]
+    async fn timeout<F: Future>(after: Duration, f: F) -> Result<F::Output, Elapsed>;
+    #[doc(hidden)]
+    async fn sleep(d: Duration);
+    /// Runs `f` as a detached task on the current thread.
+    #[doc(hidden)]
+    fn spawn<F: Future<Output = ()> + 'static>(f: F);
+    /// Runs `f` to completion with [`Backend::spawn`] available inside.
+    #[doc(hidden)]
+    async fn scope<F: Future>(f: F) -> F::Output;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::IoUring {}
+    impl Sealed for super::Epoll {}
+}
+
+/// The `io_uring` engine (compio). Run inside a compio runtime.
+#[derive(Debug, Clone, Copy)]
+pub struct IoUring;
+
+/// The epoll engine (tokio, current-thread), the baseline `io_uring` must beat.
+/// Run inside a tokio runtime with the I/O and time drivers enabled.
+#[derive(Debug, Clone, Copy)]
+pub struct Epoll;
+
+/// A listening socket configured through socket2 (reuse-port, backlog), so
+/// both engines bind the same way.
+fn std_listener(addr: SocketAddr, opts: &SocketOptions) -> io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if opts.reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(opts.listen_backlog)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+mod uring {
+    use compio::BufResult;
+    use compio::buf::{IntoInner, IoBuf};
+    use compio::io::{AsyncReadExt, AsyncWriteExt};
+    use compio::net::{TcpListener, TcpStream};
+
+    use super::{Backend, Elapsed, IoUring, SmallBuf, SocketAddr, SocketOptions, Stream};
+    use std::future::Future;
+    use std::io;
+    use std::time::Duration;
+
+    impl Stream for TcpStream {
+        async fn read_append(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+            // `read` fills the buffer from index 0; `append` writes into the
+            // spare capacity after the bytes already there.
+            let BufResult(res, buf) = self.append(buf).await;
+            (res, buf)
+        }
+
+        async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+            let BufResult(res, buf) = AsyncWriteExt::write_all(self, buf).await;
+            (res, buf)
+        }
+
+        async fn read_exact_small(
+            &mut self,
+            buf: SmallBuf,
+            len: usize,
+        ) -> (io::Result<()>, SmallBuf) {
+            let BufResult(res, slice) = self.read_exact(buf.slice(..len)).await;
+            (res, slice.into_inner())
+        }
+
+        async fn write_small(&mut self, buf: SmallBuf, len: usize) -> io::Result<()> {
+            AsyncWriteExt::write_all(self, buf.slice(..len)).await.0
+        }
+    }
+
+    impl Backend for IoUring {
+        type Stream = TcpStream;
+        type Listener = TcpListener;
+        const NAME: &'static str = "io_uring";
+
+        async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+            TcpStream::connect(addr).await
+        }
+
+        fn listen(addr: SocketAddr, opts: &SocketOptions) -> io::Result<TcpListener> {
+            TcpListener::from_std(super::std_listener(addr, opts)?)
+        }
+
+        async fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+            listener.accept().await
+        }
+
+        fn local_addr(listener: &TcpListener) -> io::Result<SocketAddr> {
+            listener.local_addr()
+        }
+
+        async fn timeout<F: Future>(after: Duration, f: F) -> Result<F::Output, Elapsed> {
+            compio::time::timeout(after, f).await.map_err(|_| Elapsed)
+        }
+
+        async fn sleep(d: Duration) {
+            compio::time::sleep(d).await;
+        }
+
+        fn spawn<F: Future<Output = ()> + 'static>(f: F) {
+            // Dropping a compio JoinHandle cancels the task: detach instead.
+            compio::runtime::spawn(f).detach();
+        }
+
+        async fn scope<F: Future>(f: F) -> F::Output {
+            f.await
+        }
+    }
+}
+
+mod epoll {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::{Backend, Elapsed, Epoll, SmallBuf, SocketAddr, SocketOptions, Stream};
+    use std::future::Future;
+    use std::io;
+    use std::time::Duration;
+
+    impl Stream for TcpStream {
+        async fn read_append(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+            if buf.len() == buf.capacity() {
+                return (Ok(0), buf);
+            }
+            // `read_buf` on a Vec may grow it; limit it to the spare capacity.
+            let spare = buf.capacity() - buf.len();
+            let res = (&mut *self).take(spare as u64).read_buf(&mut buf).await;
+            (res, buf)
+        }
+
+        async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+            let res = AsyncWriteExt::write_all(self, &buf).await;
+            (res, buf)
+        }
+
+        async fn read_exact_small(
+            &mut self,
+            mut buf: SmallBuf,
+            len: usize,
+        ) -> (io::Result<()>, SmallBuf) {
+            let res = self.read_exact(&mut buf[..len]).await.map(|_| ());
+            (res, buf)
+        }
+
+        async fn write_small(&mut self, buf: SmallBuf, len: usize) -> io::Result<()> {
+            AsyncWriteExt::write_all(self, &buf[..len]).await
+        }
+    }
+
+    impl Backend for Epoll {
+        type Stream = TcpStream;
+        type Listener = TcpListener;
+        const NAME: &'static str = "epoll";
+
+        async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+            TcpStream::connect(addr).await
+        }
+
+        fn listen(addr: SocketAddr, opts: &SocketOptions) -> io::Result<TcpListener> {
+            TcpListener::from_std(super::std_listener(addr, opts)?)
+        }
+
+        async fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+            listener.accept().await
+        }
+
+        fn local_addr(listener: &TcpListener) -> io::Result<SocketAddr> {
+            listener.local_addr()
+        }
+
+        async fn timeout<F: Future>(after: Duration, f: F) -> Result<F::Output, Elapsed> {
+            tokio::time::timeout(after, f).await.map_err(|_| Elapsed)
+        }
+
+        async fn sleep(d: Duration) {
+            tokio::time::sleep(d).await;
+        }
+
+        fn spawn<F: Future<Output = ()> + 'static>(f: F) {
+            drop(tokio::task::spawn_local(f));
+        }
+
+        async fn scope<F: Future>(f: F) -> F::Output {
+            tokio::task::LocalSet::new().run_until(f).await
+        }
+    }
+}

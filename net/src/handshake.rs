@@ -1,0 +1,947 @@
+//! Mutual challenge–response authentication, as a pure state machine.
+//!
+//! Both peers hold the same 32-byte [`Secret`]. Each sends a fresh 32-byte
+//! nonce from the OS CSPRNG and proves knowledge of the secret with a BLAKE3
+//! keyed MAC over the whole transcript (protocol version, both ids, both
+//! incarnations, both nonces), domain-separated by role so one side's MAC is
+//! never valid as the other's:
+//!
+//! ```text
+//! initiator                                   responder
+//!   Hello      { id, incarnation, nonce_i }  ──▶
+//!            ◀──  HelloReply { id, incarnation, nonce_r, mac_r }   (or Reject)
+//!   Auth       { mac_i }                     ──▶
+//!            ◀──  Accept { frame_bytes_max }                       (or Reject)
+//! ```
+//!
+//! Every handshake frame has a fixed body size, so the machine needs only a
+//! fixed [`HANDSHAKE_FRAME_BYTES_MAX`]-byte buffer inside itself and refuses
+//! any header announcing another length before reading the body. Nothing is
+//! allocated. Feed it bytes with [`Handshake::receive`], send what
+//! [`Handshake::take_output`] returns, until [`Handshake::established`].
+//! Byte layouts: `docs/PROTOCOL.md`.
+
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::frame::{
+    self, FRAME_BYTES_MIN, Frame, FrameError, FrameHeader, FrameKind, HEADER_LEN, PROTOCOL_VERSION,
+};
+
+/// Bytes in a shared secret.
+pub const SECRET_LEN: usize = 32;
+/// Bytes in a handshake nonce.
+pub const NONCE_LEN: usize = 32;
+/// Bytes in a handshake MAC.
+pub const MAC_LEN: usize = 32;
+
+const HELLO_BODY: usize = 8 + 8 + NONCE_LEN;
+const HELLO_REPLY_BODY: usize = HELLO_BODY + MAC_LEN;
+const AUTH_BODY: usize = MAC_LEN;
+const ACCEPT_BODY: usize = 8;
+const REJECT_BODY: usize = 8;
+
+/// The largest handshake frame (a `HelloReply`), header included.
+pub const HANDSHAKE_FRAME_BYTES_MAX: usize = HEADER_LEN + HELLO_REPLY_BODY;
+const _: () = assert!(HANDSHAKE_FRAME_BYTES_MAX == 96);
+const _: () = assert!(HANDSHAKE_FRAME_BYTES_MAX as u32 <= FRAME_BYTES_MIN);
+
+const LABEL_RESPONDER: &[u8; 16] = b"sessio-hs-resp\0\0";
+const LABEL_INITIATOR: &[u8; 16] = b"sessio-hs-init\0\0";
+
+/// The 32-byte key both peers share. Its `Debug` output never shows the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret([u8; SECRET_LEN]);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Why a secret file cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecretError {
+    /// The file does not exist.
+    #[error("secret file {path} does not exist (create it with 32 random bytes, or 64 hex digits)")]
+    Missing {
+        /// The path tried.
+        path: PathBuf,
+    },
+    /// The file could not be read.
+    #[error("cannot read secret file {path}: {source}")]
+    Io {
+        /// The path tried.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file holds neither 32 raw bytes nor 64 hex digits.
+    #[error(
+        "secret file {path} holds {found} bytes; expected exactly 32 raw bytes, or 64 hex digits (a trailing newline is fine)"
+    )]
+    WrongLength {
+        /// The path tried.
+        path: PathBuf,
+        /// Bytes found (reading stops a little past the largest valid size).
+        found: usize,
+    },
+}
+
+/// Something about a secret file that works but should be fixed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SecretWarning {
+    /// Other users can read the file.
+    WorldReadable {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+impl fmt::Display for SecretWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretWarning::WorldReadable { path, mode } => write!(
+                f,
+                "secret file {} is readable by every user (mode {mode:o}); chmod 600 it",
+                path.display()
+            ),
+        }
+    }
+}
+
+impl Secret {
+    /// A secret from raw bytes.
+    #[must_use]
+    pub fn from_bytes(bytes: [u8; SECRET_LEN]) -> Secret {
+        Secret(bytes)
+    }
+
+    /// Reads a secret from `path`: 32 raw bytes, or 64 hex digits optionally
+    /// followed by whitespace. A world-readable file is logged as a warning
+    /// (see [`Secret::load`] to get the warning as a value).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Secret, SecretError> {
+        let (secret, warnings) = Secret::load(path)?;
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(secret)
+    }
+
+    /// Like [`Secret::from_file`], returning the warnings instead of logging.
+    pub fn load(path: impl AsRef<Path>) -> Result<(Secret, Vec<SecretWarning>), SecretError> {
+        let path = path.as_ref();
+        let file = std::fs::File::open(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                SecretError::Missing { path: path.into() }
+            } else {
+                SecretError::Io {
+                    path: path.into(),
+                    source,
+                }
+            }
+        })?;
+        let io = |source| SecretError::Io {
+            path: path.into(),
+            source,
+        };
+        let mut warnings = Vec::new();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = file.metadata().map_err(io)?.permissions().mode() & 0o777;
+            if mode & 0o004 != 0 {
+                warnings.push(SecretWarning::WorldReadable {
+                    path: path.into(),
+                    mode,
+                });
+            }
+        }
+        // Read a bounded amount: a wrong file (a log, a device) must not be
+        // slurped whole.
+        let mut buf = [0u8; 2 * SECRET_LEN + 64];
+        let mut found = 0;
+        let mut reader = file.take(buf.len() as u64);
+        loop {
+            let n = reader.read(&mut buf[found..]).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            found += n;
+        }
+        let content = &buf[..found];
+        let wrong = || SecretError::WrongLength {
+            path: path.into(),
+            found,
+        };
+        if found == SECRET_LEN {
+            let mut key = [0u8; SECRET_LEN];
+            key.copy_from_slice(content);
+            return Ok((Secret(key), warnings));
+        }
+        let trimmed = content.trim_ascii_end();
+        if trimmed.len() != 2 * SECRET_LEN {
+            return Err(wrong());
+        }
+        let mut key = [0u8; SECRET_LEN];
+        for (i, pair) in trimmed.chunks_exact(2).enumerate() {
+            let hi = hex_digit(pair[0]).ok_or_else(wrong)?;
+            let lo = hex_digit(pair[1]).ok_or_else(wrong)?;
+            key[i] = hi << 4 | lo;
+        }
+        Ok((Secret(key), warnings))
+    }
+}
+
+fn hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Who a peer is: its id and the incarnation of its process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Identity {
+    /// Host or node id, stable across restarts.
+    pub id: u64,
+    /// Random per process start: a changed incarnation means the peer
+    /// restarted and lost its in-memory state.
+    pub incarnation: u64,
+}
+
+impl Identity {
+    /// An identity with a fresh random incarnation.
+    pub fn with_random_incarnation(id: u64) -> Result<Identity, HandshakeError> {
+        let mut inc = [0u8; 8];
+        getrandom::fill(&mut inc).map_err(HandshakeError::Rng)?;
+        Ok(Identity {
+            id,
+            incarnation: u64::from_le_bytes(inc),
+        })
+    }
+}
+
+/// The outcome of a completed handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Established {
+    /// The authenticated peer.
+    pub peer: Identity,
+    /// The responder's `frame_bytes_max` (on the responder: its own).
+    pub frame_bytes_max: u32,
+}
+
+/// Why a responder refused a handshake, as sent in a `Reject` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RejectReason {
+    /// The peer speaks another protocol version (detail: the responder's).
+    Version,
+    /// The MAC did not verify: the secrets differ.
+    AuthFailed,
+    /// The responder is at its connection cap.
+    Busy,
+    /// A handshake frame was malformed.
+    Malformed,
+    /// A code this build does not know.
+    Unknown(u32),
+}
+
+impl RejectReason {
+    fn code(self) -> u32 {
+        match self {
+            RejectReason::Version => 1,
+            RejectReason::AuthFailed => 2,
+            RejectReason::Busy => 3,
+            RejectReason::Malformed => 4,
+            RejectReason::Unknown(c) => c,
+        }
+    }
+
+    fn from_code(code: u32) -> RejectReason {
+        match code {
+            1 => RejectReason::Version,
+            2 => RejectReason::AuthFailed,
+            3 => RejectReason::Busy,
+            4 => RejectReason::Malformed,
+            c => RejectReason::Unknown(c),
+        }
+    }
+}
+
+/// Why a handshake failed. The connection must be closed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    /// The peer speaks another protocol version.
+    #[error(
+        "protocol version mismatch: peer speaks {theirs}, this build speaks {PROTOCOL_VERSION}"
+    )]
+    VersionMismatch {
+        /// The peer's version.
+        theirs: u8,
+    },
+    /// The peer's MAC did not verify: the shared secrets differ, or someone
+    /// tampered with the handshake.
+    #[error("peer failed authentication: its MAC does not match (different shared secret?)")]
+    AuthFailed,
+    /// The responder refused us.
+    #[error("peer refused the handshake: {reason:?} (detail {detail})")]
+    Rejected {
+        /// Why.
+        reason: RejectReason,
+        /// Reason-specific detail (for `Version`: the peer's version).
+        detail: u32,
+    },
+    /// The bytes are not a handshake frame.
+    #[error("malformed handshake: {0}")]
+    Frame(FrameError),
+    /// A valid frame of a kind not allowed at this step.
+    #[error("unexpected {found:?} frame during the handshake (expected {expected})")]
+    Unexpected {
+        /// What came.
+        found: FrameKind,
+        /// What the step allows.
+        expected: &'static str,
+    },
+    /// A handshake frame whose body length is not its fixed size.
+    #[error("{kind:?} frame with a {len}-byte body (fixed size is {fixed})")]
+    BadLength {
+        /// The frame kind.
+        kind: FrameKind,
+        /// Declared body length.
+        len: u32,
+        /// The fixed length for this kind.
+        fixed: usize,
+    },
+    /// The responder announced a frame limit below [`FRAME_BYTES_MIN`].
+    #[error("peer announced frame_bytes_max = {0}, below the minimum {FRAME_BYTES_MIN}")]
+    BadLimit(u32),
+    /// Input after the handshake ended (the caller should stop feeding it).
+    #[error("handshake already finished")]
+    Finished,
+    /// The OS random source failed.
+    #[error("OS random source failed: {0}")]
+    Rng(getrandom::Error),
+}
+
+impl From<FrameError> for HandshakeError {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::UnsupportedVersion { found } => {
+                HandshakeError::VersionMismatch { theirs: found }
+            }
+            e => HandshakeError::Frame(e),
+        }
+    }
+}
+
+/// Which side of the handshake this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Connects and speaks first (the web host's replicator).
+    Initiator,
+    /// Accepts (the replica node).
+    Responder,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    AwaitHello,
+    AwaitHelloReply,
+    AwaitAuth,
+    AwaitAccept,
+    Done,
+    Failed,
+}
+
+/// A handshake frame to send: a fixed buffer and its used length.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Outgoing {
+    buf: [u8; HANDSHAKE_FRAME_BYTES_MAX],
+    len: usize,
+}
+
+impl fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outgoing")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outgoing {
+    fn new(kind: FrameKind, body: &[u8]) -> Outgoing {
+        let mut buf = [0u8; HANDSHAKE_FRAME_BYTES_MAX];
+        buf[..HEADER_LEN].copy_from_slice(&frame::header_bytes(kind, body));
+        buf[HEADER_LEN..HEADER_LEN + body.len()].copy_from_slice(body);
+        Outgoing {
+            buf,
+            len: HEADER_LEN + body.len(),
+        }
+    }
+
+    /// The frame's bytes.
+    #[must_use]
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// The whole fixed buffer and the used length, for owned-buffer I/O.
+    #[must_use]
+    pub fn into_parts(self) -> ([u8; HANDSHAKE_FRAME_BYTES_MAX], usize) {
+        (self.buf, self.len)
+    }
+}
+
+/// One side of a handshake. Fixed size, no heap: safe to hold for
+/// unauthenticated peers.
+pub struct Handshake {
+    role: Role,
+    step: Step,
+    key: [u8; SECRET_LEN],
+    local: Identity,
+    local_nonce: [u8; NONCE_LEN],
+    peer: Identity,
+    peer_nonce: [u8; NONCE_LEN],
+    frame_bytes_max: u32,
+    input: [u8; HANDSHAKE_FRAME_BYTES_MAX],
+    have: usize,
+    output: Option<Outgoing>,
+}
+
+impl fmt::Debug for Handshake {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handshake")
+            .field("role", &self.role)
+            .field("step", &self.step)
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+fn random_nonce() -> Result<[u8; NONCE_LEN], HandshakeError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    getrandom::fill(&mut nonce).map_err(HandshakeError::Rng)?;
+    Ok(nonce)
+}
+
+impl Handshake {
+    /// The connecting side, with a fresh nonce. Its `Hello` is ready in
+    /// [`Handshake::take_output`].
+    pub fn initiator(secret: &Secret, local: Identity) -> Result<Handshake, HandshakeError> {
+        Ok(Handshake::initiator_with_nonce(
+            secret,
+            local,
+            random_nonce()?,
+        ))
+    }
+
+    /// The accepting side, with a fresh nonce, announcing `frame_bytes_max`.
+    pub fn responder(
+        secret: &Secret,
+        local: Identity,
+        frame_bytes_max: u32,
+    ) -> Result<Handshake, HandshakeError> {
+        Ok(Handshake::responder_with_nonce(
+            secret,
+            local,
+            frame_bytes_max,
+            random_nonce()?,
+        ))
+    }
+
+    /// [`Handshake::initiator`] with a caller-chosen nonce. For tests and
+    /// fuzzing only: a reused nonce lets a recorded handshake be replayed.
+    #[must_use]
+    pub fn initiator_with_nonce(
+        secret: &Secret,
+        local: Identity,
+        nonce: [u8; NONCE_LEN],
+    ) -> Handshake {
+        let mut hs = Handshake::new(Role::Initiator, secret, local, 0, nonce);
+        let mut body = [0u8; HELLO_BODY];
+        body[0..8].copy_from_slice(&local.id.to_le_bytes());
+        body[8..16].copy_from_slice(&local.incarnation.to_le_bytes());
+        body[16..48].copy_from_slice(&nonce);
+        hs.output = Some(Outgoing::new(FrameKind::Hello, &body));
+        hs.step = Step::AwaitHelloReply;
+        hs
+    }
+
+    /// [`Handshake::responder`] with a caller-chosen nonce. For tests and
+    /// fuzzing only.
+    #[must_use]
+    pub fn responder_with_nonce(
+        secret: &Secret,
+        local: Identity,
+        frame_bytes_max: u32,
+        nonce: [u8; NONCE_LEN],
+    ) -> Handshake {
+        Handshake::new(Role::Responder, secret, local, frame_bytes_max, nonce)
+    }
+
+    fn new(
+        role: Role,
+        secret: &Secret,
+        local: Identity,
+        frame_bytes_max: u32,
+        nonce: [u8; NONCE_LEN],
+    ) -> Handshake {
+        Handshake {
+            role,
+            step: Step::AwaitHello,
+            key: secret.0,
+            local,
+            local_nonce: nonce,
+            peer: Identity {
+                id: 0,
+                incarnation: 0,
+            },
+            peer_nonce: [0; NONCE_LEN],
+            frame_bytes_max,
+            input: [0; HANDSHAKE_FRAME_BYTES_MAX],
+            have: 0,
+            output: None,
+        }
+    }
+
+    /// This side's role.
+    #[must_use]
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The frame to send now, if any. Send it before reading more.
+    pub fn take_output(&mut self) -> Option<Outgoing> {
+        self.output.take()
+    }
+
+    /// The authenticated peer, once the handshake succeeded.
+    #[must_use]
+    pub fn established(&self) -> Option<Established> {
+        (self.step == Step::Done).then_some(Established {
+            peer: self.peer,
+            frame_bytes_max: self.frame_bytes_max,
+        })
+    }
+
+    /// True once the handshake succeeded or failed.
+    #[must_use]
+    pub fn is_finished(&self) -> bool {
+        matches!(self.step, Step::Done | Step::Failed)
+    }
+
+    /// How many more bytes complete the header or body being read: reading
+    /// exactly this many never takes bytes that belong after the handshake.
+    /// Zero once finished.
+    #[must_use]
+    pub fn wanted(&self) -> usize {
+        if self.is_finished() {
+            return 0;
+        }
+        if self.have < HEADER_LEN {
+            return HEADER_LEN - self.have;
+        }
+        match FrameHeader::parse(&self.input[..self.have], HANDSHAKE_FRAME_BYTES_MAX as u32) {
+            Ok(Some(h)) => h.frame_len().saturating_sub(self.have),
+            _ => 0,
+        }
+    }
+
+    /// Feeds bytes from the peer. Returns how many were consumed; the rest
+    /// (if any) belong to whatever follows the handshake. On error the
+    /// machine is failed, and [`Handshake::take_output`] may hold a `Reject`
+    /// to send before closing.
+    pub fn receive(&mut self, bytes: &[u8]) -> Result<usize, HandshakeError> {
+        let mut consumed = 0;
+        while consumed < bytes.len() {
+            if self.is_finished() {
+                if self.step == Step::Failed || consumed == 0 {
+                    return Err(HandshakeError::Finished);
+                }
+                break;
+            }
+            let take = self.wanted().min(bytes.len() - consumed);
+            debug_assert!(take > 0, "an unfinished handshake always wants bytes");
+            self.input[self.have..self.have + take]
+                .copy_from_slice(&bytes[consumed..consumed + take]);
+            self.have += take;
+            consumed += take;
+            if let Err(e) = self.advance() {
+                self.fail(&e);
+                return Err(e);
+            }
+        }
+        Ok(consumed)
+    }
+
+    fn fail(&mut self, e: &HandshakeError) {
+        self.step = Step::Failed;
+        self.output = None;
+        if self.role != Role::Responder {
+            return;
+        }
+        let (reason, detail) = match e {
+            HandshakeError::VersionMismatch { .. } => {
+                (RejectReason::Version, u32::from(PROTOCOL_VERSION))
+            }
+            HandshakeError::AuthFailed => (RejectReason::AuthFailed, 0),
+            HandshakeError::Unexpected { .. }
+            | HandshakeError::BadLength { .. }
+            | HandshakeError::Frame(FrameError::Checksum { .. } | FrameError::TooLarge { .. }) => {
+                (RejectReason::Malformed, 0)
+            }
+            // Not a sessio peer, or our own failure: just close.
+            _ => return,
+        };
+        self.output = Some(reject_frame(reason, detail));
+    }
+
+    /// Parses the header as soon as it is complete (refusing a bad kind or
+    /// length before the body is read), and handles a complete frame.
+    fn advance(&mut self) -> Result<(), HandshakeError> {
+        let Some(header) =
+            FrameHeader::parse(&self.input[..self.have], HANDSHAKE_FRAME_BYTES_MAX as u32)?
+        else {
+            return Ok(());
+        };
+        let (allowed, expected): (&[FrameKind], _) = match self.step {
+            Step::AwaitHello => (&[FrameKind::Hello], "Hello"),
+            Step::AwaitHelloReply => (
+                &[FrameKind::HelloReply, FrameKind::Reject],
+                "HelloReply or Reject",
+            ),
+            Step::AwaitAuth => (&[FrameKind::Auth], "Auth"),
+            Step::AwaitAccept => (&[FrameKind::Accept, FrameKind::Reject], "Accept or Reject"),
+            Step::Done | Step::Failed => return Err(HandshakeError::Finished),
+        };
+        if !allowed.contains(&header.kind) {
+            return Err(HandshakeError::Unexpected {
+                found: header.kind,
+                expected,
+            });
+        }
+        let fixed = match header.kind {
+            FrameKind::Hello => HELLO_BODY,
+            FrameKind::HelloReply => HELLO_REPLY_BODY,
+            FrameKind::Auth => AUTH_BODY,
+            FrameKind::Accept => ACCEPT_BODY,
+            _ => REJECT_BODY,
+        };
+        if header.body_len as usize != fixed {
+            return Err(HandshakeError::BadLength {
+                kind: header.kind,
+                len: header.body_len,
+                fixed,
+            });
+        }
+        let Some((frame, used)) =
+            Frame::decode(&self.input[..self.have], HANDSHAKE_FRAME_BYTES_MAX as u32)?
+        else {
+            return Ok(());
+        };
+        debug_assert_eq!(used, self.have);
+        let mut body = [0u8; HELLO_REPLY_BODY];
+        body[..frame.body.len()].copy_from_slice(frame.body);
+        self.have = 0;
+        self.on_frame(header.kind, &body)
+    }
+
+    fn on_frame(
+        &mut self,
+        kind: FrameKind,
+        body: &[u8; HELLO_REPLY_BODY],
+    ) -> Result<(), HandshakeError> {
+        let u64_at = |at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&body[at..at + 8]);
+            u64::from_le_bytes(b)
+        };
+        let u32_at = |at: usize| {
+            let mut b = [0u8; 4];
+            b.copy_from_slice(&body[at..at + 4]);
+            u32::from_le_bytes(b)
+        };
+        match kind {
+            FrameKind::Hello => {
+                self.peer = Identity {
+                    id: u64_at(0),
+                    incarnation: u64_at(8),
+                };
+                self.peer_nonce.copy_from_slice(&body[16..48]);
+                let mut reply = [0u8; HELLO_REPLY_BODY];
+                reply[0..8].copy_from_slice(&self.local.id.to_le_bytes());
+                reply[8..16].copy_from_slice(&self.local.incarnation.to_le_bytes());
+                reply[16..48].copy_from_slice(&self.local_nonce);
+                reply[48..80].copy_from_slice(self.mac(LABEL_RESPONDER).as_bytes());
+                self.output = Some(Outgoing::new(FrameKind::HelloReply, &reply));
+                self.step = Step::AwaitAuth;
+            }
+            FrameKind::HelloReply => {
+                self.peer = Identity {
+                    id: u64_at(0),
+                    incarnation: u64_at(8),
+                };
+                self.peer_nonce.copy_from_slice(&body[16..48]);
+                self.verify(LABEL_RESPONDER, &body[48..80])?;
+                let mac = self.mac(LABEL_INITIATOR);
+                self.output = Some(Outgoing::new(FrameKind::Auth, mac.as_bytes()));
+                self.step = Step::AwaitAccept;
+            }
+            FrameKind::Auth => {
+                self.verify(LABEL_INITIATOR, &body[..MAC_LEN])?;
+                let mut accept = [0u8; ACCEPT_BODY];
+                accept[0..4].copy_from_slice(&self.frame_bytes_max.to_le_bytes());
+                self.output = Some(Outgoing::new(FrameKind::Accept, &accept));
+                self.step = Step::Done;
+            }
+            FrameKind::Accept => {
+                let limit = u32_at(0);
+                if limit < FRAME_BYTES_MIN {
+                    return Err(HandshakeError::BadLimit(limit));
+                }
+                self.frame_bytes_max = limit;
+                self.step = Step::Done;
+            }
+            _ => {
+                return Err(HandshakeError::Rejected {
+                    reason: RejectReason::from_code(u32_at(0)),
+                    detail: u32_at(4),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The MAC over the transcript, laid out initiator first whatever our role.
+    fn mac(&self, label: &[u8; 16]) -> blake3::Hash {
+        let (init, init_nonce, resp, resp_nonce) = match self.role {
+            Role::Initiator => (self.local, &self.local_nonce, self.peer, &self.peer_nonce),
+            Role::Responder => (self.peer, &self.peer_nonce, self.local, &self.local_nonce),
+        };
+        let mut h = blake3::Hasher::new_keyed(&self.key);
+        h.update(label);
+        h.update(&[PROTOCOL_VERSION]);
+        h.update(&init.id.to_le_bytes());
+        h.update(&init.incarnation.to_le_bytes());
+        h.update(init_nonce);
+        h.update(&resp.id.to_le_bytes());
+        h.update(&resp.incarnation.to_le_bytes());
+        h.update(resp_nonce);
+        h.finalize()
+    }
+
+    fn verify(&self, label: &[u8; 16], mac: &[u8]) -> Result<(), HandshakeError> {
+        let mut got = [0u8; MAC_LEN];
+        got.copy_from_slice(mac);
+        // `blake3::Hash` compares in constant time.
+        if self.mac(label) == blake3::Hash::from_bytes(got) {
+            Ok(())
+        } else {
+            Err(HandshakeError::AuthFailed)
+        }
+    }
+}
+
+/// A `Reject` frame, as a responder sends before closing (also used by a
+/// server refusing a connection over its cap).
+#[must_use]
+pub fn reject_frame(reason: RejectReason, detail: u32) -> Outgoing {
+    let mut body = [0u8; REJECT_BODY];
+    body[0..4].copy_from_slice(&reason.code().to_le_bytes());
+    body[4..8].copy_from_slice(&detail.to_le_bytes());
+    Outgoing::new(FrameKind::Reject, &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Identity = Identity {
+        id: 1,
+        incarnation: 10,
+    };
+    const B: Identity = Identity {
+        id: 2,
+        incarnation: 20,
+    };
+
+    /// Runs both machines against each other, delivering `chunk` bytes at a
+    /// time, until both finish or one fails.
+    fn run(
+        i: &mut Handshake,
+        r: &mut Handshake,
+        chunk: usize,
+    ) -> (Result<(), HandshakeError>, Result<(), HandshakeError>) {
+        let (mut ri, mut rr) = (Ok(()), Ok(()));
+        for _ in 0..10 {
+            if let Some(out) = i.take_output() {
+                for part in out.as_bytes().chunks(chunk) {
+                    if let Err(e) = r.receive(part) {
+                        rr = Err(e);
+                        break;
+                    }
+                }
+            }
+            if let Some(out) = r.take_output() {
+                for part in out.as_bytes().chunks(chunk) {
+                    if let Err(e) = i.receive(part) {
+                        ri = Err(e);
+                        break;
+                    }
+                }
+            }
+            if (i.is_finished() || ri.is_err()) && (r.is_finished() || rr.is_err()) {
+                break;
+            }
+        }
+        (ri, rr)
+    }
+
+    #[test]
+    fn right_key_succeeds_byte_by_byte_and_whole() {
+        for chunk in [1, 7, 96] {
+            let s = Secret::from_bytes([7; 32]);
+            let mut i = Handshake::initiator(&s, A).unwrap();
+            let mut r = Handshake::responder(&s, B, 4096).unwrap();
+            let (ri, rr) = run(&mut i, &mut r, chunk);
+            ri.unwrap();
+            rr.unwrap();
+            assert_eq!(
+                i.established(),
+                Some(Established {
+                    peer: B,
+                    frame_bytes_max: 4096
+                })
+            );
+            assert_eq!(r.established().unwrap().peer, A);
+        }
+    }
+
+    #[test]
+    fn wrong_key_fails_on_both_sides() {
+        let mut i = Handshake::initiator(&Secret::from_bytes([1; 32]), A).unwrap();
+        let mut r = Handshake::responder(&Secret::from_bytes([2; 32]), B, 4096).unwrap();
+        let (ri, _) = run(&mut i, &mut r, 96);
+        assert!(matches!(ri, Err(HandshakeError::AuthFailed)));
+        assert!(i.established().is_none());
+        assert!(r.established().is_none());
+    }
+
+    #[test]
+    fn replayed_initiator_auth_fails_against_fresh_nonce() {
+        let s = Secret::from_bytes([3; 32]);
+        let mut i = Handshake::initiator_with_nonce(&s, A, [1; 32]);
+        let mut r = Handshake::responder_with_nonce(&s, B, 4096, [2; 32]);
+        let hello = i.take_output().unwrap();
+        r.receive(hello.as_bytes()).unwrap();
+        i.receive(r.take_output().unwrap().as_bytes()).unwrap();
+        let auth = i.take_output().unwrap();
+        // Same initiator bytes against a responder with another nonce.
+        let mut r2 = Handshake::responder_with_nonce(&s, B, 4096, [3; 32]);
+        r2.receive(hello.as_bytes()).unwrap();
+        assert!(matches!(
+            r2.receive(auth.as_bytes()),
+            Err(HandshakeError::AuthFailed)
+        ));
+        assert!(r2.take_output().is_some(), "a Reject is queued");
+    }
+
+    #[test]
+    fn wrong_version_is_named() {
+        let s = Secret::from_bytes([3; 32]);
+        let mut i = Handshake::initiator(&s, A).unwrap();
+        let mut hello = i.take_output().unwrap().as_bytes().to_vec();
+        hello[2] = 9;
+        let mut r = Handshake::responder(&s, B, 4096).unwrap();
+        assert!(matches!(
+            r.receive(&hello),
+            Err(HandshakeError::VersionMismatch { theirs: 9 })
+        ));
+        let reject = r.take_output().unwrap();
+        assert!(matches!(
+            i.receive(reject.as_bytes()),
+            Err(HandshakeError::Rejected {
+                reason: RejectReason::Version,
+                detail: 1
+            })
+        ));
+    }
+
+    #[test]
+    fn oversized_or_misordered_frames_refused_at_header() {
+        let s = Secret::from_bytes([3; 32]);
+        let mut r = Handshake::responder(&s, B, 4096).unwrap();
+        let mut big = frame::header_bytes(FrameKind::Hello, &[0; 48]);
+        big[4..8].copy_from_slice(&1_000_000u32.to_le_bytes());
+        assert!(matches!(
+            r.receive(&big),
+            Err(HandshakeError::Frame(FrameError::TooLarge { .. }))
+        ));
+        let mut r = Handshake::responder(&s, B, 4096).unwrap();
+        let auth = frame::header_bytes(FrameKind::Auth, &[0; 32]);
+        assert!(matches!(
+            r.receive(&auth),
+            Err(HandshakeError::Unexpected { .. })
+        ));
+        let mut r = Handshake::responder(&s, B, 4096).unwrap();
+        assert!(r.receive(b"GET / HTTP/1.1\r\n").is_err());
+        assert!(r.take_output().is_none(), "no Reject for a non-sessio peer");
+    }
+
+    #[test]
+    fn consumes_only_handshake_bytes() {
+        let s = Secret::from_bytes([3; 32]);
+        let mut i = Handshake::initiator(&s, A).unwrap();
+        let mut r = Handshake::responder(&s, B, 4096).unwrap();
+        r.receive(i.take_output().unwrap().as_bytes()).unwrap();
+        i.receive(r.take_output().unwrap().as_bytes()).unwrap();
+        r.receive(i.take_output().unwrap().as_bytes()).unwrap();
+        let mut accept = r.take_output().unwrap().as_bytes().to_vec();
+        accept.extend_from_slice(b"after");
+        assert_eq!(i.receive(&accept).unwrap(), accept.len() - 5);
+        assert!(i.established().is_some());
+    }
+
+    #[test]
+    fn secret_file_errors_are_clear() {
+        let dir = std::env::temp_dir().join(format!("sessio-secret-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = Secret::from_file(dir.join("nope")).unwrap_err();
+        assert!(matches!(missing, SecretError::Missing { .. }), "{missing}");
+        let short = dir.join("short");
+        std::fs::write(&short, [1u8; 31]).unwrap();
+        let err = Secret::from_file(&short).unwrap_err();
+        assert!(err.to_string().contains("31 bytes"), "{err}");
+        let raw = dir.join("raw");
+        std::fs::write(&raw, [5u8; 32]).unwrap();
+        assert_eq!(
+            Secret::from_file(&raw).unwrap(),
+            Secret::from_bytes([5; 32])
+        );
+        let hex = dir.join("hex");
+        std::fs::write(&hex, format!("{}\n", "0a".repeat(32))).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&hex, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let (secret, warnings) = Secret::load(&hex).unwrap();
+            assert_eq!(secret, Secret::from_bytes([10; 32]));
+            assert!(matches!(
+                warnings[..],
+                [SecretWarning::WorldReadable { mode: 0o644, .. }]
+            ));
+            std::fs::set_permissions(&hex, std::fs::Permissions::from_mode(0o600)).unwrap();
+            assert!(Secret::load(&hex).unwrap().1.is_empty());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

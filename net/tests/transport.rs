@@ -1,0 +1,476 @@
+//! Real sockets on 127.0.0.1: handshakes, every message kind on both
+//! engines, pipelining, and a server that keeps serving while bad peers
+//! poke at it. Timeouts are shortened so the suite stays fast.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sessio_net::frame::{self, FrameKind, HEADER_LEN};
+use sessio_net::handshake::{HandshakeError, RejectReason};
+use sessio_net::message::samples;
+use sessio_net::{
+    Ack, AckEntry, AckStatus, Backend, Client, ClientConfig, Delta, DeltaBatch, DeltaEntry, Epoll,
+    FetchReply, Handshake, Identity, IoUring, Message, Pong, Secret, Server, ServerConfig, Stats,
+    TransportError,
+};
+
+const SECRET: [u8; 32] = [0x5A; 32];
+const NODE: Identity = Identity {
+    id: 100,
+    incarnation: 0xABCD,
+};
+const HOST: Identity = Identity {
+    id: 7,
+    incarnation: 1,
+};
+
+/// Runs futures on one backend's runtime.
+trait Rt: Backend {
+    fn block_on<F: Future>(f: F) -> F::Output;
+}
+
+impl Rt for IoUring {
+    fn block_on<F: Future>(f: F) -> F::Output {
+        compio::runtime::Runtime::new()
+            .expect("io_uring runtime")
+            .block_on(f)
+    }
+}
+
+impl Rt for Epoll {
+    fn block_on<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+}
+
+/// `io_uring` can be missing (old kernel) or forbidden (seccomp): say so and
+/// skip rather than fail.
+fn uring() -> bool {
+    match compio::runtime::Runtime::new() {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIP: io_uring unavailable here ({e})");
+            false
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Snapshot {
+    refused: u64,
+    handshakes_failed: u64,
+    protocol_errors: u64,
+    messages: u64,
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Snapshot>>,
+    received: Arc<Mutex<Vec<Message>>>,
+}
+
+impl TestServer {
+    fn start<B: Rt>(config: ServerConfig) -> TestServer {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let thread = std::thread::spawn({
+            let (stop, received) = (Arc::clone(&stop), Arc::clone(&received));
+            move || {
+                B::block_on(async move {
+                    let server = Server::<B>::bind(
+                        "127.0.0.1:0".parse().unwrap(),
+                        config,
+                        Secret::from_bytes(SECRET),
+                    )
+                    .unwrap();
+                    tx.send(server.local_addr()).unwrap();
+                    let stats = server.stats();
+                    let handler = move |_peer, msg: Message| {
+                        received.lock().unwrap().push(msg.clone());
+                        reply_to(msg)
+                    };
+                    let shutdown = async move {
+                        while !stop.load(Ordering::Relaxed) {
+                            B::sleep(Duration::from_millis(5)).await;
+                        }
+                    };
+                    server.serve_until(handler, shutdown).await.unwrap();
+                    Snapshot {
+                        refused: stats.refused.get(),
+                        handshakes_failed: stats.handshakes_failed.get(),
+                        protocol_errors: stats.protocol_errors.get(),
+                        messages: stats.messages.get(),
+                    }
+                })
+            }
+        });
+        TestServer {
+            addr: rx.recv().unwrap(),
+            stop,
+            thread: Some(thread),
+            received,
+        }
+    }
+
+    fn stop(mut self) -> Snapshot {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The reference handler: answers each request with a reply derived from it
+/// and echoes invalidations back (so one travels server → client too).
+fn reply_to(msg: Message) -> Option<Message> {
+    match msg {
+        Message::DeltaBatch(b) => Some(Message::Ack(Ack {
+            entries: b
+                .entries
+                .iter()
+                .map(|e| AckEntry {
+                    sid: e.sid,
+                    version: e.new_version,
+                    status: AckStatus::Applied,
+                })
+                .collect(),
+        })),
+        Message::Fetch(f) => Some(Message::FetchReply(FetchReply {
+            request_id: f.request_id,
+            sid: f.sid,
+            found: None,
+        })),
+        Message::Ping(p) => Some(Message::Pong(Pong { nonce: p.nonce })),
+        Message::StatsRequest(r) => Some(Message::Stats(Stats {
+            request_id: r.request_id,
+            incarnation: NODE.incarnation,
+            counters: vec![],
+        })),
+        Message::Invalidate(i) => Some(Message::Invalidate(i)),
+        _ => None,
+    }
+}
+
+fn fast_server() -> ServerConfig {
+    let mut c = ServerConfig::new(NODE);
+    c.handshake_timeout_ms = 300;
+    c.idle_timeout_ms = 3_000;
+    c
+}
+
+fn client_config() -> ClientConfig {
+    let mut c = ClientConfig::new(HOST);
+    c.handshake_timeout_ms = 1_000;
+    c.io_timeout_ms = 2_000;
+    c
+}
+
+fn round_trip_all<S: Rt, C: Rt>() {
+    let server = TestServer::start::<S>(fast_server());
+    let addr = server.addr;
+    C::block_on(async {
+        let mut client = Client::<C>::connect(addr, client_config(), Secret::from_bytes(SECRET))
+            .await
+            .unwrap();
+        assert_eq!(client.peer().identity, NODE);
+        for msg in samples() {
+            client.send(&msg).await.unwrap();
+            if let Some(expected) = reply_to(msg.clone()) {
+                assert_eq!(client.recv().await.unwrap(), expected);
+            }
+        }
+        // A ping after everything proves the non-request kinds were consumed.
+        let pong = client
+            .call(&Message::Ping(sessio_net::Ping { nonce: 5 }))
+            .await
+            .unwrap();
+        assert_eq!(pong, Message::Pong(Pong { nonce: 5 }));
+        assert_eq!(client.in_flight(), 0);
+    });
+    let received = server.received.lock().unwrap().clone();
+    let mut expected = samples();
+    expected.push(Message::Ping(sessio_net::Ping { nonce: 5 }));
+    assert_eq!(received, expected);
+    let snap = server.stop();
+    assert_eq!(snap.protocol_errors, 0);
+}
+
+#[test]
+fn every_kind_round_trips_on_io_uring() {
+    if uring() {
+        round_trip_all::<IoUring, IoUring>();
+    }
+}
+
+#[test]
+fn every_kind_round_trips_on_epoll() {
+    round_trip_all::<Epoll, Epoll>();
+}
+
+#[test]
+fn engines_interoperate() {
+    if uring() {
+        round_trip_all::<IoUring, Epoll>();
+        round_trip_all::<Epoll, IoUring>();
+    }
+}
+
+#[test]
+fn wrong_key_is_refused() {
+    if !uring() {
+        return;
+    }
+    let server = TestServer::start::<IoUring>(fast_server());
+    IoUring::block_on(async {
+        let err =
+            Client::<IoUring>::connect(server.addr, client_config(), Secret::from_bytes([1; 32]))
+                .await
+                .unwrap_err();
+        assert!(
+            matches!(err, TransportError::Handshake(HandshakeError::AuthFailed)),
+            "{err}"
+        );
+        // The right key still works afterwards.
+        Client::<IoUring>::connect(server.addr, client_config(), Secret::from_bytes(SECRET))
+            .await
+            .unwrap();
+    });
+    assert!(server.stop().handshakes_failed >= 1);
+}
+
+#[test]
+fn wrong_protocol_version_is_refused_with_a_reason() {
+    if !uring() {
+        return;
+    }
+    let server = TestServer::start::<IoUring>(fast_server());
+    let mut hs = Handshake::initiator(&Secret::from_bytes(SECRET), HOST).unwrap();
+    let mut hello = hs.take_output().unwrap().as_bytes().to_vec();
+    hello[2] = frame::PROTOCOL_VERSION + 1;
+    let mut sock = raw(server.addr);
+    sock.write_all(&hello).unwrap();
+    let reply = read_to_close(&mut sock);
+    let (frame, _) = frame::Frame::decode(&reply, 1024).unwrap().unwrap();
+    assert_eq!(frame.kind, FrameKind::Reject);
+    // The initiator machine turns it into a named error.
+    let mut hs = Handshake::initiator(&Secret::from_bytes(SECRET), HOST).unwrap();
+    hs.take_output();
+    assert!(matches!(
+        hs.receive(&reply),
+        Err(HandshakeError::Rejected {
+            reason: RejectReason::Version,
+            ..
+        })
+    ));
+    server.stop();
+}
+
+#[test]
+fn pipelined_batches_are_acked_in_order_under_the_in_flight_cap() {
+    if !uring() {
+        return;
+    }
+    let server = TestServer::start::<IoUring>(fast_server());
+    IoUring::block_on(async {
+        let mut config = client_config();
+        config.in_flight_bytes_max = 4 * 1024;
+        let mut client =
+            Client::<IoUring>::connect(server.addr, config, Secret::from_bytes(SECRET))
+                .await
+                .unwrap();
+        let mut acked = Vec::new();
+        let mut peak = 0;
+        for i in 0..300u64 {
+            let batch = Message::DeltaBatch(DeltaBatch {
+                host_id: 7,
+                entries: vec![DeltaEntry {
+                    sid: [i as u8; 16],
+                    base_version: i,
+                    new_version: i + 1,
+                    epoch: 1,
+                    body: Delta::Ops(vec![0; 100]),
+                }],
+            });
+            client.send_with(&batch, |m| acked.push(m)).await.unwrap();
+            peak = peak.max(client.in_flight_bytes());
+        }
+        while client.in_flight() > 0 {
+            acked.push(client.recv().await.unwrap());
+        }
+        assert!(
+            peak <= 4 * 1024 + 512,
+            "cap overshot by more than one batch: {peak}"
+        );
+        assert!(peak > 1024, "requests were pipelined: {peak}");
+        let versions: Vec<u64> = acked
+            .iter()
+            .map(|m| match m {
+                Message::Ack(a) => a.entries[0].version,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(versions, (1..=300).collect::<Vec<_>>());
+    });
+    assert_eq!(server.stop().messages, 300);
+}
+
+#[test]
+fn connect_with_backoff_gives_up_after_its_attempts() {
+    if !uring() {
+        return;
+    }
+    // A port nobody listens on: bind, note it, close.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    IoUring::block_on(async {
+        let mut config = client_config();
+        config.connect_attempts_max = 3;
+        config.backoff_min_ms = 10;
+        let started = Instant::now();
+        let err = Client::<IoUring>::connect_with_backoff(addr, config, Secret::from_bytes(SECRET))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TransportError::Io(_)), "{err}");
+        // Two sleeps: ~10 ms then ~20 ms.
+        assert!(started.elapsed() >= Duration::from_millis(30));
+    });
+}
+
+fn raw(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s
+}
+
+/// Reads until the server closes (EOF or reset) and returns what came.
+fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return out,
+            Err(e) => panic!("server did not close the connection: {e}"),
+        }
+    }
+}
+
+#[test]
+fn server_keeps_serving_while_bad_peers_connect() {
+    if !uring() {
+        return;
+    }
+    let mut config = fast_server();
+    config.connections_max = 16;
+    config.handshakes_max = 4;
+    let server = TestServer::start::<IoUring>(config);
+    let addr = server.addr;
+    IoUring::block_on(async {
+        let mut good =
+            Client::<IoUring>::connect(addr, client_config(), Secret::from_bytes(SECRET))
+                .await
+                .unwrap();
+        let mut nonce = 0;
+        let mut ping = async |good: &mut Client<IoUring>| {
+            nonce += 1;
+            let pong = good
+                .call(&Message::Ping(sessio_net::Ping { nonce }))
+                .await
+                .unwrap();
+            assert_eq!(pong, Message::Pong(Pong { nonce }));
+        };
+        ping(&mut good).await;
+
+        // Garbage bytes: closed at once, no reply.
+        let mut s = raw(addr);
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert!(read_to_close(&mut s).is_empty());
+        ping(&mut good).await;
+
+        // An oversized length: refused from the header alone.
+        let mut s = raw(addr);
+        let mut header = frame::header_bytes(FrameKind::Hello, &[0; 48]);
+        header[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        s.write_all(&header).unwrap();
+        let reply = read_to_close(&mut s);
+        let (f, _) = frame::Frame::decode(&reply, 1024).unwrap().unwrap();
+        assert_eq!(f.kind, FrameKind::Reject);
+        ping(&mut good).await;
+
+        // A truncated frame, then close.
+        let mut hs = Handshake::initiator(&Secret::from_bytes(SECRET), HOST).unwrap();
+        let hello = hs.take_output().unwrap();
+        let mut s = raw(addr);
+        s.write_all(&hello.as_bytes()[..HEADER_LEN + 5]).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(read_to_close(&mut s).is_empty());
+        ping(&mut good).await;
+
+        // One byte at a time, slowly: cut off by the handshake timeout.
+        let mut s = raw(addr);
+        let started = Instant::now();
+        let mut cut = false;
+        for &b in hello.as_bytes() {
+            if s.write_all(&[b]).is_err() {
+                cut = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            if started.elapsed() > Duration::from_millis(1_500) {
+                break;
+            }
+        }
+        if !cut {
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            assert!(read_to_close(&mut s).is_empty());
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(1_500),
+            "slow peer not cut off"
+        );
+        ping(&mut good).await;
+
+        // Idle connections beyond the handshake cap: the excess is refused
+        // at once with Reject(Busy); the rest time out.
+        let idle: Vec<TcpStream> = (0..10).map(|_| raw(addr)).collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let mut busy = 0;
+        for mut s in idle {
+            s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            let reply = read_to_close(&mut s);
+            if let Ok(Some((f, _))) = frame::Frame::decode(&reply, 1024) {
+                assert_eq!(f.kind, FrameKind::Reject);
+                busy += 1;
+            }
+        }
+        assert!(busy >= 6, "only {busy} of 10 idle connections refused");
+        ping(&mut good).await;
+
+        // And a new good client gets in once the idle ones are gone.
+        let mut fresh =
+            Client::<IoUring>::connect(addr, client_config(), Secret::from_bytes(SECRET))
+                .await
+                .unwrap();
+        ping(&mut fresh).await;
+    });
+    let snap = server.stop();
+    assert!(snap.refused >= 6, "{snap:?}");
+    assert!(snap.handshakes_failed >= 4, "{snap:?}");
+}

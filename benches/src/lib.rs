@@ -422,6 +422,7 @@ const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
 pub struct HugePagePool {
     previous: Option<u64>,
     mounted: Option<PathBuf>,
+    made_dir: bool,
     /// Free 2 MiB pages once reserved.
     pub free: u64,
     /// What happened, for the bench's report.
@@ -436,11 +437,14 @@ impl HugePagePool {
         let mut pool = HugePagePool {
             previous: None,
             mounted: None,
+            made_dir: false,
             free: free_huge_pages(),
             note: String::new(),
         };
         if hugetlbfs_mount().is_none() {
-            match mount_hugetlbfs(Path::new(HUGETLBFS_DIR)) {
+            let dir = Path::new(HUGETLBFS_DIR);
+            pool.made_dir = !dir.exists();
+            match mount_hugetlbfs(dir) {
                 Ok(()) => pool.mounted = Some(PathBuf::from(HUGETLBFS_DIR)),
                 Err(e) => {
                     pool.note = format!("no hugetlbfs mounted and mounting one failed: {e}");
@@ -489,6 +493,8 @@ impl Drop for HugePagePool {
                     dir.display(),
                     std::io::Error::last_os_error()
                 );
+            } else if self.made_dir {
+                let _ = std::fs::remove_dir(&dir);
             }
         }
     }

@@ -124,7 +124,8 @@ pub(crate) struct IndexSlot {
     pub sid_hi: AtomicU64,
     /// | generation (62) | kind (2) |; generation grows at every change of kind.
     pub state: AtomicU64,
-    /// Byte offset of the published record block.
+    /// The published record: | archive length (32) | block index (32) |
+    /// (block index = byte offset / 64, so records lie below 256 GiB).
     pub record: AtomicU64,
     /// Update queue head word (see `queue`).
     pub head: AtomicU64,

@@ -142,7 +142,10 @@ impl ArenaConfig {
     pub fn for_sessions(capacity: u64, session_bytes: u64) -> ArenaConfig {
         // Records are copied on write and updates queue in the same heap:
         // leave room for one copy in flight per session plus slack.
-        let per = (session_bytes + 64).next_multiple_of(64) * 5 / 4;
+        // A record holds the attributes, its header and the bounded delta
+        // log (up to LOG_BYTES_MAX more once it is updated).
+        let record = session_bytes + 64 + crate::session::LOG_BYTES_MAX as u64;
+        let per = record.next_multiple_of(64) * 5 / 4;
         ArenaConfig {
             capacity,
             heap_bytes: (capacity * per).max(8 << 20) + (16 << 20),
@@ -159,8 +162,9 @@ impl ArenaConfig {
         if self.quota_bytes < 256 || self.quota_bytes > 64 << 20 {
             return bad("quota_bytes", "must be between 256 B and 64 MiB");
         }
-        if self.heap_bytes < 1 << 20 || self.heap_bytes > 1 << 44 {
-            return bad("heap_bytes", "must be between 1 MiB and 16 TiB");
+        if self.heap_bytes < 1 << 20 || self.heap_bytes > 120 << 30 {
+            // Record and node offsets are 32-bit block indices (64 B units).
+            return bad("heap_bytes", "must be between 1 MiB and 120 GiB");
         }
         Ok(())
     }
@@ -217,7 +221,26 @@ impl Map {
         Self::open_path(&path)
     }
 
+    /// Where an existing arena named by `loc` is: a named arena may live on
+    /// hugetlbfs (created with huge pages) or in /dev/shm; a second opener
+    /// must find the first one's arena whatever pages are free now.
+    pub(crate) fn existing(loc: &Location) -> Result<Option<PathBuf>, OpenError> {
+        let path = loc.path()?;
+        if let Location::Shm(_) = loc
+            && let Some(dir) = hugetlbfs_dir()
+        {
+            let huge = dir.join(path.file_name().expect("shm path has a file name"));
+            if huge.exists() {
+                return Ok(Some(huge));
+            }
+        }
+        Ok(path.exists().then_some(path))
+    }
+
     fn resolve(loc: &Location, cfg: &ArenaConfig) -> Result<PathBuf, OpenError> {
+        if let Some(found) = Self::existing(loc)? {
+            return Ok(found);
+        }
         let path = loc.path()?;
         if cfg.huge_pages == HugePages::Off || !matches!(loc, Location::Shm(_)) {
             if cfg.huge_pages == HugePages::Require && !matches!(loc, Location::Shm(_)) {

@@ -379,9 +379,10 @@ fn random_kills() {
     let arena = Arena::open_existing(&Location::File(s.path.clone())).unwrap();
     let report = arena.recovery_report().expect("opened alone").clone();
     // The shared sessions, plus the temporary ones of workers killed
-    // between their create and their invalidate.
+    // between their create and their invalidate (an invalidate that was
+    // queued when its worker died is applied by recovery, hence `<=`).
     let all = arena.sids();
-    assert_eq!(report.sessions, all.len() as u64, "{report:?}");
+    assert!(all.len() as u64 <= report.sessions, "{report:?}");
     let temporary = all
         .iter()
         .filter(|s| arena.read(**s).unwrap().get("tmp").is_some())

@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 
 const SIDS: usize = 4;
 const WORKERS: usize = 3;
+/// Kills per round of the random-kill test; each round is checked on its
+/// own, so sessions do not outgrow their quota however long the run.
+const ROUND: usize = 20;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -304,9 +307,6 @@ fn random_kills() {
     let events = 4000 * SIDS as u32; // stays under the append bound per session
     let mut total_acked = 0;
     let mut done = 0;
-    // Rounds of at most ROUND kills, each checked on its own, so sessions do
-    // not outgrow their quota however long the run.
-    const ROUND: usize = 20;
     while done < kills {
         let mut live: Vec<Worker> = Vec::new();
         let mut logs = Vec::new();

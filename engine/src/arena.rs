@@ -15,7 +15,7 @@ use crate::layout::{
 use crate::lock;
 use crate::map::{ArenaConfig, Location, Map};
 use crate::queue::{self, EMPTY, Nodes};
-use crate::session::{ArchivedSessionData, Op, OpError, SessionData, encode_ops, encode_session};
+use crate::session::{ArchivedOp, ArchivedSessionData, Op, OpError, SessionData, encode_ops};
 use crate::sid::Sid;
 use crate::sync::{AtomicU64, Backoff, Ordering, fence};
 use std::cell::{Cell, RefCell};
@@ -66,6 +66,7 @@ pub struct Arena {
     owner: u32,
     pins: Cell<u32>,
     scratch: RefCell<Vec<u32>>,
+    ser: RefCell<rkyv::util::AlignedVec>,
     /// Retired blocks that did not fit the ring (only while this handle
     /// itself pins an old epoch); lost on a crash, which recovery repairs.
     overflow: RefCell<Vec<(u64, u64)>>,
@@ -318,6 +319,7 @@ impl Arena {
             me,
             pins: Cell::new(0),
             scratch: RefCell::new(Vec::new()),
+            ser: RefCell::new(rkyv::util::AlignedVec::new()),
             overflow: RefCell::new(Vec::new()),
             sweep_cursor: Cell::new(0),
             dirty_cursor: Cell::new(0),
@@ -938,8 +940,15 @@ impl Arena {
         version: u64,
         epoch: u64,
     ) -> Result<u64, SessionError> {
-        let bytes = encode_session(data);
-        self.write_record_bytes(sid, &bytes, version, epoch)
+        // One serialization buffer per handle, reused: no allocation per
+        // record once it has grown to the largest record seen.
+        let mut buf = std::mem::take(&mut *self.ser.borrow_mut());
+        buf.clear();
+        let buf = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(data, buf)
+            .expect("serializing a session into memory");
+        let r = self.write_record_bytes(sid, &buf, version, epoch);
+        *self.ser.borrow_mut() = buf;
+        r
     }
 
     fn write_record_bytes(
@@ -1329,31 +1338,34 @@ impl Arena {
                 continue;
             };
             let flags = node.detail.load(Ordering::Relaxed);
-            let ops = if flags & EXPIRE_ONLY != 0 {
-                // The sweep's clock decides, so a sweep is reproducible.
+            let outcome = if flags & EXPIRE_ONLY != 0 {
+                // The sweep's clock decides, so a sweep is reproducible; a
+                // session found alive is left exactly as it is.
                 let sweep_now = flags & !EXPIRE_ONLY;
-                if data.expired(sweep_now, self.last_read_ms(s)) {
-                    vec![Op::Invalidate]
-                } else {
-                    vec![Op::Touch]
+                if !data.expired(sweep_now, self.last_read_ms(s)) {
+                    node.detail.store(version, Ordering::Relaxed);
+                    node.result.store(DONE, Ordering::Release);
+                    continue;
                 }
+                Ok(crate::session::Applied::Invalidated)
             } else {
-                let Ok(ops) = crate::session::decode_ops(op_bytes) else {
+                if xxhash_rust::xxh3::xxh3_64(op_bytes) != node.checksum {
                     node.result.store(GONE, Ordering::Relaxed);
                     continue;
+                }
+                // SAFETY: the batch was encoded by `update` in a process of
+                // this engine, written before its push, checksummed (checked
+                // just above), and lies 64-byte aligned in the heap.
+                let batch = unsafe {
+                    rkyv::access_unchecked::<rkyv::vec::ArchivedVec<ArchivedOp>>(op_bytes)
                 };
-                ops
+                data.apply_refs(batch.iter().map(ArchivedOp::as_ref), now, quota)
             };
-            match data.apply(&ops, now, quota) {
+            match outcome {
                 Ok(crate::session::Applied::Changed) => {
-                    if flags & EXPIRE_ONLY != 0 {
-                        // A sweep that found the session alive changes nothing.
-                        node.detail.store(version, Ordering::Relaxed);
-                    } else {
-                        version += 1;
-                        data.log_batch(version, op_bytes);
-                        node.detail.store(version, Ordering::Relaxed);
-                    }
+                    version += 1;
+                    data.log_batch(version, op_bytes);
+                    node.detail.store(version, Ordering::Relaxed);
                     node.result.store(DONE, Ordering::Release);
                 }
                 Ok(crate::session::Applied::Invalidated) => {

@@ -100,6 +100,81 @@ mod op {
     }
 }
 
+/// A borrowed view of one [`Op`], from an owned op or straight from an
+/// archived batch in the arena.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum OpRef<'a> {
+    Set {
+        key: &'a str,
+        value: &'a [u8],
+    },
+    Remove {
+        key: &'a str,
+    },
+    Append {
+        key: &'a str,
+        item: &'a [u8],
+        max_items: u32,
+    },
+    Incr {
+        key: &'a str,
+        by: i64,
+    },
+    Touch,
+    Invalidate,
+}
+
+impl Op {
+    /// This op as an [`OpRef`].
+    pub fn as_ref(&self) -> OpRef<'_> {
+        match self {
+            Op::Set { key, value } => OpRef::Set { key, value },
+            Op::Remove { key } => OpRef::Remove { key },
+            Op::Append {
+                key,
+                item,
+                max_items,
+            } => OpRef::Append {
+                key,
+                item,
+                max_items: *max_items,
+            },
+            Op::Incr { key, by } => OpRef::Incr { key, by: *by },
+            Op::Touch => OpRef::Touch,
+            Op::Invalidate => OpRef::Invalidate,
+        }
+    }
+}
+
+impl ArchivedOp {
+    /// This archived op as an [`OpRef`], without copying.
+    pub fn as_ref(&self) -> OpRef<'_> {
+        match self {
+            ArchivedOp::Set { key, value } => OpRef::Set {
+                key: key.as_str(),
+                value: value.as_slice(),
+            },
+            ArchivedOp::Remove { key } => OpRef::Remove { key: key.as_str() },
+            ArchivedOp::Append {
+                key,
+                item,
+                max_items,
+            } => OpRef::Append {
+                key: key.as_str(),
+                item: item.as_slice(),
+                max_items: max_items.to_native(),
+            },
+            ArchivedOp::Incr { key, by } => OpRef::Incr {
+                key: key.as_str(),
+                by: by.to_native(),
+            },
+            ArchivedOp::Touch => OpRef::Touch,
+            ArchivedOp::Invalidate => OpRef::Invalidate,
+        }
+    }
+}
+
 /// Why a batch was refused; the session is left as it was.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -190,110 +265,139 @@ impl SessionData {
             .sum()
     }
 
-    /// Applies a batch to a copy and commits it only if every op succeeds.
-    /// This is what the arena's combiner does, and what a replica does with
-    /// a delta.
+    /// Applies a batch and commits it only if every op succeeds: on an
+    /// error the session is left exactly as it was. This is what the arena's
+    /// combiner does, and what a replica does with a delta.
     pub fn apply(&mut self, ops: &[Op], now_ms: u64, quota: u64) -> Result<Applied, OpError> {
-        let mut next = self.clone();
+        self.apply_refs(ops.iter().map(Op::as_ref), now_ms, quota)
+    }
+
+    /// [`SessionData::apply`] over borrowed ops (owned or archived), so the
+    /// combiner applies queued batches without deserializing them. Changes
+    /// are made in place with an undo log, not on a copy of the session.
+    pub fn apply_refs<'a>(
+        &mut self,
+        ops: impl IntoIterator<Item = OpRef<'a>>,
+        now_ms: u64,
+        quota: u64,
+    ) -> Result<Applied, OpError> {
+        let mut undo: Vec<(&'a str, Option<Vec<u8>>)> = Vec::new();
         let mut outcome = Applied::Changed;
+        let mut result = Ok(());
         for op in ops {
-            match op {
-                Op::Set { key, value } => {
-                    check_key(key)?;
-                    match next.slot(key) {
-                        Ok(i) => next.attrs[i].value.clone_from(value),
-                        Err(i) => {
-                            if next.attrs.len() >= ATTRS_MAX {
-                                return Err(OpError::TooManyAttrs);
-                            }
-                            next.attrs.insert(
-                                i,
-                                Attr {
-                                    key: key.clone(),
-                                    value: value.clone(),
-                                },
-                            );
-                        }
+            let step = match op {
+                OpRef::Set { key, value } => self.put(key, value.to_vec(), &mut undo),
+                OpRef::Remove { key } => check_key(key).map(|()| {
+                    if let Ok(i) = self.slot(key) {
+                        let old = self.attrs.remove(i);
+                        undo.push((key, Some(old.value)));
                     }
-                }
-                Op::Remove { key } => {
-                    check_key(key)?;
-                    if let Ok(i) = next.slot(key) {
-                        next.attrs.remove(i);
-                    }
-                }
-                Op::Append {
+                }),
+                OpRef::Append {
                     key,
                     item,
                     max_items,
                 } => {
-                    check_key(key)?;
-                    if *max_items == 0 || *max_items > APPEND_ITEMS_MAX {
-                        return Err(OpError::NotAList);
-                    }
-                    let old = next.get(key).unwrap_or(&[]);
-                    let items = append_items(old).ok_or(OpError::NotAList)?;
-                    let keep = items.len().saturating_sub(*max_items as usize - 1);
-                    let mut value = Vec::with_capacity(old.len() + item.len() + 4);
-                    for it in &items[keep..] {
-                        value.extend_from_slice(&(it.len() as u32).to_le_bytes());
-                        value.extend_from_slice(it);
-                    }
-                    value.extend_from_slice(&(item.len() as u32).to_le_bytes());
-                    value.extend_from_slice(item);
-                    match next.slot(key) {
-                        Ok(i) => next.attrs[i].value = value,
-                        Err(i) => {
-                            if next.attrs.len() >= ATTRS_MAX {
-                                return Err(OpError::TooManyAttrs);
+                    if max_items == 0 || max_items > APPEND_ITEMS_MAX {
+                        Err(OpError::NotAList)
+                    } else {
+                        let old = self.get(key).unwrap_or(&[]);
+                        match append_items(old) {
+                            None => Err(OpError::NotAList),
+                            Some(items) => {
+                                let keep = items.len().saturating_sub(max_items as usize - 1);
+                                let mut value = Vec::with_capacity(old.len() + item.len() + 4);
+                                for it in &items[keep..] {
+                                    value.extend_from_slice(&(it.len() as u32).to_le_bytes());
+                                    value.extend_from_slice(it);
+                                }
+                                value.extend_from_slice(&(item.len() as u32).to_le_bytes());
+                                value.extend_from_slice(item);
+                                self.put(key, value, &mut undo)
                             }
-                            next.attrs.insert(
-                                i,
-                                Attr {
-                                    key: key.clone(),
-                                    value,
-                                },
-                            );
                         }
                     }
                 }
-                Op::Incr { key, by } => {
-                    check_key(key)?;
-                    let cur = match next.get(key) {
-                        None => 0,
-                        Some(v) => {
-                            i64::from_le_bytes(v.try_into().map_err(|_| OpError::NotACounter)?)
-                        }
+                OpRef::Incr { key, by } => {
+                    let cur = match self.get(key) {
+                        None => Ok(0),
+                        Some(v) => <[u8; 8]>::try_from(v)
+                            .map(i64::from_le_bytes)
+                            .map_err(|_| OpError::NotACounter),
                     };
-                    let new = cur.checked_add(*by).ok_or(OpError::NotACounter)?;
-                    let value = new.to_le_bytes().to_vec();
-                    match next.slot(key) {
-                        Ok(i) => next.attrs[i].value = value,
-                        Err(i) => {
-                            if next.attrs.len() >= ATTRS_MAX {
-                                return Err(OpError::TooManyAttrs);
-                            }
-                            next.attrs.insert(
-                                i,
-                                Attr {
-                                    key: key.clone(),
-                                    value,
-                                },
-                            );
-                        }
+                    match cur.and_then(|c| c.checked_add(by).ok_or(OpError::NotACounter)) {
+                        Ok(new) => self.put(key, new.to_le_bytes().to_vec(), &mut undo),
+                        Err(e) => Err(e),
                     }
                 }
-                Op::Touch => {}
-                Op::Invalidate => outcome = Applied::Invalidated,
+                OpRef::Touch => Ok(()),
+                OpRef::Invalidate => {
+                    outcome = Applied::Invalidated;
+                    Ok(())
+                }
+            };
+            if let Err(e) = step {
+                result = Err(e);
+                break;
             }
         }
-        let needed = next.attr_bytes();
-        if needed > quota {
-            return Err(OpError::OverQuota { needed, quota });
+        if result.is_ok() {
+            let needed = self.attr_bytes();
+            if needed > quota {
+                result = Err(OpError::OverQuota { needed, quota });
+            }
         }
-        next.updated_ms = now_ms;
-        *self = next;
+        if let Err(e) = result {
+            for (key, old) in undo.into_iter().rev() {
+                match (self.slot(key), old) {
+                    (Ok(i), Some(v)) => self.attrs[i].value = v,
+                    (Ok(i), None) => {
+                        self.attrs.remove(i);
+                    }
+                    (Err(i), Some(v)) => self.attrs.insert(
+                        i,
+                        Attr {
+                            key: key.to_owned(),
+                            value: v,
+                        },
+                    ),
+                    (Err(_), None) => {}
+                }
+            }
+            return Err(e);
+        }
+        self.updated_ms = now_ms;
         Ok(outcome)
+    }
+
+    /// Sets `key` to `value`, remembering what was there.
+    fn put<'a>(
+        &mut self,
+        key: &'a str,
+        value: Vec<u8>,
+        undo: &mut Vec<(&'a str, Option<Vec<u8>>)>,
+    ) -> Result<(), OpError> {
+        check_key(key)?;
+        match self.slot(key) {
+            Ok(i) => {
+                let old = std::mem::replace(&mut self.attrs[i].value, value);
+                undo.push((key, Some(old)));
+            }
+            Err(i) => {
+                if self.attrs.len() >= ATTRS_MAX {
+                    return Err(OpError::TooManyAttrs);
+                }
+                self.attrs.insert(
+                    i,
+                    Attr {
+                        key: key.to_owned(),
+                        value,
+                    },
+                );
+                undo.push((key, None));
+            }
+        }
+        Ok(())
     }
 
     /// Records an applied batch in the bounded log (a replica does the
@@ -345,7 +449,30 @@ impl ArchivedSessionData {
 /// Encodes an op batch (the bytes stored in the queue and shipped as a delta).
 pub fn encode_ops(ops: &[Op]) -> rkyv::util::AlignedVec {
     // Serializing plain owned data into a growable buffer cannot fail.
-    rkyv::to_bytes::<rkyv::rancor::Error>(&ops.to_vec()).expect("serializing ops into memory")
+    rkyv::to_bytes::<rkyv::rancor::Error>(&OpSlice(ops)).expect("serializing ops into memory")
+}
+
+/// A borrowed batch that archives exactly as `Vec<Op>` does, so encoding a
+/// batch does not clone it first.
+struct OpSlice<'a>(&'a [Op]);
+
+impl rkyv::Archive for OpSlice<'_> {
+    type Archived = rkyv::vec::ArchivedVec<ArchivedOp>;
+    type Resolver = rkyv::vec::VecResolver;
+
+    fn resolve(&self, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
+        rkyv::vec::ArchivedVec::resolve_from_slice(self.0, resolver, out);
+    }
+}
+
+impl<S> rkyv::Serialize<S> for OpSlice<'_>
+where
+    S: rkyv::rancor::Fallible + rkyv::ser::Allocator + rkyv::ser::Writer + ?Sized,
+    Op: rkyv::Serialize<S>,
+{
+    fn serialize(&self, serializer: &mut S) -> Result<Self::Resolver, S::Error> {
+        rkyv::vec::ArchivedVec::serialize_from_slice(self.0, serializer)
+    }
 }
 
 /// Decodes and validates an op batch from untrusted bytes.

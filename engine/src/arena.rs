@@ -41,6 +41,9 @@ const SPINS_BEFORE_LIVENESS: u32 = 64;
 /// Retired blocks a handle collects before it tries to free them: small,
 /// so few copies of a busy record wait in limbo.
 const RECLAIM_BATCH: u32 = 16;
+/// Cache lines at the end of a record a read prefetches (root, attribute
+/// array of up to ~12 attributes).
+const PREFETCH_TAIL_LINES: u64 = 4;
 /// Pins younger than this many epochs are assumed live without a syscall.
 const RECENT_PIN_EPOCHS: u64 = 4096;
 /// Node kind flag kept in the op node's `detail` before it is pushed: an
@@ -759,10 +762,14 @@ impl Arena {
 
     #[inline]
     fn home(&self, sid: Sid) -> u64 {
-        xxhash_rust::xxh3::xxh3_64_with_seed(&sid.0, self.header().hash_seed)
-            & (self.map.geo.index_slots - 1)
+        // SIDs are 128 CSPRNG bits and only the engine mints them, so a
+        // seeded multiply-mix is enough to spread them; the seed keeps a
+        // SID a client presents from being aimed at one probe chain.
+        let (lo, hi) = sid.words();
+        let x =
+            (lo ^ self.header().hash_seed ^ hi.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (x ^ (x >> 32)) & (self.map.geo.index_slots - 1)
     }
-
     /// Finds the live slot of `sid`.
     #[inline]
     fn lookup(&self, sid: Sid) -> Option<(u64, &IndexSlot)> {
@@ -1006,22 +1013,31 @@ impl Arena {
             && rkyv::access::<ArchivedSessionData, rkyv::rancor::Error>(bytes).is_ok()
     }
 
-    /// Asks for every cache line of a record at once: the archive's root
-    /// sits at its end and the attributes in its middle, and fetching them
-    /// in parallel costs one miss instead of a chain of four or five.
+    /// Asks for the cache lines of a record a read needs, all at once: the
+    /// header, and the tail where the archive's root and the attribute array
+    /// sit (`SessionData` declares `attrs` last). One miss in parallel
+    /// instead of a chain of dependent ones; only the value itself is left.
     #[inline]
     fn prefetch(&self, off: u64, len: u64) {
         #[cfg(target_arch = "x86_64")]
         if self.map.heap_bytes(off, len).is_some() {
-            let mut line = off;
-            while line < off + len {
-                // SAFETY: the range lies inside the mapping (checked just
-                // above); a prefetch never faults and never changes memory.
+            let fetch = |line: u64| {
+                // SAFETY: `line` lies inside the mapping (the whole range was
+                // checked above); a prefetch never faults or writes.
                 unsafe {
                     std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
                         self.map.base().add(line as usize).cast::<i8>(),
                     );
                 }
+            };
+            let end = (off + len).next_multiple_of(BLOCK);
+            fetch(off);
+            let tail = end
+                .saturating_sub(PREFETCH_TAIL_LINES * BLOCK)
+                .max(off + BLOCK);
+            let mut line = tail;
+            while line < end {
+                fetch(line);
                 line += BLOCK;
             }
         }

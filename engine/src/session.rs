@@ -27,16 +27,20 @@ pub struct SessionData {
     pub idle_ttl_ms: u64,
     /// Absolute expiry, ms since the Unix epoch; 0 = none.
     pub expires_at_ms: u64,
-    /// Attributes sorted by key, keys unique.
-    pub attrs: Vec<Attr>,
     /// The most recent op batches, oldest first (bounded by
     /// [`LOG_BYTES_MAX`] and [`LOG_ENTRIES_MAX`]).
     pub log: Vec<LogEntry>,
+    /// Attributes sorted by key, keys unique. Declared last so the archived
+    /// attribute array sits right before the archive's root, at the end of
+    /// the record, where a reader's first fetch already brings it.
+    pub attrs: Vec<Attr>,
 }
 
 /// One named attribute.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Attr {
+    /// [`key_hash`] of the name: a lookup compares these first.
+    pub hash: u32,
     /// The name.
     pub key: String,
     /// The value.
@@ -231,6 +235,16 @@ fn check_key(key: &str) -> Result<(), OpError> {
     }
 }
 
+/// The hash of an attribute name stored beside it, so a lookup scans
+/// 4-byte hashes instead of comparing strings.
+/// FNV-1a: keys are short, so a byte loop beats a vectorized hash here.
+#[inline]
+pub fn key_hash(key: &str) -> u32 {
+    key.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
 /// Splits an append-list value into its items; `None` if it is not one.
 pub fn append_items(value: &[u8]) -> Option<Vec<&[u8]>> {
     let mut items = Vec::new();
@@ -357,6 +371,7 @@ impl SessionData {
                     (Err(i), Some(v)) => self.attrs.insert(
                         i,
                         Attr {
+                            hash: key_hash(key),
                             key: key.to_owned(),
                             value: v,
                         },
@@ -390,6 +405,7 @@ impl SessionData {
                 self.attrs.insert(
                     i,
                     Attr {
+                        hash: key_hash(key),
                         key: key.to_owned(),
                         value,
                     },
@@ -431,10 +447,19 @@ impl ArchivedSessionData {
     #[inline]
     pub fn get(&self, key: &str) -> Option<&[u8]> {
         let attrs = self.attrs.as_slice();
+        if attrs.len() > 16 {
+            return attrs
+                .binary_search_by(|a| a.key.as_str().cmp(key))
+                .ok()
+                .map(|i| attrs[i].value.as_slice());
+        }
+        // Few attributes: a linear scan of the stored hashes touches only
+        // the attribute array, and compares one string at most.
+        let h = key_hash(key);
         attrs
-            .binary_search_by(|a| a.key.as_str().cmp(key))
-            .ok()
-            .map(|i| attrs[i].value.as_slice())
+            .iter()
+            .find(|a| a.hash.to_native() == h && a.key.as_str() == key)
+            .map(|a| a.value.as_slice())
     }
 
     /// Whether the session has expired at `now_ms`, given its last read.

@@ -93,6 +93,10 @@ pub struct RecoveryReport {
     /// Heap blocks the rebuild put back on free lists: blocks leaked by
     /// crashes, plus those that were free already.
     pub reclaimed_blocks: u64,
+    /// Blocks that were neither reachable, free, nor waiting in a retire
+    /// ring: leaked by processes killed between an allocation and linking
+    /// it; free again now.
+    pub leaked_blocks: u64,
     /// Sessions that had queued updates, applied during recovery.
     pub pending_applied: u64,
 }
@@ -329,7 +333,18 @@ impl Arena {
             recovered: None,
             _not_sync: PhantomData,
         };
+        // A predecessor that died mid-combine: finish its build under the
+        // slot's lock (recovery, when alone, rebuilds everything anyway).
+        let p = arena.participant();
+        let slot = p.building_slot.load(Ordering::Acquire);
+        if !alone && p.building.load(Ordering::Acquire) != 0 && slot < arena.map.geo.index_slots {
+            let lock_word = &arena.map.slot(slot).lock;
+            let _ = arena.acquire(lock_word);
+            arena.resolve_dead_build(arena.owner, slot);
+            lock::unlock(lock_word, arena.owner);
+        }
         if alone {
+            arena.participant().building.store(0, Ordering::Relaxed);
             arena.recovered = Some(arena.recover());
             Map::share_open_lock(&arena.file).map_err(|e| OpenError::io(&arena.map.path, e))?;
             arena.apply_all_pending();
@@ -813,13 +828,14 @@ impl Arena {
             && self.participant_live(slot)
     }
 
-    /// Takes a lock word, stealing it from a dead holder.
-    fn acquire(&self, word: &crate::sync::AtomicU32) {
+    /// Takes a lock word, stealing it from a dead holder; returns the dead
+    /// holder's owner word if it stole.
+    fn acquire(&self, word: &crate::sync::AtomicU32) -> Option<u32> {
         let backoff = Backoff::new();
         let mut spins = 0u32;
         loop {
             match lock::try_lock(word, self.owner) {
-                Ok(()) => return,
+                Ok(()) => return None,
                 Err(0) => {}
                 Err(holder) => {
                     spins += 1;
@@ -827,7 +843,7 @@ impl Arena {
                         && !self.owner_alive(holder)
                         && lock::steal(word, holder, self.owner)
                     {
-                        return;
+                        return Some(holder);
                     }
                     backoff.snooze();
                 }
@@ -836,7 +852,7 @@ impl Arena {
     }
 
     fn insert_lock(&self) -> InsertLock<'_> {
-        self.acquire(&self.header().insert_lock);
+        let _ = self.acquire(&self.header().insert_lock);
         InsertLock(self)
     }
 
@@ -947,13 +963,27 @@ impl Arena {
         version: u64,
         epoch: u64,
     ) -> Result<u64, SessionError> {
+        self.write_record_tracked(sid, data, version, epoch, None)
+    }
+
+    /// Writes a record block; with `track = Some((slot, replaced))` the
+    /// block is recorded in our participant slot as "being built" right
+    /// after it is allocated (see `resolve_dead_build`).
+    fn write_record_tracked(
+        &self,
+        sid: Sid,
+        data: &SessionData,
+        version: u64,
+        epoch: u64,
+        track: Option<(u64, u64)>,
+    ) -> Result<u64, SessionError> {
         // One serialization buffer per handle, reused: no allocation per
         // record once it has grown to the largest record seen.
         let mut buf = std::mem::take(&mut *self.ser.borrow_mut());
         buf.clear();
         let buf = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(data, buf)
             .expect("serializing a session into memory");
-        let r = self.write_record_bytes(sid, &buf, version, epoch);
+        let r = self.write_record_bytes(sid, &buf, version, epoch, track);
         *self.ser.borrow_mut() = buf;
         r
     }
@@ -964,9 +994,16 @@ impl Arena {
         bytes: &[u8],
         version: u64,
         epoch: u64,
+        track: Option<(u64, u64)>,
     ) -> Result<u64, SessionError> {
         let len = bytes.len() as u64;
         let off = self.alloc(BLOCK + len)?;
+        if let Some((slot, replaced)) = track {
+            let p = self.participant();
+            p.building_slot.store(slot, Ordering::Relaxed);
+            p.building_old.store(replaced, Ordering::Relaxed);
+            p.building.store(off, Ordering::Release);
+        }
         let (lo, hi) = sid.words();
         let checksum = xxhash_rust::xxh3::xxh3_64(bytes);
         // SAFETY: `off` was just allocated: no one else reads or writes it
@@ -1249,6 +1286,7 @@ impl Arena {
                         && !self.owner_alive(holder)
                         && lock::steal(&s.lock, holder, self.owner)
                     {
+                        self.resolve_dead_build(holder, i);
                         let r = self.combine(i);
                         lock::unlock(&s.lock, self.owner);
                         r?;
@@ -1406,26 +1444,30 @@ impl Arena {
             self.finish_remove(i, closed);
             return Ok(());
         }
-        let new_off = match self.write_record(sid, &data, version, rh.epoch) {
-            Ok(off) => off,
-            Err(SessionError::HeapFull(_) | SessionError::TooLarge(_)) => {
-                // No room for the new copy: cancel the batch (a final result
-                // every later combiner respects) and leave the record as is.
-                for &n in list.iter() {
-                    nodes
-                        .node(n)
-                        .result
-                        .store(CANCELLED_HEAP_FULL, Ordering::Release);
+        let new_off =
+            match self.write_record_tracked(sid, &data, version, rh.epoch, Some((i, rec_off))) {
+                Ok(off) => off,
+                Err(SessionError::HeapFull(_) | SessionError::TooLarge(_)) => {
+                    // No room for the new copy: cancel the batch (a final result
+                    // every later combiner respects) and leave the record as is.
+                    for &n in list.iter() {
+                        nodes
+                            .node(n)
+                            .result
+                            .store(CANCELLED_HEAP_FULL, Ordering::Release);
+                    }
+                    return Ok(());
                 }
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
+                Err(e) => return Err(e),
+            };
         self.set_applied(new_off, last);
         self.mark_dirty(i);
         // The commit point: one store publishes the new copy and, with its
         // applied_seq, consumes every node up to `last`.
         s.record.store(self.rec_word(new_off), Ordering::Release);
+        // From here the replaced record is ours to retire, no longer the
+        // business of whoever would resolve a death of ours.
+        self.participant().building.store(0, Ordering::Release);
         self.mark_dirty(i);
         drop(list);
         self.retire(rec_off);
@@ -1595,7 +1637,9 @@ impl Arena {
             return Ok(version);
         };
         let s = self.map.slot(i);
-        self.acquire(&s.lock);
+        if let Some(dead) = self.acquire(&s.lock) {
+            self.resolve_dead_build(dead, i);
+        }
         let r = (|| {
             if s.state.load(Ordering::Acquire) & SLOT_KIND_MASK != SLOT_LIVE
                 || queue::is_closed(s.head.load(Ordering::Acquire))
@@ -1695,6 +1739,34 @@ impl Arena {
         entry
     }
 
+    /// Called with slot `i`'s lock just taken from the dead owner `dead`:
+    /// finishes what its combine left. A record block it built but never
+    /// published is freed; if it published it, the record it replaced is
+    /// retired (the dead handle had not yet). The swap makes sure only one
+    /// resolver acts, and only lock holders of slot `i` resolve.
+    fn resolve_dead_build(&self, dead: u32, i: u64) {
+        let d = u32::from(lock::owner_slot(dead));
+        if d >= PARTICIPANTS_MAX {
+            return;
+        }
+        let p = self.map.participant(d);
+        if p.building_slot.load(Ordering::Acquire) != i || p.building.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let built = p.building.swap(0, Ordering::AcqRel);
+        if built == 0 || !self.map.is_block(built) {
+            return;
+        }
+        let replaced = p.building_old.load(Ordering::Acquire);
+        if rec_off(self.map.slot(i).record.load(Ordering::Acquire)) == built {
+            if self.map.is_block(replaced) {
+                self.retire(replaced);
+            }
+        } else {
+            self.free(built);
+        }
+    }
+
     /// Applies slot `i`'s queue if no live process is doing it.
     fn help(&self, i: u64) {
         let s = self.map.slot(i);
@@ -1702,7 +1774,14 @@ impl Arena {
         let got = match lock::try_lock(&s.lock, self.owner) {
             Ok(()) => true,
             Err(h) => {
-                h == holder && h != 0 && !self.owner_alive(h) && lock::steal(&s.lock, h, self.owner)
+                let stolen = h == holder
+                    && h != 0
+                    && !self.owner_alive(h)
+                    && lock::steal(&s.lock, h, self.owner);
+                if stolen {
+                    self.resolve_dead_build(h, i);
+                }
+                stolen
             }
         };
         if got {
@@ -1884,18 +1963,60 @@ impl Arena {
         let mut report = RecoveryReport::default();
         let geo = self.map.geo.clone();
         let h = self.header();
+        let blocks = geo.heap_bytes / BLOCK;
+        // Blocks accounted for without being reachable: free or retired.
+        // What is neither, nor reachable, was leaked by a crash.
+        let mut accounted = vec![0u64; blocks.div_ceil(64) as usize];
+        let note = |bits: &mut Vec<u64>, off: u64| {
+            if self.map.is_block(off) {
+                let b = (off - geo.heap_off) / BLOCK;
+                bits[(b / 64) as usize] |= 1 << (b % 64);
+            }
+        };
+        for class in 0..geo.classes.len() {
+            let mut idx = h.class_free[class].load(Ordering::Relaxed) & IDX_MASK;
+            let mut guard = blocks;
+            while idx != 0 && guard > 0 {
+                let off = self.block_off(idx);
+                if !self.map.is_block(off) {
+                    break;
+                }
+                note(&mut accounted, off);
+                idx = self.link(off).load(Ordering::Relaxed) & IDX_MASK;
+                guard -= 1;
+            }
+        }
+        for i in 0..PARTICIPANTS_MAX {
+            let p = self.map.participant(i);
+            let (mut r, t) = (
+                p.ring_head.load(Ordering::Relaxed),
+                p.ring_tail.load(Ordering::Relaxed),
+            );
+            let mut guard = RETIRE_RING;
+            while r != t && guard > 0 {
+                note(
+                    &mut accounted,
+                    p.ring[(r % RETIRE_RING) as usize]
+                        .block
+                        .load(Ordering::Relaxed),
+                );
+                r = r.wrapping_add(1);
+                guard -= 1;
+            }
+        }
         for i in 0..PARTICIPANTS_MAX {
             let p = self.map.participant(i);
             if i != self.me {
                 p.pin.store(0, Ordering::Relaxed);
             }
-            // Retired blocks are unreachable: the rebuild below frees them.
+            // Retired and half-built blocks are unreachable: the rebuild
+            // below frees them.
+            p.building.store(0, Ordering::Relaxed);
             let t = p.ring_tail.load(Ordering::Relaxed);
             p.ring_head.store(t, Ordering::Relaxed);
         }
         h.insert_lock.store(0, Ordering::Relaxed);
         h.compact_lock.store(0, Ordering::Relaxed);
-        let blocks = geo.heap_bytes / BLOCK;
         let mut reachable = vec![0u64; blocks.div_ceil(64) as usize];
         let mark = |reachable: &mut Vec<u64>, off: u64| {
             let b = (off - geo.heap_off) / BLOCK;
@@ -1982,6 +2103,17 @@ impl Arena {
                     reachable[(b / 64) as usize] & (1 << (b % 64)) != 0
                 })
             };
+            let bit = |bits: &Vec<u64>, off: u64| {
+                let b = (off - geo.heap_off) / BLOCK;
+                bits[(b / 64) as usize] & (1 << (b % 64)) != 0
+            };
+            if class < geo.classes.len() {
+                let size = geo.classes[class];
+                report.leaked_blocks += (0..geo.chunk_bytes / size)
+                    .map(|k| start + k * size)
+                    .filter(|&off| !bit(&reachable, off) && !bit(&accounted, off))
+                    .count() as u64;
+            }
             if class >= geo.classes.len() || !any(start, start + geo.chunk_bytes) {
                 if class < geo.classes.len() {
                     report.reclaimed_blocks += geo.chunk_bytes / geo.classes[class];

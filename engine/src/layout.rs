@@ -105,7 +105,14 @@ pub(crate) struct Participant {
     /// Retire ring: entries `[head, tail)` wait to be freed.
     pub ring_head: AtomicU32,
     pub ring_tail: AtomicU32,
-    pub _pad: [u64; 5],
+    /// The record block a combine of this handle is building (0 = none),
+    /// the index slot it is for, and the record it replaces: whoever takes
+    /// the slot's lock from this handle after its death frees the block if
+    /// it was never published, or retires the replaced record if it was.
+    pub building: AtomicU64,
+    pub building_slot: AtomicU64,
+    pub building_old: AtomicU64,
+    pub _pad: [u64; 2],
     pub ring: [RetireEntry; RETIRE_RING as usize],
 }
 

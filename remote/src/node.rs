@@ -34,6 +34,8 @@ use crate::runtime::Rt;
 pub const SESSIONS_MAX_DEFAULT: u64 = 10_000_000;
 /// Default for [`NodeLimits::bytes_max`].
 pub const BYTES_MAX_DEFAULT: u64 = 4 << 30;
+/// How long a node retries binding a port that is still in use, in ms.
+pub const BIND_RETRY_MS: u64 = 3_000;
 /// Attribute bytes a replica lets one session hold when applying ops; the
 /// host's own quota (at most 64 MiB) already bounded them.
 const APPLY_QUOTA_BYTES: u64 = 64 << 20;
@@ -354,7 +356,21 @@ pub fn serve<B: Rt>(
     let limits = config.limits;
     let listen = config.listen;
     B::block_on(async move {
-        let server: Server<B> = Server::bind(listen, sc, secret)?;
+        // A node restarted at once can find its port still held: io_uring
+        // tears a dead process's ring down asynchronously, and a pending
+        // accept keeps the old listener alive for a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(BIND_RETRY_MS);
+        let server: Server<B> = loop {
+            match Server::bind(listen, sc.clone(), secret.clone()) {
+                Err(e)
+                    if e.kind() == io::ErrorKind::AddrInUse
+                        && std::time::Instant::now() < deadline =>
+                {
+                    B::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                r => break r?,
+            }
+        };
         on_bound(server.local_addr(), identity.incarnation);
         let mut store = Store::new(limits, identity.incarnation);
         let handler = move |_peer: PeerInfo, msg: Message| store.handle(msg);

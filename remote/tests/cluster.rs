@@ -659,3 +659,64 @@ fn old_owner_late_deltas_are_fenced() {
         stat(&a.status().1, "fenced")
     );
 }
+
+#[test]
+fn node_survives_bad_peers_and_refuses_bad_records() {
+    use sessio_net::{AckStatus, Delta, DeltaBatch, DeltaEntry};
+    let _serial = serial();
+    if !uring() {
+        return;
+    }
+    let secret = SecretFile::new();
+    let nodes = bank(1, &secret);
+    let addr = nodes[0].addr;
+    // A stranger sends garbage, and a peer with the wrong key tries in.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        let _ = s.write_all(&[0xFF; 4096]);
+    }
+    let wrong = IoUring::block_on(async {
+        let cc = ClientConfig::new(Identity {
+            id: 5,
+            incarnation: 1,
+        });
+        Client::<IoUring>::connect(addr, cc, Secret::from_bytes([1; 32])).await
+    });
+    assert!(wrong.is_err(), "a wrong key is refused");
+    // Records and ops that do not validate are refused, one by one.
+    let reply = IoUring::block_on(async {
+        let cc = ClientConfig::new(Identity {
+            id: 5,
+            incarnation: 1,
+        });
+        let mut c: Client = Client::connect(addr, cc, Secret::from_bytes(SECRET))
+            .await
+            .unwrap();
+        let entry = |body| DeltaEntry {
+            sid: [9; 16],
+            base_version: 0,
+            new_version: 1,
+            epoch: 1,
+            body,
+        };
+        let batch = DeltaBatch {
+            host_id: 5,
+            entries: vec![
+                entry(Delta::Full(vec![0xAB; 300])),
+                entry(Delta::Ops(vec![1; 10])),
+            ],
+        };
+        c.call(&Message::DeltaBatch(batch)).await.unwrap()
+    });
+    let Message::Ack(ack) = reply else {
+        panic!("expected an ack, got {reply:?}")
+    };
+    assert_eq!(ack.entries[0].status, AckStatus::Refused);
+    assert_eq!(
+        ack.entries[1].status,
+        AckStatus::NeedFull,
+        "no base to apply ops on"
+    );
+    assert!(node_copies(addr, &[Sid([9; 16])])[0].is_none());
+}

@@ -491,7 +491,7 @@ fn replica_killed_no_session_lost_and_host_keeps_serving() {
     nodes[0].proc.kill9();
     let (n, slowest) = load(host.get(), &sids, Duration::from_secs(1));
     eprintln!("node down: {n} updates, slowest {slowest:?}");
-    assert!(n > 1000, "host kept serving: {n} updates in 1 s");
+    assert!(n > 200, "host kept serving: {n} updates in 1 s");
     wait_until("node 1 seen down", Duration::from_secs(10), || {
         !repl.stats().nodes[0].up
     });

@@ -530,10 +530,7 @@ fn bank_down_under_load_then_every_change_converges() {
     }
     let (n, slowest) = load(host.get(), &sids, Duration::from_secs(2));
     eprintln!("bank down: {n} updates, slowest {slowest:?}");
-    assert!(
-        n > 2000,
-        "host kept serving with the bank down: {n} updates"
-    );
+    assert!(n > 400, "host kept serving with the bank down: {n} updates");
     assert!(repl.stats().nodes.iter().all(|n| !n.up));
     assert!(
         repl.stats().dirty > 0,

@@ -1,0 +1,308 @@
+//! `sessio`: run a replica node (`sessio node`) or a host's replicator
+//! (`sessio agent`). See `docs/REPLICATION.md`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use sessio_engine::{Arena, ArenaConfig, Location, NewSession, Op, Sid};
+use sessio_net::{Epoll, IoUring, Secret};
+use sessio_remote::node::{self, NodeConfig, NodeLimits};
+use sessio_remote::placement::{Placement, REPLICAS_DEFAULT};
+use sessio_remote::replicator::{FLUSH_INTERVAL_US_DEFAULT, Replicator, ReplicatorConfig};
+use sessio_remote::runtime::{Rt, install_stop_signals, stop_requested, stopped};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sessio",
+    version,
+    about = "sessio session engine: replica nodes and host replicators"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a replica node of the bank.
+    Node(NodeArgs),
+    /// Replicate a host's arena to the bank (one per host).
+    Agent(AgentArgs),
+    /// A web host for the integration tests: creates sessions, updates
+    /// them, replicates them and writes its progress to a file.
+    #[command(hide = true)]
+    TestHost(TestHostArgs),
+}
+
+#[derive(Args, Debug)]
+struct NodeArgs {
+    /// Address to listen on (port 0 picks one; the bound address is printed).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// This node's id in the bank (1-65535).
+    #[arg(long)]
+    node_id: u16,
+    /// File holding the bank's 32-byte secret (raw, or 64 hex digits).
+    #[arg(long)]
+    secret_file: PathBuf,
+    /// Most sessions held; more are refused.
+    #[arg(long, default_value_t = node::SESSIONS_MAX_DEFAULT)]
+    sessions_max: u64,
+    /// Most record bytes held; more are refused.
+    #[arg(long, default_value_t = node::BYTES_MAX_DEFAULT)]
+    bytes_max: u64,
+    /// Most open connections.
+    #[arg(long, default_value_t = sessio_net::server::CONNECTIONS_MAX_DEFAULT)]
+    connections_max: u32,
+    /// Use the epoll engine instead of `io_uring`.
+    #[arg(long)]
+    epoll: bool,
+}
+
+#[derive(Args, Debug)]
+struct BankArgs {
+    /// The bank: id=ip:port,id=ip:port,...
+    #[arg(long)]
+    nodes: String,
+    /// File holding the bank's 32-byte secret.
+    #[arg(long)]
+    secret_file: PathBuf,
+    /// Copies kept per session.
+    #[arg(long, default_value_t = REPLICAS_DEFAULT)]
+    replicas: usize,
+    /// This host's id.
+    #[arg(long, default_value_t = 1)]
+    host_id: u64,
+    /// How often dirty sessions are shipped, in microseconds.
+    #[arg(long, default_value_t = FLUSH_INTERVAL_US_DEFAULT)]
+    flush_interval_us: u64,
+    /// Use the epoll engine instead of `io_uring`.
+    #[arg(long)]
+    epoll: bool,
+}
+
+#[derive(Args, Debug)]
+struct AgentArgs {
+    /// Shared-memory arena name (or a path, with --file).
+    #[arg(long)]
+    arena: String,
+    /// Treat --arena as a file path (file-backed arena).
+    #[arg(long)]
+    file: bool,
+    #[command(flatten)]
+    bank: BankArgs,
+    /// Print stats this often, in ms (0: never).
+    #[arg(long, default_value_t = 5000)]
+    stats_interval_ms: u64,
+}
+
+#[derive(Args, Debug)]
+struct TestHostArgs {
+    /// Shared-memory arena name (created).
+    #[arg(long)]
+    arena: String,
+    #[command(flatten)]
+    bank: BankArgs,
+    /// Sessions to create.
+    #[arg(long)]
+    sessions: u64,
+    /// Progress file, rewritten atomically every 20 ms.
+    #[arg(long)]
+    status: PathBuf,
+    /// Update for this long, then idle until killed.
+    #[arg(long)]
+    duration_ms: u64,
+    /// Pause between updates, in microseconds.
+    #[arg(long, default_value_t = 200)]
+    pace_us: u64,
+    /// Value of the "owner" attribute this host writes.
+    #[arg(long, default_value = "A")]
+    owner: String,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Node(a) => run_node(&a),
+        Command::Agent(a) => run_agent(&a),
+        Command::TestHost(a) => run_test_host(&a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sessio: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Res = Result<(), Box<dyn std::error::Error>>;
+
+fn load_secret(path: &PathBuf) -> Result<Secret, Box<dyn std::error::Error>> {
+    let (secret, warnings) = Secret::load(path)?;
+    for w in warnings {
+        eprintln!("sessio: warning: {w}");
+    }
+    Ok(secret)
+}
+
+fn run_node(a: &NodeArgs) -> Res {
+    if a.node_id == 0 {
+        return Err("--node-id 0 is reserved; use 1-65535".into());
+    }
+    let secret = load_secret(&a.secret_file)?;
+    let mut config = NodeConfig::new(a.listen, a.node_id);
+    config.limits = NodeLimits {
+        sessions_max: a.sessions_max,
+        bytes_max: a.bytes_max,
+    };
+    config.connections_max = a.connections_max;
+    install_stop_signals();
+    let on_bound = |addr: SocketAddr, incarnation: u64| {
+        println!(
+            "listening {addr} node {} incarnation {incarnation:016x}",
+            a.node_id
+        );
+        let _ = std::io::stdout().flush();
+    };
+    if a.epoll || !IoUring::available() {
+        node::serve::<Epoll>(&config, secret, on_bound, stopped::<Epoll>())?;
+    } else {
+        node::serve::<IoUring>(&config, secret, on_bound, stopped::<IoUring>())?;
+    }
+    eprintln!("sessio node {}: stopped", a.node_id);
+    Ok(())
+}
+
+fn replicator_config(b: &BankArgs) -> Result<ReplicatorConfig, Box<dyn std::error::Error>> {
+    let members = Placement::parse_members(&b.nodes)?;
+    let placement = Placement::new(members, b.replicas)?;
+    let mut config = ReplicatorConfig::new(placement, load_secret(&b.secret_file)?, b.host_id);
+    config.flush_interval_us = b.flush_interval_us;
+    config.force_epoll = b.epoll;
+    Ok(config)
+}
+
+fn run_agent(a: &AgentArgs) -> Res {
+    let config = replicator_config(&a.bank)?;
+    let loc = if a.file {
+        Location::File(a.arena.clone().into())
+    } else {
+        Location::Shm(a.arena.clone())
+    };
+    install_stop_signals();
+    let repl = Replicator::spawn(&loc, config)?;
+    let mut last = Instant::now();
+    while !stop_requested() {
+        std::thread::sleep(Duration::from_millis(50));
+        if a.stats_interval_ms != 0 && last.elapsed() >= Duration::from_millis(a.stats_interval_ms)
+        {
+            last = Instant::now();
+            let s = repl.stats();
+            let up = s.nodes.iter().filter(|n| n.up).count();
+            println!(
+                "dirty {} nodes_up {up}/{} bytes_per_sec {} lag_p50_us {} lag_p99_us {}",
+                s.dirty,
+                s.nodes.len(),
+                s.bytes_per_sec,
+                s.lag_p50_us,
+                s.lag_p99_us
+            );
+        }
+    }
+    repl.stop()?;
+    Ok(())
+}
+
+fn run_test_host(a: &TestHostArgs) -> Res {
+    let config = replicator_config(&a.bank)?;
+    let loc = Location::Shm(a.arena.clone());
+    let arena = Arena::open(&loc, &ArenaConfig::for_sessions(a.sessions * 2 + 16, 1024))?;
+    let repl = Replicator::spawn(&loc, config)?;
+    let sids: Vec<Sid> = (0..a.sessions)
+        .map(|_| {
+            arena.create(
+                NewSession::default(),
+                &[("n", &0i64.to_le_bytes()), ("owner", a.owner.as_bytes())],
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    let mut last = vec![1u64; sids.len()];
+    let start = Instant::now();
+    let mut written: Option<Instant> = None;
+    let mut i = 0usize;
+    loop {
+        let updating = start.elapsed() < Duration::from_millis(a.duration_ms);
+        if updating {
+            let k = i % sids.len();
+            let ops = [
+                Op::Incr {
+                    key: "n".into(),
+                    by: 1,
+                },
+                Op::Set {
+                    key: "owner".into(),
+                    value: a.owner.as_bytes().to_vec(),
+                },
+            ];
+            // A session moved to another host stays ours here; keep going.
+            if let Ok(v) = arena.update(sids[k], &ops) {
+                last[k] = v;
+            }
+            i += 1;
+            if a.pace_us > 0 {
+                std::thread::sleep(Duration::from_micros(a.pace_us));
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if written.is_none_or(|w| w.elapsed() >= Duration::from_millis(20)) {
+            written = Some(Instant::now());
+            write_status(a, &arena, &sids, &last, &repl, updating)?;
+        }
+    }
+}
+
+/// One line per session: `sid last_version acked_max`, then a stats line.
+fn write_status(
+    a: &TestHostArgs,
+    arena: &Arena,
+    sids: &[Sid],
+    last: &[u64],
+    repl: &Replicator,
+    updating: bool,
+) -> Res {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for (sid, v) in sids.iter().zip(last) {
+        let acked = arena.acked(*sid).map_or(0, |a| a[0].1.max(a[1].1));
+        let _ = writeln!(out, "{sid} {v} {acked}");
+    }
+    let s = repl.stats();
+    let fenced: u64 = s.nodes.iter().map(|n| n.fenced).sum();
+    let _ = writeln!(
+        out,
+        "stats updating {} dirty {} fenced {fenced} lag_p50_us {} lag_p99_us {} lag_max_us {} lag_samples {}",
+        u8::from(updating),
+        s.dirty,
+        s.lag_p50_us,
+        s.lag_p99_us,
+        s.lag_max_us,
+        s.lag_samples
+    );
+    let tmp = a.status.with_extension("tmp");
+    std::fs::write(&tmp, out)?;
+    std::fs::rename(&tmp, &a.status)?;
+    Ok(())
+}

@@ -1,0 +1,719 @@
+//! The failure cases of the design brief with real processes on loopback:
+//! `sessio node` replica nodes and `sessio test-host` web hosts, killed with
+//! SIGKILL or frozen with SIGSTOP, and in-process hosts (an arena plus a
+//! replicator thread) that keep serving and take sessions over.
+//!
+//! Tests run one at a time (a lock) so their processes do not fight over
+//! the two cores; every process and arena is cleaned up by a Drop guard.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use sessio_engine::session::decode_session;
+use sessio_engine::{Arena, ArenaConfig, Location, NewSession, Op, Sid};
+use sessio_net::{Client, ClientConfig, Fetch, FoundRecord, Identity, IoUring, Message, Secret};
+use sessio_remote::failover::{FailoverConfig, NodeClients, Singleflight, fetch_and_install};
+use sessio_remote::placement::{Member, Placement};
+use sessio_remote::replicator::{Replicator, ReplicatorConfig, ReplicatorStats};
+use sessio_remote::runtime::Rt;
+
+const SECRET: [u8; 32] = [0x42; 32];
+const BIN: &str = env!("CARGO_BIN_EXE_sessio");
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn uring() -> bool {
+    if IoUring::available() {
+        true
+    } else {
+        eprintln!("SKIP: io_uring unavailable here");
+        false
+    }
+}
+
+fn unique(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "rt-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A secret file, removed on drop.
+struct SecretFile(PathBuf);
+
+impl SecretFile {
+    fn new() -> SecretFile {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = std::env::temp_dir().join(format!("{}.key", unique("secret")));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut f, &SECRET).unwrap();
+        SecretFile(path)
+    }
+}
+
+impl Drop for SecretFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A child process, killed with `SIGKILL` and reaped on drop.
+struct Proc(Child);
+
+impl Proc {
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: plain syscall on our own child's pid.
+        unsafe {
+            libc::kill(self.0.id() as libc::pid_t, sig);
+        }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
+        self.kill9();
+    }
+}
+
+/// A `sessio node` process.
+struct Node {
+    id: u16,
+    addr: SocketAddr,
+    proc: Proc,
+}
+
+impl Node {
+    fn spawn(id: u16, listen: SocketAddr, secret: &SecretFile) -> Node {
+        let mut child = Command::new(BIN)
+            .args(["node", "--listen", &listen.to_string(), "--node-id"])
+            .arg(id.to_string())
+            .arg("--secret-file")
+            .arg(&secret.0)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn sessio node");
+        let stdout = child.stdout.take().unwrap();
+        let proc = Proc(child);
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let addr = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("node {id} printed {line:?}"));
+        Node { id, addr, proc }
+    }
+
+    fn restart(&mut self, secret: &SecretFile) {
+        self.proc.kill9();
+        *self = Node::spawn(self.id, self.addr, secret);
+    }
+}
+
+fn bank(n: u16, secret: &SecretFile) -> Vec<Node> {
+    (1..=n)
+        .map(|id| Node::spawn(id, "127.0.0.1:0".parse().unwrap(), secret))
+        .collect()
+}
+
+fn placement(nodes: &[Node], r: usize) -> Placement {
+    let members = nodes
+        .iter()
+        .map(|n| Member {
+            id: n.id,
+            addr: n.addr,
+        })
+        .collect();
+    Placement::new(members, r).unwrap()
+}
+
+fn nodes_flag(nodes: &[Node]) -> String {
+    nodes
+        .iter()
+        .map(|n| format!("{}={}", n.id, n.addr))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// An arena removed on drop (after the handle closes).
+struct TestArena {
+    loc: Location,
+    arena: Option<Arena>,
+}
+
+impl TestArena {
+    fn new(tag: &str, sessions: u64) -> TestArena {
+        let loc = Location::Shm(unique(tag));
+        let arena = Arena::open(&loc, &ArenaConfig::for_sessions(sessions, 1024)).unwrap();
+        TestArena {
+            loc,
+            arena: Some(arena),
+        }
+    }
+
+    /// Names an arena another process creates, for cleanup only.
+    fn foreign(name: &str) -> TestArena {
+        TestArena {
+            loc: Location::Shm(name.to_string()),
+            arena: None,
+        }
+    }
+
+    fn get(&self) -> &Arena {
+        self.arena.as_ref().unwrap()
+    }
+}
+
+impl Drop for TestArena {
+    fn drop(&mut self) {
+        self.arena = None;
+        let _ = Arena::remove(&self.loc);
+    }
+}
+
+fn replicator(arena: &TestArena, p: &Placement, host_id: u64) -> Replicator {
+    let mut cfg = ReplicatorConfig::new(p.clone(), Secret::from_bytes(SECRET), host_id);
+    cfg.ack_timeout_ms = 1000;
+    cfg.backoff_max_ms = 200;
+    Replicator::spawn_with(arena.get().try_clone().unwrap(), cfg).unwrap()
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn converged(r: &Replicator) -> bool {
+    let s = r.stats();
+    s.ticks > 0 && s.dirty == 0 && s.nodes.iter().all(|n| n.pending == 0 && n.in_flight == 0)
+}
+
+fn counter(data: &sessio_engine::SessionData) -> i64 {
+    i64::from_le_bytes(data.get("n").unwrap().try_into().unwrap())
+}
+
+/// Every node's copy of each SID, fetched over one pipelined connection.
+fn node_copies(addr: SocketAddr, sids: &[Sid]) -> Vec<Option<FoundRecord>> {
+    IoUring::block_on(async {
+        let cc = ClientConfig::new(Identity {
+            id: 999,
+            incarnation: 1,
+        });
+        let mut c: Client = Client::connect(addr, cc, Secret::from_bytes(SECRET))
+            .await
+            .unwrap();
+        let mut out = Vec::with_capacity(sids.len());
+        for (i, sid) in sids.iter().enumerate() {
+            let msg = Message::Fetch(Fetch {
+                request_id: i as u64,
+                sid: sid.0,
+            });
+            c.send_with(&msg, |m| out.push(m)).await.unwrap();
+        }
+        while out.len() < sids.len() {
+            out.push(c.recv().await.unwrap());
+        }
+        out.into_iter()
+            .zip(sids)
+            .map(|(m, sid)| match m {
+                Message::FetchReply(r) => {
+                    assert_eq!(r.sid, sid.0);
+                    r.found
+                }
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    })
+}
+
+fn create_sessions(arena: &Arena, n: usize) -> Vec<Sid> {
+    (0..n)
+        .map(|_| {
+            arena
+                .create(
+                    NewSession::default(),
+                    &[("n", &0i64.to_le_bytes()), ("owner", b"H")],
+                )
+                .unwrap()
+        })
+        .collect()
+}
+
+fn bump(arena: &Arena, sid: Sid) -> u64 {
+    arena
+        .update(
+            sid,
+            &[
+                Op::Incr {
+                    key: "n".into(),
+                    by: 1,
+                },
+                Op::Set {
+                    key: "pad".into(),
+                    value: vec![7; 100],
+                },
+            ],
+        )
+        .unwrap()
+}
+
+/// Updates round-robin for `d`, returning (updates, slowest update).
+fn load(arena: &Arena, sids: &[Sid], d: Duration) -> (u64, Duration) {
+    let t = Instant::now();
+    let (mut n, mut slowest) = (0u64, Duration::ZERO);
+    while t.elapsed() < d && n < 200_000 {
+        let u = Instant::now();
+        bump(arena, sids[n as usize % sids.len()]);
+        slowest = slowest.max(u.elapsed());
+        n += 1;
+        if n % 64 == 0 {
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+    (n, slowest)
+}
+
+/// Asserts every owner holds exactly the arena's version and attributes.
+fn assert_owners_match(arena: &Arena, p: &Placement, nodes: &[Node], sids: &[Sid]) {
+    for node in nodes {
+        let copies = node_copies(node.addr, sids);
+        for (sid, copy) in sids.iter().zip(copies) {
+            if !p.owners(&sid.0).contains(&node.id) {
+                continue;
+            }
+            let g = arena.read(*sid).unwrap();
+            let copy = copy.unwrap_or_else(|| panic!("node {} lacks {sid}", node.id));
+            assert_eq!(copy.version, g.version(), "node {} {sid}", node.id);
+            let d = decode_session(&copy.record).unwrap();
+            assert_eq!(d.attrs, g.to_owned().attrs, "node {} {sid}", node.id);
+        }
+    }
+}
+
+fn percentile(v: &mut [Duration], q: f64) -> Duration {
+    v.sort();
+    #[allow(clippy::cast_precision_loss, clippy::cast_sign_loss)]
+    let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+    v[i]
+}
+
+/// A test host's progress: per session, and its replicator's counters.
+type Status = (Vec<(Sid, u64, u64)>, Vec<(String, u64)>);
+
+/// Parses a test host's status file: `(sid, last_version, acked)` lines
+/// and the stats line's fields.
+fn read_status(path: &PathBuf) -> Status {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut rows = Vec::new();
+    let mut stats = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.first() == Some(&"stats") {
+            stats = f[1..]
+                .chunks(2)
+                .map(|c| (c[0].to_string(), c[1].parse().unwrap()))
+                .collect();
+        } else if f.len() == 3 {
+            rows.push((
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            ));
+        }
+    }
+    (rows, stats)
+}
+
+fn stat(stats: &[(String, u64)], name: &str) -> u64 {
+    stats.iter().find(|(n, _)| n == name).map_or(0, |s| s.1)
+}
+
+struct TestHost {
+    proc: Proc,
+    status: PathBuf,
+    _arena: TestArena,
+}
+
+impl TestHost {
+    fn spawn(
+        nodes: &[Node],
+        secret: &SecretFile,
+        sessions: u64,
+        duration_ms: u64,
+        owner: &str,
+    ) -> TestHost {
+        let name = unique("host");
+        let status = std::env::temp_dir().join(format!("{name}.status"));
+        let child = Command::new(BIN)
+            .args(["test-host", "--arena", &name, "--nodes", &nodes_flag(nodes)])
+            .arg("--secret-file")
+            .arg(&secret.0)
+            .args(["--sessions", &sessions.to_string()])
+            .arg("--status")
+            .arg(&status)
+            .args(["--duration-ms", &duration_ms.to_string(), "--owner", owner])
+            .args(["--pace-us", "100", "--host-id", "77"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn sessio test-host");
+        TestHost {
+            proc: Proc(child),
+            status,
+            _arena: TestArena::foreign(&name),
+        }
+    }
+
+    fn status(&self) -> Status {
+        read_status(&self.status)
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        self.proc.signal(libc::SIGCONT);
+        self.proc.kill9();
+        let _ = std::fs::remove_file(&self.status);
+        let _ = std::fs::remove_file(self.status.with_extension("tmp"));
+    }
+}
+
+fn clients(host_id: u64) -> NodeClients<IoUring> {
+    NodeClients::new(
+        FailoverConfig::new(host_id, Secret::from_bytes(SECRET)),
+        Arc::new(Singleflight::default()),
+    )
+    .unwrap()
+}
+
+#[test]
+fn host_killed_failover_serves_every_acked_update() {
+    let _serial = serial();
+    if !uring() {
+        return;
+    }
+    let secret = SecretFile::new();
+    let nodes = bank(3, &secret);
+    let p = placement(&nodes, 2);
+    let mut a = TestHost::spawn(&nodes, &secret, 200, 60_000, "A");
+    wait_until("host A to ship updates", Duration::from_secs(20), || {
+        a.status.exists() && a.status().0.iter().all(|r| r.2 > 1)
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    a.proc.kill9();
+    let (rows, stats) = a.status();
+    assert_eq!(stat(&stats, "updating"), 1, "A was killed mid-load");
+
+    let b = TestArena::new("b", 1000);
+    let mut cl = clients(2);
+    let mut lat = Vec::new();
+    let (mut lost, mut worst) = (0u64, 0u64);
+    for &(sid, last, acked) in &rows {
+        let t = Instant::now();
+        let f = fetch_and_install(b.get(), sid, &p, &mut cl).unwrap();
+        lat.push(t.elapsed());
+        assert!(
+            f.version >= acked,
+            "{sid}: fetched v{} < acked v{acked}",
+            f.version
+        );
+        assert_eq!(f.epoch, 2, "installed under the next epoch");
+        let g = b.get().read(sid).unwrap();
+        let d = g.to_owned();
+        assert_eq!(
+            counter(&d) as u64,
+            g.version() - 1,
+            "every update applied once"
+        );
+        assert_eq!(d.get("owner"), Some(&b"A"[..]));
+        let gap = last.saturating_sub(f.version);
+        lost += gap;
+        worst = worst.max(gap);
+    }
+    eprintln!(
+        "host kill: {} sessions; unacked updates lost: {lost} in all, at most {worst} per session \
+         (A's replication lag p50 {} us, p99 {} us, max {} us); failover fetch p50 {:?} p99 {:?}",
+        rows.len(),
+        stat(&stats, "lag_p50_us"),
+        stat(&stats, "lag_p99_us"),
+        stat(&stats, "lag_max_us"),
+        percentile(&mut lat, 0.5),
+        percentile(&mut lat, 0.99),
+    );
+}
+
+#[test]
+fn replica_killed_no_session_lost_and_host_keeps_serving() {
+    let _serial = serial();
+    if !uring() {
+        return;
+    }
+    let secret = SecretFile::new();
+    let mut nodes = bank(3, &secret);
+    let p = placement(&nodes, 2);
+    let host = TestArena::new("h", 1000);
+    let repl = replicator(&host, &p, 1);
+    let sids = create_sessions(host.get(), 300);
+    load(host.get(), &sids, Duration::from_millis(300));
+    wait_until("first sync", Duration::from_secs(10), || converged(&repl));
+
+    nodes[0].proc.kill9();
+    let (n, slowest) = load(host.get(), &sids, Duration::from_secs(1));
+    eprintln!("node down: {n} updates, slowest {slowest:?}");
+    assert!(n > 200, "host kept serving: {n} updates in 1 s");
+    wait_until("node 1 seen down", Duration::from_secs(10), || {
+        !repl.stats().nodes[0].up
+    });
+    wait_until("resync on the survivors", Duration::from_secs(15), || {
+        converged(&repl)
+    });
+
+    // A new host with only nodes 2 and 3 alive finds every session, current.
+    let other = TestArena::new("c", 1000);
+    let mut cl = clients(3);
+    for &sid in &sids {
+        let f = fetch_and_install(other.get(), sid, &p, &mut cl).unwrap();
+        assert_eq!(f.version, host.get().read(sid).unwrap().version(), "{sid}");
+    }
+    let s: ReplicatorStats = repl.stats();
+    assert!(s.lag_samples > 0);
+    drop(repl);
+}
+
+#[test]
+fn bank_down_under_load_then_every_change_converges() {
+    let _serial = serial();
+    if !uring() {
+        return;
+    }
+    let secret = SecretFile::new();
+    let mut nodes = bank(2, &secret);
+    let p = placement(&nodes, 2);
+    let host = TestArena::new("h", 1000);
+    let repl = replicator(&host, &p, 1);
+    let sids = create_sessions(host.get(), 200);
+    wait_until("first sync", Duration::from_secs(10), || converged(&repl));
+
+    for n in &mut nodes {
+        n.proc.kill9();
+    }
+    let (n, slowest) = load(host.get(), &sids, Duration::from_secs(2));
+    eprintln!("bank down: {n} updates, slowest {slowest:?}");
+    assert!(n > 400, "host kept serving with the bank down: {n} updates");
+    assert!(repl.stats().nodes.iter().all(|n| !n.up));
+    assert!(
+        repl.stats().dirty > 0,
+        "changes are kept while the bank is down"
+    );
+
+    for n in &mut nodes {
+        n.restart(&secret);
+    }
+    let t = Instant::now();
+    wait_until(
+        "resync after the bank returns",
+        Duration::from_secs(20),
+        || converged(&repl),
+    );
+    eprintln!("bank back: converged in {:?}", t.elapsed());
+    assert_owners_match(host.get(), &p, &nodes, &sids);
+}
+
+#[test]
+fn node_restarted_empty_gets_its_whole_share_again() {
+    let _serial = serial();
+    if !uring() {
+        return;
+    }
+    let secret = SecretFile::new();
+    let mut nodes = bank(3, &secret);
+    let p = placement(&nodes, 2);
+    let host = TestArena::new("h", 1000);
+    let repl = replicator(&host, &p, 1);
+    let sids = create_sessions(host.get(), 300);
+    load(host.get(), &sids, Duration::from_millis(200));
+    wait_until("first sync", Duration::from_secs(10), || converged(&repl));
+
+    // No updates from here on: only the new incarnation can trigger a resend.
+    nodes[1].restart(&secret);
+    let mine: Vec<Sid> = sids
+        .iter()
+        .copied()
+        .filter(|s| p.owners(&s.0).contains(&2))
+        .collect();
+    assert!(!mine.is_empty());
+    wait_until(
+        "node 2 to hold its share again",
+        Duration::from_secs(15),
+        || {
+            node_copies(nodes[1].addr, &mine)
+                .iter()
+                .all(Option::is_some)
+        },
+    );
+    wait_until("replicator settles", Duration::from_secs(10), || {
+        converged(&repl)
+    });
+    assert_eq!(repl.stats().nodes[1].new_incarnations, 1);
+    assert_owners_match(host.get(), &p, &nodes, &sids);
+}
+
+#[test]
+fn old_owner_late_deltas_are_fenced() {
+    let _serial = serial();
+    if !uring() {
+        return;
+    }
+    let secret = SecretFile::new();
+    let nodes = bank(2, &secret);
+    let p = placement(&nodes, 2);
+    let a = TestHost::spawn(&nodes, &secret, 20, 60_000, "A");
+    wait_until("host A to ship updates", Duration::from_secs(20), || {
+        a.status.exists() && a.status().0.iter().all(|r| r.2 > 1)
+    });
+    // A partition, not a death: A stops, with updates in flight.
+    a.proc.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(50));
+    let (rows, _) = a.status();
+    let sids: Vec<Sid> = rows.iter().map(|r| r.0).collect();
+
+    // Host B takes every session over and writes to it.
+    let b = TestArena::new("b", 100);
+    let repl_b = replicator(&b, &p, 2);
+    let mut cl = clients(2);
+    for &sid in &sids {
+        let f = fetch_and_install(b.get(), sid, &p, &mut cl).unwrap();
+        assert_eq!(f.epoch, 2);
+        assert_eq!(f.fenced, 2, "both owners hold the new epoch");
+        b.get()
+            .update(
+                sid,
+                &[Op::Set {
+                    key: "owner".into(),
+                    value: b"B".to_vec(),
+                }],
+            )
+            .unwrap();
+    }
+    wait_until("B's writes acked", Duration::from_secs(10), || {
+        converged(&repl_b)
+    });
+
+    // A wakes up and carries on shipping its own, older-epoch updates.
+    a.proc.signal(libc::SIGCONT);
+    wait_until("A's late deltas fenced", Duration::from_secs(15), || {
+        stat(&a.status().1, "fenced") > 0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    for node in &nodes {
+        for (sid, copy) in sids.iter().zip(node_copies(node.addr, &sids)) {
+            let copy = copy.unwrap();
+            let g = b.get().read(*sid).unwrap();
+            assert_eq!(copy.epoch, 2, "node {} {sid}", node.id);
+            assert_eq!(copy.version, g.version(), "node {} {sid}", node.id);
+            let d = decode_session(&copy.record).unwrap();
+            assert_eq!(
+                d.get("owner"),
+                Some(&b"B"[..]),
+                "node {} kept B's copy",
+                node.id
+            );
+        }
+    }
+    eprintln!(
+        "fenced: A got {} fenced acks",
+        stat(&a.status().1, "fenced")
+    );
+}
+
+#[test]
+fn node_survives_bad_peers_and_refuses_bad_records() {
+    use sessio_net::{AckStatus, Delta, DeltaBatch, DeltaEntry};
+    let _serial = serial();
+    if !uring() {
+        return;
+    }
+    let secret = SecretFile::new();
+    let nodes = bank(1, &secret);
+    let addr = nodes[0].addr;
+    // A stranger sends garbage, and a peer with the wrong key tries in.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        let _ = s.write_all(&[0xFF; 4096]);
+    }
+    let wrong = IoUring::block_on(async {
+        let cc = ClientConfig::new(Identity {
+            id: 5,
+            incarnation: 1,
+        });
+        Client::<IoUring>::connect(addr, cc, Secret::from_bytes([1; 32])).await
+    });
+    assert!(wrong.is_err(), "a wrong key is refused");
+    // Records and ops that do not validate are refused, one by one.
+    let reply = IoUring::block_on(async {
+        let cc = ClientConfig::new(Identity {
+            id: 5,
+            incarnation: 1,
+        });
+        let mut c: Client = Client::connect(addr, cc, Secret::from_bytes(SECRET))
+            .await
+            .unwrap();
+        let entry = |body| DeltaEntry {
+            sid: [9; 16],
+            base_version: 0,
+            new_version: 1,
+            epoch: 1,
+            body,
+        };
+        let batch = DeltaBatch {
+            host_id: 5,
+            entries: vec![
+                entry(Delta::Full(vec![0xAB; 300])),
+                entry(Delta::Ops(vec![1; 10])),
+            ],
+        };
+        c.call(&Message::DeltaBatch(batch)).await.unwrap()
+    });
+    let Message::Ack(ack) = reply else {
+        panic!("expected an ack, got {reply:?}")
+    };
+    assert_eq!(ack.entries[0].status, AckStatus::Refused);
+    assert_eq!(
+        ack.entries[1].status,
+        AckStatus::NeedFull,
+        "no base to apply ops on"
+    );
+    assert!(node_copies(addr, &[Sid([9; 16])])[0].is_none());
+}

@@ -655,26 +655,51 @@ impl Arena {
         Err(SessionError::HeapFull(bytes))
     }
 
-    /// Takes a fresh chunk for `class`: returns its first block and pushes
-    /// the others onto the class's free stack.
+    /// Takes the next never-used block of `class`: one CAS on the class's
+    /// carve word, from its current chunk or, when that is used up, from a
+    /// fresh chunk installed in its place. A crash after the CAS loses one
+    /// block (recovery finds it); a crash between taking a fresh chunk and
+    /// installing it loses that chunk until recovery.
     fn alloc_from_chunk(&self, class: usize) -> Option<u64> {
         let geo = &self.map.geo;
-        let c = self.take_chunk()?;
-        self.map
-            .chunk_class(c)
-            .store(class as u8, Ordering::Release);
         let size = geo.classes[class];
-        let start = geo.heap_off + c * geo.chunk_bytes;
-        let n = geo.chunk_bytes / size;
-        if n > 1 {
-            for k in 1..n - 1 {
-                let off = start + k * size;
-                self.link(off)
-                    .store(self.block_index(off + size), Ordering::Relaxed);
+        let per_chunk = geo.chunk_bytes / size;
+        let carve = &self.header().class_carve[class];
+        let mut cur = carve.load(Ordering::Acquire);
+        loop {
+            let chunk = cur >> 32;
+            let next = cur & 0xffff_ffff;
+            if chunk != 0 && next < per_chunk {
+                match carve.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    Ok(_) => {
+                        return Some(geo.heap_off + (chunk - 1) * geo.chunk_bytes + next * size);
+                    }
+                    Err(now) => cur = now,
+                }
+                continue;
             }
-            self.push_chain(class, start + size, start + (n - 1) * size);
+            let c = self.take_chunk()?;
+            self.map
+                .chunk_class(c)
+                .store(class as u8, Ordering::Release);
+            match carve.compare_exchange(
+                cur,
+                ((c + 1) << 32) | 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(geo.heap_off + c * geo.chunk_bytes),
+                Err(now) => {
+                    // Another process installed a chunk first: use theirs.
+                    self.map
+                        .chunk_class(c)
+                        .store(CHUNK_UNASSIGNED, Ordering::Release);
+                    self.push_free_chunk(c);
+                    cur = now;
+                }
+            }
         }
-        Some(start)
     }
 
     /// Gives chunks whose blocks are all free back to the chunk pool. Each
@@ -1974,6 +1999,15 @@ impl Arena {
             }
         };
         for class in 0..geo.classes.len() {
+            // Blocks of the carving chunk not carved yet were never used.
+            let carve = h.class_carve[class].load(Ordering::Relaxed);
+            if carve >> 32 != 0 && (carve >> 32) - 1 < geo.chunks {
+                let size = geo.classes[class];
+                let start = geo.heap_off + ((carve >> 32) - 1) * geo.chunk_bytes;
+                for k in (carve & 0xffff_ffff)..geo.chunk_bytes / size {
+                    note(&mut accounted, start + k * size);
+                }
+            }
             let mut idx = h.class_free[class].load(Ordering::Relaxed) & IDX_MASK;
             let mut guard = blocks;
             while idx != 0 && guard > 0 {
@@ -2091,6 +2125,7 @@ impl Arena {
         // Rebuild the allocator from reachability.
         for c in 0..geo.classes.len() {
             h.class_free[c].store(0, Ordering::Relaxed);
+            h.class_carve[c].store(0, Ordering::Relaxed);
         }
         h.chunk_free.store(0, Ordering::Relaxed);
         let top = h.chunk_top.load(Ordering::Relaxed).min(geo.chunks);

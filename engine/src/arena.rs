@@ -457,14 +457,13 @@ impl Arena {
         self.map.participant_alive(i)
     }
 
-    /// Frees every retired block no pin can see.
-    fn reclaim(&self) {
-        let min = self.min_pin();
-        let p = self.participant();
-        let head = p.ring_head.load(Ordering::Relaxed);
+    /// Frees the blocks of participant `p`'s retire ring that no pin older
+    /// than `min` can see. The caller owns the ring (it is its own, or it
+    /// holds the dead owner's lock byte).
+    fn drain_ring(&self, p: &Participant, min: u64) {
         let tail = p.ring_tail.load(Ordering::Acquire);
+        let mut h = p.ring_head.load(Ordering::Acquire);
         let mut free = Vec::new();
-        let mut h = head;
         while h != tail {
             let entry = &p.ring[(h % RETIRE_RING) as usize];
             if !epoch::may_free(entry.epoch.load(Ordering::Relaxed), min) {
@@ -479,6 +478,12 @@ impl Arena {
         for b in free {
             self.free(b);
         }
+    }
+
+    /// Frees every retired block no pin can see.
+    fn reclaim(&self) {
+        let min = self.min_pin();
+        self.drain_ring(self.participant(), min);
         let mut overflow = std::mem::take(&mut *self.overflow.borrow_mut());
         overflow.retain(|&(b, e)| {
             if epoch::may_free(e, min) {
@@ -509,22 +514,8 @@ impl Arena {
             if !Map::claim_lock(&self.file, i).unwrap_or(false) {
                 continue;
             }
-            let tail = p.ring_tail.load(Ordering::Acquire);
-            let mut h = p.ring_head.load(Ordering::Acquire);
-            let mut free = Vec::new();
-            while h != tail {
-                let entry = &p.ring[(h % RETIRE_RING) as usize];
-                if !epoch::may_free(entry.epoch.load(Ordering::Relaxed), min) {
-                    break;
-                }
-                free.push(entry.block.load(Ordering::Relaxed));
-                h = h.wrapping_add(1);
-            }
-            p.ring_head.store(h, Ordering::Release);
+            self.drain_ring(p, min);
             let _ = Map::release_lock(&self.file, i);
-            for b in free {
-                self.free(b);
-            }
         }
     }
 

@@ -26,7 +26,9 @@
 //!
 //! Every load loop stops at a count or a time limit, whichever comes first.
 //! Environment: `SESSIO_BENCH_MAX_SESSIONS` caps the read curve (default
-//! 10 000 000; `--quick` stops at 1M).
+//! 10 000 000; `--quick` stops at 1M); `SESSIO_COMPARE_ONLY` (comma list of
+//! `read,update,transport,replication,failover`) runs only those workloads,
+//! e.g. under a profiler, and then leaves the docs alone.
 
 // Counts and nanoseconds become f64 only to print rates and ratios; no
 // figure here comes near 2^52.
@@ -96,6 +98,16 @@ struct Run {
     round: Duration,
     max_sessions: u64,
     write_doc: bool,
+    /// `SESSIO_COMPARE_ONLY`: the workloads to run (all when `None`).
+    only: Option<Vec<String>>,
+}
+
+impl Run {
+    fn part(&self, name: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|p| p == name))
+    }
 }
 
 fn main() -> ExitCode {
@@ -109,6 +121,9 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let quick = args.iter().any(|a| a == "--quick");
+    let only: Option<Vec<String>> = std::env::var("SESSIO_COMPARE_ONLY")
+        .ok()
+        .map(|s| s.split(',').map(|p| p.trim().to_string()).collect());
     let cap = std::env::var("SESSIO_BENCH_MAX_SESSIONS")
         .ok()
         .and_then(|s| s.replace('_', "").parse().ok())
@@ -121,7 +136,9 @@ fn main() -> ExitCode {
         } else {
             cap
         },
-        write_doc: !args.iter().any(|a| a == "--no-doc"),
+        // A partial run (for a profiler) never overwrites the docs.
+        write_doc: only.is_none() && !args.iter().any(|a| a == "--no-doc"),
+        only,
     };
     if !peers::installed("redis-server") {
         eprintln!(
@@ -144,8 +161,11 @@ fn compare(run: &Run) -> Result<(), BoxError> {
     let mut rep = Report::new(run.quick);
     // The local read curve first, alone on the machine: its 10M point maps
     // ~14 GiB and nothing else should be running.
-    let setup = read_curve(run, &mut rep)?;
-
+    let setup = if run.part("read") {
+        Some(read_curve(run, &mut rep)?)
+    } else {
+        None
+    };
     let redis = PeerProcess::redis()?;
     rep.note(format!("redis-server started on {}", redis.addr));
     let memcached = if peers::installed("memcached") {
@@ -157,17 +177,26 @@ fn compare(run: &Run) -> Result<(), BoxError> {
         None
     };
     load_peers(&redis, memcached.as_ref())?;
-    read_peers(run, &mut rep, &setup, &redis, memcached.as_ref())?;
-    drop(setup);
-    update(run, &mut rep, &redis)?;
-    match node::uring_available() {
-        Ok(()) => transport(run, &mut rep)?,
-        Err(e) => rep.note(format!(
-            "io_uring unavailable ({e}): transport rows skipped"
-        )),
+    if let Some(setup) = setup {
+        read_peers(run, &mut rep, &setup, &redis, memcached.as_ref())?;
     }
-    replication(run, &mut rep, &redis)?;
-    failover_fetch(run, &mut rep, &redis)?;
+    if run.part("update") {
+        update(run, &mut rep, &redis)?;
+    }
+    if run.part("transport") {
+        match node::uring_available() {
+            Ok(()) => transport(run, &mut rep)?,
+            Err(e) => rep.note(format!(
+                "io_uring unavailable ({e}): transport rows skipped"
+            )),
+        }
+    }
+    if run.part("replication") {
+        replication(run, &mut rep, &redis)?;
+    }
+    if run.part("failover") {
+        failover_fetch(run, &mut rep, &redis)?;
+    }
     drop(memcached);
     drop(redis);
     rep.finish(started.elapsed(), run.write_doc)

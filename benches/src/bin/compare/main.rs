@@ -300,22 +300,17 @@ fn read_curve(run: &Run, rep: &mut Report) -> Result<ReadSetup, BoxError> {
     sizes.push(headline);
     let mut kept = None;
     for n in sizes {
-        let mut setup = Some(ReadSetup::build(n, rep)?);
-        let mapped = setup.as_ref().map_or(0, |s| s.fx.mapped_bytes());
-        let (engine, bare) = if let (true, Some(setup)) = (n <= headline, &setup) {
-            let floor = Floor::build(n, mapped, false)?;
-            let order = picks(floor.keys(), PICKS, 0xC0_4E4D ^ n);
-            let mut e = || setup.round(run.round);
-            let mut f = || floor_round(&floor, &order, run.round);
-            let mut s = interleaved(&mut [&mut e, &mut f])?;
-            let f = s.pop().expect("two stats");
-            (s.pop().expect("two stats"), f)
-        } else {
-            let e = rounds(|| setup.as_ref().expect("built above").round(run.round))?;
-            setup = None;
-            let floor = Floor::build(n, mapped, false)?;
-            let order = picks(floor.keys(), PICKS, 0xC0_4E4D ^ n);
-            (e, rounds(|| floor_round(&floor, &order, run.round))?)
+        let point = read_point(run, rep, n, n == headline)
+            .map_err(|e| format!("read curve at {n} sessions: {e}"));
+        let (engine, bare, setup) = match point {
+            Ok(p) => p,
+            // Only the points past the headline are optional: they need
+            // ~14 GiB of memory twice over, one after the other.
+            Err(e) if n > headline => {
+                rep.note(format!("{e}; point skipped"));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
         };
         println!(
             "read n={n}: sessio {} ns, floor {} ns",
@@ -331,14 +326,53 @@ fn read_curve(run: &Run, rep: &mut Report) -> Result<ReadSetup, BoxError> {
                 bare.clone(),
             ));
             rep.ratio("read_vs_floor", bare.median() / engine.median());
-        }
-        rep.read_curve.push((n, engine, bare));
-        if n == headline {
             kept = setup;
         }
+        rep.read_curve.push((n, engine, bare));
     }
     rep.read_curve.sort_by_key(|(n, ..)| *n);
     kept.ok_or_else(|| "no read size measured".into())
+}
+
+/// Reads at `n` sessions and the floor's; with `keep`, the arena and the
+/// floor are mapped together, their rounds alternate, and the arena is
+/// returned for the peers' comparison; without, one after the other.
+fn read_point(
+    run: &Run,
+    rep: &mut Report,
+    n: u64,
+    keep: bool,
+) -> Result<(Stat, Stat, Option<ReadSetup>), BoxError> {
+    let setup = ReadSetup::build(n, rep)?;
+    let mapped = setup.fx.mapped_bytes();
+    let floor = |setup: Option<&ReadSetup>| -> Result<(Option<Stat>, Stat), BoxError> {
+        let floor = Floor::build(n, mapped, false).map_err(|e| {
+            format!(
+                "building the floor ({:.1} GiB): {e}",
+                mapped as f64 / f64::from(1 << 30)
+            )
+        })?;
+        let order = picks(floor.keys(), PICKS, 0xC0_4E4D ^ n);
+        let mut f = || floor_round(&floor, &order, run.round);
+        match setup {
+            Some(setup) => {
+                let mut e = || setup.round(run.round);
+                let s = interleaved(&mut [&mut e, &mut f])?;
+                let [e, f] = <[Stat; 2]>::try_from(s).expect("two stats");
+                Ok((Some(e), f))
+            }
+            None => Ok((None, rounds(f)?)),
+        }
+    };
+    if keep {
+        let (e, f) = floor(Some(&setup))?;
+        Ok((e.expect("measured with the floor"), f, Some(setup)))
+    } else {
+        let e = rounds(|| setup.round(run.round))?;
+        drop(setup);
+        let (_, f) = floor(None)?;
+        Ok((e, f, None))
+    }
 }
 
 fn redis_hash_key(i: u64) -> Vec<u8> {

@@ -82,56 +82,59 @@ impl NodeServer {
     pub fn start<B: Rt>(kind: Node) -> Result<NodeServer, BoxError> {
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let thread = std::thread::spawn({
-            let stop = Arc::clone(&stop);
-            move || -> Result<(), String> {
-                let early = tx.clone();
-                let run = B::block_on(async move {
-                    let config = ServerConfig::new(Identity {
-                        id: NODE_ID,
-                        incarnation: 1,
+        // Named, so a profile tells the two engines' node threads apart.
+        let thread = std::thread::Builder::new()
+            .name(format!("node-{}", B::NAME))
+            .spawn({
+                let stop = Arc::clone(&stop);
+                move || -> Result<(), String> {
+                    let early = tx.clone();
+                    let run = B::block_on(async move {
+                        let config = ServerConfig::new(Identity {
+                            id: NODE_ID,
+                            incarnation: 1,
+                        });
+                        let server = match Server::<B>::bind(
+                            SocketAddr::from(([127, 0, 0, 1], 0)),
+                            config,
+                            Secret::from_bytes(SECRET),
+                        ) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                let _ = tx.send(Err(e.to_string()));
+                                return Ok(());
+                            }
+                        };
+                        let _ = tx.send(Ok(server.local_addr()));
+                        let shutdown = async move {
+                            while !stop.load(Ordering::Relaxed) {
+                                B::sleep(Duration::from_millis(STOP_POLL_MS)).await;
+                            }
+                        };
+                        match kind {
+                            Node::Ack => server.serve_until(ack_all, shutdown).await,
+                            Node::Store => {
+                                let mut store = HashMap::<Sid, (u64, Vec<u8>)>::new();
+                                let h = move |_peer, msg| apply(&mut store, msg);
+                                server.serve_until(h, shutdown).await
+                            }
+                            Node::Records(records) => {
+                                let map: HashMap<Sid, FoundRecord> = records.into_iter().collect();
+                                let h = move |_peer, msg| fetch(&map, &msg);
+                                server.serve_until(h, shutdown).await
+                            }
+                        }
                     });
-                    let server = match Server::<B>::bind(
-                        SocketAddr::from(([127, 0, 0, 1], 0)),
-                        config,
-                        Secret::from_bytes(SECRET),
-                    ) {
-                        Ok(s) => s,
+                    match run {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(e.to_string()),
                         Err(e) => {
-                            let _ = tx.send(Err(e.to_string()));
-                            return Ok(());
+                            let _ = early.send(Err(e.to_string()));
+                            Err(e.to_string())
                         }
-                    };
-                    let _ = tx.send(Ok(server.local_addr()));
-                    let shutdown = async move {
-                        while !stop.load(Ordering::Relaxed) {
-                            B::sleep(Duration::from_millis(STOP_POLL_MS)).await;
-                        }
-                    };
-                    match kind {
-                        Node::Ack => server.serve_until(ack_all, shutdown).await,
-                        Node::Store => {
-                            let mut store = HashMap::<Sid, (u64, Vec<u8>)>::new();
-                            let h = move |_peer, msg| apply(&mut store, msg);
-                            server.serve_until(h, shutdown).await
-                        }
-                        Node::Records(records) => {
-                            let map: HashMap<Sid, FoundRecord> = records.into_iter().collect();
-                            let h = move |_peer, msg| fetch(&map, &msg);
-                            server.serve_until(h, shutdown).await
-                        }
-                    }
-                });
-                match run {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(e) => {
-                        let _ = early.send(Err(e.to_string()));
-                        Err(e.to_string())
                     }
                 }
-            }
-        });
+            })?;
         let addr = rx
             .recv_timeout(Duration::from_secs(10))
             .map_err(|e| format!("node thread did not start: {e}"))??;

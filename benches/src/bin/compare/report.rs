@@ -310,9 +310,18 @@ fn cpu() -> String {
     format!("{model}, {cores} cores")
 }
 
+/// The kernel's version numbers, without the build's local suffix.
 fn kernel() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map_or_else(|_| "unknown".into(), |s| s.trim().to_string())
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or_else(
+        |_| "unknown".into(),
+        |s| {
+            s.trim()
+                .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        },
+    )
 }
 
 fn run_out(cmd: &str, args: &[&str]) -> Option<String> {

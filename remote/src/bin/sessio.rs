@@ -32,6 +32,13 @@ enum Command {
     Node(NodeArgs),
     /// Replicate a host's arena to the bank (one per host).
     Agent(AgentArgs),
+    /// Run the whole system on loopback: 3 replica nodes, 2 web hosts of 2
+    /// worker processes each, simulated shoppers; kill a node, freeze the
+    /// bank, kill a host, then check every session.
+    Demo(sessio_remote::demo::DemoArgs),
+    /// One worker process of a demo web host (driven over stdin/stdout).
+    #[command(hide = true)]
+    DemoWorker(sessio_remote::demo::WorkerArgs),
     /// A web host for the integration tests: creates sessions, updates
     /// them, replicates them and writes its progress to a file.
     #[command(hide = true)]
@@ -137,6 +144,14 @@ fn main() -> ExitCode {
         Command::Node(a) => run_node(&a),
         Command::Agent(a) => run_agent(&a),
         Command::TestHost(a) => run_test_host(&a),
+        Command::DemoWorker(a) => sessio_remote::demo::run_worker(&a),
+        Command::Demo(a) => {
+            return if sessio_remote::demo::run_demo(&a) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

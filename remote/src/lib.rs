@@ -17,6 +17,8 @@
 //!   and install it under a new ownership epoch, once per SID per process.
 //! - [`runtime`]: the two I/O engines as runnable runtimes, and the signal
 //!   flag the `sessio` binary stops on.
+//! - [`cli`]: the operator tools that read an arena (`sessio inspect`,
+//!   `sessio stats`).
 //! - [`demo`]: `sessio demo`, the whole system on loopback (nodes, hosts of
 //!   several worker processes, failures injected on a schedule) checked end
 //!   to end.
@@ -87,6 +89,7 @@
 //! # }
 //! ```
 
+pub mod cli;
 pub mod demo;
 pub mod failover;
 pub mod node;

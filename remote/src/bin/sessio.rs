@@ -19,7 +19,7 @@ use sessio_remote::runtime::{Rt, install_stop_signals, stop_requested, stopped};
 #[command(
     name = "sessio",
     version,
-    about = "sessio session engine: replica nodes and host replicators"
+    about = "sessio session engine: replica nodes, host replicators, arena tools and an end-to-end demo"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -36,6 +36,10 @@ enum Command {
     /// worker processes each, simulated shoppers; kill a node, freeze the
     /// bank, kill a host, then check every session.
     Demo(sessio_remote::demo::DemoArgs),
+    /// List an arena's sessions, or show one session's attributes.
+    Inspect(sessio_remote::cli::InspectArgs),
+    /// Show an arena's counters.
+    Stats(sessio_remote::cli::StatsArgs),
     /// One worker process of a demo web host (driven over stdin/stdout).
     #[command(hide = true)]
     DemoWorker(sessio_remote::demo::WorkerArgs),
@@ -144,6 +148,8 @@ fn main() -> ExitCode {
         Command::Node(a) => run_node(&a),
         Command::Agent(a) => run_agent(&a),
         Command::TestHost(a) => run_test_host(&a),
+        Command::Inspect(a) => print_or_fail(sessio_remote::cli::inspect(&a)),
+        Command::Stats(a) => print_or_fail(sessio_remote::cli::stats(&a)),
         Command::DemoWorker(a) => sessio_remote::demo::run_worker(&a),
         Command::Demo(a) => {
             return if sessio_remote::demo::run_demo(&a) {
@@ -163,6 +169,11 @@ fn main() -> ExitCode {
 }
 
 type Res = Result<(), Box<dyn std::error::Error>>;
+
+fn print_or_fail(r: Result<String, String>) -> Res {
+    print!("{}", r?);
+    Ok(())
+}
 
 fn load_secret(path: &PathBuf) -> Result<Secret, Box<dyn std::error::Error>> {
     let (secret, warnings) = Secret::load(path)?;

@@ -122,3 +122,31 @@ fn interrupted_demo_fails_and_cleans_up() {
     assert_eq!(leftover_processes(pid), Vec::<String>::new());
     assert_eq!(leftover_files(pid), Vec::<String>::new());
 }
+
+#[test]
+fn demo_check_catches_a_host_that_stores_wrong_values() {
+    let _g = serial();
+    // Host 2's workers store a wrong quantity on every 500th cart addition
+    // while answering as if all were well: the run must fail.
+    let out = Command::new(BIN)
+        .args([
+            "demo",
+            "--quick",
+            "--duration-s",
+            "5",
+            "--fault-every",
+            "500",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .expect("run sessio demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(last.starts_with("demo: FAILED"), "last line: {last:?}");
+    assert!(last.contains("sessions differ"), "last line: {last:?}");
+    assert!(
+        !last.contains("mismatched_sessions=0 "),
+        "last line: {last:?}"
+    );
+    assert!(!out.status.success());
+}

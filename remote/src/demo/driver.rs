@@ -16,7 +16,7 @@ use sessio_engine::{Arena, Location, Sid};
 
 use super::model::{CATALOG, CartOp, Expected, quantile};
 use super::procs::{Line, NodeProc, WorkerProc};
-use super::protocol::{Answer, decode_attrs};
+use super::protocol::{Answer, decode_attrs, digest};
 use crate::runtime::{install_stop_signals, stop_requested};
 
 /// Replica nodes in the demo bank.
@@ -56,6 +56,10 @@ pub struct DemoArgs {
     /// Most requests per second, all clients together.
     #[arg(long, default_value_t = 20_000)]
     pub rate: u64,
+    /// Fault injection for the demo's own test: host 2's workers store a
+    /// wrong quantity on every Nth cart addition (0: never).
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub fault_every: u64,
 }
 
 /// When each failure is injected, as seconds into the load.
@@ -98,7 +102,7 @@ pub fn run(a: &DemoArgs) -> bool {
         .unwrap_or(if a.quick { 100 } else { 200 })
         .clamp(2, CLIENTS_MAX);
     let started = Instant::now();
-    let result = Demo::start(clients, a.rate.max(100))
+    let result = Demo::start(clients, a.rate.max(100), a.fault_every)
         .and_then(|mut d| d.run(Schedule::new(duration_s, a.quick)));
     // `Demo` is dropped here: every process is gone and every file removed
     // before the verdict is printed.
@@ -143,6 +147,9 @@ enum Kind {
 struct InFlight {
     seq: u64,
     kind: Kind,
+    /// When the request went out: the update is applied after this, so a
+    /// lost update's age is measured from here.
+    sent: Instant,
 }
 
 /// What the driver knew about a session when its host died.
@@ -171,6 +178,8 @@ struct Client {
     orphan: Option<Orphan>,
     retry_at: Option<Instant>,
     checked: bool,
+    /// Already counted as differing from its model.
+    mismatched: bool,
 }
 
 impl Client {
@@ -221,8 +230,8 @@ struct Tally {
     /// nodes, and that did not come back.
     unacked_lost: u64,
     unacked_sessions: u64,
-    /// Longest time between a lost unacknowledged update's answer and the
-    /// host's death.
+    /// Longest time between the request of a lost unacknowledged update
+    /// and the host's death.
     unacked_window: Duration,
     /// Updates in flight at the host's death that the bank still had.
     inflight_recovered: u64,
@@ -236,7 +245,12 @@ struct Tally {
 }
 
 impl Tally {
-    fn mismatch(&mut self, why: String) {
+    /// Counts a session that differs from its client's model, once.
+    fn mismatch(&mut self, c: &mut Client, why: String) {
+        if c.mismatched {
+            return;
+        }
+        c.mismatched = true;
         self.mismatches += 1;
         if self.mismatch_examples.len() < 5 {
             self.mismatch_examples.push(why);
@@ -250,6 +264,7 @@ struct ReplStats {
     lag_p50_us: u64,
     lag_p99_us: u64,
     lag_samples: u64,
+    lag_max_us: u64,
     nodes_up: u64,
 }
 
@@ -325,7 +340,7 @@ fn stable_hash(i: usize) -> u64 {
 }
 
 impl Demo {
-    fn start(clients: usize, rate: u64) -> Result<Demo, String> {
+    fn start(clients: usize, rate: u64, fault_every: u64) -> Result<Demo, String> {
         let exe = std::env::current_exe().map_err(|e| format!("own binary: {e}"))?;
         let secret = SecretDir::new()?;
         let mut nodes = Vec::new();
@@ -369,6 +384,9 @@ impl Demo {
                     // line reports the bank's state.
                     cmd.env("RUST_LOG", "error");
                 }
+                if h == 1 && fault_every > 0 {
+                    cmd.args(["--fault-every", &fault_every.to_string()]);
+                }
                 if w == 0 {
                     // Room for every client, recreated sessions, and moves.
                     cmd.args(["--create", &(clients as u64 * 3 + 64).to_string()])
@@ -396,6 +414,7 @@ impl Demo {
                     orphan: None,
                     retry_at: None,
                     checked: false,
+                    mismatched: false,
                 }
             })
             .collect();
@@ -612,7 +631,11 @@ impl<'a> Run<'a> {
             Kind::View => format!("{seq} view {sid}"),
             Kind::Dump => format!("{seq} dump {sid}"),
         };
-        c.inflight = Some(InFlight { seq, kind });
+        c.inflight = Some(InFlight {
+            seq,
+            kind,
+            sent: Instant::now(),
+        });
         c.retry_at = None;
         self.pending.insert(seq, Pending::Client(ci));
         self.inflight[w] += 1;
@@ -673,6 +696,7 @@ impl<'a> Run<'a> {
                         lag_p50_us: a.num("lag_p50_us"),
                         lag_p99_us: a.num("lag_p99_us"),
                         lag_samples: a.num("lag_samples"),
+                        lag_max_us: a.num("lag_max_us"),
                         nodes_up: a.num("nodes_up"),
                     };
                 }
@@ -693,7 +717,7 @@ impl<'a> Run<'a> {
                 if let Some(state) = a.get("fetched") {
                     self.fetched(ci, a.num("fetched_v"), state, a.num("fetch_us"));
                 }
-                self.done(ci, f.kind, &a, now);
+                self.done(ci, f.kind, &a, f.sent);
             }
             "gone" => {
                 self.tally.requests += 1;
@@ -709,18 +733,35 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    /// A client's request succeeded: fold it into its expected state.
-    fn done(&mut self, ci: usize, kind: Kind, a: &Answer, now: Instant) {
+    /// A client's request, sent at `sent`, succeeded: fold it into its
+    /// expected state.
+    fn done(&mut self, ci: usize, kind: Kind, a: &Answer, sent: Instant) {
         let v = a.num("v");
         let c = &mut self.d.clients[ci];
+        if let Kind::New = kind {
+            c.sid = a.get("sid").map(str::to_string);
+            c.exp = Expected::new(c.host == 0 && !self.host_dead[0]);
+            c.created_at = sent;
+        }
+        // What the request read, before its own update, must be exactly
+        // what the client expects: read-your-writes on every request.
+        let want = c.exp.now.attrs(&c.user);
+        let want = format!(
+            "{:x}",
+            digest(want.iter().map(|(k, v)| (k.as_str(), &v[..])))
+        );
+        if a.get("d") != Some(want.as_str()) {
+            let why = format!(
+                "{}: a request read a state that differs from the client's at version {}",
+                c.user, c.exp.version
+            );
+            self.tally.mismatch(c, why);
+        }
         match kind {
             Kind::New => {
-                c.sid = a.get("sid").map(str::to_string);
-                c.exp = Expected::new(c.host == 0 && !self.host_dead[0]);
-                c.created_at = now;
                 if v != 1 {
                     let why = format!("{}: new session at version {v}", c.user);
-                    self.tally.mismatch(why);
+                    self.tally.mismatch(c, why);
                 }
             }
             Kind::Update(op) => {
@@ -732,15 +773,15 @@ impl<'a> Run<'a> {
                         c.exp.version + 1
                     );
                     c.exp.version = v - 1;
-                    self.tally.mismatch(why);
+                    self.tally.mismatch(c, why);
                 }
-                c.exp.push(v, op, now);
+                c.exp.push(v, op, sent);
             }
             Kind::View => {
                 if v != c.exp.version {
                     let why = format!("{}: read version {v}, expected {}", c.user, c.exp.version);
                     c.exp.version = v;
-                    self.tally.mismatch(why);
+                    self.tally.mismatch(c, why);
                 }
             }
             Kind::Dump => {
@@ -752,7 +793,7 @@ impl<'a> Run<'a> {
                         "{}: holds version {v} {got:?}, expected version {} {want:?}",
                         c.user, c.exp.version
                     );
-                    self.tally.mismatch(why);
+                    self.tally.mismatch(c, why);
                 }
             }
         }
@@ -768,7 +809,7 @@ impl<'a> Run<'a> {
         let Some(o) = c.orphan.take() else {
             self.tally.unexpected_fetches += 1;
             let why = format!("{}: fetched from the bank but its host is alive", c.user);
-            self.tally.mismatch(why);
+            self.tally.mismatch(c, why);
             return;
         };
         if f < o.bank_acked {
@@ -786,7 +827,7 @@ impl<'a> Run<'a> {
                         "{}: bank returned version {f}, client saw only {}",
                         c.user, o.local_version
                     );
-                    self.tally.mismatch(why);
+                    self.tally.mismatch(c, why);
                 }
             }
         }
@@ -807,7 +848,7 @@ impl<'a> Run<'a> {
                 "{}: bank copy at version {f} is {state}, expected {want:?}",
                 c.user
             );
-            self.tally.mismatch(why);
+            self.tally.mismatch(c, why);
         }
     }
 
@@ -819,7 +860,7 @@ impl<'a> Run<'a> {
         let c = &mut self.d.clients[ci];
         let Some(o) = c.orphan.take() else {
             let why = format!("{}: session vanished from a live host", c.user);
-            self.tally.mismatch(why);
+            self.tally.mismatch(c, why);
             return;
         };
         self.tally.gone += 1;
@@ -1070,10 +1111,11 @@ impl<'a> Run<'a> {
         for (h, r) in self.repl.iter().enumerate() {
             let _ = writeln!(
                 text,
-                "demo: host {} replication lag (update -> acked by 2 nodes) p50 {} us, p99 {} us over {} sessions shipped{}",
+                "demo: host {} replication lag (update -> acked by 2 nodes) p50 {} us, p99 {} us, max {} us over {} sessions shipped{}",
                 h + 1,
                 r.lag_p50_us,
                 r.lag_p99_us,
+                r.lag_max_us,
                 r.lag_samples,
                 if self.host_dead[h] {
                     " (last seen before its death)".to_string()

@@ -13,7 +13,8 @@
 //!
 //! Every request on a SID reads the session first; a miss fetches it from
 //! the bank (failover). Answers, one per line, `SEQ STATUS key=value...`:
-//! `ok` (with `v`, `e`, `read_ns`, and after a fetch `fetch_us`,
+//! `ok` (with `v`, `e`, `read_ns`, `d` = the [`digest`] of what the read
+//! saw before the update, and after a fetch `fetch_us`,
 //! `fetched_v`, `fetched`), `gone` (no replica holds the session), `err`
 //! (with `why`), `stats`.
 
@@ -37,6 +38,12 @@ pub fn encode_attrs<'a>(attrs: impl IntoIterator<Item = (&'a str, &'a [u8])>) ->
         out.push('-');
     }
     out
+}
+
+/// A digest of a session's attributes (sorted by key), sent with every
+/// answer so the driver checks each read against its model.
+pub fn digest<'a>(attrs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(encode_attrs(attrs).as_bytes())
 }
 
 /// The inverse of [`encode_attrs`]; `None` if malformed.

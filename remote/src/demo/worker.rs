@@ -12,7 +12,7 @@ use clap::Args;
 use sessio_engine::{Arena, ArenaConfig, Location, NewSession, Op, Sid};
 use sessio_net::{Epoll, IoUring, Secret};
 
-use super::protocol::encode_attrs;
+use super::protocol::{digest, encode_attrs};
 use crate::failover::{
     FailoverConfig, FailoverError, NodeClients, Singleflight, fetch_and_install,
 };
@@ -49,6 +49,11 @@ pub struct WorkerArgs {
     /// Run the host's replicator thread in this worker.
     #[arg(long)]
     pub replicate: bool,
+    /// Fault injection, to show the demo's check is real: store a wrong
+    /// quantity on every Nth `add` while answering as if it were right
+    /// (0: never).
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub fault_every: u64,
 }
 
 /// Runs a worker until its stdin closes.
@@ -70,18 +75,32 @@ pub fn run(a: &WorkerArgs) -> Result<(), Box<dyn std::error::Error>> {
         None
     };
     let failover = FailoverConfig::new(a.host_id * 100 + a.worker, secret);
+    let w = Worker {
+        arena: &arena,
+        placement: &placement,
+        repl: repl.as_ref(),
+        fault_every: a.fault_every,
+        adds: std::cell::Cell::new(0),
+    };
     if IoUring::available() {
-        serve::<IoUring>(&arena, &placement, failover, repl.as_ref())
+        serve::<IoUring>(&w, failover)
     } else {
-        serve::<Epoll>(&arena, &placement, failover, repl.as_ref())
+        serve::<Epoll>(&w, failover)
     }
 }
 
+/// What a request needs besides its failover connections.
+struct Worker<'a> {
+    arena: &'a Arena,
+    placement: &'a Placement,
+    repl: Option<&'a Replicator>,
+    fault_every: u64,
+    adds: std::cell::Cell<u64>,
+}
+
 fn serve<B: Rt>(
-    arena: &Arena,
-    placement: &Placement,
+    w: &Worker<'_>,
     failover: FailoverConfig,
-    repl: Option<&Replicator>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let mut clients = NodeClients::<B>::new(failover, Arc::new(Singleflight::default()))?;
     let mut input = BufReader::with_capacity(64 * 1024, std::io::stdin().lock());
@@ -94,7 +113,7 @@ fn serve<B: Rt>(
         if input.read_line(&mut line)? == 0 {
             return Ok(());
         }
-        let answer = handle(arena, placement, &mut clients, repl, line.trim());
+        let answer = handle(w, &mut clients, line.trim());
         writeln!(out, "{answer}")?;
         // Answer a pipelined burst in one write, but never sit on an
         // answer while the driver waits.
@@ -104,34 +123,27 @@ fn serve<B: Rt>(
     }
 }
 
-fn handle<B: Rt>(
-    arena: &Arena,
-    placement: &Placement,
-    clients: &mut NodeClients<B>,
-    repl: Option<&Replicator>,
-    line: &str,
-) -> String {
+fn handle<B: Rt>(w: &Worker<'_>, clients: &mut NodeClients<B>, line: &str) -> String {
     let mut it = line.split_whitespace();
     let seq = it.next().unwrap_or("0");
     let cmd = it.next().unwrap_or("");
     let args: Vec<&str> = it.collect();
-    match request(arena, placement, clients, repl, cmd, &args) {
+    match request(w, clients, cmd, &args) {
         Ok(s) => format!("{seq} {s}"),
         Err(e) => format!("{seq} err why={}", e.replace(char::is_whitespace, "_")),
     }
 }
 
 fn request<B: Rt>(
-    arena: &Arena,
-    placement: &Placement,
+    w: &Worker<'_>,
     clients: &mut NodeClients<B>,
-    repl: Option<&Replicator>,
     cmd: &str,
     args: &[&str],
 ) -> Result<String, String> {
+    let (arena, placement) = (w.arena, w.placement);
     match cmd {
         "stats" => {
-            let s = repl.ok_or("no replicator in this worker")?.stats();
+            let s = w.repl.ok_or("no replicator in this worker")?.stats();
             let up = s.nodes.iter().filter(|n| n.up).count();
             let fenced: u64 = s.nodes.iter().map(|n| n.fenced).sum();
             Ok(format!(
@@ -147,9 +159,13 @@ fn request<B: Rt>(
             let t = Instant::now();
             let g = arena.read(sid).map_err(|e| e.to_string())?;
             let (v, e) = (g.version(), g.epoch());
-            drop(g);
             let read_ns = t.elapsed().as_nanos();
-            Ok(format!("ok sid={sid} v={v} e={e} read_ns={read_ns}"))
+            let d = g.to_owned();
+            drop(g);
+            let d = digest(d.attrs.iter().map(|a| (a.key.as_str(), &a.value[..])));
+            Ok(format!(
+                "ok sid={sid} v={v} e={e} read_ns={read_ns} d={d:x}"
+            ))
         }
         "add" | "del" | "view" | "dump" => {
             let sid: Sid = args.first().and_then(|s| s.parse().ok()).ok_or("bad SID")?;
@@ -176,12 +192,12 @@ fn request<B: Rt>(
             let g = arena.read(sid).map_err(|e| e.to_string())?;
             let has_user = g.get("user").is_some();
             let (mut v, e) = (g.version(), g.epoch());
-            let dump = (cmd == "dump").then(|| {
-                let d = g.to_owned();
-                encode_attrs(d.attrs.iter().map(|a| (a.key.as_str(), &a.value[..])))
-            });
-            drop(g);
             let read_ns = t.elapsed().as_nanos();
+            let d = g.to_owned();
+            drop(g);
+            let attrs = || d.attrs.iter().map(|a| (a.key.as_str(), &a.value[..]));
+            let dump = (cmd == "dump").then(|| encode_attrs(attrs()));
+            let seen = digest(attrs());
             if !has_user {
                 return Err("session without user".into());
             }
@@ -189,7 +205,7 @@ fn request<B: Rt>(
                 ("add", [_, item, qty]) => vec![
                     Op::Set {
                         key: format!("cart:{item}"),
-                        value: qty.as_bytes().to_vec(),
+                        value: w.fault(qty).as_bytes().to_vec(),
                     },
                     history(format!("add {item} {qty}")),
                 ],
@@ -206,7 +222,9 @@ fn request<B: Rt>(
                 v = arena.update(sid, &ops).map_err(|e| e.to_string())?;
             }
             let dump = dump.map(|d| format!(" attrs={d}")).unwrap_or_default();
-            Ok(format!("ok v={v} e={e} read_ns={read_ns}{fetched}{dump}"))
+            Ok(format!(
+                "ok v={v} e={e} read_ns={read_ns} d={seen:x}{fetched}{dump}"
+            ))
         }
         _ => Err(format!("unknown command {cmd:?}")),
     }
@@ -217,5 +235,20 @@ fn history(item: String) -> Op {
         key: "history".into(),
         item: item.into_bytes(),
         max_items: HISTORY_ITEMS_MAX,
+    }
+}
+
+impl Worker<'_> {
+    /// The quantity to store: `qty`, or a wrong one when a fault is due.
+    fn fault<'q>(&self, qty: &'q str) -> &'q str {
+        if self.fault_every == 0 {
+            return qty;
+        }
+        self.adds.set(self.adds.get() + 1);
+        if self.adds.get().is_multiple_of(self.fault_every) {
+            if qty == "0" { "1" } else { "0" }
+        } else {
+            qty
+        }
     }
 }

@@ -222,3 +222,203 @@ fn missing_arena_or_session_is_a_clear_error() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("bad SID \"nope\""));
 }
+
+/// A temporary directory, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("sessio-cli-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir(&p).unwrap();
+        TempDir(p)
+    }
+
+    fn write(&self, name: &str, text: &str) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child killed and reaped on drop.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Spawns `sessio ARGS` and reads stdout lines until every prefix in
+/// `want` was seen; returns the first word after each.
+fn spawn_until(args: &[&str], want: &[&str]) -> (Proc, Vec<String>) {
+    use std::io::BufRead;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let proc = Proc(child);
+    let mut found = vec![String::new(); want.len()];
+    while found.iter().any(String::is_empty) {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("{args:?} exited before printing {want:?}"))
+            .unwrap();
+        for (i, w) in want.iter().enumerate() {
+            if let Some(rest) = line.strip_prefix(w) {
+                found[i] = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+            }
+        }
+    }
+    // Keep draining so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (proc, found)
+}
+
+/// `GET path` over HTTP/1.1: (status line, body).
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+fn scrape_until(addr: &str, what: &[&str]) -> String {
+    let t = std::time::Instant::now();
+    loop {
+        let (status, body) = http_get(addr, "/metrics");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        if what.iter().all(|w| body.contains(w)) {
+            return body;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(15),
+            "metrics never showed {what:?}:\n{body}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn node_and_agent_run_from_config_files_and_serve_metrics() {
+    let dir = TempDir::new("cfg");
+    dir.write("bank.key", &"42".repeat(32));
+    let node_cfg = dir.write(
+        "node.toml",
+        "listen = \"127.0.0.1:0\"\nnode_id = 1\nsecret_file = \"bank.key\"\nmetrics_addr = \"127.0.0.1:0\"\n",
+    );
+    let (_node, got) = spawn_until(
+        &["node", "--config", node_cfg.to_str().unwrap()],
+        &["metrics ", "listening "],
+    );
+    let (node_metrics, node_addr) = (got[0].clone(), got[1].clone());
+    scrape_until(
+        &node_metrics,
+        &[
+            "sessio_node_up{node=\"1\"} 1",
+            "sessio_node_sessions{node=\"1\"} 0",
+        ],
+    );
+    assert_eq!(
+        http_get(&node_metrics, "/other").0,
+        "HTTP/1.1 404 Not Found"
+    );
+
+    let a = TestArena::new("agent");
+    shop(&a);
+    let agent_cfg = dir.write(
+        "agent.toml",
+        &format!(
+            "arena = \"{}\"\nnodes = [\"1={node_addr}\"]\nsecret_file = \"bank.key\"\nreplicas = 1\nhost_id = 9\nstats_interval_ms = 0\nmetrics_addr = \"127.0.0.1:0\"\n",
+            a.name
+        ),
+    );
+    let (_agent, got) = spawn_until(
+        &["agent", "--config", agent_cfg.to_str().unwrap()],
+        &["metrics "],
+    );
+    let body = scrape_until(
+        &got[0],
+        &[
+            "sessio_replicator_node_up{node=\"1\"} 1",
+            "sessio_replicator_dirty_sessions 0",
+        ],
+    );
+    assert!(
+        body.contains("# TYPE sessio_replicator_node_applied_total counter"),
+        "{body}"
+    );
+    // Both sessions reached the node.
+    scrape_until(&node_metrics, &["sessio_node_sessions{node=\"1\"} 2"]);
+}
+
+#[test]
+fn config_errors_name_the_bad_field() {
+    let dir = TempDir::new("badcfg");
+    dir.write("bank.key", &"42".repeat(32));
+    let cases: [(&str, &str, &str, &[&str]); 5] = [
+        (
+            "node",
+            "n1.toml",
+            "node_id = 1\nnod_id = 2\n",
+            &["nod_id", "line 2"],
+        ),
+        (
+            "node",
+            "n2.toml",
+            "node_id = \"one\"\n",
+            &["node_id", "u16"],
+        ),
+        (
+            "node",
+            "n3.toml",
+            "node_id = 1\nsecret_file = \"bank.key\"\n",
+            &["--listen is required", "`listen`"],
+        ),
+        (
+            "agent",
+            "a1.toml",
+            "arena = \"x\"\nnodes = 5\n",
+            &["nodes", "id=ip:port"],
+        ),
+        (
+            "agent",
+            "a2.toml",
+            "arena = \"x\"\nflush_interval = 5\n",
+            &["flush_interval"],
+        ),
+    ];
+    for (cmd, name, text, want) in cases {
+        let path = dir.write(name, text);
+        let o = sessio(&[cmd, "--config", path.to_str().unwrap()]);
+        assert!(!o.status.success(), "{cmd} {text:?} succeeded");
+        let err = String::from_utf8_lossy(&o.stderr);
+        for w in want {
+            assert!(err.contains(w), "{cmd} {text:?}: {err}");
+        }
+    }
+    let o = sessio(&["node", "--config", "/nonexistent/node.toml"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("config /nonexistent/node.toml"));
+}

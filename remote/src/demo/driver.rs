@@ -29,6 +29,8 @@ const WORKERS_PER_HOST: usize = 2;
 const WINDOW_PER_WORKER: usize = 16;
 /// Most clients a run may simulate.
 const CLIENTS_MAX: usize = 10_000;
+/// Highest `--rate`.
+const RATE_MAX: u64 = 10_000_000;
 /// Longest load phase.
 const DURATION_S_MAX: u64 = 600;
 /// How long a worker may take to start, the drain, and the final check.
@@ -102,7 +104,7 @@ pub fn run(a: &DemoArgs) -> bool {
         .unwrap_or(if a.quick { 100 } else { 200 })
         .clamp(2, CLIENTS_MAX);
     let started = Instant::now();
-    let result = Demo::start(clients, a.rate.max(100), a.fault_every)
+    let result = Demo::start(clients, a.rate.clamp(100, RATE_MAX), a.fault_every)
         .and_then(|mut d| d.run(Schedule::new(duration_s, a.quick)));
     // `Demo` is dropped here: every process is gone and every file removed
     // before the verdict is printed.
@@ -890,6 +892,9 @@ impl<'a> Run<'a> {
     /// both its workers' answers are all in, its clients move to host 2.
     fn worker_died(&mut self, w: usize) -> Result<(), String> {
         let h = w / WORKERS_PER_HOST;
+        if stop_requested() {
+            return Err("interrupted".into());
+        }
         if !self.host_dead[h] {
             return Err(format!("worker {w} of host {} died", h + 1));
         }

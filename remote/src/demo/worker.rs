@@ -58,6 +58,9 @@ pub struct WorkerArgs {
 
 /// Runs a worker until its stdin closes.
 pub fn run(a: &WorkerArgs) -> Result<(), Box<dyn std::error::Error>> {
+    // A Ctrl-C reaches the whole process group: leave the shutdown to the
+    // driver, which kills its workers and removes their arenas itself.
+    crate::runtime::install_stop_signals();
     let loc = Location::Shm(a.arena.clone());
     let arena = match a.create {
         Some(n) => Arena::open(&loc, &ArenaConfig::for_sessions(n, SESSION_BYTES))?,

@@ -150,3 +150,27 @@ fn demo_check_catches_a_host_that_stores_wrong_values() {
     );
     assert!(!out.status.success());
 }
+
+#[test]
+fn demo_counts_acknowledged_updates_a_wiped_bank_lost() {
+    let _g = serial();
+    // Every node restarts empty right after host 1 dies: host 1's sessions,
+    // acknowledged by the bank, are gone, and the run must say so.
+    let out = Command::new(BIN)
+        .args(["demo", "--quick", "--duration-s", "5", "--fault-wipe-bank"])
+        .stderr(Stdio::null())
+        .output()
+        .expect("run sessio demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(last.starts_with("demo: FAILED"), "last line: {last:?}");
+    assert!(
+        last.contains("acknowledged updates lost"),
+        "last line: {last:?}"
+    );
+    assert!(
+        !last.contains("lost_acked_updates=0 "),
+        "last line: {last:?}"
+    );
+    assert!(!out.status.success());
+}

@@ -33,9 +33,12 @@ enum Command {
     Node(NodeArgs),
     /// Replicate a host's arena to the bank (one per host).
     Agent(AgentArgs),
-    /// Run the whole system on loopback: 3 replica nodes, 2 web hosts of 2
-    /// worker processes each, simulated shoppers; kill a node, freeze the
-    /// bank, kill a host, then check every session.
+    /// Run the whole system on loopback and check every session.
+    ///
+    /// 3 replica nodes, 2 web hosts of 2 worker processes each, simulated
+    /// shoppers; a node is killed and restarted empty, the bank frozen,
+    /// host 1 killed; at the end every session is compared with what its
+    /// client expects. The last line is `demo: ok ...` or `demo: FAILED ...`.
     Demo(sessio_remote::demo::DemoArgs),
     /// List an arena's sessions, or show one session's attributes.
     Inspect(sessio_remote::cli::InspectArgs),

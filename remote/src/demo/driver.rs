@@ -52,7 +52,7 @@ pub struct DemoArgs {
     /// Simulated clients; default 200, or 100 with --quick.
     #[arg(long)]
     pub clients: Option<usize>,
-    /// A short run (about 15 s in all), for CI.
+    /// A short run (about 10 s in all), for CI.
     #[arg(long)]
     pub quick: bool,
     /// Most requests per second, all clients together.
@@ -62,6 +62,10 @@ pub struct DemoArgs {
     /// wrong quantity on every Nth cart addition (0: never).
     #[arg(long, default_value_t = 0, hide = true)]
     pub fault_every: u64,
+    /// Fault injection for the demo's own test: right after host 1 dies,
+    /// every replica node restarts empty, so acknowledged updates are lost.
+    #[arg(long, hide = true)]
+    pub fault_wipe_bank: bool,
 }
 
 /// When each failure is injected, as seconds into the load.
@@ -105,7 +109,7 @@ pub fn run(a: &DemoArgs) -> bool {
         .clamp(2, CLIENTS_MAX);
     let started = Instant::now();
     let result = Demo::start(clients, a.rate.clamp(100, RATE_MAX), a.fault_every)
-        .and_then(|mut d| d.run(Schedule::new(duration_s, a.quick)));
+        .and_then(|mut d| d.run(Schedule::new(duration_s, a.quick), a.fault_wipe_bank));
     // `Demo` is dropped here: every process is gone and every file removed
     // before the verdict is printed.
     let total_s = started.elapsed().as_secs_f64();
@@ -434,8 +438,18 @@ impl Demo {
         }
     }
 
-    fn run(&mut self, plan: Schedule) -> Result<Report, String> {
-        Run::new(self, plan).go()
+    fn run(&mut self, plan: Schedule, wipe_bank: bool) -> Result<Report, String> {
+        Run::new(self, plan).go(wipe_bank)
+    }
+
+    /// Kills every node and starts it again, empty, on its address.
+    fn wipe_bank(&mut self) -> Result<(), String> {
+        for i in 0..self.nodes.len() {
+            self.nodes[i].proc.kill9();
+            let (id, addr) = (self.nodes[i].id, self.nodes[i].addr);
+            self.nodes[i] = NodeProc::spawn(&self.exe, id, addr, &self.secret.file)?;
+        }
+        Ok(())
     }
 }
 
@@ -517,7 +531,7 @@ impl<'a> Run<'a> {
         self.progress(true);
     }
 
-    fn go(mut self) -> Result<Report, String> {
+    fn go(mut self, wipe_bank: bool) -> Result<Report, String> {
         let mut step = 0;
         let mut stats_at = Instant::now();
         while self.t() < self.plan.end {
@@ -561,6 +575,10 @@ impl<'a> Run<'a> {
                 4 if t >= self.plan.host_kill => {
                     self.kill_host(0);
                     self.event("host 1 killed");
+                    if wipe_bank {
+                        self.d.wipe_bank()?;
+                        self.event("bank wiped (fault injection)");
+                    }
                     step += 1;
                 }
                 _ => {}
@@ -866,15 +884,22 @@ impl<'a> Run<'a> {
             return;
         };
         self.tally.gone += 1;
-        if o.bank_acked > 0 {
-            self.tally.lost_acked += o.bank_acked;
-        } else {
-            self.tally.unacked_lost += o.local_version;
+        // Versions 2.. are logged updates; version 1 is the create itself.
+        let cut = c.exp.cut_to(0);
+        let mut unacked = cut.iter().filter(|l| l.version > o.bank_acked).count() as u64;
+        let mut oldest = cut.iter().find(|l| l.version > o.bank_acked).map(|l| l.at);
+        if o.bank_acked == 0 {
+            unacked += 1;
+            oldest = Some(c.created_at);
+        }
+        self.tally.lost_acked += o.bank_acked;
+        if let Some(oldest) = oldest {
+            self.tally.unacked_lost += unacked;
             self.tally.unacked_sessions += 1;
             self.tally.unacked_window = self
                 .tally
                 .unacked_window
-                .max(kill_at.saturating_duration_since(c.created_at));
+                .max(kill_at.saturating_duration_since(oldest));
         }
         c.sid = None;
         c.exp = Expected::new(false);
@@ -1131,7 +1156,7 @@ impl<'a> Run<'a> {
         }
         let _ = writeln!(
             text,
-            "demo: failover: {moved} sessions of host 1 moved to host 2: {} fetched from the bank (p50 {fetch_p50} us, p99 {fetch_p99} us), {} never reached it",
+            "demo: failover: {moved} sessions of host 1 moved to host 2: {} fetched from the bank (p50 {fetch_p50} us, p99 {fetch_p99} us), {} not found in the bank",
             t.fetch_us.len(),
             t.gone
         );

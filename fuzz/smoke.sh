@@ -4,7 +4,7 @@
 set -euo pipefail
 seconds="${1:-20}"
 cd "$(dirname "$0")"
-for target in frame_decode message_validate handshake; do
+for target in frame_decode message_validate handshake node_apply; do
     echo "== $target (${seconds}s)"
     cargo +nightly fuzz run "$target" -- -max_total_time="$seconds"
 done

@@ -358,7 +358,13 @@ impl Floor {
                 Err(e) => eprintln!("floor: no 2 MiB pages for {len} B ({e}); using 4 KiB pages"),
             }
         }
-        let m = MmapOptions::new().len(len as usize).map_anon()?;
+        // MAP_NORESERVE: the mapping is as large as the arena's (address
+        // space, mostly never touched), which can exceed RAM + swap at 10M
+        // sessions; without it the kernel's overcommit check refuses it.
+        let m = MmapOptions::new()
+            .len(len as usize)
+            .no_reserve_swap()
+            .map_anon()?;
         // Transparent huge pages would make this not a 4 KiB floor.
         m.advise(memmap2::Advice::NoHugePage)?;
         Ok((m, false))

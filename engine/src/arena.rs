@@ -457,14 +457,13 @@ impl Arena {
         self.map.participant_alive(i)
     }
 
-    /// Frees every retired block no pin can see.
-    fn reclaim(&self) {
-        let min = self.min_pin();
-        let p = self.participant();
-        let head = p.ring_head.load(Ordering::Relaxed);
+    /// Frees the blocks of participant `p`'s retire ring that no pin older
+    /// than `min` can see. The caller owns the ring (it is its own, or it
+    /// holds the dead owner's lock byte).
+    fn drain_ring(&self, p: &Participant, min: u64) {
         let tail = p.ring_tail.load(Ordering::Acquire);
+        let mut h = p.ring_head.load(Ordering::Acquire);
         let mut free = Vec::new();
-        let mut h = head;
         while h != tail {
             let entry = &p.ring[(h % RETIRE_RING) as usize];
             if !epoch::may_free(entry.epoch.load(Ordering::Relaxed), min) {
@@ -479,6 +478,12 @@ impl Arena {
         for b in free {
             self.free(b);
         }
+    }
+
+    /// Frees every retired block no pin can see.
+    fn reclaim(&self) {
+        let min = self.min_pin();
+        self.drain_ring(self.participant(), min);
         let mut overflow = std::mem::take(&mut *self.overflow.borrow_mut());
         overflow.retain(|&(b, e)| {
             if epoch::may_free(e, min) {
@@ -509,22 +514,8 @@ impl Arena {
             if !Map::claim_lock(&self.file, i).unwrap_or(false) {
                 continue;
             }
-            let tail = p.ring_tail.load(Ordering::Acquire);
-            let mut h = p.ring_head.load(Ordering::Acquire);
-            let mut free = Vec::new();
-            while h != tail {
-                let entry = &p.ring[(h % RETIRE_RING) as usize];
-                if !epoch::may_free(entry.epoch.load(Ordering::Relaxed), min) {
-                    break;
-                }
-                free.push(entry.block.load(Ordering::Relaxed));
-                h = h.wrapping_add(1);
-            }
-            p.ring_head.store(h, Ordering::Release);
+            self.drain_ring(p, min);
             let _ = Map::release_lock(&self.file, i);
-            for b in free {
-                self.free(b);
-            }
         }
     }
 
@@ -655,26 +646,51 @@ impl Arena {
         Err(SessionError::HeapFull(bytes))
     }
 
-    /// Takes a fresh chunk for `class`: returns its first block and pushes
-    /// the others onto the class's free stack.
+    /// Takes the next never-used block of `class`: one CAS on the class's
+    /// carve word, from its current chunk or, when that is used up, from a
+    /// fresh chunk installed in its place. A crash after the CAS loses one
+    /// block (recovery finds it); a crash between taking a fresh chunk and
+    /// installing it loses that chunk until recovery.
     fn alloc_from_chunk(&self, class: usize) -> Option<u64> {
         let geo = &self.map.geo;
-        let c = self.take_chunk()?;
-        self.map
-            .chunk_class(c)
-            .store(class as u8, Ordering::Release);
         let size = geo.classes[class];
-        let start = geo.heap_off + c * geo.chunk_bytes;
-        let n = geo.chunk_bytes / size;
-        if n > 1 {
-            for k in 1..n - 1 {
-                let off = start + k * size;
-                self.link(off)
-                    .store(self.block_index(off + size), Ordering::Relaxed);
+        let per_chunk = geo.chunk_bytes / size;
+        let carve = &self.header().class_carve[class];
+        let mut cur = carve.load(Ordering::Acquire);
+        loop {
+            let chunk = cur >> 32;
+            let next = cur & 0xffff_ffff;
+            if chunk != 0 && next < per_chunk {
+                match carve.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    Ok(_) => {
+                        return Some(geo.heap_off + (chunk - 1) * geo.chunk_bytes + next * size);
+                    }
+                    Err(now) => cur = now,
+                }
+                continue;
             }
-            self.push_chain(class, start + size, start + (n - 1) * size);
+            let c = self.take_chunk()?;
+            self.map
+                .chunk_class(c)
+                .store(class as u8, Ordering::Release);
+            match carve.compare_exchange(
+                cur,
+                ((c + 1) << 32) | 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(geo.heap_off + c * geo.chunk_bytes),
+                Err(now) => {
+                    // Another process installed a chunk first: use theirs.
+                    self.map
+                        .chunk_class(c)
+                        .store(CHUNK_UNASSIGNED, Ordering::Release);
+                    self.push_free_chunk(c);
+                    cur = now;
+                }
+            }
         }
-        Some(start)
     }
 
     /// Gives chunks whose blocks are all free back to the chunk pool. Each
@@ -1974,6 +1990,15 @@ impl Arena {
             }
         };
         for class in 0..geo.classes.len() {
+            // Blocks of the carving chunk not carved yet were never used.
+            let carve = h.class_carve[class].load(Ordering::Relaxed);
+            if carve >> 32 != 0 && (carve >> 32) - 1 < geo.chunks {
+                let size = geo.classes[class];
+                let start = geo.heap_off + ((carve >> 32) - 1) * geo.chunk_bytes;
+                for k in (carve & 0xffff_ffff)..geo.chunk_bytes / size {
+                    note(&mut accounted, start + k * size);
+                }
+            }
             let mut idx = h.class_free[class].load(Ordering::Relaxed) & IDX_MASK;
             let mut guard = blocks;
             while idx != 0 && guard > 0 {
@@ -2091,6 +2116,7 @@ impl Arena {
         // Rebuild the allocator from reachability.
         for c in 0..geo.classes.len() {
             h.class_free[c].store(0, Ordering::Relaxed);
+            h.class_carve[c].store(0, Ordering::Relaxed);
         }
         h.chunk_free.store(0, Ordering::Relaxed);
         let top = h.chunk_top.load(Ordering::Relaxed).min(geo.chunks);

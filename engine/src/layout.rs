@@ -90,6 +90,9 @@ pub(crate) struct Header {
     pub _pad2: [u64; 2],
     /// Free blocks per class: | tag 24 | block index (40) |.
     pub class_free: [AtomicU64; CLASSES_MAX],
+    /// The chunk each class is carving fresh blocks from, one per CAS, so a
+    /// crash loses at most the block it took: | chunk + 1 (32) | next (32) |.
+    pub class_carve: [AtomicU64; CLASSES_MAX],
 }
 const _: () = assert!(size_of::<Header>() as u64 <= HEADER_BYTES);
 

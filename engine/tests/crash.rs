@@ -389,6 +389,10 @@ fn random_kills() {
         .count();
     assert_eq!(all.len(), SIDS + temporary, "{report:?}");
     assert!(temporary <= next_id as usize);
+    // Blocks lost by kills land only in the few instructions between an
+    // allocation and linking it; a combiner's half-built record is resolved
+    // by whoever takes its lock, and chunks are carved a block at a time.
+    assert!(report.leaked_blocks <= kills as u64 / 4, "{report:?}");
     assert_eq!(report.corrupt_records, 0);
     check(&arena, &sids, &logs);
     for sid in all {

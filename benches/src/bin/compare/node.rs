@@ -1,0 +1,368 @@
+//! The sessio side of the networked workloads, on `sessio-net`: a node
+//! server on its own thread and runtime, and a client that pipelines
+//! `DeltaBatch`es (or sends `Fetch`es) to it from the calling thread.
+//!
+//! Three kinds of node:
+//! - [`Node::Ack`]: acknowledges every entry and keeps nothing: the
+//!   transport alone, for `io_uring` against epoll.
+//! - [`Node::Store`]: checks each delta's base version against a hashbrown
+//!   map of SID → (version, bytes), stores the bytes and acknowledges —
+//!   what a replica node does with a delta. It stands in for the real
+//!   replica node of `sessio-remote` until that crate is in the workspace.
+//! - [`Node::Records`]: answers `Fetch` from a map of archived records.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
+use sessio_net::{
+    Ack, AckEntry, AckStatus, Backend, Client, ClientConfig, Delta, DeltaBatch, DeltaEntry, Epoll,
+    Fetch, FetchReply, FoundRecord, Identity, IoUring, Message, Secret, Server, ServerConfig, Sid,
+};
+
+use crate::BoxError;
+
+const SECRET: [u8; 32] = [0x5E; 32];
+const NODE_ID: u64 = 1000;
+const HOST_ID: u64 = 7;
+/// How often the node thread looks at its stop flag.
+const STOP_POLL_MS: u64 = 5;
+
+/// A backend plus a way to run a future on a fresh runtime of its kind.
+pub trait Rt: Backend {
+    /// Runs `f` to completion on a new single-threaded runtime.
+    fn block_on<F: Future>(f: F) -> Result<F::Output, BoxError>;
+}
+
+impl Rt for IoUring {
+    fn block_on<F: Future>(f: F) -> Result<F::Output, BoxError> {
+        Ok(compio::runtime::Runtime::new()?.block_on(f))
+    }
+}
+
+impl Rt for Epoll {
+    fn block_on<F: Future>(f: F) -> Result<F::Output, BoxError> {
+        Ok(tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(f))
+    }
+}
+
+/// Whether this kernel (and its seccomp policy) lets us use `io_uring`.
+pub fn uring_available() -> Result<(), String> {
+    compio::runtime::Runtime::new()
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// What the node does with what it receives.
+pub enum Node {
+    /// Acknowledge every entry.
+    Ack,
+    /// Apply every entry to a SID → (version, bytes) map, then acknowledge.
+    Store,
+    /// Serve fetches of these records.
+    Records(Vec<(Sid, FoundRecord)>),
+}
+
+/// A node server on its own thread; stopped and joined when dropped.
+pub struct NodeServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+}
+
+impl NodeServer {
+    /// Starts a node of `kind` on a free loopback port, on backend `B`.
+    pub fn start<B: Rt>(kind: Node) -> Result<NodeServer, BoxError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        // Named, so a profile tells the two engines' node threads apart.
+        let thread = std::thread::Builder::new()
+            .name(format!("node-{}", B::NAME))
+            .spawn({
+                let stop = Arc::clone(&stop);
+                move || -> Result<(), String> {
+                    let early = tx.clone();
+                    let run = B::block_on(async move {
+                        let config = ServerConfig::new(Identity {
+                            id: NODE_ID,
+                            incarnation: 1,
+                        });
+                        let server = match Server::<B>::bind(
+                            SocketAddr::from(([127, 0, 0, 1], 0)),
+                            config,
+                            Secret::from_bytes(SECRET),
+                        ) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                let _ = tx.send(Err(e.to_string()));
+                                return Ok(());
+                            }
+                        };
+                        let _ = tx.send(Ok(server.local_addr()));
+                        let shutdown = async move {
+                            while !stop.load(Ordering::Relaxed) {
+                                B::sleep(Duration::from_millis(STOP_POLL_MS)).await;
+                            }
+                        };
+                        match kind {
+                            Node::Ack => server.serve_until(ack_all, shutdown).await,
+                            Node::Store => {
+                                let mut store = HashMap::<Sid, (u64, Vec<u8>)>::new();
+                                let h = move |_peer, msg| apply(&mut store, msg);
+                                server.serve_until(h, shutdown).await
+                            }
+                            Node::Records(records) => {
+                                let map: HashMap<Sid, FoundRecord> = records.into_iter().collect();
+                                let h = move |_peer, msg| fetch(&map, &msg);
+                                server.serve_until(h, shutdown).await
+                            }
+                        }
+                    });
+                    match run {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(e) => {
+                            let _ = early.send(Err(e.to_string()));
+                            Err(e.to_string())
+                        }
+                    }
+                }
+            })?;
+        let addr = rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|e| format!("node thread did not start: {e}"))??;
+        Ok(NodeServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for NodeServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => eprintln!("node server: {e}"),
+                Err(_) => eprintln!("node server thread panicked"),
+            }
+        }
+    }
+}
+
+fn ack_all(_peer: sessio_net::PeerInfo, msg: Message) -> Option<Message> {
+    match msg {
+        Message::DeltaBatch(b) => Some(Message::Ack(Ack {
+            entries: b
+                .entries
+                .iter()
+                .map(|e| AckEntry {
+                    sid: e.sid,
+                    version: e.new_version,
+                    status: AckStatus::Applied,
+                })
+                .collect(),
+        })),
+        _ => None,
+    }
+}
+
+/// What a replica does with a batch: each `Ops` entry applies only on top of
+/// the version it was made from (or creates the session at base 0).
+fn apply(store: &mut HashMap<Sid, (u64, Vec<u8>)>, msg: Message) -> Option<Message> {
+    let Message::DeltaBatch(b) = msg else {
+        return None;
+    };
+    let entries = b
+        .entries
+        .into_iter()
+        .map(|e| {
+            let status = match (store.get_mut(&e.sid), e.body) {
+                (Some((v, bytes)), Delta::Ops(ops) | Delta::Full(ops)) if *v == e.base_version => {
+                    *v = e.new_version;
+                    bytes.clear();
+                    bytes.extend_from_slice(&ops);
+                    AckStatus::Applied
+                }
+                (None, Delta::Ops(ops) | Delta::Full(ops)) if e.base_version == 0 => {
+                    store.insert(e.sid, (e.new_version, ops));
+                    AckStatus::Applied
+                }
+                (_, Delta::Remove) => {
+                    store.remove(&e.sid);
+                    AckStatus::Applied
+                }
+                _ => AckStatus::NeedFull,
+            };
+            let version = store.get(&e.sid).map_or(0, |(v, _)| *v);
+            AckEntry {
+                sid: e.sid,
+                version,
+                status,
+            }
+        })
+        .collect();
+    Some(Message::Ack(Ack { entries }))
+}
+
+fn fetch(map: &HashMap<Sid, FoundRecord>, msg: &Message) -> Option<Message> {
+    let Message::Fetch(f) = msg else {
+        return None;
+    };
+    Some(Message::FetchReply(FetchReply {
+        request_id: f.request_id,
+        sid: f.sid,
+        found: map.get(&f.sid).cloned(),
+    }))
+}
+
+async fn connect<B: Backend>(addr: SocketAddr) -> Result<Client<B>, BoxError> {
+    let config = ClientConfig::new(Identity {
+        id: HOST_ID,
+        incarnation: 1,
+    });
+    Ok(Client::<B>::connect(addr, config, Secret::from_bytes(SECRET)).await?)
+}
+
+/// Deltas acknowledged per second by one client connection that pipelines
+/// batches of `batch` entries of `delta_bytes` each, up to `max_batches`
+/// batches or `max_time`, whichever ends first. `versions` holds the version
+/// the node has of each SID in `sids` and is advanced, so a `Store` node
+/// sees a proper version chain across rounds.
+pub fn pump<B: Rt>(
+    addr: SocketAddr,
+    batch: usize,
+    delta_bytes: usize,
+    sids: &[Sid],
+    versions: &mut [u64],
+    max_batches: u64,
+    max_time: Duration,
+) -> Result<f64, BoxError> {
+    assert_eq!(sids.len(), versions.len());
+    assert!(sids.len() >= batch, "a batch names each SID at most once");
+    B::block_on(async move {
+        let mut client = connect::<B>(addr).await?;
+        let entry = |sid| DeltaEntry {
+            sid,
+            base_version: 0,
+            new_version: 0,
+            epoch: 1,
+            body: Delta::Ops(vec![b'd'; delta_bytes]),
+        };
+        let mut msg = Message::DeltaBatch(DeltaBatch {
+            host_id: HOST_ID,
+            entries: (0..batch).map(|_| entry([0; 16])).collect(),
+        });
+        let (mut sent, mut replies, mut acked, mut refused) = (0u64, 0u64, 0u64, 0u64);
+        let mut next = 0usize;
+        let start = Instant::now();
+        while sent < max_batches && start.elapsed() < max_time {
+            let Message::DeltaBatch(b) = &mut msg else {
+                unreachable!("built as a batch above")
+            };
+            for e in &mut b.entries {
+                let i = next;
+                next = (next + 1) % sids.len();
+                e.sid = sids[i];
+                e.base_version = versions[i];
+                versions[i] += 1;
+                e.new_version = versions[i];
+            }
+            client
+                .send_with(&msg, |r| {
+                    replies += 1;
+                    count(&r, &mut acked, &mut refused);
+                })
+                .await?;
+            sent += 1;
+        }
+        while replies < sent {
+            let r = client.recv().await?;
+            replies += 1;
+            count(&r, &mut acked, &mut refused);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        if refused != 0 || acked != sent * batch as u64 {
+            return Err(format!(
+                "{} of {} deltas acknowledged as applied ({refused} refused)",
+                acked,
+                sent * batch as u64
+            )
+            .into());
+        }
+        Ok(acked as f64 / secs)
+    })?
+}
+
+fn count(reply: &Message, acked: &mut u64, refused: &mut u64) {
+    if let Message::Ack(a) = reply {
+        for e in &a.entries {
+            if e.status == AckStatus::Applied {
+                *acked += 1;
+            } else {
+                *refused += 1;
+            }
+        }
+    }
+}
+
+/// Times of one failover: the fetch round trip, and installing the fetched
+/// record into the local arena plus reading one attribute of it.
+pub struct FailoverTimes {
+    /// Round trip of `Fetch` → `FetchReply`, per fetch, in ns.
+    pub fetch_ns: Vec<f64>,
+    /// The whole first request (fetch, install, read), per fetch, in ns.
+    pub total_ns: Vec<f64>,
+}
+
+/// Fetches each SID of `sids` (one synchronous request at a time, as a web
+/// worker on its first request for a moved session), installs it with
+/// `install` and reads it back with `read`, stopping after `max_time`.
+pub fn failover<B: Rt>(
+    addr: SocketAddr,
+    sids: &[Sid],
+    max_time: Duration,
+    mut install: impl FnMut(Sid, &FoundRecord) -> Result<(), BoxError>,
+) -> Result<FailoverTimes, BoxError> {
+    B::block_on(async move {
+        let mut client = connect::<B>(addr).await?;
+        let mut times = FailoverTimes {
+            fetch_ns: Vec::with_capacity(sids.len()),
+            total_ns: Vec::with_capacity(sids.len()),
+        };
+        let start = Instant::now();
+        for (i, &sid) in sids.iter().enumerate() {
+            if start.elapsed() >= max_time {
+                break;
+            }
+            let t0 = Instant::now();
+            let reply = client
+                .call(&Message::Fetch(Fetch {
+                    request_id: i as u64,
+                    sid,
+                }))
+                .await?;
+            let t1 = Instant::now();
+            let Message::FetchReply(FetchReply {
+                found: Some(rec), ..
+            }) = reply
+            else {
+                return Err(format!("fetch of a stored session answered {reply:?}").into());
+            };
+            install(sid, &rec)?;
+            let t2 = Instant::now();
+            times.fetch_ns.push((t1 - t0).as_nanos() as f64);
+            times.total_ns.push((t2 - t0).as_nanos() as f64);
+        }
+        Ok(times)
+    })?
+}

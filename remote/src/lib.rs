@@ -17,6 +17,11 @@
 //!   and install it under a new ownership epoch, once per SID per process.
 //! - [`runtime`]: the two I/O engines as runnable runtimes, and the signal
 //!   flag the `sessio` binary stops on.
+//! - [`cli`]: the operator tools that read an arena (`sessio inspect`,
+//!   `sessio stats`).
+//! - [`demo`]: `sessio demo`, the whole system on loopback (nodes, hosts of
+//!   several worker processes, failures injected on a schedule) checked end
+//!   to end.
 //!
 //! Data moves: `Arena::update` → dirty bit → [`replicator::Replicator`] →
 //! `DeltaBatch` → [`node::Store`] → `Ack` → `Arena::mark_acked`; and on a
@@ -84,6 +89,8 @@
 //! # }
 //! ```
 
+pub mod cli;
+pub mod demo;
 pub mod failover;
 pub mod node;
 pub mod placement;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use sessio_engine::{Arena, ArenaConfig, Location, NewSession, Op, Sid};
 use sessio_net::{Epoll, IoUring, Secret};
+use sessio_remote::cli::config::{self, AgentFile, NodeFile};
 use sessio_remote::node::{self, NodeConfig, NodeLimits};
 use sessio_remote::placement::{Placement, REPLICAS_DEFAULT};
 use sessio_remote::replicator::{FLUSH_INTERVAL_US_DEFAULT, Replicator, ReplicatorConfig};
@@ -19,7 +20,7 @@ use sessio_remote::runtime::{Rt, install_stop_signals, stop_requested, stopped};
 #[command(
     name = "sessio",
     version,
-    about = "sessio session engine: replica nodes and host replicators"
+    about = "sessio session engine: replica nodes, host replicators, arena tools and an end-to-end demo"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -32,6 +33,20 @@ enum Command {
     Node(NodeArgs),
     /// Replicate a host's arena to the bank (one per host).
     Agent(AgentArgs),
+    /// Run the whole system on loopback and check every session.
+    ///
+    /// 3 replica nodes, 2 web hosts of 2 worker processes each, simulated
+    /// shoppers; a node is killed and restarted empty, the bank frozen,
+    /// host 1 killed; at the end every session is compared with what its
+    /// client expects. The last line is `demo: ok ...` or `demo: FAILED ...`.
+    Demo(sessio_remote::demo::DemoArgs),
+    /// List an arena's sessions, or show one session's attributes.
+    Inspect(sessio_remote::cli::InspectArgs),
+    /// Show an arena's counters.
+    Stats(sessio_remote::cli::StatsArgs),
+    /// One worker process of a demo web host (driven over stdin/stdout).
+    #[command(hide = true)]
+    DemoWorker(sessio_remote::demo::WorkerArgs),
     /// A web host for the integration tests: creates sessions, updates
     /// them, replicates them and writes its progress to a file.
     #[command(hide = true)]
@@ -40,46 +55,53 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct NodeArgs {
+    /// TOML file with any of these settings (keys named like the flags,
+    /// `_` for `-`); flags win over the file.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Address to listen on (port 0 picks one; the bound address is printed).
     #[arg(long)]
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
     /// This node's id in the bank (1-65535).
     #[arg(long)]
-    node_id: u16,
+    node_id: Option<u16>,
     /// File holding the bank's 32-byte secret (raw, or 64 hex digits).
     #[arg(long)]
-    secret_file: PathBuf,
-    /// Most sessions held; more are refused.
-    #[arg(long, default_value_t = node::SESSIONS_MAX_DEFAULT)]
-    sessions_max: u64,
-    /// Most record bytes held; more are refused.
-    #[arg(long, default_value_t = node::BYTES_MAX_DEFAULT)]
-    bytes_max: u64,
-    /// Most open connections.
-    #[arg(long, default_value_t = sessio_net::server::CONNECTIONS_MAX_DEFAULT)]
-    connections_max: u32,
+    secret_file: Option<PathBuf>,
+    /// Most sessions held; more are refused [default: 10000000].
+    #[arg(long)]
+    sessions_max: Option<u64>,
+    /// Most record bytes held; more are refused [default: 4 GiB].
+    #[arg(long)]
+    bytes_max: Option<u64>,
+    /// Most open connections [default: the server's].
+    #[arg(long)]
+    connections_max: Option<u32>,
     /// Use the epoll engine instead of `io_uring`.
     #[arg(long)]
     epoll: bool,
+    /// Serve Prometheus text metrics on this address (GET /metrics).
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Args, Debug)]
 struct BankArgs {
     /// The bank: id=ip:port,id=ip:port,...
     #[arg(long)]
-    nodes: String,
+    nodes: Option<String>,
     /// File holding the bank's 32-byte secret.
     #[arg(long)]
-    secret_file: PathBuf,
-    /// Copies kept per session.
-    #[arg(long, default_value_t = REPLICAS_DEFAULT)]
-    replicas: usize,
-    /// This host's id.
-    #[arg(long, default_value_t = 1)]
-    host_id: u64,
-    /// How often dirty sessions are shipped, in microseconds.
-    #[arg(long, default_value_t = FLUSH_INTERVAL_US_DEFAULT)]
-    flush_interval_us: u64,
+    secret_file: Option<PathBuf>,
+    /// Copies kept per session [default: 2].
+    #[arg(long)]
+    replicas: Option<usize>,
+    /// This host's id [default: 1].
+    #[arg(long)]
+    host_id: Option<u64>,
+    /// How often dirty sessions are shipped, in microseconds [default: 500].
+    #[arg(long)]
+    flush_interval_us: Option<u64>,
     /// Use the epoll engine instead of `io_uring`.
     #[arg(long)]
     epoll: bool,
@@ -87,17 +109,24 @@ struct BankArgs {
 
 #[derive(Args, Debug)]
 struct AgentArgs {
+    /// TOML file with any of these settings (keys named like the flags,
+    /// `_` for `-`); flags win over the file.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Shared-memory arena name (or a path, with --file).
     #[arg(long)]
-    arena: String,
+    arena: Option<String>,
     /// Treat --arena as a file path (file-backed arena).
     #[arg(long)]
     file: bool,
     #[command(flatten)]
     bank: BankArgs,
-    /// Print stats this often, in ms (0: never).
-    #[arg(long, default_value_t = 5000)]
-    stats_interval_ms: u64,
+    /// Print stats this often, in ms (0: never) [default: 5000].
+    #[arg(long)]
+    stats_interval_ms: Option<u64>,
+    /// Serve Prometheus text metrics on this address (GET /metrics).
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -137,6 +166,16 @@ fn main() -> ExitCode {
         Command::Node(a) => run_node(&a),
         Command::Agent(a) => run_agent(&a),
         Command::TestHost(a) => run_test_host(&a),
+        Command::Inspect(a) => print_or_fail(sessio_remote::cli::inspect(&a)),
+        Command::Stats(a) => print_or_fail(sessio_remote::cli::stats(&a)),
+        Command::DemoWorker(a) => sessio_remote::demo::run_worker(&a),
+        Command::Demo(a) => {
+            return if sessio_remote::demo::run_demo(&a) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -149,6 +188,11 @@ fn main() -> ExitCode {
 
 type Res = Result<(), Box<dyn std::error::Error>>;
 
+fn print_or_fail(r: Result<String, String>) -> Res {
+    print!("{}", r?);
+    Ok(())
+}
+
 fn load_secret(path: &PathBuf) -> Result<Secret, Box<dyn std::error::Error>> {
     let (secret, warnings) = Secret::load(path)?;
     for w in warnings {
@@ -158,56 +202,112 @@ fn load_secret(path: &PathBuf) -> Result<Secret, Box<dyn std::error::Error>> {
 }
 
 fn run_node(a: &NodeArgs) -> Res {
-    if a.node_id == 0 {
-        return Err("--node-id 0 is reserved; use 1-65535".into());
-    }
-    let secret = load_secret(&a.secret_file)?;
-    let mut config = NodeConfig::new(a.listen, a.node_id);
-    config.limits = NodeLimits {
-        sessions_max: a.sessions_max,
-        bytes_max: a.bytes_max,
+    let f: NodeFile = match &a.config {
+        Some(p) => config::load(p)?,
+        None => NodeFile::default(),
     };
-    config.connections_max = a.connections_max;
+    let node_id = config::required(a.node_id, f.node_id, "node_id")?;
+    if node_id == 0 {
+        return Err("node_id 0 is reserved; use 1-65535".into());
+    }
+    let listen = config::required(a.listen, f.listen, "listen")?;
+    let secret_file = config::required(a.secret_file.clone(), f.secret_file, "secret_file")?;
+    let secret = load_secret(&secret_file)?;
+    let mut config = NodeConfig::new(listen, node_id);
+    config.limits = NodeLimits {
+        sessions_max: a
+            .sessions_max
+            .or(f.sessions_max)
+            .unwrap_or(node::SESSIONS_MAX_DEFAULT),
+        bytes_max: a
+            .bytes_max
+            .or(f.bytes_max)
+            .unwrap_or(node::BYTES_MAX_DEFAULT),
+    };
+    config.connections_max = a
+        .connections_max
+        .or(f.connections_max)
+        .unwrap_or(sessio_net::server::CONNECTIONS_MAX_DEFAULT);
+    let epoll = a.epoll || f.epoll.unwrap_or(false);
     install_stop_signals();
+    let metrics_addr = a.metrics_addr.or(f.metrics_addr);
+    // Started once the node's address is known; stopped when it returns.
+    let metrics = std::cell::RefCell::new(None);
     let on_bound = |addr: SocketAddr, incarnation: u64| {
-        println!(
-            "listening {addr} node {} incarnation {incarnation:016x}",
-            a.node_id
-        );
+        if let Some(m) = metrics_addr {
+            match sessio_remote::cli::metrics::serve_node(m, addr, node_id, secret.clone()) {
+                Ok(server) => {
+                    println!("metrics {}", server.addr());
+                    *metrics.borrow_mut() = Some(server);
+                }
+                Err(e) => eprintln!("sessio node {node_id}: metrics on {m}: {e}"),
+            }
+        }
+        println!("listening {addr} node {node_id} incarnation {incarnation:016x}");
         let _ = std::io::stdout().flush();
     };
-    if a.epoll || !IoUring::available() {
-        node::serve::<Epoll>(&config, secret, on_bound, stopped::<Epoll>())?;
+    if epoll || !IoUring::available() {
+        node::serve::<Epoll>(&config, secret.clone(), on_bound, stopped::<Epoll>())?;
     } else {
-        node::serve::<IoUring>(&config, secret, on_bound, stopped::<IoUring>())?;
+        node::serve::<IoUring>(&config, secret.clone(), on_bound, stopped::<IoUring>())?;
     }
-    eprintln!("sessio node {}: stopped", a.node_id);
+    drop(metrics.take());
+    eprintln!("sessio node {node_id}: stopped");
     Ok(())
 }
 
-fn replicator_config(b: &BankArgs) -> Result<ReplicatorConfig, Box<dyn std::error::Error>> {
-    let members = Placement::parse_members(&b.nodes)?;
-    let placement = Placement::new(members, b.replicas)?;
-    let mut config = ReplicatorConfig::new(placement, load_secret(&b.secret_file)?, b.host_id);
-    config.flush_interval_us = b.flush_interval_us;
-    config.force_epoll = b.epoll;
+fn replicator_config(
+    b: &BankArgs,
+    f: &AgentFile,
+) -> Result<ReplicatorConfig, Box<dyn std::error::Error>> {
+    let nodes = config::required(
+        b.nodes.clone(),
+        f.nodes.as_ref().map(config::Nodes::joined),
+        "nodes",
+    )?;
+    let members = Placement::parse_members(&nodes)?;
+    let replicas = b.replicas.or(f.replicas).unwrap_or(REPLICAS_DEFAULT);
+    let placement = Placement::new(members, replicas)?;
+    let secret_file =
+        config::required(b.secret_file.clone(), f.secret_file.clone(), "secret_file")?;
+    let host_id = b.host_id.or(f.host_id).unwrap_or(1);
+    let mut config = ReplicatorConfig::new(placement, load_secret(&secret_file)?, host_id);
+    config.flush_interval_us = b
+        .flush_interval_us
+        .or(f.flush_interval_us)
+        .unwrap_or(FLUSH_INTERVAL_US_DEFAULT);
+    config.force_epoll = b.epoll || f.epoll.unwrap_or(false);
     Ok(config)
 }
 
 fn run_agent(a: &AgentArgs) -> Res {
-    let config = replicator_config(&a.bank)?;
-    let loc = if a.file {
-        Location::File(a.arena.clone().into())
-    } else {
-        Location::Shm(a.arena.clone())
+    let f: AgentFile = match &a.config {
+        Some(p) => config::load(p)?,
+        None => AgentFile::default(),
     };
+    let config = replicator_config(&a.bank, &f)?;
+    let arena = config::required(a.arena.clone(), f.arena.clone(), "arena")?;
+    let loc = if a.file || f.file.unwrap_or(false) {
+        Location::File(arena.into())
+    } else {
+        Location::Shm(arena)
+    };
+    let stats_interval_ms = a.stats_interval_ms.or(f.stats_interval_ms).unwrap_or(5000);
     install_stop_signals();
-    let repl = Replicator::spawn(&loc, config)?;
+    let repl = std::sync::Arc::new(Replicator::spawn(&loc, config)?);
+    let metrics = match a.metrics_addr.or(f.metrics_addr) {
+        Some(m) => {
+            let server = sessio_remote::cli::metrics::serve_agent(m, std::sync::Arc::clone(&repl))?;
+            println!("metrics {}", server.addr());
+            let _ = std::io::stdout().flush();
+            Some(server)
+        }
+        None => None,
+    };
     let mut last = Instant::now();
     while !stop_requested() {
         std::thread::sleep(Duration::from_millis(50));
-        if a.stats_interval_ms != 0 && last.elapsed() >= Duration::from_millis(a.stats_interval_ms)
-        {
+        if stats_interval_ms != 0 && last.elapsed() >= Duration::from_millis(stats_interval_ms) {
             last = Instant::now();
             let s = repl.stats();
             let up = s.nodes.iter().filter(|n| n.up).count();
@@ -221,12 +321,17 @@ fn run_agent(a: &AgentArgs) -> Res {
             );
         }
     }
-    repl.stop()?;
+    // Stopping the metrics thread drops its reference to the replicator.
+    drop(metrics);
+    match std::sync::Arc::try_unwrap(repl) {
+        Ok(r) => r.stop()?,
+        Err(r) => drop(r),
+    }
     Ok(())
 }
 
 fn run_test_host(a: &TestHostArgs) -> Res {
-    let config = replicator_config(&a.bank)?;
+    let config = replicator_config(&a.bank, &AgentFile::default())?;
     let loc = Location::Shm(a.arena.clone());
     let arena = Arena::open(&loc, &ArenaConfig::for_sessions(a.sessions * 2 + 16, 1024))?;
     let repl = Replicator::spawn(&loc, config)?;

@@ -1,0 +1,1215 @@
+//! The demo driver: starts the bank and the hosts, runs the clients, breaks
+//! things on a schedule, and checks every session at the end (see the
+//! parent module).
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write as _};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use sessio_engine::{Arena, Location, Sid};
+
+use super::model::{CATALOG, CartOp, Expected, quantile};
+use super::procs::{Line, NodeProc, WorkerProc};
+use super::protocol::{Answer, decode_attrs, digest};
+use crate::runtime::{install_stop_signals, stop_requested};
+
+/// Replica nodes in the demo bank.
+const NODES: u16 = 3;
+/// Web hosts.
+const HOSTS: usize = 2;
+/// Worker processes per host.
+const WORKERS_PER_HOST: usize = 2;
+/// Requests in flight per worker.
+const WINDOW_PER_WORKER: usize = 16;
+/// Most clients a run may simulate.
+const CLIENTS_MAX: usize = 10_000;
+/// Highest `--rate`.
+const RATE_MAX: u64 = 10_000_000;
+/// Longest load phase.
+const DURATION_S_MAX: u64 = 600;
+/// How long a worker may take to start, the drain, and the final check.
+const START_TIMEOUT_MS: u64 = 10_000;
+const DRAIN_TIMEOUT_MS: u64 = 10_000;
+const CHECK_TIMEOUT_MS: u64 = 15_000;
+/// Pause before a client retries a request that failed.
+const RETRY_MS: u64 = 50;
+/// Replicator stats are polled this often.
+const STATS_INTERVAL_MS: u64 = 500;
+
+/// Arguments of `sessio demo`.
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Seconds of load (start-up and the final check come on top);
+    /// default 40, or 10 with --quick.
+    #[arg(long)]
+    pub duration_s: Option<u64>,
+    /// Simulated clients; default 200, or 100 with --quick.
+    #[arg(long)]
+    pub clients: Option<usize>,
+    /// A short run (about 10 s in all), for CI.
+    #[arg(long)]
+    pub quick: bool,
+    /// Most requests per second, all clients together.
+    #[arg(long, default_value_t = 20_000)]
+    pub rate: u64,
+    /// Fault injection for the demo's own test: host 2's workers store a
+    /// wrong quantity on every Nth cart addition (0: never).
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub fault_every: u64,
+    /// Fault injection for the demo's own test: right after host 1 dies,
+    /// every replica node restarts empty, so acknowledged updates are lost.
+    #[arg(long, hide = true)]
+    pub fault_wipe_bank: bool,
+}
+
+/// When each failure is injected, as seconds into the load.
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
+    node_kill: f64,
+    node_restart: f64,
+    bank_stop: f64,
+    bank_resume: f64,
+    host_kill: f64,
+    end: f64,
+}
+
+impl Schedule {
+    #[allow(clippy::cast_precision_loss)]
+    fn new(duration_s: u64, quick: bool) -> Schedule {
+        let d = duration_s as f64;
+        let stop_s: f64 = if quick { 1.5 } else { 3.0 };
+        Schedule {
+            node_kill: 0.15 * d,
+            node_restart: 0.25 * d,
+            bank_stop: 0.35 * d,
+            bank_resume: 0.35 * d + stop_s.min(0.2 * d),
+            host_kill: 0.6 * d,
+            end: d,
+        }
+    }
+}
+
+/// Runs the demo; prints the report on stdout, its last line
+/// `demo: ok ...` or `demo: FAILED ...`. Returns whether it passed.
+pub fn run(a: &DemoArgs) -> bool {
+    install_stop_signals();
+    let duration_s = a
+        .duration_s
+        .unwrap_or(if a.quick { 10 } else { 40 })
+        .clamp(4, DURATION_S_MAX);
+    let clients = a
+        .clients
+        .unwrap_or(if a.quick { 100 } else { 200 })
+        .clamp(2, CLIENTS_MAX);
+    let started = Instant::now();
+    let result = Demo::start(clients, a.rate.clamp(100, RATE_MAX), a.fault_every)
+        .and_then(|mut d| d.run(Schedule::new(duration_s, a.quick), a.fault_wipe_bank));
+    // `Demo` is dropped here: every process is gone and every file removed
+    // before the verdict is printed.
+    let total_s = started.elapsed().as_secs_f64();
+    match result {
+        Ok(r) => {
+            let ok = r.failure.is_none();
+            print!("{}", r.text);
+            let verdict = match &r.failure {
+                None => "demo: ok".to_string(),
+                Some(why) => format!("demo: FAILED {why}"),
+            };
+            println!("{verdict} total_s={total_s:.1} {}", r.figures);
+            ok
+        }
+        Err(why) => {
+            eprintln!();
+            println!("demo: FAILED {why} total_s={total_s:.1}");
+            false
+        }
+    }
+}
+
+/// The finished report: human lines, the key=value figures, and why it
+/// failed, if it did.
+struct Report {
+    text: String,
+    figures: String,
+    failure: Option<String>,
+}
+
+/// What a client is waiting for.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    New,
+    Update(CartOp),
+    View,
+    Dump,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    seq: u64,
+    kind: Kind,
+    /// When the request went out: the update is applied after this, so a
+    /// lost update's age is measured from here.
+    sent: Instant,
+}
+
+/// What the driver knew about a session when its host died.
+#[derive(Debug, Clone, Copy)]
+struct Orphan {
+    /// Highest version acknowledged by `R` nodes, per the dead host's arena.
+    bank_acked: u64,
+    /// The version its client last saw.
+    local_version: u64,
+    /// An update sent to the dead host whose answer never came: it may
+    /// have been applied (at `local_version + 1`) and even shipped.
+    maybe: Option<CartOp>,
+}
+
+struct Client {
+    user: String,
+    /// Index of the host serving it (sticky; moves when its host dies).
+    host: usize,
+    /// Worker within the host.
+    worker: usize,
+    sid: Option<String>,
+    exp: Expected,
+    created_at: Instant,
+    rng: u64,
+    inflight: Option<InFlight>,
+    orphan: Option<Orphan>,
+    retry_at: Option<Instant>,
+    checked: bool,
+    /// Already counted as differing from its model.
+    mismatched: bool,
+}
+
+impl Client {
+    fn next_rand(&mut self) -> u64 {
+        // xorshift64*: plenty for a workload.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn next_kind(&mut self) -> Kind {
+        if self.sid.is_none() {
+            return Kind::New;
+        }
+        let r = self.next_rand();
+        let item = ((r >> 8) % CATALOG.len() as u64) as u8;
+        let qty = ((r >> 16) % 9 + 1) as u8;
+        match r % 100 {
+            0..45 => Kind::Update(CartOp::Add { item, qty }),
+            45..65 => {
+                let items: Vec<u8> = self.exp.now.items.keys().copied().collect();
+                if items.is_empty() {
+                    Kind::Update(CartOp::Add { item, qty })
+                } else {
+                    let item = items[(r >> 24) as usize % items.len()];
+                    Kind::Update(CartOp::Del { item })
+                }
+            }
+            _ => Kind::View,
+        }
+    }
+}
+
+/// Counters of the run.
+#[derive(Default)]
+struct Tally {
+    requests: u64,
+    updates: u64,
+    errors: u64,
+    last_error: String,
+    read_ns: Vec<u64>,
+    fetch_us: Vec<u64>,
+    gone: u64,
+    /// Updates at or below the bank's ack that host 2 did not get back.
+    lost_acked: u64,
+    /// Updates host 1 acknowledged to clients but never got acked by `R`
+    /// nodes, and that did not come back.
+    unacked_lost: u64,
+    unacked_sessions: u64,
+    /// Longest time between the request of a lost unacknowledged update
+    /// and the host's death.
+    unacked_window: Duration,
+    /// Updates in flight at the host's death that the bank still had.
+    inflight_recovered: u64,
+    /// Versions of host 1's sessions acked by the bank when it died.
+    bank_acked_at_kill: u64,
+    /// Versions of host 1's sessions its clients had seen when it died.
+    local_at_kill: u64,
+    mismatches: u64,
+    mismatch_examples: Vec<String>,
+    unexpected_fetches: u64,
+}
+
+impl Tally {
+    /// Counts a session that differs from its client's model, once.
+    fn mismatch(&mut self, c: &mut Client, why: String) {
+        if c.mismatched {
+            return;
+        }
+        c.mismatched = true;
+        self.mismatches += 1;
+        if self.mismatch_examples.len() < 5 {
+            self.mismatch_examples.push(why);
+        }
+    }
+}
+
+#[derive(Default, Clone)]
+struct ReplStats {
+    dirty: u64,
+    lag_p50_us: u64,
+    lag_p99_us: u64,
+    lag_samples: u64,
+    lag_max_us: u64,
+    nodes_up: u64,
+}
+
+enum Pending {
+    Client(usize),
+    Stats(usize),
+}
+
+/// A removed-on-drop directory holding the bank's secret.
+struct SecretDir {
+    dir: PathBuf,
+    file: PathBuf,
+}
+
+impl SecretDir {
+    fn new() -> Result<SecretDir, String> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!("sessio-demo-{}-{nanos}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let guard = SecretDir {
+            file: dir.join("bank.key"),
+            dir,
+        };
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(|e| format!("random secret: {e}"))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&guard.file)
+            .map_err(|e| format!("writing the secret: {e}"))?;
+        f.write_all(&key)
+            .map_err(|e| format!("writing the secret: {e}"))?;
+        Ok(guard)
+    }
+}
+
+impl Drop for SecretDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A host's arena name, removed on drop.
+struct ArenaName(Location);
+
+impl Drop for ArenaName {
+    fn drop(&mut self) {
+        let _ = Arena::remove(&self.0);
+    }
+}
+
+struct Demo {
+    exe: PathBuf,
+    // Field order is drop order: processes first, then their files.
+    workers: Vec<WorkerProc>,
+    nodes: Vec<NodeProc>,
+    arenas: Vec<ArenaName>,
+    secret: SecretDir,
+    rx: Receiver<Line>,
+    clients: Vec<Client>,
+    rate: u64,
+}
+
+fn stable_hash(i: usize) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(&(i as u64).to_le_bytes())
+}
+
+impl Demo {
+    fn start(clients: usize, rate: u64, fault_every: u64) -> Result<Demo, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("own binary: {e}"))?;
+        let secret = SecretDir::new()?;
+        let mut nodes = Vec::new();
+        for id in 1..=NODES {
+            let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+            nodes.push(NodeProc::spawn(&exe, id, any, &secret.file)?);
+        }
+        let bank = nodes
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let (tx, rx) = channel();
+        let mut demo = Demo {
+            exe,
+            workers: Vec::new(),
+            nodes,
+            arenas: Vec::new(),
+            secret,
+            rx,
+            clients: Vec::new(),
+            rate,
+        };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        for h in 0..HOSTS {
+            let name = format!("demo-{}-{nanos:x}-h{}", std::process::id(), h + 1);
+            let loc = Location::Shm(name.clone());
+            let _ = Arena::remove(&loc);
+            demo.arenas.push(ArenaName(loc));
+            for w in 0..WORKERS_PER_HOST {
+                let mut cmd = Command::new(&demo.exe);
+                cmd.args(["demo-worker", "--arena", &name, "--nodes", &bank])
+                    .args(["--host-id", &(h + 1).to_string()])
+                    .args(["--worker", &w.to_string()])
+                    .arg("--secret-file")
+                    .arg(&demo.secret.file);
+                if std::env::var_os("RUST_LOG").is_none() {
+                    // Node-down warnings are expected here; the progress
+                    // line reports the bank's state.
+                    cmd.env("RUST_LOG", "error");
+                }
+                if h == 1 && fault_every > 0 {
+                    cmd.args(["--fault-every", &fault_every.to_string()]);
+                }
+                if w == 0 {
+                    // Room for every client, recreated sessions, and moves.
+                    cmd.args(["--create", &(clients as u64 * 3 + 64).to_string()])
+                        .arg("--replicate");
+                }
+                let index = demo.workers.len();
+                demo.workers
+                    .push(WorkerProc::spawn(&mut cmd, index, tx.clone())?);
+                demo.wait_ready(index)?;
+            }
+        }
+        let now = Instant::now();
+        demo.clients = (0..clients)
+            .map(|i| {
+                let h = stable_hash(i);
+                Client {
+                    user: format!("shopper-{i}"),
+                    host: (h % HOSTS as u64) as usize,
+                    worker: ((h >> 8) % WORKERS_PER_HOST as u64) as usize,
+                    sid: None,
+                    exp: Expected::new(false),
+                    created_at: now,
+                    rng: h | 1,
+                    inflight: None,
+                    orphan: None,
+                    retry_at: None,
+                    checked: false,
+                    mismatched: false,
+                }
+            })
+            .collect();
+        Ok(demo)
+    }
+
+    fn wait_ready(&self, index: usize) -> Result<(), String> {
+        match self
+            .rx
+            .recv_timeout(Duration::from_millis(START_TIMEOUT_MS))
+        {
+            Ok((i, Some(line))) if i == index && line.trim() == "0 ready" => Ok(()),
+            Ok((i, line)) => Err(format!("worker {i} did not start: {line:?}")),
+            Err(_) => Err(format!("worker {index} did not start in time")),
+        }
+    }
+
+    fn run(&mut self, plan: Schedule, wipe_bank: bool) -> Result<Report, String> {
+        Run::new(self, plan).go(wipe_bank)
+    }
+
+    /// Kills every node and starts it again, empty, on its address.
+    fn wipe_bank(&mut self) -> Result<(), String> {
+        for i in 0..self.nodes.len() {
+            self.nodes[i].proc.kill9();
+            let (id, addr) = (self.nodes[i].id, self.nodes[i].addr);
+            self.nodes[i] = NodeProc::spawn(&self.exe, id, addr, &self.secret.file)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            w.kill9();
+        }
+        for n in &mut self.nodes {
+            n.proc.kill9();
+        }
+    }
+}
+
+/// One run's moving state.
+struct Run<'a> {
+    d: &'a mut Demo,
+    plan: Schedule,
+    start: Instant,
+    seq: u64,
+    pending: HashMap<u64, Pending>,
+    inflight: Vec<usize>,
+    worker_dead: Vec<bool>,
+    host_dead: Vec<bool>,
+    host_kill_at: Option<Instant>,
+    orphans_settled: bool,
+    ready: VecDeque<usize>,
+    parked: Vec<usize>,
+    sent: u64,
+    tally: Tally,
+    repl: Vec<ReplStats>,
+    stats_asked: Vec<bool>,
+    events: Vec<String>,
+    phase: &'static str,
+    progress_at: Instant,
+    progress_requests: u64,
+    ops_per_s: u64,
+    tty: bool,
+}
+
+impl<'a> Run<'a> {
+    fn new(d: &'a mut Demo, plan: Schedule) -> Run<'a> {
+        let workers = d.workers.len();
+        let ready = (0..d.clients.len()).collect();
+        Run {
+            d,
+            plan,
+            start: Instant::now(),
+            seq: 0,
+            pending: HashMap::new(),
+            inflight: vec![0; workers],
+            worker_dead: vec![false; workers],
+            host_dead: vec![false; HOSTS],
+            host_kill_at: None,
+            orphans_settled: false,
+            ready,
+            parked: Vec::new(),
+            sent: 0,
+            tally: Tally::default(),
+            repl: vec![ReplStats::default(); HOSTS],
+            stats_asked: vec![false; HOSTS],
+            events: Vec::new(),
+            phase: "load",
+            progress_at: Instant::now(),
+            progress_requests: 0,
+            ops_per_s: 0,
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn t(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
+    fn event(&mut self, phase: &'static str) {
+        self.phase = phase;
+        let t = self.t();
+        self.events.push(format!("{phase} at {t:.1}s"));
+        self.progress(true);
+    }
+
+    fn go(mut self, wipe_bank: bool) -> Result<Report, String> {
+        let mut step = 0;
+        let mut stats_at = Instant::now();
+        while self.t() < self.plan.end {
+            if stop_requested() {
+                return Err("interrupted".into());
+            }
+            // Failures land right after a burst of requests went out, so
+            // some are in flight when a process dies.
+            self.pump();
+            let t = self.t();
+            match step {
+                0 if t >= self.plan.node_kill => {
+                    self.d.nodes[NODES as usize - 1].proc.kill9();
+                    self.event("node 3 killed");
+                    step += 1;
+                }
+                1 if t >= self.plan.node_restart => {
+                    let (id, addr) = {
+                        let n = &self.d.nodes[NODES as usize - 1];
+                        (n.id, n.addr)
+                    };
+                    let node = NodeProc::spawn(&self.d.exe, id, addr, &self.d.secret.file)?;
+                    self.d.nodes[NODES as usize - 1] = node;
+                    self.event("node 3 restarted empty");
+                    step += 1;
+                }
+                2 if t >= self.plan.bank_stop => {
+                    for n in &self.d.nodes {
+                        n.proc.signal(libc::SIGSTOP);
+                    }
+                    self.event("bank stopped");
+                    step += 1;
+                }
+                3 if t >= self.plan.bank_resume => {
+                    for n in &self.d.nodes {
+                        n.proc.signal(libc::SIGCONT);
+                    }
+                    self.event("bank back");
+                    step += 1;
+                }
+                4 if t >= self.plan.host_kill => {
+                    self.kill_host(0);
+                    self.event("host 1 killed");
+                    if wipe_bank {
+                        self.d.wipe_bank()?;
+                        self.event("bank wiped (fault injection)");
+                    }
+                    step += 1;
+                }
+                _ => {}
+            }
+            if stats_at.elapsed() >= Duration::from_millis(STATS_INTERVAL_MS) {
+                stats_at = Instant::now();
+                self.ask_stats();
+            }
+            self.receive(Duration::from_millis(2))?;
+            self.progress(false);
+        }
+        if step < 5 {
+            return Err(format!("schedule cut short at step {step}"));
+        }
+        self.event("draining");
+        self.drain(Duration::from_millis(DRAIN_TIMEOUT_MS))?;
+        self.event("checking");
+        self.check()?;
+        if self.tty {
+            eprintln!();
+        }
+        Ok(self.report())
+    }
+
+    /// Sends requests while the rate and the windows allow.
+    fn pump(&mut self) {
+        #[allow(clippy::cast_precision_loss, clippy::cast_sign_loss)]
+        let allowed = (self.d.rate as f64 * self.t()) as u64;
+        let now = Instant::now();
+        let mut tries = self.ready.len();
+        let mut touched = [false; HOSTS * WORKERS_PER_HOST];
+        while self.sent < allowed && tries > 0 {
+            tries -= 1;
+            let Some(ci) = self.ready.pop_front() else {
+                break;
+            };
+            let c = &self.d.clients[ci];
+            if self.host_dead[c.host] {
+                self.parked.push(ci);
+                continue;
+            }
+            let w = c.host * WORKERS_PER_HOST + c.worker;
+            if c.retry_at.is_some_and(|r| r > now) || self.inflight[w] >= WINDOW_PER_WORKER {
+                self.ready.push_back(ci);
+                continue;
+            }
+            let kind = self.d.clients[ci].next_kind();
+            self.send(ci, kind);
+            touched[w] = true;
+        }
+        for (w, t) in touched.iter().enumerate() {
+            if *t {
+                self.d.workers[w].flush();
+            }
+        }
+    }
+
+    fn send(&mut self, ci: usize, kind: Kind) {
+        self.seq += 1;
+        let seq = self.seq;
+        let c = &mut self.d.clients[ci];
+        let w = c.host * WORKERS_PER_HOST + c.worker;
+        let sid = c.sid.clone().unwrap_or_default();
+        let line = match kind {
+            Kind::New => format!("{seq} new {}", c.user),
+            Kind::Update(op) => {
+                let (cmd, args) = op.request();
+                format!("{seq} {cmd} {sid} {args}")
+            }
+            Kind::View => format!("{seq} view {sid}"),
+            Kind::Dump => format!("{seq} dump {sid}"),
+        };
+        c.inflight = Some(InFlight {
+            seq,
+            kind,
+            sent: Instant::now(),
+        });
+        c.retry_at = None;
+        self.pending.insert(seq, Pending::Client(ci));
+        self.inflight[w] += 1;
+        self.sent += 1;
+        self.d.workers[w].send(&line);
+    }
+
+    fn ask_stats(&mut self) {
+        for h in 0..HOSTS {
+            if self.host_dead[h] || self.stats_asked[h] {
+                continue;
+            }
+            self.seq += 1;
+            let w = h * WORKERS_PER_HOST;
+            self.pending.insert(self.seq, Pending::Stats(h));
+            self.stats_asked[h] = true;
+            let line = format!("{} stats", self.seq);
+            self.d.workers[w].send(&line);
+            self.d.workers[w].flush();
+        }
+    }
+
+    /// Handles answers for up to `wait`.
+    fn receive(&mut self, wait: Duration) -> Result<(), String> {
+        let mut first = true;
+        loop {
+            let msg = if first {
+                first = false;
+                match self.d.rx.recv_timeout(wait) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => return Ok(()),
+                    Err(RecvTimeoutError::Disconnected) => return Err("workers gone".into()),
+                }
+            } else {
+                match self.d.rx.try_recv() {
+                    Ok(m) => m,
+                    Err(_) => return Ok(()),
+                }
+            };
+            match msg {
+                (w, Some(line)) => self.answer(w, &line)?,
+                (w, None) => self.worker_died(w)?,
+            }
+        }
+    }
+
+    fn answer(&mut self, w: usize, line: &str) -> Result<(), String> {
+        let a = Answer::parse(line).ok_or_else(|| format!("worker {w} answered {line:?}"))?;
+        let Some(p) = self.pending.remove(&a.seq) else {
+            return Ok(());
+        };
+        let ci = match p {
+            Pending::Stats(h) => {
+                self.stats_asked[h] = false;
+                if a.status == "stats" {
+                    self.repl[h] = ReplStats {
+                        dirty: a.num("dirty"),
+                        lag_p50_us: a.num("lag_p50_us"),
+                        lag_p99_us: a.num("lag_p99_us"),
+                        lag_samples: a.num("lag_samples"),
+                        lag_max_us: a.num("lag_max_us"),
+                        nodes_up: a.num("nodes_up"),
+                    };
+                }
+                return Ok(());
+            }
+            Pending::Client(ci) => ci,
+        };
+        self.inflight[w] -= 1;
+        let Some(f) = self.d.clients[ci].inflight.take() else {
+            return Ok(());
+        };
+        debug_assert_eq!(f.seq, a.seq);
+        let now = Instant::now();
+        match a.status.as_str() {
+            "ok" => {
+                self.tally.requests += 1;
+                self.tally.read_ns.push(a.num("read_ns"));
+                if let Some(state) = a.get("fetched") {
+                    self.fetched(ci, a.num("fetched_v"), state, a.num("fetch_us"));
+                }
+                self.done(ci, f.kind, &a, f.sent);
+            }
+            "gone" => {
+                self.tally.requests += 1;
+                self.gone(ci);
+            }
+            _ => {
+                self.tally.errors += 1;
+                self.tally.last_error = a.get("why").unwrap_or("?").to_string();
+                self.d.clients[ci].retry_at = Some(now + Duration::from_millis(RETRY_MS));
+            }
+        }
+        self.ready.push_back(ci);
+        Ok(())
+    }
+
+    /// A client's request, sent at `sent`, succeeded: fold it into its
+    /// expected state.
+    fn done(&mut self, ci: usize, kind: Kind, a: &Answer, sent: Instant) {
+        let v = a.num("v");
+        let c = &mut self.d.clients[ci];
+        if let Kind::New = kind {
+            c.sid = a.get("sid").map(str::to_string);
+            c.exp = Expected::new(c.host == 0 && !self.host_dead[0]);
+            c.created_at = sent;
+        }
+        // What the request read, before its own update, must be exactly
+        // what the client expects: read-your-writes on every request.
+        let want = c.exp.now.attrs(&c.user);
+        let want = format!(
+            "{:x}",
+            digest(want.iter().map(|(k, v)| (k.as_str(), &v[..])))
+        );
+        if a.get("d") != Some(want.as_str()) {
+            let why = format!(
+                "{}: a request read a state that differs from the client's at version {}",
+                c.user, c.exp.version
+            );
+            self.tally.mismatch(c, why);
+        }
+        match kind {
+            Kind::New => {
+                if v != 1 {
+                    let why = format!("{}: new session at version {v}", c.user);
+                    self.tally.mismatch(c, why);
+                }
+            }
+            Kind::Update(op) => {
+                self.tally.updates += 1;
+                if v != c.exp.version + 1 {
+                    let why = format!(
+                        "{}: update produced version {v}, expected {}",
+                        c.user,
+                        c.exp.version + 1
+                    );
+                    c.exp.version = v - 1;
+                    self.tally.mismatch(c, why);
+                }
+                c.exp.push(v, op, sent);
+            }
+            Kind::View => {
+                if v != c.exp.version {
+                    let why = format!("{}: read version {v}, expected {}", c.user, c.exp.version);
+                    c.exp.version = v;
+                    self.tally.mismatch(c, why);
+                }
+            }
+            Kind::Dump => {
+                c.checked = true;
+                let want = c.exp.now.attrs(&c.user);
+                let got = a.get("attrs").and_then(decode_attrs);
+                if v != c.exp.version || got.as_ref() != Some(&want) {
+                    let why = format!(
+                        "{}: holds version {v} {got:?}, expected version {} {want:?}",
+                        c.user, c.exp.version
+                    );
+                    self.tally.mismatch(c, why);
+                }
+            }
+        }
+    }
+
+    /// A host-2 worker fetched the session from the bank (failover): account
+    /// for what the bank returned against what the client saw.
+    fn fetched(&mut self, ci: usize, f: u64, state: &str, fetch_us: u64) {
+        self.tally.fetch_us.push(fetch_us);
+        let kill_at = self.host_kill_at.unwrap_or_else(Instant::now);
+        let now = Instant::now();
+        let c = &mut self.d.clients[ci];
+        let Some(o) = c.orphan.take() else {
+            self.tally.unexpected_fetches += 1;
+            let why = format!("{}: fetched from the bank but its host is alive", c.user);
+            self.tally.mismatch(c, why);
+            return;
+        };
+        if f < o.bank_acked {
+            self.tally.lost_acked += o.bank_acked - f;
+        }
+        if f > o.local_version {
+            match o.maybe {
+                Some(op) if f == o.local_version + 1 => {
+                    // Applied and shipped; only the answer was lost.
+                    c.exp.push(f, op, now);
+                    self.tally.inflight_recovered += 1;
+                }
+                _ => {
+                    let why = format!(
+                        "{}: bank returned version {f}, client saw only {}",
+                        c.user, o.local_version
+                    );
+                    self.tally.mismatch(c, why);
+                }
+            }
+        }
+        let cut = c.exp.cut_to(f);
+        let unacked: Vec<_> = cut.iter().filter(|l| l.version > o.bank_acked).collect();
+        if !unacked.is_empty() {
+            self.tally.unacked_lost += unacked.len() as u64;
+            self.tally.unacked_sessions += 1;
+            let oldest = unacked[0].at;
+            self.tally.unacked_window = self
+                .tally
+                .unacked_window
+                .max(kill_at.saturating_duration_since(oldest));
+        }
+        let want = c.exp.now.attrs(&c.user);
+        if decode_attrs(state).as_ref() != Some(&want) {
+            let why = format!(
+                "{}: bank copy at version {f} is {state}, expected {want:?}",
+                c.user
+            );
+            self.tally.mismatch(c, why);
+        }
+    }
+
+    /// No replica holds the session: it was created on host 1 and never
+    /// acknowledged by the bank (else it is a loss). The client logs in
+    /// again.
+    fn gone(&mut self, ci: usize) {
+        let kill_at = self.host_kill_at.unwrap_or_else(Instant::now);
+        let c = &mut self.d.clients[ci];
+        let Some(o) = c.orphan.take() else {
+            let why = format!("{}: session vanished from a live host", c.user);
+            self.tally.mismatch(c, why);
+            return;
+        };
+        self.tally.gone += 1;
+        // Versions 2.. are logged updates; version 1 is the create itself.
+        let cut = c.exp.cut_to(0);
+        let mut unacked = cut.iter().filter(|l| l.version > o.bank_acked).count() as u64;
+        let mut oldest = cut.iter().find(|l| l.version > o.bank_acked).map(|l| l.at);
+        if o.bank_acked == 0 {
+            unacked += 1;
+            oldest = Some(c.created_at);
+        }
+        self.tally.lost_acked += o.bank_acked;
+        if let Some(oldest) = oldest {
+            self.tally.unacked_lost += unacked;
+            self.tally.unacked_sessions += 1;
+            self.tally.unacked_window = self
+                .tally
+                .unacked_window
+                .max(kill_at.saturating_duration_since(oldest));
+        }
+        c.sid = None;
+        c.exp = Expected::new(false);
+    }
+
+    fn kill_host(&mut self, h: usize) {
+        self.host_dead[h] = true;
+        for w in h * WORKERS_PER_HOST..(h + 1) * WORKERS_PER_HOST {
+            self.d.workers[w].kill9();
+        }
+        self.host_kill_at = Some(Instant::now());
+    }
+
+    /// A worker's stdout closed. Expected for host 1 after its kill: once
+    /// both its workers' answers are all in, its clients move to host 2.
+    fn worker_died(&mut self, w: usize) -> Result<(), String> {
+        let h = w / WORKERS_PER_HOST;
+        if stop_requested() {
+            return Err("interrupted".into());
+        }
+        if !self.host_dead[h] {
+            return Err(format!("worker {w} of host {} died", h + 1));
+        }
+        self.worker_dead[w] = true;
+        if (h * WORKERS_PER_HOST..(h + 1) * WORKERS_PER_HOST).all(|w| self.worker_dead[w]) {
+            self.settle_orphans(h)?;
+        }
+        Ok(())
+    }
+
+    /// Reads, from the dead host's arena, what the bank had acknowledged,
+    /// and moves the host's clients to the next host.
+    fn settle_orphans(&mut self, h: usize) -> Result<(), String> {
+        if self.orphans_settled {
+            return Ok(());
+        }
+        self.orphans_settled = true;
+        let loc = &self.d.arenas[h].0;
+        // Every process of the host is dead and reaped: this handle opens
+        // the arena alone (and runs its recovery).
+        let arena =
+            Arena::open_existing(loc).map_err(|e| format!("opening host 1's arena: {e}"))?;
+        let to = (h + 1) % HOSTS;
+        for (ci, c) in self.d.clients.iter_mut().enumerate() {
+            if c.host != h {
+                continue;
+            }
+            let maybe = match c.inflight.take() {
+                Some(f) => {
+                    self.pending.remove(&f.seq);
+                    match f.kind {
+                        Kind::Update(op) => Some(op),
+                        _ => None,
+                    }
+                }
+                None => None,
+            };
+            if let Some(sid) = c.sid.as_ref().and_then(|s| s.parse::<Sid>().ok()) {
+                let bank_acked = match arena.acked(sid) {
+                    // Held by R = 2 nodes: the lower of the two acks.
+                    Ok([(n0, v0), (n1, v1)]) if n0 != 0 && n1 != 0 => v0.min(v1),
+                    _ => 0,
+                };
+                self.tally.bank_acked_at_kill += bank_acked;
+                self.tally.local_at_kill += c.exp.version;
+                c.orphan = Some(Orphan {
+                    bank_acked,
+                    local_version: c.exp.version,
+                    maybe,
+                });
+            }
+            c.host = to;
+            c.retry_at = None;
+            if !self.parked.contains(&ci) && !self.ready.contains(&ci) {
+                self.ready.push_back(ci);
+            }
+        }
+        for w in h * WORKERS_PER_HOST..(h + 1) * WORKERS_PER_HOST {
+            self.inflight[w] = 0;
+        }
+        self.ready.extend(self.parked.drain(..));
+        drop(arena);
+        let _ = Arena::remove(loc);
+        Ok(())
+    }
+
+    fn outstanding(&self) -> usize {
+        self.d
+            .clients
+            .iter()
+            .filter(|c| c.inflight.is_some())
+            .count()
+    }
+
+    /// Lets every request in flight finish.
+    fn drain(&mut self, limit: Duration) -> Result<(), String> {
+        let t = Instant::now();
+        while (self.outstanding() > 0 || !self.orphans_settled) && t.elapsed() < limit {
+            if stop_requested() {
+                return Err("interrupted".into());
+            }
+            self.receive(Duration::from_millis(5))?;
+        }
+        if self.outstanding() > 0 {
+            return Err(format!("{} requests never answered", self.outstanding()));
+        }
+        Ok(())
+    }
+
+    /// Reads every session back from the host that serves its client and
+    /// compares it with the client's expected state.
+    fn check(&mut self) -> Result<(), String> {
+        let t = Instant::now();
+        let mut stats_asked = false;
+        loop {
+            if stop_requested() {
+                return Err("interrupted".into());
+            }
+            let todo: Vec<usize> = (0..self.d.clients.len())
+                .filter(|&i| {
+                    let c = &self.d.clients[i];
+                    !c.checked && c.inflight.is_none()
+                })
+                .collect();
+            if todo.is_empty() && self.outstanding() == 0 {
+                break;
+            }
+            if t.elapsed() > Duration::from_millis(CHECK_TIMEOUT_MS) {
+                return Err(format!(
+                    "{} sessions could not be read back (last error: {})",
+                    todo.len(),
+                    self.tally.last_error
+                ));
+            }
+            let now = Instant::now();
+            let mut touched = vec![false; self.d.workers.len()];
+            for ci in todo {
+                let c = &self.d.clients[ci];
+                if c.retry_at.is_some_and(|r| r > now) {
+                    continue;
+                }
+                let w = c.host * WORKERS_PER_HOST + c.worker;
+                if self.inflight[w] >= WINDOW_PER_WORKER {
+                    continue;
+                }
+                // A client that never got a session logs in first.
+                let kind = if c.sid.is_none() {
+                    Kind::New
+                } else {
+                    Kind::Dump
+                };
+                self.send(ci, kind);
+                touched[w] = true;
+            }
+            for (w, t) in touched.iter().enumerate() {
+                if *t {
+                    self.d.workers[w].flush();
+                }
+            }
+            if !stats_asked {
+                stats_asked = true;
+                self.ask_stats();
+            }
+            self.receive(Duration::from_millis(5))?;
+        }
+        // The final replicator counters of the surviving host.
+        let t = Instant::now();
+        while self.stats_asked.iter().any(|a| *a) && t.elapsed() < Duration::from_secs(2) {
+            self.receive(Duration::from_millis(5))?;
+        }
+        Ok(())
+    }
+
+    fn progress(&mut self, force: bool) {
+        let since = self.progress_at.elapsed();
+        if !force && since < Duration::from_millis(if self.tty { 250 } else { 5000 }) {
+            return;
+        }
+        if since >= Duration::from_millis(250) {
+            let done = self.tally.requests - self.progress_requests;
+            #[allow(clippy::cast_precision_loss, clippy::cast_sign_loss)]
+            {
+                self.ops_per_s = (done as f64 / since.as_secs_f64()) as u64;
+            }
+            self.progress_requests = self.tally.requests;
+            self.progress_at = Instant::now();
+        }
+        let lag = self.repl.iter().map(|r| r.lag_p99_us).max().unwrap_or(0);
+        let dirty: u64 = self
+            .repl
+            .iter()
+            .zip(&self.host_dead)
+            .filter(|(_, d)| !**d)
+            .map(|(r, _)| r.dirty)
+            .sum();
+        let line = format!(
+            "demo [{:>22}] {:5.1}s  {:>6} req/s  requests {:>8}  failovers {:>4}  dirty {:>5}  lag p99 {:>7} us",
+            self.phase,
+            self.t(),
+            self.ops_per_s,
+            self.tally.requests,
+            self.tally.fetch_us.len(),
+            dirty,
+            lag
+        );
+        if self.tty {
+            eprint!("\r\x1b[K{line}");
+        } else {
+            eprintln!("{line}");
+        }
+        let _ = std::io::stderr().flush();
+    }
+
+    fn report(mut self) -> Report {
+        let secs = self.plan.end;
+        #[allow(clippy::cast_precision_loss, clippy::cast_sign_loss)]
+        let ops_per_s = (self.tally.requests as f64 / secs) as u64;
+        let read_p50 = quantile(&mut self.tally.read_ns, 0.5);
+        let read_p99 = quantile(&mut self.tally.read_ns, 0.99);
+        let fetch_p50 = quantile(&mut self.tally.fetch_us, 0.5);
+        let fetch_p99 = quantile(&mut self.tally.fetch_us, 0.99);
+        let lag_p50 = self.repl.iter().map(|r| r.lag_p50_us).max().unwrap_or(0);
+        let lag_p99 = self.repl.iter().map(|r| r.lag_p99_us).max().unwrap_or(0);
+        let sessions = self.d.clients.len();
+        let checked = self.d.clients.iter().filter(|c| c.checked).count();
+        let moved = self.tally.fetch_us.len() as u64 + self.tally.gone;
+        let t = &self.tally;
+        let mut text = String::new();
+        let _ = writeln!(
+            text,
+            "demo: {NODES} replica nodes (R=2), {HOSTS} hosts x {WORKERS_PER_HOST} worker processes sharing one arena each, {sessions} clients, {secs:.0} s of load"
+        );
+        let _ = writeln!(text, "demo: events: {}", self.events.join(", "));
+        let _ = writeln!(
+            text,
+            "demo: {} requests ({ops_per_s}/s), {} updates, {} retried errors; local read p50 {read_p50} ns, p99 {read_p99} ns",
+            t.requests, t.updates, t.errors
+        );
+        for (h, r) in self.repl.iter().enumerate() {
+            let _ = writeln!(
+                text,
+                "demo: host {} replication lag (update -> acked by 2 nodes) p50 {} us, p99 {} us, max {} us over {} sessions shipped{}",
+                h + 1,
+                r.lag_p50_us,
+                r.lag_p99_us,
+                r.lag_max_us,
+                r.lag_samples,
+                if self.host_dead[h] {
+                    " (last seen before its death)".to_string()
+                } else {
+                    format!(", {} nodes up, {} dirty at the end", r.nodes_up, r.dirty)
+                }
+            );
+        }
+        let _ = writeln!(
+            text,
+            "demo: failover: {moved} sessions of host 1 moved to host 2: {} fetched from the bank (p50 {fetch_p50} us, p99 {fetch_p99} us), {} not found in the bank",
+            t.fetch_us.len(),
+            t.gone
+        );
+        let _ = writeln!(
+            text,
+            "demo: when host 1 died its clients had seen {} session versions; its arena showed {} of them acked by 2 nodes",
+            t.local_at_kill, t.bank_acked_at_kill
+        );
+        let _ = writeln!(
+            text,
+            "demo: loss: {} updates acked by the bank and lost; {} updates in {} sessions not yet acked when host 1 died (window {} us before its death); {} in-flight updates recovered from the bank",
+            t.lost_acked,
+            t.unacked_lost,
+            t.unacked_sessions,
+            t.unacked_window.as_micros(),
+            t.inflight_recovered
+        );
+        let _ = writeln!(
+            text,
+            "demo: check: {checked} of {sessions} sessions read back and compared with their clients' carts and histories: {} mismatches",
+            t.mismatches
+        );
+        for ex in &t.mismatch_examples {
+            let _ = writeln!(text, "demo:   mismatch: {ex}");
+        }
+        let failure = if t.lost_acked > 0 {
+            Some(format!("{} acknowledged updates lost", t.lost_acked))
+        } else if t.mismatches > 0 {
+            Some(format!(
+                "{} sessions differ from their clients",
+                t.mismatches
+            ))
+        } else if checked != sessions {
+            Some(format!("only {checked} of {sessions} sessions checked"))
+        } else if moved == 0 {
+            Some("no session failed over".to_string())
+        } else {
+            None
+        };
+        let figures = format!(
+            "sessions={sessions} checked={checked} mismatched_sessions={} requests={} updates={} ops_per_s={ops_per_s} read_p50_ns={read_p50} read_p99_ns={read_p99} lag_p50_us={lag_p50} lag_p99_us={lag_p99} failovers={} failover_p50_us={fetch_p50} failover_p99_us={fetch_p99} lost_acked_updates={} unacked_updates={} unacked_window_us={}",
+            t.mismatches,
+            t.requests,
+            t.updates,
+            t.fetch_us.len(),
+            t.lost_acked,
+            t.unacked_lost,
+            t.unacked_window.as_micros()
+        );
+        Report {
+            text,
+            figures,
+            failure,
+        }
+    }
+}

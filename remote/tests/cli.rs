@@ -1,0 +1,424 @@
+//! `sessio inspect` and `sessio stats` against a real arena created here.
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use sessio_engine::{Arena, ArenaConfig, Location, NewSession, Op, Sid};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sessio");
+
+/// An arena removed on drop.
+struct TestArena {
+    name: String,
+    loc: Location,
+    arena: Option<Arena>,
+}
+
+impl TestArena {
+    fn new(tag: &str) -> TestArena {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "cli-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let loc = Location::Shm(name.clone());
+        let arena = Arena::open(&loc, &ArenaConfig::for_sessions(64, 1024)).unwrap();
+        TestArena {
+            name,
+            loc,
+            arena: Some(arena),
+        }
+    }
+
+    fn get(&self) -> &Arena {
+        self.arena.as_ref().unwrap()
+    }
+}
+
+impl Drop for TestArena {
+    fn drop(&mut self) {
+        self.arena = None;
+        let _ = Arena::remove(&self.loc);
+    }
+}
+
+fn sessio(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("run sessio")
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}, stderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+/// Two sessions: one with a cart and a history, one with only a user.
+fn shop(a: &TestArena) -> (Sid, Sid) {
+    let cart = a
+        .get()
+        .create(NewSession::default(), &[("user", b"ada")])
+        .unwrap();
+    for item in ["add apple 3", "add bread 1"] {
+        a.get()
+            .update(
+                cart,
+                &[
+                    Op::Set {
+                        key: format!("cart:{}", item.split(' ').nth(1).unwrap()),
+                        value: item.split(' ').nth(2).unwrap().as_bytes().to_vec(),
+                    },
+                    Op::Append {
+                        key: "history".into(),
+                        item: item.as_bytes().to_vec(),
+                        max_items: 8,
+                    },
+                ],
+            )
+            .unwrap();
+    }
+    let other = a
+        .get()
+        .create(NewSession::default(), &[("user", b"bob")])
+        .unwrap();
+    (cart, other)
+}
+
+#[test]
+fn inspect_lists_sessions_with_versions_and_attributes() {
+    let a = TestArena::new("list");
+    let (cart, other) = shop(&a);
+
+    let text = stdout(&sessio(&["inspect", "--arena", &a.name]));
+    assert!(
+        text.starts_with(&format!("arena {}: 2 sessions", a.name)),
+        "{text}"
+    );
+    let row = text
+        .lines()
+        .find(|l| l.starts_with(&cart.to_string()))
+        .unwrap_or_else(|| panic!("no row for {cart}: {text}"));
+    let f: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!((f[1], f[2]), ("3", "1"), "{row}");
+    assert!(
+        row.contains("cart:apple(1 B)") && row.contains("user(3 B)"),
+        "{row}"
+    );
+    assert!(text.contains(&other.to_string()), "{text}");
+
+    let json: Value =
+        serde_json::from_str(&stdout(&sessio(&["inspect", "--arena", &a.name, "--json"]))).unwrap();
+    assert_eq!(json["sessions_total"], 2);
+    let s = json["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["sid"] == cart.to_string())
+        .unwrap();
+    assert_eq!(
+        (s["version"].as_u64(), s["epoch"].as_u64()),
+        (Some(3), Some(1))
+    );
+    let keys: Vec<&str> = s["attrs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["cart:apple", "cart:bread", "history", "user"]);
+
+    // --limit bounds the listing and says what it left out.
+    let text = stdout(&sessio(&["inspect", "--arena", &a.name, "--limit", "1"]));
+    assert!(text.contains("... 1 more"), "{text}");
+}
+
+#[test]
+fn inspect_shows_one_session() {
+    let a = TestArena::new("one");
+    let (cart, _) = shop(&a);
+    let sid = cart.to_string();
+
+    let text = stdout(&sessio(&["inspect", "--arena", &a.name, "--sid", &sid]));
+    assert!(text.contains("version 3  epoch 1  checksum ok"), "{text}");
+    assert!(text.contains("acked by no replica"), "{text}");
+    assert!(text.contains("cart:apple  1 B  \"3\""), "{text}");
+    assert!(
+        text.contains("history  ") && text.contains("list [\"add apple 3\", \"add bread 1\"]"),
+        "{text}"
+    );
+
+    a.get().mark_acked(cart, 4, 3).unwrap();
+    let json: Value = serde_json::from_str(&stdout(&sessio(&[
+        "inspect", "--arena", &a.name, "--sid", &sid, "--json",
+    ])))
+    .unwrap();
+    assert_eq!(json["sid"], sid);
+    assert_eq!(json["version"], 3);
+    assert_eq!(json["checksum_ok"], true);
+    assert_eq!(json["acked"][0]["node"], 4);
+    let user = json["attrs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["key"] == "user")
+        .unwrap();
+    assert_eq!(
+        (user["utf8"].as_str(), user["hex"].as_str()),
+        (Some("ada"), Some("616461"))
+    );
+}
+
+#[test]
+fn stats_reports_the_arena_counters() {
+    let a = TestArena::new("stats");
+    shop(&a);
+    let text = stdout(&sessio(&["stats", "--arena", &a.name]));
+    assert!(text.contains("live sessions      2 of 64"), "{text}");
+    assert!(text.contains("created_total      2"), "{text}");
+
+    let json: Value =
+        serde_json::from_str(&stdout(&sessio(&["stats", "--arena", &a.name, "--json"]))).unwrap();
+    let s = a.get().stats();
+    assert_eq!(json["live"], 2);
+    assert_eq!(json["capacity"], s.capacity);
+    assert_eq!(json["mapped_bytes"], s.mapped_bytes);
+    // This test's handle and the tool's own.
+    assert_eq!(json["handles"], 2);
+}
+
+#[test]
+fn missing_arena_or_session_is_a_clear_error() {
+    let name = format!("cli-missing-{}", std::process::id());
+    for args in [
+        vec!["inspect", "--arena", &name],
+        vec!["stats", "--arena", &name, "--json"],
+    ] {
+        let o = sessio(&args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(o.stdout.is_empty(), "{args:?} printed to stdout");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&format!("cannot open arena \"{name}\"")) && err.contains("no arena"),
+            "{args:?}: {err}"
+        );
+    }
+
+    let a = TestArena::new("nosid");
+    let absent = Sid::random().to_string();
+    let o = sessio(&["inspect", "--arena", &a.name, "--sid", &absent]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&absent) && err.contains("no such session"),
+        "{err}"
+    );
+
+    let o = sessio(&["inspect", "--arena", &a.name, "--sid", "nope"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("bad SID \"nope\""));
+}
+
+/// A temporary directory, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("sessio-cli-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir(&p).unwrap();
+        TempDir(p)
+    }
+
+    fn write(&self, name: &str, text: &str) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child killed and reaped on drop.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Spawns `sessio ARGS` and reads stdout lines until every prefix in
+/// `want` was seen; returns the first word after each.
+fn spawn_until(args: &[&str], want: &[&str]) -> (Proc, Vec<String>) {
+    use std::io::BufRead;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let proc = Proc(child);
+    let mut found = vec![String::new(); want.len()];
+    while found.iter().any(String::is_empty) {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("{args:?} exited before printing {want:?}"))
+            .unwrap();
+        for (i, w) in want.iter().enumerate() {
+            if let Some(rest) = line.strip_prefix(w) {
+                found[i] = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+            }
+        }
+    }
+    // Keep draining so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (proc, found)
+}
+
+/// `GET path` over HTTP/1.1: (status line, body).
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+fn scrape_until(addr: &str, what: &[&str]) -> String {
+    let t = std::time::Instant::now();
+    loop {
+        let (status, body) = http_get(addr, "/metrics");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        if what.iter().all(|w| body.contains(w)) {
+            return body;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(15),
+            "metrics never showed {what:?}:\n{body}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn node_and_agent_run_from_config_files_and_serve_metrics() {
+    let dir = TempDir::new("cfg");
+    dir.write("bank.key", &"42".repeat(32));
+    let node_cfg = dir.write(
+        "node.toml",
+        "listen = \"127.0.0.1:0\"\nnode_id = 1\nsecret_file = \"bank.key\"\nmetrics_addr = \"127.0.0.1:0\"\n",
+    );
+    let (_node, got) = spawn_until(
+        &["node", "--config", node_cfg.to_str().unwrap()],
+        &["metrics ", "listening "],
+    );
+    let (node_metrics, node_addr) = (got[0].clone(), got[1].clone());
+    scrape_until(
+        &node_metrics,
+        &[
+            "sessio_node_up{node=\"1\"} 1",
+            "sessio_node_sessions{node=\"1\"} 0",
+        ],
+    );
+    assert_eq!(
+        http_get(&node_metrics, "/other").0,
+        "HTTP/1.1 404 Not Found"
+    );
+
+    let a = TestArena::new("agent");
+    shop(&a);
+    let agent_cfg = dir.write(
+        "agent.toml",
+        &format!(
+            "arena = \"{}\"\nnodes = [\"1={node_addr}\"]\nsecret_file = \"bank.key\"\nreplicas = 1\nhost_id = 9\nstats_interval_ms = 0\nmetrics_addr = \"127.0.0.1:0\"\n",
+            a.name
+        ),
+    );
+    let (_agent, got) = spawn_until(
+        &["agent", "--config", agent_cfg.to_str().unwrap()],
+        &["metrics "],
+    );
+    let body = scrape_until(
+        &got[0],
+        &[
+            "sessio_replicator_node_up{node=\"1\"} 1",
+            "sessio_replicator_dirty_sessions 0",
+        ],
+    );
+    assert!(
+        body.contains("# TYPE sessio_replicator_node_applied_total counter"),
+        "{body}"
+    );
+    // Both sessions reached the node.
+    scrape_until(&node_metrics, &["sessio_node_sessions{node=\"1\"} 2"]);
+}
+
+#[test]
+fn config_errors_name_the_bad_field() {
+    let dir = TempDir::new("badcfg");
+    dir.write("bank.key", &"42".repeat(32));
+    let cases: [(&str, &str, &str, &[&str]); 5] = [
+        (
+            "node",
+            "n1.toml",
+            "node_id = 1\nnod_id = 2\n",
+            &["nod_id", "line 2"],
+        ),
+        (
+            "node",
+            "n2.toml",
+            "node_id = \"one\"\n",
+            &["node_id", "u16"],
+        ),
+        (
+            "node",
+            "n3.toml",
+            "node_id = 1\nsecret_file = \"bank.key\"\n",
+            &["--listen is required", "`listen`"],
+        ),
+        (
+            "agent",
+            "a1.toml",
+            "arena = \"x\"\nnodes = 5\n",
+            &["nodes", "id=ip:port"],
+        ),
+        (
+            "agent",
+            "a2.toml",
+            "arena = \"x\"\nflush_interval = 5\n",
+            &["flush_interval"],
+        ),
+    ];
+    for (cmd, name, text, want) in cases {
+        let path = dir.write(name, text);
+        let o = sessio(&[cmd, "--config", path.to_str().unwrap()]);
+        assert!(!o.status.success(), "{cmd} {text:?} succeeded");
+        let err = String::from_utf8_lossy(&o.stderr);
+        for w in want {
+            assert!(err.contains(w), "{cmd} {text:?}: {err}");
+        }
+    }
+    let o = sessio(&["node", "--config", "/nonexistent/node.toml"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("config /nonexistent/node.toml"));
+}

@@ -733,6 +733,30 @@ enum Built {
     Nothing,
 }
 
+/// Adds a whole-record entry; returns the bytes it adds to the batch.
+fn push_full(
+    entries: &mut Vec<DeltaEntry>,
+    sent: &mut Vec<Sent>,
+    sid: Sid,
+    version: u64,
+    epoch: u64,
+    record: Vec<u8>,
+) -> u64 {
+    let bytes = record.len() as u64 + 64;
+    entries.push(DeltaEntry {
+        sid: sid.0,
+        base_version: 0,
+        new_version: version,
+        epoch,
+        body: Delta::Full(record),
+    });
+    sent.push(Sent {
+        sid,
+        new_version: version,
+    });
+    bytes
+}
+
 fn build_once(ctx: &Ctx<'_>, id: u16) -> Built {
     let cfg = ctx.config;
     let entries_max = cfg.batch_entries_max.clamp(1, 4096);
@@ -799,28 +823,30 @@ fn build_once(ctx: &Ctx<'_>, id: u16) -> Built {
                     });
                 }
             }
-            Ok(sessio_engine::Delta::Ops { .. }) => {
+            Ok(sessio_engine::Delta::Ops { .. }) if !entries.is_empty() => {
                 // Does not fit this batch: next one.
                 taken.pop();
                 break;
+            }
+            // More op batches than one delta batch may carry at all: ship
+            // the whole record instead (else this session would never fit,
+            // and the link would spin on it).
+            Ok(sessio_engine::Delta::Ops { .. }) => {
+                if let Ok(sessio_engine::Delta::Full {
+                    version,
+                    epoch,
+                    bytes: record,
+                }) = ctx.arena.delta_since(sid, 0)
+                {
+                    bytes += push_full(&mut entries, &mut sent, sid, version, epoch, record);
+                }
             }
             Ok(sessio_engine::Delta::Full {
                 version,
                 epoch,
                 bytes: record,
             }) => {
-                bytes += record.len() as u64 + 64;
-                entries.push(DeltaEntry {
-                    sid: sid.0,
-                    base_version: 0,
-                    new_version: version,
-                    epoch,
-                    body: Delta::Full(record),
-                });
-                sent.push(Sent {
-                    sid,
-                    new_version: version,
-                });
+                bytes += push_full(&mut entries, &mut sent, sid, version, epoch, record);
             }
             Err(e) => tracing::warn!(%sid, "cannot build a delta: {e}"),
         }

@@ -1,0 +1,313 @@
+//! Replication benchmarks, one process, everything on loopback:
+//!
+//! - `throughput`: sessions updated as fast as one thread can, shipped by the
+//!   replicator to one node; deltas acknowledged per second, at several batch
+//!   sizes (`batch_entries_max`).
+//! - `lag`: updates paced at a fixed 100k/s for a few seconds; the
+//!   replicator's update-to-ack lag p50/p99 (upper bounds of power-of-two
+//!   buckets, as `ReplicatorStats` reports them).
+//! - `failover_fetch` (criterion): a second host's first request for a
+//!   session it does not hold: fetch from the node and install.
+//!
+//! `cargo bench -p sessio-benches --bench replication`. The node, the
+//! replicator and the updating thread share this machine's two cores, so
+//! the figures are a floor for what separate hosts would see.
+
+#![allow(clippy::cast_precision_loss)] // rates and seconds for display
+
+use criterion::Criterion;
+use sessio_benches::ArenaFixture;
+use sessio_engine::{Arena, ArenaConfig, HugePages, Location, Op};
+use sessio_net::{IoUring, Secret};
+use sessio_remote::failover::{FailoverConfig, NodeClients, Singleflight, fetch_and_install};
+use sessio_remote::node::{self, NodeConfig};
+use sessio_remote::placement::{Member, Placement};
+use sessio_remote::replicator::{Replicator, ReplicatorConfig};
+use sessio_remote::runtime::Rt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const SESSIONS: u64 = 20_000;
+
+const VALUE_BYTES: usize = 100;
+
+/// A replica node on a thread of this process, stopped on drop.
+struct Node {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    addr: std::net::SocketAddr,
+}
+
+impl Node {
+    fn start(secret: &Secret) -> Node {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let (secret, stop) = (secret.clone(), Arc::clone(&stop));
+            move || {
+                let config = NodeConfig::new("127.0.0.1:0".parse().unwrap(), 1);
+                let shutdown = async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        compio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                };
+                node::serve::<IoUring>(&config, secret, |addr, _| tx.send(addr).unwrap(), shutdown)
+                    .expect("node serves");
+            }
+        });
+        let addr = rx.recv().expect("node bound");
+        Node {
+            stop,
+            thread: Some(thread),
+            addr,
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn set(i: u64) -> [Op; 1] {
+    [Op::Set {
+        key: "cart".into(),
+        value: vec![(i % 251) as u8; VALUE_BYTES],
+    }]
+}
+
+/// Waits until every session in `sids` has its current version acked.
+fn wait_acked(arena: &Arena, sids: &[sessio_engine::Sid], deadline: Instant) -> bool {
+    for &sid in sids {
+        let want = arena.read(sid).map_or(0, |g| g.version());
+        while arena.acked(sid).map_or(0, |a| a[0].1.max(a[1].1)) < want {
+            if Instant::now() > deadline {
+                eprintln!(
+                    "not acked: {sid} wants {want}, acked {:?}",
+                    arena.acked(sid)
+                );
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    true
+}
+
+fn replicator(fx: &ArenaFixture, node: &Node, secret: &Secret, batch: usize) -> Replicator {
+    let placement = Placement::new(
+        vec![Member {
+            id: 1,
+            addr: node.addr,
+        }],
+        1,
+    )
+    .unwrap();
+    let mut cfg = ReplicatorConfig::new(placement, secret.clone(), 1);
+    cfg.batch_entries_max = batch;
+    Replicator::spawn(fx.location(), cfg).expect("replicator starts")
+}
+
+fn throughput(secret: &Secret) {
+    println!("\n## throughput: deltas of {VALUE_BYTES} B acknowledged by one node");
+    println!("| batch entries max | updates | seconds to all acked | deltas acked/s |");
+    println!("| --: | --: | --: | --: |");
+    let batches: Vec<usize> = std::env::var("SESSIO_BENCH_BATCHES").ok().map_or_else(
+        || vec![1, 8, 32, 128],
+        |v| v.split(',').filter_map(|b| b.parse().ok()).collect(),
+    );
+    for batch in batches {
+        let node = Node::start(secret);
+        let fx = ArenaFixture::build_with(
+            &format!("repl-tp-{batch}"),
+            SESSIONS,
+            &sessio_benches::updated_arena_config(SESSIONS),
+        )
+        .expect("arena");
+        let repl = replicator(&fx, &node, secret, batch);
+        // The initial full records first, so the run measures deltas.
+        let synced = wait_acked(
+            fx.arena(),
+            fx.sids(),
+            Instant::now() + Duration::from_secs(60),
+        );
+        assert!(synced, "initial sync: {:?}", repl.stats());
+        let rounds = 10u64;
+        let t = Instant::now();
+        for r in 0..rounds {
+            for (i, &sid) in fx.sids().iter().enumerate() {
+                fx.arena()
+                    .update(sid, &set(r * SESSIONS + i as u64))
+                    .expect("update");
+            }
+        }
+        let ok = wait_acked(
+            fx.arena(),
+            fx.sids(),
+            Instant::now() + Duration::from_secs(60),
+        );
+        if !ok {
+            eprintln!("replicator: {:?}", repl.stats());
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let n = rounds * SESSIONS;
+        drop(repl);
+        // Updates of one session between two flushes coalesce into one
+        // delta batch per flush; count updates, the work the host asked for.
+        println!(
+            "| {batch} | {n} | {secs:.2}{} | {:.0} |",
+            if ok { "" } else { " (timed out)" },
+            n as f64 / secs
+        );
+    }
+}
+
+fn lag(secret: &Secret) {
+    const RATE: u64 = 100_000;
+    const SECONDS: u64 = 3;
+    println!("\n## lag: update → acked by the node, updates paced at {RATE}/s for {SECONDS} s");
+    let node = Node::start(secret);
+    let fx = ArenaFixture::build_with(
+        "repl-lag",
+        SESSIONS,
+        &sessio_benches::updated_arena_config(SESSIONS),
+    )
+    .expect("arena");
+    let repl = replicator(&fx, &node, secret, 128);
+    assert!(
+        wait_acked(
+            fx.arena(),
+            fx.sids(),
+            Instant::now() + Duration::from_secs(60)
+        ),
+        "initial sync"
+    );
+    let before = repl.stats().lag_samples;
+    let t = Instant::now();
+    let total = RATE * SECONDS;
+    let mut behind = 0u64;
+    for k in 0..total {
+        // Pace: update k is due at k / RATE seconds.
+        let due = Duration::from_nanos(k * 1_000_000_000 / RATE);
+        while t.elapsed() < due {
+            std::hint::spin_loop();
+        }
+        if t.elapsed() > due + Duration::from_millis(1) {
+            behind += 1;
+        }
+        let sid = fx.sids()[(k % SESSIONS) as usize];
+        fx.arena().update(sid, &set(k)).expect("update");
+    }
+    let achieved = total as f64 / t.elapsed().as_secs_f64();
+    wait_acked(
+        fx.arena(),
+        fx.sids(),
+        Instant::now() + Duration::from_secs(30),
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    let s = repl.stats();
+    println!(
+        "| offered/s | achieved/s | updates > 1 ms late | lag samples | lag p50 | lag p99 | lag max |"
+    );
+    println!("| --: | --: | --: | --: | --: | --: | --: |");
+    println!(
+        "| {RATE} | {achieved:.0} | {behind} | {} | ≤ {} µs | ≤ {} µs | {} µs |",
+        s.lag_samples - before,
+        s.lag_p50_us,
+        s.lag_p99_us,
+        s.lag_max_us
+    );
+    drop(repl);
+}
+
+fn failover(c: &mut Criterion, secret: &Secret) {
+    let node = Node::start(secret);
+    let fx = ArenaFixture::build_with(
+        "repl-fo",
+        SESSIONS,
+        &sessio_benches::updated_arena_config(SESSIONS),
+    )
+    .expect("arena");
+    let repl = replicator(&fx, &node, secret, 128);
+    assert!(
+        wait_acked(
+            fx.arena(),
+            fx.sids(),
+            Instant::now() + Duration::from_secs(60)
+        ),
+        "initial sync"
+    );
+    drop(repl);
+    let placement = Placement::new(
+        vec![Member {
+            id: 1,
+            addr: node.addr,
+        }],
+        1,
+    )
+    .unwrap();
+    let loc = Location::Shm(format!("bench-{}-repl-fo-b", std::process::id()));
+    let cfg = ArenaConfig {
+        huge_pages: HugePages::Off,
+        ..sessio_benches::updated_arena_config(SESSIONS)
+    };
+    let host_b = Arena::open(&loc, &cfg).expect("host b");
+    let mut clients = NodeClients::<IoUring>::new(
+        FailoverConfig::new(2, secret.clone()),
+        Arc::new(Singleflight::default()),
+    )
+    .expect("clients");
+    let mut next = 0usize;
+    c.bench_function("failover_fetch/first_request_1KB", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iters {
+                if next == fx.sids().len() {
+                    // Every session fetched once: forget them and start over.
+                    for &sid in fx.sids() {
+                        let _ = host_b.invalidate(sid);
+                    }
+                    next = 0;
+                }
+                let sid = fx.sids()[next];
+                next += 1;
+                let t = Instant::now();
+                fetch_and_install(&host_b, sid, &placement, &mut clients).expect("fetch");
+                spent += t.elapsed();
+            }
+            spent
+        });
+    });
+    drop(host_b);
+    let _ = Arena::remove(&loc);
+}
+
+fn main() {
+    if !IoUring::available() {
+        println!("io_uring is not available on this kernel: replication benches skipped");
+        return;
+    }
+    let secret = Secret::from_bytes([42; 32]);
+    let only = std::env::var("SESSIO_BENCH_ONLY").unwrap_or_default();
+    let run = |name: &str| only.is_empty() || only.split(',').any(|o| o == name);
+    if run("throughput") {
+        throughput(&secret);
+    }
+    if run("lag") {
+        lag(&secret);
+    }
+    if run("failover") {
+        let mut c = Criterion::default()
+            .sample_size(20)
+            .measurement_time(Duration::from_secs(3))
+            .warm_up_time(Duration::from_secs(1))
+            .configure_from_args();
+        failover(&mut c, &secret);
+        c.final_summary();
+    }
+}

@@ -736,23 +736,22 @@ fn redis_pipelined_set(
 }
 
 fn replication(run: &Run, rep: &mut Report, redis: &PeerProcess) -> Result<(), BoxError> {
-    // TODO(sessio-remote): once `sessio-remote` is in the workspace, replace
-    // this stand-in (a `sessio-net` server applying deltas to a hashbrown
-    // map) by the real path: `Arena::update` on a host arena, drained by the
-    // host replicator (`sessio_remote::Replicator`, its flush of dirty SIDs)
-    // to one `sessio_remote::Node` on loopback, counting deltas acked.
+    // One replica node (the store of `sessio-remote` behind a `sessio-net`
+    // server) acknowledging pipelined batches of 100 B op deltas: what the
+    // bank does with a host's replication stream. The whole host path
+    // (arena, replicator, node) is `benches/benches/replication.rs`.
     let mut node = Pump::<IoUring>::start(Node::Store)?;
     let [stand_in, redis_curve] = two_curves(
         &mut |b| node.round(b, run.round),
         &mut |depth| redis_pipelined_set(redis.addr, depth, run.round),
-        ["stand-in node", "Redis SET pipelined"],
+        ["replica node", "Redis SET pipelined"],
     )?;
     let (s, r) = (
         at_batch(&stand_in, REDIS_PIPELINE),
         at_batch(&redis_curve, REDIS_PIPELINE),
     );
     rep.row(Row::new(
-        "replication (STAND-IN: sessio-net io_uring node applying 100 B deltas to a hashbrown map, batch 64, 1 connection) vs Redis `SET` 100 B pipelined 64 deep, 4 connections",
+        "replication: one replica node (sessio-remote store, io_uring) applying 100 B op deltas, batch 64, 1 connection, vs Redis `SET` 100 B pipelined 64 deep, 4 connections",
         Unit::PerSec,
         s.clone(),
         "Redis SET -P 64",
@@ -763,7 +762,7 @@ fn replication(run: &Run, rep: &mut Report, redis: &PeerProcess) -> Result<(), B
         s.median() / r.median(),
     );
     rep.batch_curve.push((
-        "replication stand-in (io_uring, map store)".into(),
+        "replica node (io_uring, sessio-remote store)".into(),
         stand_in,
     ));
     rep.batch_curve.push((
@@ -793,10 +792,9 @@ fn failover_fetch(run: &Run, rep: &mut Report, redis: &PeerProcess) -> Result<()
         .collect::<Result<_, BoxError>>()?;
     let sids: Vec<sessio_net::Sid> = records.iter().map(|(s, _)| *s).collect();
     drop(src);
-    // TODO(sessio-remote): replace the stand-in node by a
-    // `sessio_remote::Node` holding these sessions, and the fetch below by
-    // the replicator's failover fetch (`sessio_remote::Replicator::fetch`),
-    // which asks the owners and installs the newest copy.
+    // A replica node's store holding these sessions; the client side is a
+    // worker's first request: `Fetch`, `Arena::install`, read (what
+    // `sessio_remote::failover::fetch_and_install` does for one owner).
     let node = NodeServer::start::<IoUring>(Node::Records(records.clone()))?;
     // The same over the epoll transport: tells the transport's share of
     // the failover time from the rest (a diagnostic, not a target).
@@ -858,7 +856,7 @@ fn failover_fetch(run: &Run, rep: &mut Report, redis: &PeerProcess) -> Result<()
     drop(node);
     drop(node_epoll);
     rep.row(Row::new(
-        "failover fetch (STAND-IN: `Fetch` over sessio-net io_uring from a map node + `Arena::install` + read) vs Redis `GET` 1 KB (sync)",
+        "failover fetch: `Fetch` from a replica node (io_uring) + `Arena::install` + read vs Redis `GET` 1 KB (sync)",
         Unit::Ns,
         total.clone(),
         "Redis GET",
@@ -872,7 +870,7 @@ fn failover_fetch(run: &Run, rep: &mut Report, redis: &PeerProcess) -> Result<()
         get.clone(),
     ));
     rep.row(Row::new(
-        "failover fetch (STAND-IN, diagnostic): the same first request over the epoll transport vs Redis `GET` 1 KB",
+        "failover fetch (diagnostic): the same first request over the epoll transport vs Redis `GET` 1 KB",
         Unit::Ns,
         total_epoll,
         "Redis GET",
@@ -880,7 +878,7 @@ fn failover_fetch(run: &Run, rep: &mut Report, redis: &PeerProcess) -> Result<()
     ));
     rep.ratio("failover_fetch_vs_redis_get", get.median() / total.median());
     rep.note(format!(
-        "failover first request (stand-in): p50 {:.1} µs, p99 {:.1} µs over {} fetches; Redis GET p50 {:.1} µs, p99 {:.1} µs",
+        "failover first request: p50 {:.1} µs, p99 {:.1} µs over {} fetches; Redis GET p50 {:.1} µs, p99 {:.1} µs",
         percentile(&mut all_total, 0.50) / 1e3,
         percentile(&mut all_total, 0.99) / 1e3,
         all_total.len(),

@@ -5,11 +5,11 @@
 //! Three kinds of node:
 //! - [`Node::Ack`]: acknowledges every entry and keeps nothing: the
 //!   transport alone, for `io_uring` against epoll.
-//! - [`Node::Store`]: checks each delta's base version against a hashbrown
-//!   map of SID → (version, bytes), stores the bytes and acknowledges —
-//!   what a replica node does with a delta. It stands in for the real
-//!   replica node of `sessio-remote` until that crate is in the workspace.
-//! - [`Node::Records`]: answers `Fetch` from a map of archived records.
+//! - [`Node::Store`]: the replica node's own store (`sessio_remote::Store`):
+//!   checks base versions and epochs, applies each op delta to the archived
+//!   session and re-archives it, acknowledges.
+//! - [`Node::Records`]: the same store, loaded with these records, answering
+//!   `Fetch`.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use hashbrown::HashMap;
 use sessio_net::{
     Ack, AckEntry, AckStatus, Backend, Client, ClientConfig, Delta, DeltaBatch, DeltaEntry, Epoll,
     Fetch, FetchReply, FoundRecord, Identity, IoUring, Message, Secret, Server, ServerConfig, Sid,
@@ -114,13 +113,13 @@ impl NodeServer {
                         match kind {
                             Node::Ack => server.serve_until(ack_all, shutdown).await,
                             Node::Store => {
-                                let mut store = HashMap::<Sid, (u64, Vec<u8>)>::new();
-                                let h = move |_peer, msg| apply(&mut store, msg);
+                                let mut store = replica_store(&[]);
+                                let h = move |_peer, msg| store.handle(msg);
                                 server.serve_until(h, shutdown).await
                             }
                             Node::Records(records) => {
-                                let map: HashMap<Sid, FoundRecord> = records.into_iter().collect();
-                                let h = move |_peer, msg| fetch(&map, &msg);
+                                let mut store = replica_store(&records);
+                                let h = move |_peer, msg| store.handle(msg);
                                 server.serve_until(h, shutdown).await
                             }
                         }
@@ -176,53 +175,56 @@ fn ack_all(_peer: sessio_net::PeerInfo, msg: Message) -> Option<Message> {
     }
 }
 
-/// What a replica does with a batch: each `Ops` entry applies only on top of
-/// the version it was made from (or creates the session at base 0).
-fn apply(store: &mut HashMap<Sid, (u64, Vec<u8>)>, msg: Message) -> Option<Message> {
-    let Message::DeltaBatch(b) = msg else {
-        return None;
-    };
-    let entries = b
-        .entries
-        .into_iter()
-        .map(|e| {
-            let status = match (store.get_mut(&e.sid), e.body) {
-                (Some((v, bytes)), Delta::Ops(ops) | Delta::Full(ops)) if *v == e.base_version => {
-                    *v = e.new_version;
-                    bytes.clear();
-                    bytes.extend_from_slice(&ops);
-                    AckStatus::Applied
-                }
-                (None, Delta::Ops(ops) | Delta::Full(ops)) if e.base_version == 0 => {
-                    store.insert(e.sid, (e.new_version, ops));
-                    AckStatus::Applied
-                }
-                (_, Delta::Remove) => {
-                    store.remove(&e.sid);
-                    AckStatus::Applied
-                }
-                _ => AckStatus::NeedFull,
-            };
-            let version = store.get(&e.sid).map_or(0, |(v, _)| *v);
-            AckEntry {
-                sid: e.sid,
-                version,
-                status,
-            }
-        })
-        .collect();
-    Some(Message::Ack(Ack { entries }))
+/// A replica node's store (the real one of `sessio-remote`), holding
+/// `records` as full copies.
+fn replica_store(records: &[(Sid, FoundRecord)]) -> sessio_remote::Store {
+    let mut store = sessio_remote::Store::new(
+        sessio_remote::NodeLimits {
+            sessions_max: 1 << 24,
+            bytes_max: 1 << 34,
+        },
+        1,
+    );
+    for chunk in records.chunks(256) {
+        let entries = chunk
+            .iter()
+            .map(|(sid, r)| DeltaEntry {
+                sid: *sid,
+                base_version: 0,
+                new_version: r.version,
+                epoch: r.epoch,
+                body: Delta::Full(r.record.clone()),
+            })
+            .collect();
+        let ack = store.apply_batch(DeltaBatch {
+            host_id: HOST_ID,
+            entries,
+        });
+        assert!(
+            ack.entries.iter().all(|e| e.status == AckStatus::Applied),
+            "loading the replica store"
+        );
+    }
+    store
 }
 
-fn fetch(map: &HashMap<Sid, FoundRecord>, msg: &Message) -> Option<Message> {
-    let Message::Fetch(f) = msg else {
-        return None;
-    };
-    Some(Message::FetchReply(FetchReply {
-        request_id: f.request_id,
-        sid: f.sid,
-        found: map.get(&f.sid).cloned(),
-    }))
+/// The bytes a replica receives: a whole 1 KB session record (the first
+/// time it sees a SID) and a batch setting one `delta_bytes` attribute.
+fn replica_payloads(delta_bytes: usize) -> (Vec<u8>, Vec<u8>) {
+    use sessio_engine::session::{Op, SessionData, encode_ops, encode_session};
+    let mut s = SessionData::default();
+    let attrs: Vec<Op> = (0..8)
+        .map(|k| Op::Set {
+            key: format!("attr{k}"),
+            value: vec![b'v'; 100],
+        })
+        .collect();
+    s.apply(&attrs, 0, 1 << 20).expect("a valid session");
+    let ops = encode_ops(&[Op::Set {
+        key: "cart".into(),
+        value: vec![b'd'; delta_bytes],
+    }]);
+    (encode_session(&s).to_vec(), ops.to_vec())
 }
 
 async fn connect<B: Backend>(addr: SocketAddr) -> Result<Client<B>, BoxError> {
@@ -251,12 +253,13 @@ pub fn pump<B: Rt>(
     assert!(sids.len() >= batch, "a batch names each SID at most once");
     B::block_on(async move {
         let mut client = connect::<B>(addr).await?;
+        let (record, ops) = replica_payloads(delta_bytes);
         let entry = |sid| DeltaEntry {
             sid,
             base_version: 0,
             new_version: 0,
             epoch: 1,
-            body: Delta::Ops(vec![b'd'; delta_bytes]),
+            body: Delta::Ops(ops.clone()),
         };
         let mut msg = Message::DeltaBatch(DeltaBatch {
             host_id: HOST_ID,
@@ -273,6 +276,13 @@ pub fn pump<B: Rt>(
                 let i = next;
                 next = (next + 1) % sids.len();
                 e.sid = sids[i];
+                // A SID the node does not hold yet gets its whole record
+                // first, as the replicator sends it; then op deltas.
+                e.body = if versions[i] == 0 {
+                    Delta::Full(record.clone())
+                } else {
+                    Delta::Ops(ops.clone())
+                };
                 e.base_version = versions[i];
                 versions[i] += 1;
                 e.new_version = versions[i];

@@ -113,6 +113,25 @@ fn replicator(fx: &ArenaFixture, node: &Node, secret: &Secret, batch: usize) -> 
     Replicator::spawn(fx.location(), cfg).expect("replicator starts")
 }
 
+/// A host arena of `SESSIONS` sessions replicated to `node`, after its
+/// initial full records are all acknowledged.
+fn synced(node: &Node, secret: &Secret, label: &str, batch: usize) -> (ArenaFixture, Replicator) {
+    let fx = ArenaFixture::build_with(
+        label,
+        SESSIONS,
+        &sessio_benches::updated_arena_config(SESSIONS),
+    )
+    .expect("arena");
+    let repl = replicator(&fx, node, secret, batch);
+    let synced = wait_acked(
+        fx.arena(),
+        fx.sids(),
+        Instant::now() + Duration::from_secs(60),
+    );
+    assert!(synced, "initial sync: {:?}", repl.stats());
+    (fx, repl)
+}
+
 fn throughput(secret: &Secret) {
     println!("\n## throughput: deltas of {VALUE_BYTES} B acknowledged by one node");
     println!("| batch entries max | updates | seconds to all acked | deltas acked/s |");
@@ -123,20 +142,8 @@ fn throughput(secret: &Secret) {
     );
     for batch in batches {
         let node = Node::start(secret);
-        let fx = ArenaFixture::build_with(
-            &format!("repl-tp-{batch}"),
-            SESSIONS,
-            &sessio_benches::updated_arena_config(SESSIONS),
-        )
-        .expect("arena");
-        let repl = replicator(&fx, &node, secret, batch);
         // The initial full records first, so the run measures deltas.
-        let synced = wait_acked(
-            fx.arena(),
-            fx.sids(),
-            Instant::now() + Duration::from_secs(60),
-        );
-        assert!(synced, "initial sync: {:?}", repl.stats());
+        let (fx, repl) = synced(&node, secret, &format!("repl-tp-{batch}"), batch);
         let rounds = 10u64;
         let t = Instant::now();
         for r in 0..rounds {
@@ -172,21 +179,7 @@ fn lag(secret: &Secret) {
     const SECONDS: u64 = 3;
     println!("\n## lag: update → acked by the node, updates paced at {RATE}/s for {SECONDS} s");
     let node = Node::start(secret);
-    let fx = ArenaFixture::build_with(
-        "repl-lag",
-        SESSIONS,
-        &sessio_benches::updated_arena_config(SESSIONS),
-    )
-    .expect("arena");
-    let repl = replicator(&fx, &node, secret, 128);
-    assert!(
-        wait_acked(
-            fx.arena(),
-            fx.sids(),
-            Instant::now() + Duration::from_secs(60)
-        ),
-        "initial sync"
-    );
+    let (fx, repl) = synced(&node, secret, "repl-lag", 128);
     let before = repl.stats().lag_samples;
     let t = Instant::now();
     let total = RATE * SECONDS;
@@ -227,21 +220,7 @@ fn lag(secret: &Secret) {
 
 fn failover(c: &mut Criterion, secret: &Secret) {
     let node = Node::start(secret);
-    let fx = ArenaFixture::build_with(
-        "repl-fo",
-        SESSIONS,
-        &sessio_benches::updated_arena_config(SESSIONS),
-    )
-    .expect("arena");
-    let repl = replicator(&fx, &node, secret, 128);
-    assert!(
-        wait_acked(
-            fx.arena(),
-            fx.sids(),
-            Instant::now() + Duration::from_secs(60)
-        ),
-        "initial sync"
-    );
+    let (fx, repl) = synced(&node, secret, "repl-fo", 128);
     drop(repl);
     let placement = Placement::new(
         vec![Member {

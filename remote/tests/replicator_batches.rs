@@ -78,6 +78,7 @@ fn more_queued_batches_than_a_batch_holds_are_shipped() {
         let stats = repl.stats();
         // A spinning replicator would never stop: do not wait for it.
         std::mem::forget(repl);
+        let _ = Arena::remove(&loc);
         panic!(
             "version {version} never acked (acked {}): {stats:?}",
             acked(&arena, sid)

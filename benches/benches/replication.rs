@@ -20,12 +20,11 @@ use sessio_benches::ArenaFixture;
 use sessio_engine::{Arena, ArenaConfig, HugePages, Location, Op};
 use sessio_net::{IoUring, Secret};
 use sessio_remote::failover::{FailoverConfig, NodeClients, Singleflight, fetch_and_install};
-use sessio_remote::node::{self, NodeConfig};
+use sessio_remote::node::{LocalNode, NodeConfig};
 use sessio_remote::placement::{Member, Placement};
 use sessio_remote::replicator::{Replicator, ReplicatorConfig};
 use sessio_remote::runtime::Rt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 const SESSIONS: u64 = 20_000;
@@ -33,45 +32,14 @@ const SESSIONS: u64 = 20_000;
 const VALUE_BYTES: usize = 100;
 
 /// A replica node on a thread of this process, stopped on drop.
-struct Node {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    addr: std::net::SocketAddr,
-}
+type Node = LocalNode;
 
-impl Node {
-    fn start(secret: &Secret) -> Node {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = std::thread::spawn({
-            let (secret, stop) = (secret.clone(), Arc::clone(&stop));
-            move || {
-                let config = NodeConfig::new("127.0.0.1:0".parse().unwrap(), 1);
-                let shutdown = async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        compio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                };
-                node::serve::<IoUring>(&config, secret, |addr, _| tx.send(addr).unwrap(), shutdown)
-                    .expect("node serves");
-            }
-        });
-        let addr = rx.recv().expect("node bound");
-        Node {
-            stop,
-            thread: Some(thread),
-            addr,
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+fn start_node(secret: &Secret) -> Node {
+    LocalNode::start::<IoUring>(
+        NodeConfig::new("127.0.0.1:0".parse().unwrap(), 1),
+        secret.clone(),
+    )
+    .expect("node serves")
 }
 
 fn set(i: u64) -> [Op; 1] {
@@ -141,7 +109,7 @@ fn throughput(secret: &Secret) {
         |v| v.split(',').filter_map(|b| b.parse().ok()).collect(),
     );
     for batch in batches {
-        let node = Node::start(secret);
+        let node = start_node(secret);
         // The initial full records first, so the run measures deltas.
         let (fx, repl) = synced(&node, secret, &format!("repl-tp-{batch}"), batch);
         let rounds = 10u64;
@@ -178,7 +146,7 @@ fn lag(secret: &Secret) {
     const RATE: u64 = 100_000;
     const SECONDS: u64 = 3;
     println!("\n## lag: update → acked by the node, updates paced at {RATE}/s for {SECONDS} s");
-    let node = Node::start(secret);
+    let node = start_node(secret);
     let (fx, repl) = synced(&node, secret, "repl-lag", 128);
     let before = repl.stats().lag_samples;
     let t = Instant::now();
@@ -219,7 +187,7 @@ fn lag(secret: &Secret) {
 }
 
 fn failover(c: &mut Criterion, secret: &Secret) {
-    let node = Node::start(secret);
+    let node = start_node(secret);
     let (fx, repl) = synced(&node, secret, "repl-fo", 128);
     drop(repl);
     let placement = Placement::new(

@@ -378,6 +378,72 @@ pub fn serve<B: Rt>(
     })
 }
 
+/// A node served on a thread of this process: for embedding a node in
+/// another program, and for tests and benchmarks on loopback. Stopped (and
+/// its thread joined) when dropped.
+#[derive(Debug)]
+pub struct LocalNode {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its incarnation id.
+    pub incarnation: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<io::Result<()>>>,
+}
+
+impl LocalNode {
+    /// Starts `serve` with `config` on a new thread, on backend `B`; returns
+    /// once it listens.
+    pub fn start<B: Rt>(config: NodeConfig, secret: Secret) -> io::Result<LocalNode> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name(format!("node-{}", config.node_id))
+            .spawn({
+                let stop = std::sync::Arc::clone(&stop);
+                move || {
+                    let shutdown = async move {
+                        while !stop.load(Ordering::Relaxed) {
+                            B::sleep(std::time::Duration::from_millis(5)).await;
+                        }
+                    };
+                    serve::<B>(
+                        &config,
+                        secret,
+                        |addr, inc| {
+                            // The starter waits for this; if it is gone, nobody is listening.
+                            let _ = tx.send((addr, inc));
+                        },
+                        shutdown,
+                    )
+                }
+            })?;
+        match rx.recv() {
+            Ok((addr, incarnation)) => Ok(LocalNode {
+                addr,
+                incarnation,
+                stop,
+                thread: Some(thread),
+            }),
+            // The thread ended before binding: its error says why.
+            Err(_) => match thread.join() {
+                Ok(Err(e)) => Err(e),
+                _ => Err(io::Error::other("the node thread ended before it listened")),
+            },
+        }
+    }
+}
+
+impl Drop for LocalNode {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,12 +4,10 @@
 
 use sessio_engine::{Arena, ArenaConfig, Location, NewSession, Op};
 use sessio_net::{IoUring, Secret};
-use sessio_remote::node::{self, NodeConfig};
+use sessio_remote::node::{LocalNode, NodeConfig};
 use sessio_remote::placement::{Member, Placement};
 use sessio_remote::replicator::{Replicator, ReplicatorConfig};
 use sessio_remote::runtime::Rt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 fn acked(arena: &Arena, sid: sessio_engine::Sid) -> u64 {
@@ -23,24 +21,15 @@ fn more_queued_batches_than_a_batch_holds_are_shipped() {
         return;
     }
     let secret = Secret::from_bytes([9; 32]);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stop = Arc::new(AtomicBool::new(false));
-    let node = std::thread::spawn({
-        let (secret, stop) = (secret.clone(), Arc::clone(&stop));
-        move || {
-            let config = NodeConfig::new("127.0.0.1:0".parse().unwrap(), 1);
-            let shutdown = async move {
-                while !stop.load(Ordering::Relaxed) {
-                    compio::time::sleep(Duration::from_millis(5)).await;
-                }
-            };
-            node::serve::<IoUring>(&config, secret, |addr, _| tx.send(addr).unwrap(), shutdown)
-        }
-    });
+    let node = LocalNode::start::<IoUring>(
+        NodeConfig::new("127.0.0.1:0".parse().unwrap(), 1),
+        secret.clone(),
+    )
+    .expect("node serves");
     let placement = Placement::new(
         vec![Member {
             id: 1,
-            addr: rx.recv().unwrap(),
+            addr: node.addr,
         }],
         1,
     )
@@ -85,8 +74,7 @@ fn more_queued_batches_than_a_batch_holds_are_shipped() {
         );
     }
     drop(repl);
-    stop.store(true, Ordering::Relaxed);
-    node.join().unwrap().unwrap();
+    drop(node);
     drop(arena);
     Arena::remove(&loc).unwrap();
 }

@@ -27,7 +27,7 @@
 
 use criterion::{BenchmarkId, Criterion, black_box};
 use sessio_benches::{
-    ArenaFixture, Floor, HugePagePool, KEYS, VALUE_BYTES, arena_config, huge_pages_needed, picks,
+    ArenaFixture, Floor, HugePagePool, KEYS, arena_config, huge_pages_needed, picks,
     updated_arena_config,
 };
 use sessio_engine::{HugePages, Location, Op, Sid};
@@ -238,17 +238,7 @@ fn update_benches(c: &mut Criterion, run: &mut Run) {
     let fx = ArenaFixture::build_with("update", n, &updated_arena_config(n))
         .unwrap_or_else(|e| panic!("building the update arena: {e}"));
     let arena = fx.arena();
-    // Built once: the bench measures the engine, not the caller's allocations.
-    let ops: Vec<[Op; 1]> = KEYS
-        .iter()
-        .enumerate()
-        .map(|(k, key)| {
-            [Op::Set {
-                key: (*key).to_string(),
-                value: vec![b'A' + k as u8; VALUE_BYTES],
-            }]
-        })
-        .collect();
+    let ops = sessio_benches::update_ops();
     let order = picks(fx.sids(), 1 << 16, 0x000B_DA7E);
     let mut g = c.benchmark_group("update");
     let mut i = 0usize;

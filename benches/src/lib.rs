@@ -28,7 +28,7 @@
 //! ```
 
 use memmap2::{MmapMut, MmapOptions};
-use sessio_engine::{Arena, ArenaConfig, HugePages, Location, NewSession, OpenError, Sid};
+use sessio_engine::{Arena, ArenaConfig, HugePages, Location, NewSession, Op, OpenError, Sid};
 use std::error::Error;
 use std::path::{Path, PathBuf};
 
@@ -136,6 +136,21 @@ pub fn huge_pages_needed(cfg: &ArenaConfig) -> u64 {
     let heap = cfg.heap_bytes.div_ceil(chunk) * chunk;
     let bytes = heap + slots * 64 + slots / 8 + (16 << 20);
     bytes.div_ceil(HUGE_PAGE) + 4
+}
+
+/// One update batch per attribute: a `Set` of a fresh `VALUE_BYTES` value.
+/// Built once, so an update bench measures the engine, not the caller's
+/// allocations.
+pub fn update_ops() -> Vec<[Op; 1]> {
+    KEYS.iter()
+        .enumerate()
+        .map(|(k, key)| {
+            [Op::Set {
+                key: (*key).to_string(),
+                value: vec![b'A' + k as u8; VALUE_BYTES],
+            }]
+        })
+        .collect()
 }
 
 /// An arena of N benchmark sessions, removed when dropped.

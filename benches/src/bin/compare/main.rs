@@ -47,7 +47,7 @@ use sessio_benches::{
     ArenaFixture, Floor, KEYS, SplitMix64, VALUE_BYTES, arena_config, picks, session_values,
     updated_arena_config,
 };
-use sessio_engine::{Arena, HugePages, Location, Op, Sid};
+use sessio_engine::{Arena, HugePages, Location, Sid};
 use sessio_net::{Epoll, FoundRecord, IoUring};
 
 use node::{Node, NodeServer, Rt};
@@ -520,16 +520,7 @@ fn update(run: &Run, rep: &mut Report, redis: &PeerProcess) -> Result<(), BoxErr
         &updated_arena_config(UPDATE_SESSIONS),
     )?;
     let arena = fx.arena();
-    let ops: Vec<[Op; 1]> = KEYS
-        .iter()
-        .enumerate()
-        .map(|(k, key)| {
-            [Op::Set {
-                key: (*key).to_string(),
-                value: vec![b'A' + k as u8; VALUE_BYTES],
-            }]
-        })
-        .collect();
+    let ops = sessio_benches::update_ops();
     let order = picks(fx.sids(), 1 << 16, 0x0B_DA7E);
     let at = |i: u64| i as usize & ((1 << 16) - 1);
     let mut sessio = || {

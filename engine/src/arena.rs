@@ -463,20 +463,18 @@ impl Arena {
     fn drain_ring(&self, p: &Participant, min: u64) {
         let tail = p.ring_tail.load(Ordering::Acquire);
         let mut h = p.ring_head.load(Ordering::Acquire);
-        let mut free = Vec::new();
         while h != tail {
             let entry = &p.ring[(h % RETIRE_RING) as usize];
             if !epoch::may_free(entry.epoch.load(Ordering::Relaxed), min) {
                 break;
             }
-            free.push(entry.block.load(Ordering::Relaxed));
+            let block = entry.block.load(Ordering::Relaxed);
+            // Advance past the entry first, free it after: a crash in
+            // between leaks this one block (recovery finds it), never frees
+            // it twice, and never strands the rest of the ring.
             h = h.wrapping_add(1);
-        }
-        // Advance first, free after: a crash in between leaks (recovery
-        // finds the blocks), never frees twice.
-        p.ring_head.store(h, Ordering::Release);
-        for b in free {
-            self.free(b);
+            p.ring_head.store(h, Ordering::Release);
+            self.free(block);
         }
     }
 

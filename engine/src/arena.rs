@@ -265,6 +265,9 @@ const TAG_SHIFT: u32 = 40;
 const IDX_MASK: u64 = (1 << TAG_SHIFT) - 1;
 
 impl Arena {
+    /// Replica nodes whose incarnation one arena remembers.
+    pub const REPLICAS_MAX: usize = crate::layout::REPLICAS_MAX;
+
     /// Opens the arena at `loc`, creating it with `cfg` if it does not exist.
     /// An existing arena keeps the configuration it was created with.
     pub fn open(loc: &Location, cfg: &ArenaConfig) -> Result<Arena, OpenError> {
@@ -1671,6 +1674,11 @@ impl Arena {
             // Queued batches stay queued and apply on top of the new copy.
             self.set_applied(rec, rh.applied_seq);
             s.record.store(self.rec_word(rec), Ordering::Release);
+            if epoch != rh.epoch {
+                // Acks were for copies under the old owner.
+                s.acked[0].store(0, Ordering::Release);
+                s.acked[1].store(0, Ordering::Release);
+            }
             self.mark_dirty(i);
             self.retire(old);
             Ok(version)
@@ -1900,6 +1908,66 @@ impl Arena {
             unpack_ack(s.acked[0].load(Ordering::Acquire)),
             unpack_ack(s.acked[1].load(Ordering::Acquire)),
         ])
+    }
+
+    /// The incarnation recorded for replica `node` by
+    /// [`set_replica_incarnation`](Self::set_replica_incarnation), if any.
+    /// While it matches what the node announces, the acks recorded for the
+    /// node ([`acked`](Self::acked)) still describe copies the node holds.
+    pub fn replica_incarnation(&self, node: u16) -> Option<u64> {
+        let want = u64::from(node) + 1;
+        self.header()
+            .replicas
+            .iter()
+            .find(|e| e.node.load(Ordering::Acquire) == want)
+            .map(|e| e.incarnation.load(Ordering::Acquire))
+            .filter(|&i| i != 0)
+    }
+
+    /// Records replica `node`'s incarnation (nonzero). The caller first
+    /// forgets the node's acks from any other incarnation
+    /// ([`forget_acks`](Self::forget_acks)). Returns false when the table
+    /// (`Arena::REPLICAS_MAX` nodes) is full: the node's acks are then not
+    /// to be trusted after a restart of the caller.
+    pub fn set_replica_incarnation(&self, node: u16, incarnation: u64) -> bool {
+        let want = u64::from(node) + 1;
+        for e in &self.header().replicas {
+            let cur = e.node.load(Ordering::Acquire);
+            let claimed = cur == want
+                || (cur == 0
+                    && match e
+                        .node
+                        .compare_exchange(0, want, Ordering::AcqRel, Ordering::Acquire)
+                    {
+                        Ok(_) => true,
+                        Err(other) => other == want,
+                    });
+            if claimed {
+                e.incarnation.store(incarnation, Ordering::Release);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Clears every ack recorded for replica `node` (a full scan of the
+    /// index), because the node restarted and lost its copies; returns how
+    /// many were cleared.
+    pub fn forget_acks(&self, node: u16) -> u64 {
+        let mut cleared = 0;
+        for i in 0..self.map.geo.index_slots {
+            for w in &self.map.slot(i).acked {
+                let cur = w.load(Ordering::Acquire);
+                if cur != 0
+                    && unpack_ack(cur).0 == node
+                    && w.compare_exchange(cur, 0, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    cleared += 1;
+                }
+            }
+        }
+        cleared
     }
 
     /// Marks every live session dirty, so the replicator ships them all

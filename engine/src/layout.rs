@@ -16,7 +16,7 @@ use std::mem::size_of;
 /// First eight bytes of every arena.
 pub(crate) const MAGIC: [u8; 8] = *b"SESSIO\x00A";
 /// Bumped whenever a layout below changes meaning.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 /// Bytes of the header page.
 pub(crate) const HEADER_BYTES: u64 = 4096;
 /// The heap's allocation unit; every block starts on a multiple of it.
@@ -29,6 +29,8 @@ pub(crate) const RETIRE_RING: u32 = 1024;
 pub(crate) const CLASSES_MAX: usize = 128;
 /// Chunk-map value of a chunk that no class owns.
 pub(crate) const CHUNK_UNASSIGNED: u8 = 0xff;
+/// Replica nodes whose incarnation the header remembers.
+pub(crate) const REPLICAS_MAX: usize = 64;
 /// Smallest heap chunk; a chunk holds blocks of one size class.
 pub(crate) const CHUNK_BYTES_MIN: u64 = 64 * 1024;
 
@@ -93,8 +95,21 @@ pub(crate) struct Header {
     /// The chunk each class is carving fresh blocks from, one per CAS, so a
     /// crash loses at most the block it took: | chunk + 1 (32) | next (32) |.
     pub class_carve: [AtomicU64; CLASSES_MAX],
+    /// The incarnation of each replica node as last seen by the replicator,
+    /// so a restarted replicator can trust the acks in `IndexSlot::acked`
+    /// of nodes that did not restart meanwhile.
+    pub replicas: [ReplicaEntry; REPLICAS_MAX],
 }
 const _: () = assert!(size_of::<Header>() as u64 <= HEADER_BYTES);
+
+/// One replica node's remembered incarnation.
+#[repr(C)]
+pub(crate) struct ReplicaEntry {
+    /// Node id + 1; 0 = free. Claimed once, never released.
+    pub node: AtomicU64,
+    /// The node's incarnation; 0 = not known.
+    pub incarnation: AtomicU64,
+}
 
 /// One open arena handle's shared state.
 #[repr(C)]

@@ -314,6 +314,43 @@ fn replication_view_dirty_delta_acks() {
 }
 
 #[test]
+fn replica_incarnations_survive_reopen_and_gate_acks() {
+    let dir = std::env::temp_dir().join(format!("sessio-replicas-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let loc = Location::File(dir.join("arena"));
+    let (s1, s2) = {
+        let a = Arena::open(&loc, &small_config()).unwrap();
+        assert_eq!(a.replica_incarnation(3), None);
+        assert!(a.set_replica_incarnation(3, 0xabc));
+        assert!(a.set_replica_incarnation(0, 0xdef));
+        assert!(a.set_replica_incarnation(3, 0x123), "same node: updated");
+        let s1 = a.create(NewSession::default(), &[("a", b"1")]).unwrap();
+        let s2 = a.create(NewSession::default(), &[("a", b"1")]).unwrap();
+        a.mark_acked(s1, 3, 1).unwrap();
+        a.mark_acked(s1, 0, 1).unwrap();
+        a.mark_acked(s2, 3, 1).unwrap();
+        (s1, s2)
+    };
+    let a = Arena::open_existing(&loc).unwrap();
+    assert_eq!(a.replica_incarnation(3), Some(0x123));
+    assert_eq!(a.replica_incarnation(0), Some(0xdef));
+    assert_eq!(a.replica_incarnation(4), None);
+    assert_eq!(a.forget_acks(3), 2);
+    assert_eq!(a.acked(s1).unwrap(), [(0, 0), (0, 1)]);
+    assert_eq!(a.acked(s2).unwrap(), [(0, 0), (0, 0)]);
+    // The table is bounded: every further node is refused, none is lost.
+    let fits = (10..200u16)
+        .take_while(|&n| a.set_replica_incarnation(n, u64::from(n)))
+        .count();
+    assert_eq!(fits, Arena::REPLICAS_MAX - 2);
+    assert!(!a.set_replica_incarnation(500, 1));
+    assert_eq!(a.replica_incarnation(10), Some(10));
+    assert_eq!(a.replica_incarnation(3), Some(0x123));
+    drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn install_moves_ownership() {
     let t = TempArena::new("install");
     let a = t.open(&small_config());

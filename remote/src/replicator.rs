@@ -432,6 +432,10 @@ fn run<B: Rt>(
             stats: NodeStats {
                 id: m.id,
                 up: true,
+                // The incarnation an earlier replicator of this arena saw:
+                // while the node still announces it, the acks recorded in
+                // the arena hold (see `seed_acks`).
+                incarnation: arena.replica_incarnation(m.id),
                 ..NodeStats::default()
             },
             ..NodeLink::default()
@@ -446,8 +450,9 @@ fn run<B: Rt>(
         rate_mark: (Instant::now(), 0),
         bytes_per_sec: 0,
     });
-    // A fresh replicator knows no node's state: ship everything once (a
-    // node that has a copy at that version acknowledges it cheaply).
+    // A fresh replicator looks at every session once: what an earlier
+    // replicator saw acknowledged by nodes that kept their incarnation is
+    // not sent again (`seed_acks`); the rest is.
     arena.mark_all_dirty();
     let drained = AtomicBool::new(false);
     let ctx = Ctx {
@@ -489,8 +494,18 @@ async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorStats>) {
                         epoch,
                         ..
                     } => {
+                        if !st.sids.contains_key(&sid)
+                            && seed_acks(ctx.arena, &mut st, sid, version, epoch)
+                        {
+                            // Every owner holds this version already.
+                            continue;
+                        }
                         let s = st.sids.entry(sid).or_default();
                         if s.version != version || s.epoch != epoch || s.removed {
+                            if s.epoch != epoch {
+                                // Acks were for copies under another owner.
+                                s.acks.clear();
+                            }
                             s.version = version;
                             s.epoch = epoch;
                             s.removed = false;
@@ -662,28 +677,74 @@ async fn node_link<B: Rt>(ctx: &Ctx<'_>, id: u16, addr: std::net::SocketAddr) {
     }
 }
 
-/// A handshake succeeded: a new incarnation means the node lost its copies.
+/// Learns what the arena remembers of a session this replicator has not
+/// seen yet: the acks of nodes whose incarnation is still the one recorded
+/// with them. Returns true when every owner holds `version` already, so
+/// there is nothing to send.
+fn seed_acks(arena: &Arena, st: &mut State, sid: Sid, version: u64, epoch: u64) -> bool {
+    let Ok(acks) = arena.acked(sid) else {
+        return false;
+    };
+    let mut s = SidState::default();
+    for (node, v) in acks {
+        let trusted = st
+            .nodes
+            .iter()
+            .any(|n| n.stats.id == node && n.stats.incarnation.is_some());
+        if v > 0 && v <= version && trusted {
+            s.set_ack(node, v);
+        }
+    }
+    let current = st
+        .placement
+        .owners(&sid.0)
+        .iter()
+        .all(|&o| s.acked_by(o) == version);
+    s.epoch = epoch;
+    if current {
+        s.version = version;
+    }
+    // Otherwise the caller takes the version in as a change to ship.
+    st.sids.insert(sid, s);
+    current
+}
+
+/// A handshake succeeded. An incarnation other than the one recorded means
+/// the node lost its copies (or was never seen): its acks are forgotten,
+/// here and in the arena, the new incarnation is recorded, and every
+/// session is looked at again so the node's share is resent.
 fn on_up(ctx: &Ctx<'_>, id: u16, incarnation: u64) {
     let mut st = ctx.state.borrow_mut();
     let Some(l) = st.link(id) else { return };
-    let restarted = l.stats.incarnation.is_some_and(|i| i != incarnation);
+    let known = l.stats.incarnation;
     let was_down = !l.stats.up;
     l.stats.incarnation = Some(incarnation);
     l.stats.up = true;
     l.stats.connects += 1;
     l.stats.last_error = None;
-    if restarted {
-        l.stats.new_incarnations += 1;
+    if known != Some(incarnation) {
+        if known.is_some() {
+            l.stats.new_incarnations += 1;
+            tracing::info!(
+                node = id,
+                "node restarted (new incarnation): resending its share"
+            );
+        }
         l.owed.clear();
         l.pending.clear();
         for s in st.sids.values_mut() {
             s.forget(id);
         }
         drop(st);
-        tracing::info!(
-            node = id,
-            "node restarted (new incarnation): resending its share"
-        );
+        // Old acks go before the new incarnation is recorded, so a crash
+        // in between leaves a mismatch, never stale acks that look valid.
+        ctx.arena.forget_acks(id);
+        if !ctx.arena.set_replica_incarnation(id, incarnation) {
+            tracing::warn!(
+                node = id,
+                "the arena's replica table is full: a restarted replicator will resend this node's share"
+            );
+        }
         ctx.arena.mark_all_dirty();
     } else if was_down {
         // Hand back what went to stand-ins while it was away.

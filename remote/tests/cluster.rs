@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use sessio_engine::session::decode_session;
 use sessio_engine::{Arena, ArenaConfig, Location, NewSession, Op, Sid};
-use sessio_net::{Client, ClientConfig, Fetch, FoundRecord, Identity, IoUring, Message, Secret};
+use sessio_net::{
+    Client, ClientConfig, Fetch, FoundRecord, Identity, IoUring, Message, Secret, StatsRequest,
+};
 use sessio_remote::failover::{FailoverConfig, NodeClients, Singleflight, fetch_and_install};
 use sessio_remote::placement::{Member, Placement};
 use sessio_remote::replicator::{Replicator, ReplicatorConfig, ReplicatorStats};
@@ -716,4 +718,124 @@ fn node_survives_bad_peers_and_refuses_bad_records() {
         "no base to apply ops on"
     );
     assert!(node_copies(addr, &[Sid([9; 16])])[0].is_none());
+}
+
+/// A node's `applied` counter (delta entries applied or acknowledged as
+/// replays since it started).
+fn node_applied(addr: SocketAddr) -> u64 {
+    let reply = IoUring::block_on(async {
+        let cc = ClientConfig::new(Identity {
+            id: 999,
+            incarnation: 1,
+        });
+        let mut c: Client = Client::connect(addr, cc, Secret::from_bytes(SECRET))
+            .await
+            .unwrap();
+        c.call(&Message::StatsRequest(StatsRequest { request_id: 1 }))
+            .await
+            .unwrap()
+    });
+    let Message::Stats(s) = reply else {
+        panic!("expected stats, got {reply:?}")
+    };
+    s.counters
+        .iter()
+        .find(|c| c.name == "applied")
+        .map(|c| c.value)
+        .expect("an applied counter")
+}
+
+/// A `sessio agent` process replicating `arena`.
+fn agent(arena: &str, nodes: &[Node], secret: &SecretFile) -> Proc {
+    let child = Command::new(BIN)
+        .args(["agent", "--arena", arena, "--nodes", &nodes_flag(nodes)])
+        .arg("--secret-file")
+        .arg(&secret.0)
+        .args([
+            "--replicas",
+            "2",
+            "--host-id",
+            "5",
+            "--stats-interval-ms",
+            "0",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn sessio agent");
+    Proc(child)
+}
+
+/// Whether the arena records an ack of `version` from every node for every SID.
+fn all_acked(arena: &Arena, nodes: &[Node], sids: &[Sid], version: u64) -> bool {
+    sids.iter().all(|&sid| {
+        let acks = arena.acked(sid).unwrap();
+        nodes.iter().all(|n| acks.contains(&(n.id, version)))
+    })
+}
+
+#[test]
+fn restarted_agent_resends_only_what_changed() {
+    let _serial = serial();
+    if !uring() {
+        return;
+    }
+    let secret = SecretFile::new();
+    let mut nodes = bank(2, &secret);
+    let host = TestArena::new("agent", 1000);
+    let name = match &host.loc {
+        Location::Shm(n) => n.clone(),
+        Location::File(_) => unreachable!(),
+    };
+    let sids = create_sessions(host.get(), 500);
+    let mut first = agent(&name, &nodes, &secret);
+    wait_until("the first agent's acks", Duration::from_secs(15), || {
+        all_acked(host.get(), &nodes, &sids, 1)
+    });
+    let before: Vec<u64> = nodes.iter().map(|n| node_applied(n.addr)).collect();
+    assert!(before.iter().all(|&a| a >= 500), "{before:?}");
+
+    // Killed mid-life; ten sessions change while no agent runs.
+    first.kill9();
+    let changed = &sids[..10];
+    for &sid in changed {
+        assert_eq!(bump(host.get(), sid), 2);
+    }
+    let second = agent(&name, &nodes, &secret);
+    wait_until(
+        "the changed sessions' acks",
+        Duration::from_secs(15),
+        || all_acked(host.get(), &nodes, changed, 2),
+    );
+    // Anything resent would be in flight with the changes: give it time.
+    std::thread::sleep(Duration::from_millis(500));
+    for (n, b) in nodes.iter().zip(&before) {
+        let more = node_applied(n.addr) - b;
+        assert!(
+            (10..50).contains(&more),
+            "node {} applied {more} entries after the restart, for 10 changed sessions",
+            n.id
+        );
+    }
+    assert!(all_acked(host.get(), &nodes, &sids[10..], 1));
+    assert_owners_match(host.get(), &placement(&nodes, 2), &nodes, &sids);
+
+    // A node that restarted empty while no agent ran gets its whole share
+    // from the next agent; the other node gets nothing again.
+    drop(second);
+    let other_before = node_applied(nodes[1].addr);
+    nodes[0].restart(&secret);
+    let _third = agent(&name, &nodes, &secret);
+    wait_until(
+        "node 1 to hold every session",
+        Duration::from_secs(15),
+        || {
+            node_copies(nodes[0].addr, &sids)
+                .iter()
+                .all(Option::is_some)
+        },
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let more = node_applied(nodes[1].addr) - other_before;
+    assert!(more < 50, "node 2 applied {more} entries it already held");
+    assert_owners_match(host.get(), &placement(&nodes, 2), &nodes, &sids);
 }

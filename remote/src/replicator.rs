@@ -175,10 +175,37 @@ pub struct ReplicatorStats {
     pub lag_p99_us: u64,
     /// Largest lag seen, µs.
     pub lag_max_us: u64,
+    /// The lag histogram since start: `lag_buckets[b]` samples took less
+    /// than `2^b` µs (and at least `2^(b-1)`); the last bucket holds the
+    /// rest. Subtract an earlier snapshot's to see one interval
+    /// ([`lag_quantile_since`](Self::lag_quantile_since)).
+    pub lag_buckets: [u64; LAG_BUCKETS],
+    /// Sum of all lag samples, µs.
+    pub lag_sum_us: u64,
     /// Dispatcher ticks run.
     pub ticks: u64,
     /// Which engine runs the connections.
     pub backend: &'static str,
+}
+
+impl ReplicatorStats {
+    /// The `q` quantile of the lag samples taken after `earlier` (a
+    /// snapshot of the same replicator), in µs: the upper bound of its
+    /// power-of-two bucket, 0 without samples.
+    pub fn lag_quantile_since(&self, earlier: &ReplicatorStats, q: f64) -> u64 {
+        let mut h = LagHistogram::default();
+        for (b, (now, then)) in self
+            .lag_buckets
+            .iter()
+            .zip(&earlier.lag_buckets)
+            .enumerate()
+        {
+            h.buckets[b] = now.saturating_sub(*then);
+            h.count += h.buckets[b];
+        }
+        h.max_us = u64::MAX;
+        h.quantile(q)
+    }
 }
 
 /// A running replicator thread. Dropping it stops the thread (after
@@ -295,13 +322,52 @@ struct NodeLink {
     stats: NodeStats,
     pending: HashSet<Sid>,
     owed: HashSet<Sid>,
+    /// Wakes the link's future when `pending` gains work.
+    wake: Wake,
 }
+
+/// A one-thread wake-up: the dispatcher sets it when it queues work, the
+/// idle link waits on it (with a timeout) instead of polling.
+#[derive(Debug, Default)]
+struct Wake {
+    set: bool,
+    waker: Option<std::task::Waker>,
+}
+
+impl Wake {
+    fn notify(&mut self) {
+        self.set = true;
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+/// Resolves once link `id` has been notified (or is gone).
+fn notified<'a>(ctx: &'a Ctx<'_>, id: u16) -> impl Future<Output = ()> + 'a {
+    std::future::poll_fn(move |cx| {
+        let mut st = ctx.state.borrow_mut();
+        let Some(l) = st.link(id) else {
+            return std::task::Poll::Ready(());
+        };
+        if std::mem::take(&mut l.wake.set) {
+            std::task::Poll::Ready(())
+        } else {
+            l.wake.waker = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        }
+    })
+}
+
+/// Buckets of the lag histogram (powers of two of microseconds).
+pub const LAG_BUCKETS: usize = 32;
 
 /// Power-of-two buckets of microseconds.
 #[derive(Debug, Default)]
 struct LagHistogram {
-    buckets: [u64; 32],
+    buckets: [u64; LAG_BUCKETS],
     count: u64,
+    sum_us: u64,
     max_us: u64,
 }
 
@@ -309,8 +375,9 @@ impl LagHistogram {
     fn record(&mut self, d: Duration) {
         let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
         let b = (64 - us.leading_zeros()) as usize;
-        self.buckets[b.min(31)] += 1;
+        self.buckets[b.min(LAG_BUCKETS - 1)] += 1;
         self.count += 1;
+        self.sum_us = self.sum_us.saturating_add(us);
         self.max_us = self.max_us.max(us);
     }
 
@@ -370,6 +437,7 @@ impl State {
         for t in targets {
             if let Some(l) = self.link(t) {
                 l.pending.insert(sid);
+                l.wake.notify();
             }
         }
     }
@@ -401,6 +469,8 @@ impl State {
             lag_p50_us: self.lag.quantile(0.5),
             lag_p99_us: self.lag.quantile(0.99),
             lag_max_us: self.lag.max_us,
+            lag_buckets: self.lag.buckets,
+            lag_sum_us: self.lag.sum_us,
             ticks: self.ticks,
             backend,
         }
@@ -546,6 +616,10 @@ async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorStats>) {
         }
         if last {
             ctx.drained.store(true, Ordering::SeqCst);
+            // Idle links wait for work: wake them to see the stop.
+            for l in &mut ctx.state.borrow_mut().nodes {
+                l.wake.notify();
+            }
             return;
         }
         B::sleep(interval).await;
@@ -663,7 +737,10 @@ async fn node_link<B: Rt>(ctx: &Ctx<'_>, id: u16, addr: std::net::SocketAddr) {
                 }
                 last_io = Instant::now();
             } else {
-                B::sleep(idle_sleep).await;
+                // Until the dispatcher queues work, or it is time to ping.
+                let ping =
+                    Duration::from_millis(cfg.ping_interval_ms).saturating_sub(last_io.elapsed());
+                let _ = B::timeout(ping.max(idle_sleep), notified(ctx, id)).await;
             }
             Ok(())
         }
@@ -1002,6 +1079,28 @@ fn apply_acks(ctx: &Ctx<'_>, id: u16, sent: &[Sent], acks: &[sessio_net::AckEntr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lag_quantiles_over_an_interval() {
+        let mut h = LagHistogram::default();
+        for _ in 0..100 {
+            h.record(Duration::from_millis(50));
+        }
+        let earlier = ReplicatorStats {
+            lag_buckets: h.buckets,
+            ..ReplicatorStats::default()
+        };
+        for _ in 0..1000 {
+            h.record(Duration::from_micros(300));
+        }
+        let now = ReplicatorStats {
+            lag_buckets: h.buckets,
+            ..ReplicatorStats::default()
+        };
+        assert_eq!(h.quantile(0.99), 50_000, "since start: the slow ones");
+        assert_eq!(now.lag_quantile_since(&earlier, 0.99), 511);
+        assert_eq!(now.lag_quantile_since(&now, 0.99), 0, "no samples");
+    }
 
     #[test]
     fn lag_quantiles_are_bucket_bounds() {

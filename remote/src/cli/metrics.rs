@@ -152,6 +152,29 @@ impl Exposition {
         }
     }
 
+    /// The lag histogram, cumulative as Prometheus wants it, so quantiles
+    /// over any window can be computed from two scrapes.
+    #[allow(clippy::cast_precision_loss)] // seconds for display
+    fn lag_histogram(&mut self, s: &ReplicatorStats) {
+        let name = "sessio_replicator_lag_histogram_seconds";
+        let _ = writeln!(
+            self.0,
+            "# HELP {name} Update-to-acknowledgement lag by R nodes, in power-of-two buckets of microseconds."
+        );
+        let _ = writeln!(self.0, "# TYPE {name} histogram");
+        let mut seen = 0u64;
+        let last = s.lag_buckets.len() - 1;
+        for (b, n) in s.lag_buckets.iter().enumerate().take(last) {
+            seen += n;
+            let le = (1u64 << b) as f64 / 1e6;
+            let _ = writeln!(self.0, "{name}_bucket{{le=\"{le}\"}} {seen}");
+        }
+        seen += s.lag_buckets[last];
+        let _ = writeln!(self.0, "{name}_bucket{{le=\"+Inf\"}} {seen}");
+        let _ = writeln!(self.0, "{name}_sum {}", s.lag_sum_us as f64 / 1e6);
+        let _ = writeln!(self.0, "{name}_count {seen}");
+    }
+
     fn one(&mut self, name: &str, kind: &str, help: &str, v: u64) {
         #[allow(clippy::cast_precision_loss)]
         self.family(name, kind, help, &[(String::new(), v as f64)]);
@@ -208,6 +231,7 @@ pub fn render_agent(s: &ReplicatorStats) -> String {
             ("quantile=\"1\"".into(), secs(s.lag_max_us)),
         ],
     );
+    e.lag_histogram(s);
     let per_node = |f: &dyn Fn(&crate::replicator::NodeStats) -> u64| -> Vec<(String, f64)> {
         s.nodes
             .iter()
@@ -420,6 +444,14 @@ mod tests {
         let s = ReplicatorStats {
             dirty: 4,
             lag_p99_us: 1500,
+            lag_buckets: {
+                let mut b = [0; crate::replicator::LAG_BUCKETS];
+                b[0] = 1;
+                b[10] = 2;
+                b[31] = 1;
+                b
+            },
+            lag_sum_us: 2500,
             nodes: vec![
                 crate::replicator::NodeStats {
                     id: 1,
@@ -439,6 +471,18 @@ mod tests {
             t.contains("sessio_replicator_lag_seconds{quantile=\"0.99\"} 0.0015\n"),
             "{t}"
         );
+        for line in [
+            "# TYPE sessio_replicator_lag_histogram_seconds histogram\n",
+            "sessio_replicator_lag_histogram_seconds_bucket{le=\"0.000001\"} 1\n",
+            "sessio_replicator_lag_histogram_seconds_bucket{le=\"0.000512\"} 1\n",
+            "sessio_replicator_lag_histogram_seconds_bucket{le=\"0.001024\"} 3\n",
+            "sessio_replicator_lag_histogram_seconds_bucket{le=\"1073.741824\"} 3\n",
+            "sessio_replicator_lag_histogram_seconds_bucket{le=\"+Inf\"} 4\n",
+            "sessio_replicator_lag_histogram_seconds_sum 0.0025\n",
+            "sessio_replicator_lag_histogram_seconds_count 4\n",
+        ] {
+            assert!(t.contains(line), "{line} in {t}");
+        }
         assert!(
             t.contains("sessio_replicator_node_up{node=\"1\"} 1\n"),
             "{t}"

@@ -1901,6 +1901,18 @@ impl Arena {
         }
     }
 
+    /// Forgets replica `node`'s ack of `sid` (it dropped its copy).
+    pub fn forget_ack(&self, sid: Sid, node: u16) -> Result<(), SessionError> {
+        let (_, s) = self.lookup(sid).ok_or(SessionError::NotFound)?;
+        for w in &s.acked {
+            let cur = w.load(Ordering::Acquire);
+            if cur != 0 && unpack_ack(cur).0 == node {
+                let _ = w.compare_exchange(cur, 0, Ordering::AcqRel, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
     /// The acks recorded for `sid` as `(node, version)`; `(0, 0)` = none.
     pub fn acked(&self, sid: Sid) -> Result<[(u16, u64); 2], SessionError> {
         let (_, s) = self.lookup(sid).ok_or(SessionError::NotFound)?;

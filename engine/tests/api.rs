@@ -308,6 +308,8 @@ fn replication_view_dirty_delta_acks() {
         [(7, 3), (11, 3)],
         "a third node replaces the oldest ack"
     );
+    a.forget_ack(sid, 7).unwrap();
+    assert_eq!(a.acked(sid).unwrap(), [(0, 0), (11, 3)]);
     a.invalidate(sid).unwrap();
     a.take_dirty(100, &mut out);
     assert_eq!(out, vec![Dirty::Removed { sid }]);

@@ -630,6 +630,9 @@ async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorStats>) {
 struct Sent {
     sid: Sid,
     new_version: u64,
+    /// A `Remove` telling a stand-in to drop its hinted copy: every owner
+    /// holds the current version again.
+    drops_hint: bool,
 }
 
 async fn node_link<B: Rt>(ctx: &Ctx<'_>, id: u16, addr: std::net::SocketAddr) {
@@ -891,6 +894,7 @@ fn push_full(
     sent.push(Sent {
         sid,
         new_version: version,
+        drops_hint: false,
     });
     bytes
 }
@@ -920,6 +924,28 @@ fn build_once(ctx: &Ctx<'_>, id: u16) -> Built {
             continue;
         }
         let base = s.acked_by(id);
+        if !s.removed
+            && let Some(hinted) = stand_in(&st.placement, s, sid, id)
+        {
+            // This node stood in for an owner that holds the current
+            // version again: drop the hinted copy (if any), send nothing.
+            if hinted {
+                entries.push(DeltaEntry {
+                    sid: sid.0,
+                    base_version: base,
+                    new_version: s.version,
+                    epoch: s.epoch,
+                    body: Delta::Remove,
+                });
+                sent.push(Sent {
+                    sid,
+                    new_version: s.version,
+                    drops_hint: true,
+                });
+                bytes += 64;
+            }
+            continue;
+        }
         if s.removed {
             entries.push(DeltaEntry {
                 sid: sid.0,
@@ -931,6 +957,7 @@ fn build_once(ctx: &Ctx<'_>, id: u16) -> Built {
             sent.push(Sent {
                 sid,
                 new_version: s.version,
+                drops_hint: false,
             });
             bytes += 64;
             continue;
@@ -958,6 +985,7 @@ fn build_once(ctx: &Ctx<'_>, id: u16) -> Built {
                     sent.push(Sent {
                         sid,
                         new_version: v + 1,
+                        drops_hint: false,
                     });
                 }
             }
@@ -1008,6 +1036,18 @@ fn build_once(ctx: &Ctx<'_>, id: u16) -> Built {
     )
 }
 
+/// For node `id`, not an owner of `sid`, whose owners all hold the current
+/// version: `Some(true)` if `id` still holds a hinted copy, `Some(false)`
+/// if not. `None` when `id` is an owner, or an owner still lacks the
+/// current version (so `id` must stand in).
+fn stand_in(placement: &Placement, s: &SidState, sid: Sid, id: u16) -> Option<bool> {
+    let owners = placement.owners(&sid.0);
+    if owners.contains(&id) || owners.iter().any(|&o| s.acked_by(o) < s.version) {
+        return None;
+    }
+    Some(s.acked_by(id) > 0)
+}
+
 /// Records the lag of a session whose current version reached `R` nodes.
 fn settle(st: &mut State, sid: Sid) {
     let r = st.placement.replicas();
@@ -1029,12 +1069,19 @@ fn apply_acks(ctx: &Ctx<'_>, id: u16, sent: &[Sent], acks: &[sessio_net::AckEntr
     let st = &mut *st;
     let mut resend = Vec::new();
     let mut settled = Vec::new();
+    let mut hints = Vec::new();
+    let replicas = st.placement.replicas();
     let (mut applied, mut need_full, mut fenced, mut refused) = (0, 0, 0, 0);
     for (s, a) in sent.iter().zip(acks) {
         let Some(ss) = st.sids.get_mut(&s.sid) else {
             continue;
         };
         match a.status {
+            AckStatus::Applied if s.drops_hint => {
+                applied += 1;
+                ss.forget(id);
+                let _ = ctx.arena.forget_ack(s.sid, id);
+            }
             AckStatus::Applied => {
                 applied += 1;
                 let v = if ss.removed {
@@ -1047,6 +1094,16 @@ fn apply_acks(ctx: &Ctx<'_>, id: u16, sent: &[Sent], acks: &[sessio_net::AckEntr
                 }
                 if !ss.removed && v > 0 {
                     let _ = ctx.arena.mark_acked(s.sid, id, v);
+                }
+                // An owner caught up: stand-ins holding a hinted copy may
+                // drop it now (`build_once` checks every owner).
+                if !ss.removed && ss.acks.len() > replicas {
+                    hints.extend(
+                        ss.acks
+                            .iter()
+                            .filter(|&&(n, v)| n != id && v > 0)
+                            .map(|&(n, _)| (n, s.sid)),
+                    );
                 }
                 settled.push(s.sid);
             }
@@ -1070,6 +1127,16 @@ fn apply_acks(ctx: &Ctx<'_>, id: u16, sent: &[Sent], acks: &[sessio_net::AckEntr
         l.stats.refused += refused;
         l.stats.in_flight = l.stats.in_flight.saturating_sub(sent.len() as u64);
         l.pending.extend(resend);
+    }
+    for (n, sid) in hints {
+        let is_stand_in = !st.placement.owners(&sid.0).contains(&n);
+        if let Some(l) = st.link(n)
+            && is_stand_in
+            && l.stats.up
+        {
+            l.pending.insert(sid);
+            l.wake.notify();
+        }
     }
     for sid in settled {
         settle(st, sid);

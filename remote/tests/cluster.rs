@@ -839,3 +839,77 @@ fn restarted_agent_resends_only_what_changed() {
     assert!(more < 50, "node 2 applied {more} entries it already held");
     assert_owners_match(host.get(), &placement(&nodes, 2), &nodes, &sids);
 }
+
+/// How many of `sids` each node holds without owning them (hinted copies).
+fn hinted_copies(p: &Placement, nodes: &[Node], sids: &[Sid]) -> Vec<usize> {
+    nodes
+        .iter()
+        .map(|n| {
+            let foreign: Vec<Sid> = sids
+                .iter()
+                .copied()
+                .filter(|s| !p.owners(&s.0).contains(&n.id))
+                .collect();
+            node_copies(n.addr, &foreign)
+                .iter()
+                .filter(|c| c.is_some())
+                .count()
+        })
+        .collect()
+}
+
+#[test]
+fn paused_owner_gets_its_writes_back_and_stand_ins_drop_them() {
+    let _serial = serial();
+    if !uring() {
+        return;
+    }
+    let secret = SecretFile::new();
+    let nodes = bank(3, &secret);
+    let p = placement(&nodes, 2);
+    let host = TestArena::new("h", 1000);
+    let repl = replicator(&host, &p, 1);
+    let sids = create_sessions(host.get(), 300);
+    wait_until("first sync", Duration::from_secs(10), || converged(&repl));
+    assert_eq!(hinted_copies(&p, &nodes, &sids), [0, 0, 0]);
+
+    // Node 1 freezes (same process, same incarnation, when it thaws): its
+    // writes go to the next node in each ranking meanwhile.
+    nodes[0].proc.signal(libc::SIGSTOP);
+    let mut updates = 0;
+    wait_until("node 1 seen down", Duration::from_secs(10), || {
+        updates += load(host.get(), &sids, Duration::from_millis(100)).0;
+        !repl.stats().nodes[0].up
+    });
+    load(host.get(), &sids, Duration::from_millis(300));
+    wait_until(
+        "stand-ins take node 1's writes",
+        Duration::from_secs(10),
+        || converged(&repl),
+    );
+    let owed = repl.stats().nodes[0].owed;
+    let hinted = hinted_copies(&p, &nodes[1..], &sids);
+    assert!(owed > 0, "node 1 is owed its writes");
+    assert!(
+        hinted.iter().sum::<usize>() > 0,
+        "stand-ins hold hinted copies: {hinted:?}"
+    );
+
+    nodes[0].proc.signal(libc::SIGCONT);
+    wait_until("node 1 back", Duration::from_secs(10), || {
+        let s = repl.stats();
+        s.nodes[0].up && s.nodes[0].owed == 0 && converged(&repl)
+    });
+    assert_eq!(
+        repl.stats().nodes[0].new_incarnations,
+        0,
+        "same process, same incarnation"
+    );
+    assert_owners_match(host.get(), &p, &nodes, &sids);
+    wait_until(
+        "stand-ins drop the hinted copies",
+        Duration::from_secs(10),
+        || hinted_copies(&p, &nodes, &sids) == [0, 0, 0],
+    );
+    assert_owners_match(host.get(), &p, &nodes, &sids);
+}

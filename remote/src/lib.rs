@@ -96,6 +96,7 @@ pub mod node;
 pub mod placement;
 pub mod replicator;
 pub mod runtime;
+pub mod shards;
 
 pub use failover::{
     FailoverConfig, FailoverError, Fetched, NodeClients, Singleflight, fetch_and_install,

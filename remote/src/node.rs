@@ -325,6 +325,11 @@ pub struct NodeConfig {
     pub connections_max: u32,
     /// An authenticated connection idle this long is closed, in ms.
     pub idle_timeout_ms: u64,
+    /// Threads serving connections (one runtime each, sharing the port
+    /// through `SO_REUSEPORT`, the store split into as many shards; 1 to
+    /// [`crate::shards::SHARDS_MAX`]). The kernel spreads connections, so
+    /// more threads help once several hosts connect.
+    pub threads: usize,
 }
 
 impl NodeConfig {
@@ -336,25 +341,42 @@ impl NodeConfig {
             limits: NodeLimits::default(),
             connections_max: sessio_net::server::CONNECTIONS_MAX_DEFAULT,
             idle_timeout_ms: sessio_net::server::IDLE_TIMEOUT_MS_DEFAULT,
+            threads: 1,
         }
     }
 }
 
-/// Runs a node on the current thread until `shutdown` completes. Calls
-/// `on_bound` with the bound address and the incarnation once listening.
+/// Runs a node until `shutdown` completes: on the current thread, plus
+/// `config.threads - 1` more that share its port and its store (in shards).
+/// Calls `on_bound` with the bound address and the incarnation once every
+/// thread listens.
 pub fn serve<B: Rt>(
     config: &NodeConfig,
     secret: Secret,
     on_bound: impl FnOnce(SocketAddr, u64),
     shutdown: impl Future<Output = ()> + 'static,
 ) -> io::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
     let identity = Identity::with_random_incarnation(u64::from(config.node_id))
         .map_err(|e| io::Error::other(e.to_string()))?;
+    let threads = config.threads.clamp(1, crate::shards::SHARDS_MAX);
     let mut sc = ServerConfig::new(identity);
-    sc.connections_max = config.connections_max;
+    // The cap is the node's: each thread takes its part.
+    sc.connections_max = config
+        .connections_max
+        .div_ceil(u32::try_from(threads).unwrap_or(1))
+        .max(1);
     sc.idle_timeout_ms = config.idle_timeout_ms;
-    let limits = config.limits;
+    sc.socket.reuse_port = threads > 1;
+    let shards = Arc::new(crate::shards::Shards::new(
+        config.limits,
+        identity.incarnation,
+        threads,
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
     let listen = config.listen;
+    let node_id = config.node_id;
     B::block_on(async move {
         // A node restarted at once can find its port still held: io_uring
         // tears a dead process's ring down asynchronously, and a pending
@@ -371,10 +393,67 @@ pub fn serve<B: Rt>(
                 r => break r?,
             }
         };
-        on_bound(server.local_addr(), identity.incarnation);
-        let mut store = Store::new(limits, identity.incarnation);
-        let handler = move |_peer: PeerInfo, msg: Message| store.handle(msg);
-        server.serve_until(handler, shutdown).await
+        let addr = server.local_addr();
+        let mut others = Vec::with_capacity(threads - 1);
+        let mut failed = None;
+        for t in 1..threads {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (shards, stop) = (Arc::clone(&shards), Arc::clone(&stop));
+            let (sc, secret) = (sc.clone(), secret.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("node-{node_id}-{t}"))
+                .spawn(move || {
+                    B::block_on(async move {
+                        let server = match Server::<B>::bind(addr, sc, secret) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                                return Err(e);
+                            }
+                        };
+                        let _ = tx.send(Ok(()));
+                        let handler = move |_peer: PeerInfo, msg: Message| shards.handle(msg);
+                        let stopped = async move {
+                            while !stop.load(Ordering::Relaxed) {
+                                B::sleep(std::time::Duration::from_millis(5)).await;
+                            }
+                        };
+                        server.serve_until(handler, stopped).await
+                    })
+                });
+            match spawned.map(|h| (h, rx.recv())) {
+                Ok((h, Ok(Ok(())))) => others.push(h),
+                Ok((h, Ok(Err(e)))) => {
+                    let _ = h.join();
+                    failed = Some(e);
+                    break;
+                }
+                Ok((h, Err(_))) => {
+                    let _ = h.join();
+                    failed = Some(io::Error::other("a node thread ended before it listened"));
+                    break;
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let result = if let Some(e) = failed {
+            Err(e)
+        } else {
+            on_bound(addr, identity.incarnation);
+            let handler = {
+                let shards = Arc::clone(&shards);
+                move |_peer: PeerInfo, msg: Message| shards.handle(msg)
+            };
+            server.serve_until(handler, shutdown).await
+        };
+        stop.store(true, Ordering::Relaxed);
+        for h in others {
+            let _ = h.join();
+        }
+        result
     })
 }
 

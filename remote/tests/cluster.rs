@@ -111,11 +111,16 @@ struct Node {
 
 impl Node {
     fn spawn(id: u16, listen: SocketAddr, secret: &SecretFile) -> Node {
+        Node::spawn_with(id, listen, secret, &[])
+    }
+
+    fn spawn_with(id: u16, listen: SocketAddr, secret: &SecretFile, extra: &[&str]) -> Node {
         let mut child = Command::new(BIN)
             .args(["node", "--listen", &listen.to_string(), "--node-id"])
             .arg(id.to_string())
             .arg("--secret-file")
             .arg(&secret.0)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -912,4 +917,95 @@ fn paused_owner_gets_its_writes_back_and_stand_ins_drop_them() {
         || hinted_copies(&p, &nodes, &sids) == [0, 0, 0],
     );
     assert_owners_match(host.get(), &p, &nodes, &sids);
+}
+
+#[test]
+fn node_on_two_threads_is_one_store_for_every_connection() {
+    use sessio_net::{AckStatus, Delta, DeltaBatch, DeltaEntry};
+    let _serial = serial();
+    if !uring() {
+        return;
+    }
+    let secret = SecretFile::new();
+    let node = Node::spawn_with(
+        1,
+        "127.0.0.1:0".parse().unwrap(),
+        &secret,
+        &["--threads", "2"],
+    );
+    let comms: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", node.proc.0.id()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .collect();
+    assert!(
+        comms.iter().any(|c| c.trim() == "node-1-1"),
+        "a second serving thread: {comms:?}"
+    );
+    let record =
+        sessio_engine::session::encode_session(&sessio_engine::SessionData::default()).to_vec();
+    let sids: Vec<Sid> = (0..64u8).map(|i| Sid([i; 16])).collect();
+    IoUring::block_on(async {
+        let mut conns = Vec::new();
+        for host in 0..6u64 {
+            let cc = ClientConfig::new(Identity {
+                id: 100 + host,
+                incarnation: 1,
+            });
+            let c: Client = Client::connect(node.addr, cc, Secret::from_bytes(SECRET))
+                .await
+                .unwrap();
+            conns.push(c);
+        }
+        // Each connection writes its part of the SIDs...
+        for (k, chunk) in sids.chunks(11).enumerate() {
+            let batch = DeltaBatch {
+                host_id: 100 + k as u64,
+                entries: chunk
+                    .iter()
+                    .map(|s| DeltaEntry {
+                        sid: s.0,
+                        base_version: 0,
+                        new_version: 5,
+                        epoch: 1,
+                        body: Delta::Full(record.clone()),
+                    })
+                    .collect(),
+            };
+            let reply = conns[k].call(&Message::DeltaBatch(batch)).await.unwrap();
+            let Message::Ack(a) = reply else {
+                panic!("{reply:?}")
+            };
+            assert!(a.entries.iter().all(|e| e.status == AckStatus::Applied));
+        }
+        // ...and every connection sees every copy.
+        for c in &mut conns {
+            for (i, s) in sids.iter().enumerate() {
+                let reply = c
+                    .call(&Message::Fetch(Fetch {
+                        request_id: i as u64,
+                        sid: s.0,
+                    }))
+                    .await
+                    .unwrap();
+                let Message::FetchReply(r) = reply else {
+                    panic!("{reply:?}")
+                };
+                assert_eq!(r.found.map(|f| f.version), Some(5), "{s}");
+            }
+        }
+        let reply = conns[0]
+            .call(&Message::StatsRequest(StatsRequest { request_id: 1 }))
+            .await
+            .unwrap();
+        let Message::Stats(st) = reply else {
+            panic!("{reply:?}")
+        };
+        let sessions = st
+            .counters
+            .iter()
+            .find(|c| c.name == "sessions")
+            .unwrap()
+            .value;
+        assert_eq!(sessions, 64);
+    });
 }

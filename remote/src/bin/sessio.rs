@@ -77,6 +77,10 @@ struct NodeArgs {
     /// Most open connections [default: the server's].
     #[arg(long)]
     connections_max: Option<u32>,
+    /// Threads serving connections, sharing the port and the store (1-64)
+    /// [default: 1].
+    #[arg(long)]
+    threads: Option<usize>,
     /// Use the epoll engine instead of `io_uring`.
     #[arg(long)]
     epoll: bool,
@@ -228,6 +232,15 @@ fn run_node(a: &NodeArgs) -> Res {
         .connections_max
         .or(f.connections_max)
         .unwrap_or(sessio_net::server::CONNECTIONS_MAX_DEFAULT);
+    config.threads = a.threads.or(f.threads).unwrap_or(1);
+    if !(1..=sessio_remote::shards::SHARDS_MAX).contains(&config.threads) {
+        return Err(format!(
+            "threads must be 1-{}, not {}",
+            sessio_remote::shards::SHARDS_MAX,
+            config.threads
+        )
+        .into());
+    }
     let epoll = a.epoll || f.epoll.unwrap_or(false);
     install_stop_signals();
     let metrics_addr = a.metrics_addr.or(f.metrics_addr);

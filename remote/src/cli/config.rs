@@ -50,6 +50,8 @@ pub struct NodeFile {
     pub bytes_max: Option<u64>,
     /// Most open connections.
     pub connections_max: Option<u32>,
+    /// Threads serving connections.
+    pub threads: Option<usize>,
     /// Use the epoll engine instead of `io_uring`.
     pub epoll: Option<bool>,
     /// Serve Prometheus metrics here.

@@ -24,15 +24,19 @@ pub struct Elapsed;
 
 /// Byte-stream operations in owned-buffer style (the `io_uring` way; the epoll
 /// side adapts to it at no cost).
+///
+/// The bulk operations take `&self`, so one read and one write can be in
+/// flight on a connection at the same time (full duplex): never two reads
+/// or two writes at once.
 // The futures are not `Send`: every backend runs single-threaded runtimes.
 #[allow(async_fn_in_trait)]
 #[doc(hidden)]
 pub trait Stream: 'static {
     /// Reads into the spare capacity of `buf` (never past its capacity),
-    /// appending; `Ok(0)` is end of stream.
-    async fn read_append(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
+    /// appending; `Ok(0)` is end of stream (or a full `buf`).
+    async fn read_append(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
     /// Writes all of `buf`.
-    async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>);
+    async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>);
     /// Reads exactly `len` bytes into the front of `buf`.
     async fn read_exact_small(&mut self, buf: SmallBuf, len: usize) -> (io::Result<()>, SmallBuf);
     /// Writes the first `len` bytes of `buf`.
@@ -115,15 +119,18 @@ mod uring {
     use std::time::Duration;
 
     impl Stream for TcpStream {
-        async fn read_append(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        async fn read_append(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
             // `read` fills the buffer from index 0; `append` writes into the
-            // spare capacity after the bytes already there.
-            let BufResult(res, buf) = self.append(buf).await;
+            // spare capacity after the bytes already there. `&TcpStream` is
+            // a stream of its own: its reads and writes may overlap.
+            let mut this = self;
+            let BufResult(res, buf) = this.append(buf).await;
             (res, buf)
         }
 
-        async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-            let BufResult(res, buf) = AsyncWriteExt::write_all(self, buf).await;
+        async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+            let mut this = self;
+            let BufResult(res, buf) = AsyncWriteExt::write_all(&mut this, buf).await;
             (res, buf)
         }
 
@@ -191,19 +198,40 @@ mod epoll {
     use std::time::Duration;
 
     impl Stream for TcpStream {
-        async fn read_append(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        async fn read_append(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
             if buf.len() == buf.capacity() {
                 return (Ok(0), buf);
             }
-            // `read_buf` on a Vec may grow it; limit it to the spare capacity.
-            let spare = buf.capacity() - buf.len();
-            let res = (&mut *self).take(spare as u64).read_buf(&mut buf).await;
-            (res, buf)
+            // Through `&self` (readiness, then a non-blocking read), as
+            // tokio's own split halves do. A `Vec` with spare capacity is
+            // filled up to its capacity, never grown.
+            loop {
+                match self.try_read_buf(&mut buf) {
+                    Ok(n) => return (Ok(n), buf),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return (Err(e), buf),
+                }
+                if let Err(e) = self.readable().await {
+                    return (Err(e), buf);
+                }
+            }
         }
 
-        async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-            let res = AsyncWriteExt::write_all(self, &buf).await;
-            (res, buf)
+        async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+            let mut done = 0;
+            while done < buf.len() {
+                match self.try_write(&buf[done..]) {
+                    Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if let Err(e) = self.writable().await {
+                            return (Err(e), buf);
+                        }
+                    }
+                    Err(e) => return (Err(e), buf),
+                }
+            }
+            (Ok(()), buf)
         }
 
         async fn read_exact_small(

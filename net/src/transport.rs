@@ -158,25 +158,20 @@ pub(crate) async fn drive_handshake<S: Stream>(
     }
 }
 
-/// A framed, authenticated connection: a read buffer that grows only to the
-/// length of a frame whose header passed the limit check, and a write buffer
-/// that coalesces frames until flushed.
-pub(crate) struct Conn<B: Backend> {
-    pub(crate) stream: B::Stream,
-    pub(crate) codec: Codec,
+/// The receiving half of a framed connection: a read buffer that grows only
+/// to the length of a frame whose header passed the limit check.
+pub(crate) struct FrameReader {
+    codec: Codec,
     rbuf: Vec<u8>,
     rstart: usize,
-    pub(crate) wbuf: Vec<u8>,
 }
 
-impl<B: Backend> Conn<B> {
-    pub(crate) fn new(stream: B::Stream, limits: Limits) -> Conn<B> {
-        Conn {
-            stream,
+impl FrameReader {
+    pub(crate) fn new(limits: Limits) -> FrameReader {
+        FrameReader {
             codec: Codec::new(limits),
             rbuf: Vec::new(),
             rstart: 0,
-            wbuf: Vec::new(),
         }
     }
 
@@ -201,8 +196,8 @@ impl<B: Backend> Conn<B> {
         }
     }
 
-    /// Reads more bytes. `Ok(false)` on a clean end of stream.
-    pub(crate) async fn fill(&mut self) -> Result<bool, TransportError> {
+    /// Reads more bytes from `stream`. `Ok(false)` on a clean end of stream.
+    pub(crate) async fn fill<S: Stream>(&mut self, stream: &S) -> Result<bool, TransportError> {
         let max = self.frame_bytes_max();
         // Header already validated (decode returned need-more): size for it.
         let need = match FrameHeader::parse(&self.rbuf[self.rstart..], max)? {
@@ -222,7 +217,7 @@ impl<B: Backend> Conn<B> {
             self.rbuf.reserve_exact(target - self.rbuf.len());
         }
         let buf = std::mem::take(&mut self.rbuf);
-        let (res, buf) = self.stream.read_append(buf).await;
+        let (res, buf) = stream.read_append(buf).await;
         self.rbuf = buf;
         match res? {
             0 if self.rbuf.is_empty() => Ok(false),
@@ -231,6 +226,36 @@ impl<B: Backend> Conn<B> {
             }),
             _ => Ok(true),
         }
+    }
+}
+
+/// A framed, authenticated connection used by one task at a time: a
+/// [`FrameReader`], and a write buffer that coalesces frames until flushed.
+pub(crate) struct Conn<B: Backend> {
+    pub(crate) stream: B::Stream,
+    pub(crate) reader: FrameReader,
+    pub(crate) codec: Codec,
+    pub(crate) wbuf: Vec<u8>,
+}
+
+impl<B: Backend> Conn<B> {
+    pub(crate) fn new(stream: B::Stream, limits: Limits) -> Conn<B> {
+        Conn {
+            stream,
+            reader: FrameReader::new(limits),
+            codec: Codec::new(limits),
+            wbuf: Vec::new(),
+        }
+    }
+
+    /// The next complete message already buffered, if any.
+    pub(crate) fn try_next(&mut self) -> Result<Option<Message>, TransportError> {
+        self.reader.try_next()
+    }
+
+    /// Reads more bytes. `Ok(false)` on a clean end of stream.
+    pub(crate) async fn fill(&mut self) -> Result<bool, TransportError> {
+        self.reader.fill(&self.stream).await
     }
 
     /// Appends `msg` to the write buffer; returns its encoded length.

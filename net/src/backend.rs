@@ -84,6 +84,34 @@ mod sealed {
 #[derive(Debug, Clone, Copy)]
 pub struct IoUring;
 
+impl IoUring {
+    /// A compio runtime for this thread, with the ring set up for one thread
+    /// that owns it: `SINGLE_ISSUER` and `DEFER_TASKRUN` (completion work
+    /// runs when the thread enters the kernel to wait, not as interrupts in
+    /// the middle of handling a batch), `COOP_TASKRUN` and `TASKRUN_FLAG`.
+    /// On a kernel that refuses these flags (before 6.1), a default ring.
+    ///
+    /// # Errors
+    ///
+    /// When `io_uring` is missing or forbidden (seccomp) here.
+    pub fn runtime() -> io::Result<compio::runtime::Runtime> {
+        let mut proactor = compio::driver::ProactorBuilder::new();
+        proactor
+            .single_issuer(true)
+            .defer_taskrun(true)
+            .coop_taskrun(true)
+            .taskrun_flag(true);
+        let tuned = compio::runtime::RuntimeBuilder::new()
+            .with_proactor(proactor)
+            .build();
+        match tuned {
+            Ok(rt) => Ok(rt),
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => compio::runtime::Runtime::new(),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// The epoll engine (tokio, current-thread), the baseline `io_uring` must beat.
 /// Run inside a tokio runtime with the I/O and time drivers enabled.
 #[derive(Debug, Clone, Copy)]

@@ -3,10 +3,10 @@
 //!
 //! Single-threaded by design: one server per runtime per thread; run N of
 //! them on one port with [`SocketOptions::reuse_port`] for thread-per-core.
-//! A connection task reads a batch of frames, calls the handler for each,
-//! writes all replies in one go, then reads again: replies to pipelined
-//! requests are coalesced, and a peer that stops reading its replies stops
-//! being read (backpressure), within the idle timeout.
+//! A connection task is full duplex: it reads a batch of frames, calls the
+//! handler for each and reads again at once, while the replies of the batch
+//! are written in one go; a peer that stops reading its replies stops being
+//! read (backpressure), and is closed after the idle timeout.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;

@@ -34,9 +34,7 @@ trait Rt: Backend {
 
 impl Rt for IoUring {
     fn block_on<F: Future>(f: F) -> F::Output {
-        compio::runtime::Runtime::new()
-            .expect("io_uring runtime")
-            .block_on(f)
+        IoUring::runtime().expect("io_uring runtime").block_on(f)
     }
 }
 
@@ -53,7 +51,7 @@ impl Rt for Epoll {
 /// `io_uring` can be missing (old kernel) or forbidden (seccomp): say so and
 /// skip rather than fail.
 fn uring() -> bool {
-    match compio::runtime::Runtime::new() {
+    match IoUring::runtime() {
         Ok(_) => true,
         Err(e) => {
             eprintln!("SKIP: io_uring unavailable here ({e})");

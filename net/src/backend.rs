@@ -33,8 +33,13 @@ pub struct Elapsed;
 #[doc(hidden)]
 pub trait Stream: 'static {
     /// Reads into the spare capacity of `buf` (never past its capacity),
-    /// appending; `Ok(0)` is end of stream (or a full `buf`).
-    async fn read_append(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
+    /// appending; `Ok(0)` is end of stream (or a full `buf`). The flag is
+    /// true when the kernel reported more bytes already waiting in the
+    /// socket after this read (`io_uring` tells, in the completion; false
+    /// where unknown). `waiting` passes on that flag from the previous read:
+    /// when it was false the socket is probably empty, and `io_uring` waits
+    /// for readiness before its first attempt (`IORING_RECVSEND_POLL_FIRST`).
+    async fn read_append(&self, buf: Vec<u8>, waiting: bool) -> (io::Result<usize>, bool, Vec<u8>);
     /// Writes all of `buf`.
     async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>);
     /// Reads exactly `len` bytes into the front of `buf`.
@@ -137,7 +142,9 @@ fn std_listener(addr: SocketAddr, opts: &SocketOptions) -> io::Result<std::net::
 
 mod uring {
     use compio::BufResult;
-    use compio::buf::{IntoInner, IoBuf};
+    use compio::buf::{IntoInner, IoBuf, IoBufMut};
+    use compio::driver::op::{BufResultExt, Recv, RecvFlags};
+    use compio::driver::{PollFirst, ToSharedFd};
     use compio::io::{AsyncReadExt, AsyncWriteExt};
     use compio::net::{TcpListener, TcpStream};
 
@@ -147,13 +154,27 @@ mod uring {
     use std::time::Duration;
 
     impl Stream for TcpStream {
-        async fn read_append(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
-            // `read` fills the buffer from index 0; `append` writes into the
-            // spare capacity after the bytes already there. `&TcpStream` is
-            // a stream of its own: its reads and writes may overlap.
-            let mut this = self;
-            let BufResult(res, buf) = this.append(buf).await;
-            (res, buf)
+        async fn read_append(
+            &self,
+            buf: Vec<u8>,
+            waiting: bool,
+        ) -> (io::Result<usize>, bool, Vec<u8>) {
+            // The receive is submitted by hand (not through `AsyncRead`) to
+            // get the completion's flags: `IORING_CQE_F_SOCK_NONEMPTY` says
+            // whether more bytes wait in the socket. It takes a shared
+            // handle of the socket, so a write may be in flight meanwhile.
+            // `uninit()` is the spare capacity after the bytes in `buf`.
+            let mut op = Recv::new(self.to_shared_fd(), buf.uninit(), RecvFlags::empty());
+            if !waiting {
+                op.poll_first();
+            }
+            let (BufResult(res, op), extra) = compio::runtime::submit(op).with_extra().await;
+            // SAFETY: on success the kernel wrote `n` bytes at the start of
+            // the spare capacity, so the first `len + n` bytes of the vector
+            // are initialized; on failure the length is left alone.
+            let BufResult(res, buf) = unsafe { BufResult(res, op.into_inner()).map_advanced() };
+            let more = matches!(res, Ok(n) if n > 0) && extra.sock_nonempty().unwrap_or(false);
+            (res, more, buf.into_inner())
         }
 
         async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
@@ -226,21 +247,25 @@ mod epoll {
     use std::time::Duration;
 
     impl Stream for TcpStream {
-        async fn read_append(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        async fn read_append(
+            &self,
+            mut buf: Vec<u8>,
+            _waiting: bool,
+        ) -> (io::Result<usize>, bool, Vec<u8>) {
             if buf.len() == buf.capacity() {
-                return (Ok(0), buf);
+                return (Ok(0), false, buf);
             }
             // Through `&self` (readiness, then a non-blocking read), as
             // tokio's own split halves do. A `Vec` with spare capacity is
             // filled up to its capacity, never grown.
             loop {
                 match self.try_read_buf(&mut buf) {
-                    Ok(n) => return (Ok(n), buf),
+                    Ok(n) => return (Ok(n), false, buf),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return (Err(e), buf),
+                    Err(e) => return (Err(e), false, buf),
                 }
                 if let Err(e) = self.readable().await {
-                    return (Err(e), buf);
+                    return (Err(e), false, buf);
                 }
             }
         }

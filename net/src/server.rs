@@ -301,6 +301,11 @@ struct Outbox {
     writing: Cell<bool>,
     /// The reading side saw the end of the stream: write what is left, stop.
     closing: Cell<bool>,
+    /// The last read left more bytes waiting in the socket: the next read
+    /// completes at once, so its replies can share a write with these
+    /// (below `hold_bytes_max`).
+    hold: Cell<bool>,
+    hold_bytes_max: usize,
     /// When a read or a write last completed (the idle clock).
     last_io: Cell<Instant>,
     reader: Cell<Option<Waker>>,
@@ -308,11 +313,13 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn new() -> Outbox {
+    fn new(hold_bytes_max: usize) -> Outbox {
         Outbox {
             buf: RefCell::new(Vec::new()),
             writing: Cell::new(false),
             closing: Cell::new(false),
+            hold: Cell::new(false),
+            hold_bytes_max,
             last_io: Cell::new(Instant::now()),
             reader: Cell::new(None),
             writer: Cell::new(None),
@@ -356,7 +363,8 @@ impl Outbox {
     async fn take(&self, out: &mut Vec<u8>) -> bool {
         std::future::poll_fn(|cx| {
             let mut buf = self.buf.borrow_mut();
-            if !buf.is_empty() {
+            let held = self.hold.get() && buf.len() < self.hold_bytes_max && !self.closing.get();
+            if !buf.is_empty() && !held {
                 std::mem::swap(&mut *buf, out);
                 self.writing.set(true);
                 Poll::Ready(true)
@@ -377,7 +385,12 @@ impl Outbox {
 /// whatever the outbox holds in one write. So a read is always in flight
 /// while replies are written (on `io_uring`, the next receive and the send
 /// of the replies go to the kernel in one submission), and replies to the
-/// frames of one read share one write.
+/// frames of one read share one write. While the kernel reports more bytes
+/// already waiting in the socket (`io_uring` does, per completion), the
+/// writer holds the replies back until a read drains the socket or
+/// `write_bytes_max` of them wait, so a peer streaming requests gets its
+/// replies in a few large writes rather than one per read (epoll gets the
+/// same for free: its reads complete without yielding while data waits).
 ///
 /// Backpressure: once `write_bytes_max` reply bytes wait behind a write in
 /// flight, the reading side stops reading until the writer takes them, so a
@@ -394,7 +407,7 @@ async fn serve_messages<B: Backend, H>(
 where
     H: FnMut(PeerInfo, Message) -> Option<Message>,
 {
-    let outbox = Outbox::new();
+    let outbox = Outbox::new(shared.config.write_bytes_max as usize);
     let reading = pin!(read_side::<B, H>(shared, stream, peer, &outbox));
     let writing = pin!(write_side::<B>(stream, &outbox));
     let watchdog = pin!(idle_watchdog::<B>(&outbox, idle));
@@ -430,6 +443,10 @@ where
         }
         let more = reader.fill(stream).await?;
         outbox.last_io.set(Instant::now());
+        outbox.hold.set(reader.more_waiting());
+        if !reader.more_waiting() {
+            Outbox::wake(&outbox.writer);
+        }
         if !more {
             outbox.closing.set(true);
             Outbox::wake(&outbox.writer);

@@ -164,6 +164,9 @@ pub(crate) struct FrameReader {
     codec: Codec,
     rbuf: Vec<u8>,
     rstart: usize,
+    /// The last read left more bytes waiting in the socket (as far as the
+    /// backend can tell): the next read completes at once.
+    more_waiting: bool,
 }
 
 impl FrameReader {
@@ -172,7 +175,13 @@ impl FrameReader {
             codec: Codec::new(limits),
             rbuf: Vec::new(),
             rstart: 0,
+            more_waiting: false,
         }
+    }
+
+    /// The last read left more bytes waiting in the socket.
+    pub(crate) fn more_waiting(&self) -> bool {
+        self.more_waiting
     }
 
     fn frame_bytes_max(&self) -> u32 {
@@ -217,8 +226,9 @@ impl FrameReader {
             self.rbuf.reserve_exact(target - self.rbuf.len());
         }
         let buf = std::mem::take(&mut self.rbuf);
-        let (res, buf) = stream.read_append(buf).await;
+        let (res, more_waiting, buf) = stream.read_append(buf, self.more_waiting).await;
         self.rbuf = buf;
+        self.more_waiting = more_waiting;
         match res? {
             0 if self.rbuf.is_empty() => Ok(false),
             0 => Err(TransportError::Truncated {

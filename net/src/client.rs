@@ -280,7 +280,6 @@ impl<B: Backend> Client<B> {
             let msg = if let Some(msg) = self.conn.try_next()? {
                 msg
             } else {
-                self.flush().await?;
                 self.read_one().await?
             };
             self.queue_incoming(msg)?;
@@ -309,13 +308,14 @@ impl<B: Backend> Client<B> {
         Ok(())
     }
 
+    /// Waits for the next message, writing what is queued meanwhile.
     async fn read_one(&mut self) -> Result<Message, TransportError> {
         let t = ms(self.config.io_timeout_ms);
         loop {
             if let Some(msg) = self.conn.try_next()? {
                 return Ok(msg);
             }
-            let more = B::timeout(t, self.conn.fill())
+            let more = B::timeout(t, self.conn.flush_and_fill())
                 .await
                 .map_err(|_| TransportError::Timeout(t))??;
             if !more {

@@ -268,6 +268,28 @@ impl<B: Backend> Conn<B> {
         self.reader.fill(&self.stream).await
     }
 
+    /// Writes everything queued while reading more: both at once, so on
+    /// `io_uring` the send and the receive go to the kernel in one
+    /// submission. `Ok(false)` on a clean end of stream.
+    pub(crate) async fn flush_and_fill(&mut self) -> Result<bool, TransportError> {
+        if self.wbuf.is_empty() {
+            return self.fill().await;
+        }
+        let Conn {
+            stream,
+            reader,
+            wbuf,
+            ..
+        } = self;
+        let out = std::mem::take(wbuf);
+        let ((written, mut out), more) =
+            futures_util::future::join(stream.write_all(out), reader.fill(&*stream)).await;
+        out.clear();
+        *wbuf = out;
+        written?;
+        more
+    }
+
     /// Appends `msg` to the write buffer; returns its encoded length.
     pub(crate) fn queue(&mut self, msg: &Message) -> Result<usize, TransportError> {
         let before = self.wbuf.len();

@@ -24,15 +24,24 @@ pub struct Elapsed;
 
 /// Byte-stream operations in owned-buffer style (the `io_uring` way; the epoll
 /// side adapts to it at no cost).
+///
+/// The bulk operations take `&self`, so one read and one write can be in
+/// flight on a connection at the same time (full duplex): never two reads
+/// or two writes at once.
 // The futures are not `Send`: every backend runs single-threaded runtimes.
 #[allow(async_fn_in_trait)]
 #[doc(hidden)]
 pub trait Stream: 'static {
     /// Reads into the spare capacity of `buf` (never past its capacity),
-    /// appending; `Ok(0)` is end of stream.
-    async fn read_append(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
+    /// appending; `Ok(0)` is end of stream (or a full `buf`). The flag is
+    /// true when the kernel reported more bytes already waiting in the
+    /// socket after this read (`io_uring` tells, in the completion; false
+    /// where unknown). `waiting` passes on that flag from the previous read:
+    /// when it was false the socket is probably empty, and `io_uring` waits
+    /// for readiness before its first attempt (`IORING_RECVSEND_POLL_FIRST`).
+    async fn read_append(&self, buf: Vec<u8>, waiting: bool) -> (io::Result<usize>, bool, Vec<u8>);
     /// Writes all of `buf`.
-    async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>);
+    async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>);
     /// Reads exactly `len` bytes into the front of `buf`.
     async fn read_exact_small(&mut self, buf: SmallBuf, len: usize) -> (io::Result<()>, SmallBuf);
     /// Writes the first `len` bytes of `buf`.
@@ -80,6 +89,34 @@ mod sealed {
 #[derive(Debug, Clone, Copy)]
 pub struct IoUring;
 
+impl IoUring {
+    /// A compio runtime for this thread, with the ring set up for one thread
+    /// that owns it: `SINGLE_ISSUER` and `DEFER_TASKRUN` (completion work
+    /// runs when the thread enters the kernel to wait, not as interrupts in
+    /// the middle of handling a batch), `COOP_TASKRUN` and `TASKRUN_FLAG`.
+    /// On a kernel that refuses these flags (before 6.1), a default ring.
+    ///
+    /// # Errors
+    ///
+    /// When `io_uring` is missing or forbidden (seccomp) here.
+    pub fn runtime() -> io::Result<compio::runtime::Runtime> {
+        let mut proactor = compio::driver::ProactorBuilder::new();
+        proactor
+            .single_issuer(true)
+            .defer_taskrun(true)
+            .coop_taskrun(true)
+            .taskrun_flag(true);
+        let tuned = compio::runtime::RuntimeBuilder::new()
+            .with_proactor(proactor)
+            .build();
+        match tuned {
+            Ok(rt) => Ok(rt),
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => compio::runtime::Runtime::new(),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// The epoll engine (tokio, current-thread), the baseline `io_uring` must beat.
 /// Run inside a tokio runtime with the I/O and time drivers enabled.
 #[derive(Debug, Clone, Copy)]
@@ -105,7 +142,9 @@ fn std_listener(addr: SocketAddr, opts: &SocketOptions) -> io::Result<std::net::
 
 mod uring {
     use compio::BufResult;
-    use compio::buf::{IntoInner, IoBuf};
+    use compio::buf::{IntoInner, IoBuf, IoBufMut};
+    use compio::driver::op::{BufResultExt, Recv, RecvFlags};
+    use compio::driver::{PollFirst, ToSharedFd};
     use compio::io::{AsyncReadExt, AsyncWriteExt};
     use compio::net::{TcpListener, TcpStream};
 
@@ -115,15 +154,32 @@ mod uring {
     use std::time::Duration;
 
     impl Stream for TcpStream {
-        async fn read_append(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
-            // `read` fills the buffer from index 0; `append` writes into the
-            // spare capacity after the bytes already there.
-            let BufResult(res, buf) = self.append(buf).await;
-            (res, buf)
+        async fn read_append(
+            &self,
+            buf: Vec<u8>,
+            waiting: bool,
+        ) -> (io::Result<usize>, bool, Vec<u8>) {
+            // The receive is submitted by hand (not through `AsyncRead`) to
+            // get the completion's flags: `IORING_CQE_F_SOCK_NONEMPTY` says
+            // whether more bytes wait in the socket. It takes a shared
+            // handle of the socket, so a write may be in flight meanwhile.
+            // `uninit()` is the spare capacity after the bytes in `buf`.
+            let mut op = Recv::new(self.to_shared_fd(), buf.uninit(), RecvFlags::empty());
+            if !waiting {
+                op.poll_first();
+            }
+            let (BufResult(res, op), extra) = compio::runtime::submit(op).with_extra().await;
+            // SAFETY: on success the kernel wrote `n` bytes at the start of
+            // the spare capacity, so the first `len + n` bytes of the vector
+            // are initialized; on failure the length is left alone.
+            let BufResult(res, buf) = unsafe { BufResult(res, op.into_inner()).map_advanced() };
+            let more = matches!(res, Ok(n) if n > 0) && extra.sock_nonempty().unwrap_or(false);
+            (res, more, buf.into_inner())
         }
 
-        async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-            let BufResult(res, buf) = AsyncWriteExt::write_all(self, buf).await;
+        async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+            let mut this = self;
+            let BufResult(res, buf) = AsyncWriteExt::write_all(&mut this, buf).await;
             (res, buf)
         }
 
@@ -191,19 +247,44 @@ mod epoll {
     use std::time::Duration;
 
     impl Stream for TcpStream {
-        async fn read_append(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        async fn read_append(
+            &self,
+            mut buf: Vec<u8>,
+            _waiting: bool,
+        ) -> (io::Result<usize>, bool, Vec<u8>) {
             if buf.len() == buf.capacity() {
-                return (Ok(0), buf);
+                return (Ok(0), false, buf);
             }
-            // `read_buf` on a Vec may grow it; limit it to the spare capacity.
-            let spare = buf.capacity() - buf.len();
-            let res = (&mut *self).take(spare as u64).read_buf(&mut buf).await;
-            (res, buf)
+            // Through `&self` (readiness, then a non-blocking read), as
+            // tokio's own split halves do. A `Vec` with spare capacity is
+            // filled up to its capacity, never grown.
+            loop {
+                match self.try_read_buf(&mut buf) {
+                    Ok(n) => return (Ok(n), false, buf),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return (Err(e), false, buf),
+                }
+                if let Err(e) = self.readable().await {
+                    return (Err(e), false, buf);
+                }
+            }
         }
 
-        async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-            let res = AsyncWriteExt::write_all(self, &buf).await;
-            (res, buf)
+        async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+            let mut done = 0;
+            while done < buf.len() {
+                match self.try_write(&buf[done..]) {
+                    Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if let Err(e) = self.writable().await {
+                            return (Err(e), buf);
+                        }
+                    }
+                    Err(e) => return (Err(e), buf),
+                }
+            }
+            (Ok(()), buf)
         }
 
         async fn read_exact_small(

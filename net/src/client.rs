@@ -1,7 +1,8 @@
 //! The connecting side: handshakes, then pipelines messages.
 //!
 //! [`Client::send`] only appends a frame to the write buffer (flushed once
-//! `write_bytes_max` is buffered, or by [`Client::flush`] / [`Client::recv`]),
+//! `write_bytes_max` is buffered, by [`Client::flush`], or by [`Client::recv`]
+//! before it waits on the socket),
 //! so a caller writes many batches without waiting for replies. Requests
 //! (messages that [`Message::expects_reply`]) count toward
 //! `in_flight_bytes_max` until the caller has received their reply; when a
@@ -267,11 +268,20 @@ impl<B: Backend> Client<B> {
     }
 
     /// The next message from the server: a reply (in request order) or an
-    /// unsolicited message such as [`Message::Invalidate`]. Flushes first.
+    /// unsolicited message such as [`Message::Invalidate`]. A message
+    /// already received is returned at once; otherwise everything queued is
+    /// flushed before waiting on the socket (the awaited reply may need it).
+    ///
+    /// So a pipelining loop at the in-flight cap (one `recv`, one `send`)
+    /// writes its requests in one go per read of replies, not one write per
+    /// request; call [`Client::flush`] to push a request out sooner.
     pub async fn recv(&mut self) -> Result<Message, TransportError> {
         if self.queued.is_empty() {
-            self.flush().await?;
-            let msg = self.read_one().await?;
+            let msg = if let Some(msg) = self.conn.try_next()? {
+                msg
+            } else {
+                self.read_one().await?
+            };
             self.queue_incoming(msg)?;
         }
         let (msg, len) = self.queued.pop_front().expect("queued above");
@@ -298,13 +308,14 @@ impl<B: Backend> Client<B> {
         Ok(())
     }
 
+    /// Waits for the next message, writing what is queued meanwhile.
     async fn read_one(&mut self) -> Result<Message, TransportError> {
         let t = ms(self.config.io_timeout_ms);
         loop {
             if let Some(msg) = self.conn.try_next()? {
                 return Ok(msg);
             }
-            let more = B::timeout(t, self.conn.fill())
+            let more = B::timeout(t, self.conn.flush_and_fill())
                 .await
                 .map_err(|_| TransportError::Timeout(t))??;
             if !more {

@@ -33,13 +33,13 @@
 //! use sessio_net::{Client, ClientConfig, Identity, Message, Ping, Pong, Secret, Server, ServerConfig};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! # if compio::runtime::Runtime::new().is_err() { return Ok(()); } // kernel without `io_uring`
+//! # if sessio_net::IoUring::runtime().is_err() { return Ok(()); } // kernel without `io_uring`
 //! let secret = Secret::from_bytes([42; 32]); // in production: Secret::from_file(path)?
 //! let (addr_tx, addr_rx) = std::sync::mpsc::channel();
 //! let stop = Arc::new(AtomicBool::new(false));
 //! let node = std::thread::spawn({
 //!     let (secret, stop) = (secret.clone(), Arc::clone(&stop));
-//!     move || compio::runtime::Runtime::new()?.block_on(async move {
+//!     move || sessio_net::IoUring::runtime()?.block_on(async move {
 //!         let config = ServerConfig::new(Identity::with_random_incarnation(1).unwrap());
 //!         let server: Server = Server::bind("127.0.0.1:0".parse().unwrap(), config, secret)?;
 //!         addr_tx.send(server.local_addr()).unwrap();
@@ -57,7 +57,7 @@
 //! });
 //!
 //! let addr = addr_rx.recv()?;
-//! compio::runtime::Runtime::new()?.block_on(async {
+//! sessio_net::IoUring::runtime()?.block_on(async {
 //!     let config = ClientConfig::new(Identity::with_random_incarnation(7)?);
 //!     let mut client: Client = Client::connect(addr, config, secret).await?;
 //!     assert_eq!(client.peer().identity.id, 1);

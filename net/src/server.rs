@@ -3,10 +3,10 @@
 //!
 //! Single-threaded by design: one server per runtime per thread; run N of
 //! them on one port with [`SocketOptions::reuse_port`] for thread-per-core.
-//! A connection task reads a batch of frames, calls the handler for each,
-//! writes all replies in one go, then reads again: replies to pipelined
-//! requests are coalesced, and a peer that stops reading its replies stops
-//! being read (backpressure), within the idle timeout.
+//! A connection task is full duplex: it reads a batch of frames, calls the
+//! handler for each and reads again at once, while the replies of the batch
+//! are written in one go; a peer that stops reading its replies stops being
+//! read (backpressure), and is closed after the idle timeout.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -15,12 +15,15 @@ use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
-use std::time::Duration;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use futures_util::future::{Either, select};
 
 use crate::backend::{Backend, IoUring, Stream};
 use crate::handshake::{Handshake, Identity, RejectReason, Secret, reject_frame};
-use crate::message::{Limits, Message};
-use crate::transport::{Conn, PeerInfo, SocketOptions, TransportError, drive_handshake, ms};
+use crate::message::{Codec, Limits, Message};
+use crate::transport::{FrameReader, PeerInfo, SocketOptions, TransportError, drive_handshake, ms};
 
 /// Default for [`ServerConfig::connections_max`].
 pub const CONNECTIONS_MAX_DEFAULT: u32 = 1024;
@@ -278,9 +281,8 @@ where
         frame_bytes_max: established.frame_bytes_max,
     };
     tracing::debug!(%addr, id = peer.identity.id, "peer authenticated");
-    let mut conn = Conn::<B>::new(stream, cfg.limits);
     let idle = ms(cfg.idle_timeout_ms);
-    let result = serve_messages(shared, &mut conn, peer, idle).await;
+    let result = serve_messages::<B, H>(shared, &stream, peer, idle).await;
     if matches!(
         result,
         Err(TransportError::Frame(_) | TransportError::Message(_))
@@ -290,37 +292,192 @@ where
     result
 }
 
+/// Replies encoded by the reading side and not yet taken by the writing
+/// side of one connection, and what the two wait on. Both sides run in the
+/// connection's one task, so plain cells do.
+struct Outbox {
+    buf: RefCell<Vec<u8>>,
+    /// A write is in flight.
+    writing: Cell<bool>,
+    /// The reading side saw the end of the stream: write what is left, stop.
+    closing: Cell<bool>,
+    /// The last read left more bytes waiting in the socket: the next read
+    /// completes at once, so its replies can share a write with these
+    /// (below `hold_bytes_max`).
+    hold: Cell<bool>,
+    hold_bytes_max: usize,
+    /// When a read or a write last completed (the idle clock).
+    last_io: Cell<Instant>,
+    reader: Cell<Option<Waker>>,
+    writer: Cell<Option<Waker>>,
+}
+
+impl Outbox {
+    fn new(hold_bytes_max: usize) -> Outbox {
+        Outbox {
+            buf: RefCell::new(Vec::new()),
+            writing: Cell::new(false),
+            closing: Cell::new(false),
+            hold: Cell::new(false),
+            hold_bytes_max,
+            last_io: Cell::new(Instant::now()),
+            reader: Cell::new(None),
+            writer: Cell::new(None),
+        }
+    }
+
+    fn wake(slot: &Cell<Option<Waker>>) {
+        if let Some(w) = slot.take() {
+            w.wake();
+        }
+    }
+
+    /// Waits until fewer than `max` reply bytes wait for the writer.
+    async fn room(&self, max: usize) {
+        std::future::poll_fn(|cx| {
+            if self.buf.borrow().len() < max {
+                Poll::Ready(())
+            } else {
+                self.reader.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+
+    /// Waits until every reply is written.
+    async fn drained(&self) {
+        std::future::poll_fn(|cx| {
+            if self.buf.borrow().is_empty() && !self.writing.get() {
+                Poll::Ready(())
+            } else {
+                self.reader.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+
+    /// Waits for replies to write; swaps them into `out` (empty). `false`
+    /// when closing and nothing is left.
+    async fn take(&self, out: &mut Vec<u8>) -> bool {
+        std::future::poll_fn(|cx| {
+            let mut buf = self.buf.borrow_mut();
+            let held = self.hold.get() && buf.len() < self.hold_bytes_max && !self.closing.get();
+            if !buf.is_empty() && !held {
+                std::mem::swap(&mut *buf, out);
+                self.writing.set(true);
+                Poll::Ready(true)
+            } else if self.closing.get() {
+                Poll::Ready(false)
+            } else {
+                self.writer.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// Serves one authenticated connection, full duplex: the reading side
+/// decodes every frame of a read, calls the handler and encodes the replies
+/// into the outbox, then reads again at once; the writing side writes
+/// whatever the outbox holds in one write. So a read is always in flight
+/// while replies are written (on `io_uring`, the next receive and the send
+/// of the replies go to the kernel in one submission), and replies to the
+/// frames of one read share one write. While the kernel reports more bytes
+/// already waiting in the socket (`io_uring` does, per completion), the
+/// writer holds the replies back until a read drains the socket or
+/// `write_bytes_max` of them wait, so a peer streaming requests gets its
+/// replies in a few large writes rather than one per read (epoll gets the
+/// same for free: its reads complete without yielding while data waits).
+///
+/// Backpressure: once `write_bytes_max` reply bytes wait behind a write in
+/// flight, the reading side stops reading until the writer takes them, so a
+/// peer that stops reading its replies stops being read. One idle clock per
+/// connection (the time of the last completed read or write, checked by a
+/// single timer) replaces a timer per operation: a connection that moves no
+/// byte for `idle` is closed, whether it waits to read or to write.
 async fn serve_messages<B: Backend, H>(
     shared: &Shared<H>,
-    conn: &mut Conn<B>,
+    stream: &B::Stream,
     peer: PeerInfo,
     idle: Duration,
 ) -> Result<(), TransportError>
 where
     H: FnMut(PeerInfo, Message) -> Option<Message>,
 {
+    let outbox = Outbox::new(shared.config.write_bytes_max as usize);
+    let reading = pin!(read_side::<B, H>(shared, stream, peer, &outbox));
+    let writing = pin!(write_side::<B>(stream, &outbox));
+    let watchdog = pin!(idle_watchdog::<B>(&outbox, idle));
+    match select(reading, select(writing, watchdog)).await {
+        Either::Left((r, _)) | Either::Right((Either::Left((r, _)) | Either::Right((r, _)), _)) => {
+            r
+        }
+    }
+}
+
+async fn read_side<B: Backend, H>(
+    shared: &Shared<H>,
+    stream: &B::Stream,
+    peer: PeerInfo,
+    outbox: &Outbox,
+) -> Result<(), TransportError>
+where
+    H: FnMut(PeerInfo, Message) -> Option<Message>,
+{
+    let limits = shared.config.limits;
     let write_max = shared.config.write_bytes_max as usize;
+    let mut reader = FrameReader::new(limits);
+    let mut codec = Codec::new(limits);
     loop {
-        while let Some(msg) = conn.try_next()? {
+        while let Some(msg) = reader.try_next()? {
             shared.stats.messages.set(shared.stats.messages.get() + 1);
             let reply = (shared.handler.borrow_mut())(peer, msg);
             if let Some(reply) = reply {
-                conn.queue(&reply)?;
-                if conn.wbuf.len() >= write_max {
-                    B::timeout(idle, conn.flush())
-                        .await
-                        .map_err(|_| TransportError::Timeout(idle))??;
-                }
+                codec.encode_into(&reply, &mut outbox.buf.borrow_mut())?;
+                Outbox::wake(&outbox.writer);
+                outbox.room(write_max).await;
             }
         }
-        B::timeout(idle, conn.flush())
-            .await
-            .map_err(|_| TransportError::Timeout(idle))??;
-        let more = B::timeout(idle, conn.fill())
-            .await
-            .map_err(|_| TransportError::Timeout(idle))??;
+        let more = reader.fill(stream).await?;
+        outbox.last_io.set(Instant::now());
+        outbox.hold.set(reader.more_waiting());
+        if !reader.more_waiting() {
+            Outbox::wake(&outbox.writer);
+        }
         if !more {
+            outbox.closing.set(true);
+            Outbox::wake(&outbox.writer);
+            outbox.drained().await;
             return Err(TransportError::Closed);
+        }
+    }
+}
+
+async fn write_side<B: Backend>(stream: &B::Stream, outbox: &Outbox) -> Result<(), TransportError> {
+    let mut wbuf = Vec::new();
+    while outbox.take(&mut wbuf).await {
+        Outbox::wake(&outbox.reader);
+        let (res, mut buf) = stream.write_all(std::mem::take(&mut wbuf)).await;
+        outbox.writing.set(false);
+        outbox.last_io.set(Instant::now());
+        Outbox::wake(&outbox.reader);
+        res?;
+        buf.clear();
+        wbuf = buf;
+    }
+    // Closing and drained: the reading side returns `Closed`.
+    std::future::pending().await
+}
+
+async fn idle_watchdog<B: Backend>(outbox: &Outbox, idle: Duration) -> Result<(), TransportError> {
+    loop {
+        let quiet = outbox.last_io.get().elapsed();
+        match idle.checked_sub(quiet) {
+            Some(left) if !left.is_zero() => B::sleep(left).await,
+            _ => return Err(TransportError::Timeout(idle)),
         }
     }
 }

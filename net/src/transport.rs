@@ -158,26 +158,30 @@ pub(crate) async fn drive_handshake<S: Stream>(
     }
 }
 
-/// A framed, authenticated connection: a read buffer that grows only to the
-/// length of a frame whose header passed the limit check, and a write buffer
-/// that coalesces frames until flushed.
-pub(crate) struct Conn<B: Backend> {
-    pub(crate) stream: B::Stream,
-    pub(crate) codec: Codec,
+/// The receiving half of a framed connection: a read buffer that grows only
+/// to the length of a frame whose header passed the limit check.
+pub(crate) struct FrameReader {
+    codec: Codec,
     rbuf: Vec<u8>,
     rstart: usize,
-    pub(crate) wbuf: Vec<u8>,
+    /// The last read left more bytes waiting in the socket (as far as the
+    /// backend can tell): the next read completes at once.
+    more_waiting: bool,
 }
 
-impl<B: Backend> Conn<B> {
-    pub(crate) fn new(stream: B::Stream, limits: Limits) -> Conn<B> {
-        Conn {
-            stream,
+impl FrameReader {
+    pub(crate) fn new(limits: Limits) -> FrameReader {
+        FrameReader {
             codec: Codec::new(limits),
             rbuf: Vec::new(),
             rstart: 0,
-            wbuf: Vec::new(),
+            more_waiting: false,
         }
+    }
+
+    /// The last read left more bytes waiting in the socket.
+    pub(crate) fn more_waiting(&self) -> bool {
+        self.more_waiting
     }
 
     fn frame_bytes_max(&self) -> u32 {
@@ -201,8 +205,8 @@ impl<B: Backend> Conn<B> {
         }
     }
 
-    /// Reads more bytes. `Ok(false)` on a clean end of stream.
-    pub(crate) async fn fill(&mut self) -> Result<bool, TransportError> {
+    /// Reads more bytes from `stream`. `Ok(false)` on a clean end of stream.
+    pub(crate) async fn fill<S: Stream>(&mut self, stream: &S) -> Result<bool, TransportError> {
         let max = self.frame_bytes_max();
         // Header already validated (decode returned need-more): size for it.
         let need = match FrameHeader::parse(&self.rbuf[self.rstart..], max)? {
@@ -222,8 +226,9 @@ impl<B: Backend> Conn<B> {
             self.rbuf.reserve_exact(target - self.rbuf.len());
         }
         let buf = std::mem::take(&mut self.rbuf);
-        let (res, buf) = self.stream.read_append(buf).await;
+        let (res, more_waiting, buf) = stream.read_append(buf, self.more_waiting).await;
         self.rbuf = buf;
+        self.more_waiting = more_waiting;
         match res? {
             0 if self.rbuf.is_empty() => Ok(false),
             0 => Err(TransportError::Truncated {
@@ -231,6 +236,58 @@ impl<B: Backend> Conn<B> {
             }),
             _ => Ok(true),
         }
+    }
+}
+
+/// A framed, authenticated connection used by one task at a time: a
+/// [`FrameReader`], and a write buffer that coalesces frames until flushed.
+pub(crate) struct Conn<B: Backend> {
+    pub(crate) stream: B::Stream,
+    pub(crate) reader: FrameReader,
+    pub(crate) codec: Codec,
+    pub(crate) wbuf: Vec<u8>,
+}
+
+impl<B: Backend> Conn<B> {
+    pub(crate) fn new(stream: B::Stream, limits: Limits) -> Conn<B> {
+        Conn {
+            stream,
+            reader: FrameReader::new(limits),
+            codec: Codec::new(limits),
+            wbuf: Vec::new(),
+        }
+    }
+
+    /// The next complete message already buffered, if any.
+    pub(crate) fn try_next(&mut self) -> Result<Option<Message>, TransportError> {
+        self.reader.try_next()
+    }
+
+    /// Reads more bytes. `Ok(false)` on a clean end of stream.
+    pub(crate) async fn fill(&mut self) -> Result<bool, TransportError> {
+        self.reader.fill(&self.stream).await
+    }
+
+    /// Writes everything queued while reading more: both at once, so on
+    /// `io_uring` the send and the receive go to the kernel in one
+    /// submission. `Ok(false)` on a clean end of stream.
+    pub(crate) async fn flush_and_fill(&mut self) -> Result<bool, TransportError> {
+        if self.wbuf.is_empty() {
+            return self.fill().await;
+        }
+        let Conn {
+            stream,
+            reader,
+            wbuf,
+            ..
+        } = self;
+        let out = std::mem::take(wbuf);
+        let ((written, mut out), more) =
+            futures_util::future::join(stream.write_all(out), reader.fill(&*stream)).await;
+        out.clear();
+        *wbuf = out;
+        written?;
+        more
     }
 
     /// Appends `msg` to the write buffer; returns its encoded length.

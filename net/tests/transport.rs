@@ -34,9 +34,7 @@ trait Rt: Backend {
 
 impl Rt for IoUring {
     fn block_on<F: Future>(f: F) -> F::Output {
-        compio::runtime::Runtime::new()
-            .expect("io_uring runtime")
-            .block_on(f)
+        IoUring::runtime().expect("io_uring runtime").block_on(f)
     }
 }
 
@@ -53,7 +51,7 @@ impl Rt for Epoll {
 /// `io_uring` can be missing (old kernel) or forbidden (seccomp): say so and
 /// skip rather than fail.
 fn uring() -> bool {
-    match compio::runtime::Runtime::new() {
+    match IoUring::runtime() {
         Ok(_) => true,
         Err(e) => {
             eprintln!("SKIP: io_uring unavailable here ({e})");
@@ -226,6 +224,127 @@ fn engines_interoperate() {
         round_trip_all::<IoUring, Epoll>();
         round_trip_all::<Epoll, IoUring>();
     }
+}
+
+/// One idle clock per connection: a peer that keeps talking (for several
+/// idle periods in all) stays connected, a silent one is closed.
+fn idle_peer_is_closed_busy_peer_is_not<B: Rt>() {
+    let mut config = fast_server();
+    config.idle_timeout_ms = 300;
+    let server = TestServer::start::<B>(config);
+    let addr = server.addr;
+    B::block_on(async {
+        let connect = || Client::<B>::connect(addr, client_config(), Secret::from_bytes(SECRET));
+        let mut busy = connect().await.unwrap();
+        let mut silent = connect().await.unwrap();
+        let started = Instant::now();
+        let mut nonce = 0;
+        while started.elapsed() < Duration::from_secs(1) {
+            nonce += 1;
+            let pong = busy
+                .call(&Message::Ping(sessio_net::Ping { nonce }))
+                .await
+                .unwrap();
+            assert_eq!(pong, Message::Pong(Pong { nonce }));
+            B::sleep(Duration::from_millis(100)).await;
+        }
+        let late = silent
+            .call(&Message::Ping(sessio_net::Ping { nonce: 0 }))
+            .await;
+        assert!(
+            matches!(late, Err(TransportError::Closed | TransportError::Io(_))),
+            "a connection silent for 3 idle periods was kept: {late:?}"
+        );
+    });
+    assert_eq!(server.stop().protocol_errors, 0);
+}
+
+#[test]
+fn idle_peer_is_closed_busy_peer_is_not_on_io_uring() {
+    if uring() {
+        idle_peer_is_closed_busy_peer_is_not::<IoUring>();
+    }
+}
+
+#[test]
+fn idle_peer_is_closed_busy_peer_is_not_on_epoll() {
+    idle_peer_is_closed_busy_peer_is_not::<Epoll>();
+}
+
+/// A peer that sends requests and never reads the replies: once the
+/// replies fill the socket and `write_bytes_max`, the server stops reading
+/// (the peer's sends block), and the idle clock closes the connection.
+/// With buffers this small TCP still trickles a few bytes for a couple of
+/// seconds (zero-window probes), hence the long window.
+fn peer_not_reading_replies_stops_being_read<B: Rt>() {
+    let mut config = fast_server();
+    config.idle_timeout_ms = 500;
+    config.write_bytes_max = 4096;
+    config.socket.send_buffer_bytes = Some(4096);
+    config.socket.recv_buffer_bytes = Some(4096);
+    let server = TestServer::start::<B>(config);
+    let addr = server.addr;
+    let batch = Message::DeltaBatch(DeltaBatch {
+        host_id: 7,
+        entries: (0..64u8)
+            .map(|i| DeltaEntry {
+                sid: [i; 16],
+                base_version: 0,
+                new_version: 1,
+                epoch: 1,
+                body: Delta::Ops(vec![0; 100]),
+            })
+            .collect(),
+    });
+    let (sent, err, took) = B::block_on(async {
+        let mut config = client_config();
+        config.in_flight_bytes_max = u64::MAX;
+        config.write_bytes_max = 4096;
+        config.socket.send_buffer_bytes = Some(4096);
+        config.socket.recv_buffer_bytes = Some(4096);
+        let mut client = Client::<B>::connect(addr, config, Secret::from_bytes(SECRET))
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let mut sent = 0u64;
+        // A server that kept reading would keep these sends going for
+        // the whole window; one that stops reading blocks them, and its idle
+        // clock (or the client's I/O timeout) ends the connection well
+        // before the window closes.
+        while started.elapsed() < Duration::from_secs(8) {
+            match client.send(&batch).await {
+                Ok(()) => sent += 1,
+                Err(e) => return (sent, Some(e), started.elapsed()),
+            }
+        }
+        (sent, None, started.elapsed())
+    });
+    let err = err.unwrap_or_else(|| {
+        panic!("{sent} batches sent in {took:?} to a server whose replies nobody reads")
+    });
+    assert!(
+        matches!(err, TransportError::Timeout(_) | TransportError::Io(_)),
+        "{err:?}"
+    );
+    let snap = server.stop();
+    assert!(
+        snap.messages < sent,
+        "{} of {sent} batches handled",
+        snap.messages
+    );
+    assert_eq!(snap.protocol_errors, 0);
+}
+
+#[test]
+fn peer_not_reading_replies_stops_being_read_on_io_uring() {
+    if uring() {
+        peer_not_reading_replies_stops_being_read::<IoUring>();
+    }
+}
+
+#[test]
+fn peer_not_reading_replies_stops_being_read_on_epoll() {
+    peer_not_reading_replies_stops_being_read::<Epoll>();
 }
 
 #[test]

@@ -26,18 +26,18 @@ pub trait Rt: Backend {
 impl Rt for IoUring {
     type Runtime = compio::runtime::Runtime;
     fn runtime() -> std::io::Result<Self::Runtime> {
-        compio::runtime::Runtime::new()
+        IoUring::runtime()
     }
     fn run<F: Future>(rt: &Self::Runtime, f: F) -> F::Output {
         rt.block_on(f)
     }
     fn block_on<F: Future>(f: F) -> F::Output {
-        compio::runtime::Runtime::new()
+        IoUring::runtime()
             .expect("io_uring runtime (check IoUring::available first)")
             .block_on(f)
     }
     fn available() -> bool {
-        compio::runtime::Runtime::new().is_ok()
+        IoUring::runtime().is_ok()
     }
 }
 

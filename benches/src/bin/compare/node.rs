@@ -38,7 +38,7 @@ pub trait Rt: Backend {
 
 impl Rt for IoUring {
     fn block_on<F: Future>(f: F) -> Result<F::Output, BoxError> {
-        Ok(compio::runtime::Runtime::new()?.block_on(f))
+        Ok(IoUring::runtime()?.block_on(f))
     }
 }
 
@@ -53,9 +53,7 @@ impl Rt for Epoll {
 
 /// Whether this kernel (and its seccomp policy) lets us use `io_uring`.
 pub fn uring_available() -> Result<(), String> {
-    compio::runtime::Runtime::new()
-        .map(drop)
-        .map_err(|e| e.to_string())
+    IoUring::runtime().map(drop).map_err(|e| e.to_string())
 }
 
 /// What the node does with what it receives.

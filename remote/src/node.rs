@@ -84,13 +84,83 @@ impl Default for NodeLimits {
     }
 }
 
-/// One op batch acknowledged but not yet folded into its copy's record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Pending {
-    /// The time it was applied at: the record's `updated_ms` after it.
-    at_ms: u64,
-    /// The batch as received; validated on receipt.
-    ops: Vec<u8>,
+/// The op batches a copy has acknowledged but not folded in, back to
+/// back in one buffer, so appending one is a copy into memory the copy
+/// already owns:
+///
+/// ```text
+/// | at_ms u64 LE | len u32 LE | 0 u32 | batch: len bytes | 0-pad to 16 | ... |
+/// ```
+///
+/// Every batch starts at a multiple of 16, where rkyv reads it in place.
+#[derive(Debug, Clone, Default)]
+struct PendingLog {
+    buf: AlignedVec<ALIGN>,
+    count: u32,
+}
+
+impl PartialEq for PendingLog {
+    fn eq(&self, other: &Self) -> bool {
+        self.count == other.count && self.buf[..] == other.buf[..]
+    }
+}
+
+impl Eq for PendingLog {}
+
+/// Bytes before each batch in a [`PendingLog`].
+const PENDING_HEADER_BYTES: usize = 16;
+
+impl PendingLog {
+    fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Appends `ops`, applied at `at_ms`; returns where the batch starts.
+    fn push(&mut self, at_ms: u64, ops: &[u8]) -> usize {
+        let len = u32::try_from(ops.len()).expect("a batch is under the frame limit");
+        if self.buf.capacity() == 0 {
+            // Room for a few of these before the first regrowth.
+            self.buf
+                .reserve(4 * (PENDING_HEADER_BYTES + ops.len()).next_multiple_of(ALIGN));
+        }
+        self.buf.extend_from_slice(&at_ms.to_le_bytes());
+        self.buf.extend_from_slice(&len.to_le_bytes());
+        self.buf.extend_from_slice(&[0; 4]);
+        let start = self.buf.len();
+        self.buf.extend_from_slice(ops);
+        let padded = self.buf.len().next_multiple_of(ALIGN);
+        self.buf.resize(padded, 0);
+        self.count += 1;
+        start
+    }
+
+    /// Drops the last batch, which starts at `start` (as `push` said).
+    fn pop(&mut self, start: usize) {
+        self.buf.resize(start - PENDING_HEADER_BYTES, 0);
+        self.count -= 1;
+    }
+
+    /// The batch at `start`, `len` bytes long.
+    fn batch(&self, start: usize, len: usize) -> &[u8] {
+        &self.buf[start..start + len]
+    }
+
+    /// Each batch with its time, oldest first.
+    fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let head = self.buf.get(at..at + PENDING_HEADER_BYTES)?;
+            let at_ms = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+            let len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) as usize;
+            let start = at + PENDING_HEADER_BYTES;
+            at = (start + len).next_multiple_of(ALIGN);
+            Some((at_ms, &self.buf[start..start + len]))
+        })
+    }
 }
 
 /// One session's copy: a record at [`Copy::base_version`], validated when
@@ -101,7 +171,7 @@ pub struct Copy {
     version: u64,
     epoch: u64,
     record: Vec<u8>,
-    pending: Vec<Pending>,
+    pending: PendingLog,
     /// Charged against `bytes_max`: the record plus [`pending_charge`] of
     /// each pending batch.
     bytes: u64,
@@ -120,7 +190,7 @@ impl Copy {
             epoch,
             bytes: record.len() as u64,
             record,
-            pending: Vec::new(),
+            pending: PendingLog::default(),
             attrs_bound: attrs.0,
             attr_bytes_bound: attrs.1,
         }
@@ -282,16 +352,19 @@ fn materialize(copy: &Copy, scratch: &mut AlignedVec<ALIGN>) -> Option<SessionDa
     // since; `aligned` put it at `ALIGN`.
     let archived = unsafe { rkyv::access_unchecked::<ArchivedSessionData>(bytes) };
     let mut data = rkyv::deserialize::<SessionData, rancor::Error>(archived).ok()?;
-    let Some(last) = copy.pending.last() else {
+    if copy.pending.is_empty() {
         return Some(data);
-    };
-    let mut writes: Vec<OpRef<'_>> = Vec::new();
-    let mut slot: HashMap<&str, usize> = HashMap::new();
-    for p in &copy.pending {
-        debug_assert_eq!(p.ops.as_ptr().align_offset(ALIGN), 0);
-        // SAFETY: validated with `rkyv::access` on receipt (`apply_ops`),
-        // unchanged since, and taken only if it lay at `ALIGN`.
-        let batch = unsafe { rkyv::access_unchecked::<ArchivedVec<ArchivedOp>>(&p.ops) };
+    }
+    let mut batches: Vec<(u64, &[u8])> = Vec::with_capacity(copy.pending.len());
+    batches.extend(copy.pending.iter());
+    let mut writes: Vec<OpRef<'_>> = Vec::with_capacity(batches.len());
+    let mut slot: HashMap<&str, usize> = HashMap::with_capacity(batches.len());
+    for &(_, ops) in &batches {
+        debug_assert_eq!(ops.as_ptr().align_offset(ALIGN), 0);
+        // SAFETY: validated with `rkyv::access` where it lies, in the
+        // pending log, when it was appended (`Store::append_ops`);
+        // unchanged since, and at `ALIGN` (`PendingLog`).
+        let batch = unsafe { rkyv::access_unchecked::<ArchivedVec<ArchivedOp>>(ops) };
         for op in batch.iter().map(ArchivedOp::as_ref) {
             let key = match op {
                 OpRef::Set { key, .. } | OpRef::Remove { key } => key,
@@ -308,7 +381,8 @@ fn materialize(copy: &Copy, scratch: &mut AlignedVec<ALIGN>) -> Option<SessionDa
             }
         }
     }
-    let applied = data.apply_refs(writes, last.at_ms, APPLY_QUOTA_BYTES);
+    let last_ms = batches.last().map_or(0, |b| b.0);
+    let applied = data.apply_refs(writes, last_ms, APPLY_QUOTA_BYTES);
     // The bounds checked on append rule out every error.
     debug_assert_eq!(applied, Ok(Applied::Changed));
     if applied != Ok(Applied::Changed) {
@@ -317,20 +391,20 @@ fn materialize(copy: &Copy, scratch: &mut AlignedVec<ALIGN>) -> Option<SessionDa
     // Batches older than the latest run the log can hold would be pushed
     // and dropped again; so would the old log if one of them is.
     let (mut kept, mut kept_bytes) = (0, 0);
-    for p in copy.pending.iter().rev() {
-        if kept == LOG_ENTRIES_MAX || kept_bytes + p.ops.len() > LOG_BYTES_MAX {
+    for &(_, ops) in batches.iter().rev() {
+        if kept == LOG_ENTRIES_MAX || kept_bytes + ops.len() > LOG_BYTES_MAX {
             break;
         }
         kept += 1;
-        kept_bytes += p.ops.len();
+        kept_bytes += ops.len();
     }
-    let first = copy.pending.len() - kept;
+    let first = batches.len() - kept;
     if first > 0 {
         data.log.clear();
     }
     let base = copy.base_version();
-    for (i, p) in copy.pending.iter().enumerate().skip(first) {
-        data.log_batch(base + i as u64 + 1, &p.ops);
+    for (i, &(_, ops)) in batches.iter().enumerate().skip(first) {
+        data.log_batch(base + i as u64 + 1, ops);
     }
     Some(data)
 }
@@ -448,6 +522,14 @@ impl Store {
 
     /// One entry's answer, and the version held after it.
     fn apply_entry(&mut self, e: DeltaEntry, now_ms: u64) -> (AckStatus, u64) {
+        if let Delta::Ops(ops) = &e.body {
+            // The common case, with one lookup.
+            if let Some(done) = self.append_ops(&e, ops, now_ms) {
+                return done;
+            }
+            let status = self.apply_now(e.sid, e.epoch, now_ms);
+            return (status, self.version_of(&e.sid));
+        }
         let held = self.copies.get(&e.sid).map(|c| (c.version, c.epoch));
         if let Some((version, epoch)) = held
             && e.epoch < epoch
@@ -476,33 +558,15 @@ impl Store {
                 let status = self.put(e.sid, copy);
                 (status, self.version_of(&e.sid))
             }
-            Delta::Ops(ops) => {
-                let Some((version, _)) = held else {
-                    return (AckStatus::NeedFull, 0);
-                };
-                if e.base_version != version || e.new_version != version + 1 {
-                    return (AckStatus::NeedFull, version);
-                }
-                if let Some(done) = self.append_ops(e.sid, e.epoch, ops, now_ms) {
-                    return done;
-                }
-                let status = self.apply_now(e.sid, e.epoch, now_ms);
-                (status, self.version_of(&e.sid))
-            }
+            Delta::Ops(_) => unreachable!("handled above"),
         }
     }
 
-    /// The cheap path for an op batch on top of the copy of `sid`: validate
-    /// it and append it, or drop the copy if it invalidates it. `None`
-    /// when the batch must be applied at once; it is left in `scratch`
-    /// (validated).
-    fn append_ops(
-        &mut self,
-        sid: Sid,
-        epoch: u64,
-        ops: Vec<u8>,
-        now_ms: u64,
-    ) -> Option<(AckStatus, u64)> {
+    /// An op delta `e` (body `ops`), checked against the copy it names
+    /// (fencing, base version) and, on the right base, validated and
+    /// appended, or the copy dropped if it invalidates it. `None` when the
+    /// batch must be applied at once: it is left in `scratch`, validated.
+    fn append_ops(&mut self, e: &DeltaEntry, ops: &[u8], now_ms: u64) -> Option<(AckStatus, u64)> {
         let Store {
             copies,
             bytes,
@@ -510,13 +574,23 @@ impl Store {
             scratch,
             ..
         } = self;
-        let copy = copies.get_mut(&sid).expect("the caller found the copy");
-        let in_place = ops.as_ptr().align_offset(ALIGN) == 0;
-        let Ok(batch) = rkyv::access::<ArchivedVec<ArchivedOp>, rancor::Error>(if in_place {
-            &ops
-        } else {
-            aligned(&ops, scratch)
-        }) else {
+        let Some(copy) = copies.get_mut(&e.sid) else {
+            return Some((AckStatus::NeedFull, 0));
+        };
+        if e.epoch < copy.epoch {
+            return Some((AckStatus::Fenced, copy.version));
+        }
+        if e.base_version != copy.version || e.new_version != copy.version + 1 {
+            return Some((AckStatus::NeedFull, copy.version));
+        }
+        let (sid, epoch) = (e.sid, e.epoch);
+        // Appended first and validated where it lies, so it is checked
+        // once, at an aligned place, with no other copy.
+        let start = copy.pending.push(now_ms, ops);
+        let Ok(batch) = rkyv::access::<ArchivedVec<ArchivedOp>, rancor::Error>(
+            copy.pending.batch(start, ops.len()),
+        ) else {
+            copy.pending.pop(start);
             return Some((AckStatus::Refused, copy.version));
         };
         let shape = shape(batch);
@@ -529,9 +603,7 @@ impl Store {
         }
         let charge = pending_charge(ops.len());
         if cannot_fail
-            // A pending batch is read in place when folded.
-            && in_place
-            && copy.pending.len() < PENDING_BATCHES_MAX
+            && copy.pending.len() <= PENDING_BATCHES_MAX
             && copy.bytes - copy.record.len() as u64 + charge <= PENDING_BYTES_MAX
             && *bytes + charge <= limits.bytes_max
         {
@@ -540,14 +612,12 @@ impl Store {
             copy.bytes += charge;
             copy.attrs_bound += shape.sets;
             copy.attr_bytes_bound += shape.set_bytes;
-            copy.pending.push(Pending { at_ms: now_ms, ops });
             *bytes += charge;
             return Some((AckStatus::Applied, copy.version));
         }
-        if in_place {
-            scratch.clear();
-            scratch.extend_from_slice(&ops);
-        }
+        scratch.clear();
+        scratch.extend_from_slice(copy.pending.batch(start, ops.len()));
+        copy.pending.pop(start);
         None
     }
 
@@ -628,7 +698,7 @@ impl Store {
         self.bytes -= charged;
         copy.bytes -= charged;
         copy.version = copy.base_version();
-        copy.pending = Vec::new();
+        copy.pending = PendingLog::default();
         copy.attrs_bound = ATTRS_MAX as u64 + 1;
         copy.attr_bytes_bound = APPLY_QUOTA_BYTES + 1;
         None
@@ -649,7 +719,7 @@ impl Store {
         self.bytes = self.bytes - copy.bytes + new_len;
         copy.record.clear();
         copy.record.extend_from_slice(&self.ser);
-        copy.pending = Vec::new();
+        copy.pending = PendingLog::default();
         copy.bytes = new_len;
         copy.attrs_bound = data.attrs.len() as u64;
         copy.attr_bytes_bound = data.attr_bytes();

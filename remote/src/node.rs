@@ -107,6 +107,28 @@ impl PartialEq for PendingLog {
 
 impl Eq for PendingLog {}
 
+/// Asks for the cache lines of `base[from..to]`, which must lie inside
+/// one allocation. A hint: it never faults, writes or changes a result.
+fn prefetch_range(base: *const u8, from: usize, to: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut at = from - from % 64;
+        while at < to {
+            // SAFETY: `base + at` is inside the allocation `base` points
+            // to (`at < to`, in bounds by the caller); a prefetch reads
+            // nothing the program sees and never faults.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    base.add(at).cast::<i8>(),
+                );
+            }
+            at += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (base, from, to);
+}
+
 /// Bytes before each batch in a [`PendingLog`].
 const PENDING_HEADER_BYTES: usize = 16;
 
@@ -119,8 +141,8 @@ impl PendingLog {
         self.count == 0
     }
 
-    /// Appends `ops`, applied at `at_ms`; returns where the batch starts.
-    fn push(&mut self, at_ms: u64, ops: &[u8]) -> usize {
+    /// Appends `ops`, applied at `at_ms`.
+    fn push(&mut self, at_ms: u64, ops: &[u8]) {
         let len = u32::try_from(ops.len()).expect("a batch is under the frame limit");
         if self.buf.capacity() == 0 {
             // Room for a few of these before the first regrowth.
@@ -130,23 +152,16 @@ impl PendingLog {
         self.buf.extend_from_slice(&at_ms.to_le_bytes());
         self.buf.extend_from_slice(&len.to_le_bytes());
         self.buf.extend_from_slice(&[0; 4]);
-        let start = self.buf.len();
         self.buf.extend_from_slice(ops);
         let padded = self.buf.len().next_multiple_of(ALIGN);
         self.buf.resize(padded, 0);
         self.count += 1;
-        start
     }
 
-    /// Drops the last batch, which starts at `start` (as `push` said).
-    fn pop(&mut self, start: usize) {
-        self.buf.resize(start - PENDING_HEADER_BYTES, 0);
-        self.count -= 1;
-    }
-
-    /// The batch at `start`, `len` bytes long.
-    fn batch(&self, start: usize, len: usize) -> &[u8] {
-        &self.buf[start..start + len]
+    /// Asks for the cache lines the next `push` of `len` bytes writes.
+    fn prefetch_push(&self, len: usize) {
+        let end = (self.buf.len() + PENDING_HEADER_BYTES + len).min(self.buf.capacity());
+        prefetch_range(self.buf.as_ptr(), self.buf.len(), end);
     }
 
     /// Each batch with its time, oldest first.
@@ -361,9 +376,10 @@ fn materialize(copy: &Copy, scratch: &mut AlignedVec<ALIGN>) -> Option<SessionDa
     let mut slot: HashMap<&str, usize> = HashMap::with_capacity(batches.len());
     for &(_, ops) in &batches {
         debug_assert_eq!(ops.as_ptr().align_offset(ALIGN), 0);
-        // SAFETY: validated with `rkyv::access` where it lies, in the
-        // pending log, when it was appended (`Store::append_ops`);
-        // unchanged since, and at `ALIGN` (`PendingLog`).
+        // SAFETY: validated with `rkyv::access` on receipt, at an `ALIGN`
+        // boundary (`Store::append_ops`), then copied here byte for byte,
+        // again at an `ALIGN` boundary (`PendingLog`); an archive's
+        // pointers are relative, so it is as valid here; unchanged since.
         let batch = unsafe { rkyv::access_unchecked::<ArchivedVec<ArchivedOp>>(ops) };
         for op in batch.iter().map(ArchivedOp::as_ref) {
             let key = match op {
@@ -493,6 +509,25 @@ impl Store {
     /// a store near `bytes_max`) folds the pending batches and is applied
     /// at once, with the outcome an eager apply gives.
     pub fn apply_batch_at(&mut self, batch: DeltaBatch, now_ms: u64) -> Ack {
+        // In a large store the copies are cold, and one entry's work is
+        // too long for the processor to have two entries' misses in flight
+        // at once. Asking for every line the batch's op deltas will touch
+        // first (the copies' slots here, the ends of their pending logs,
+        // and all of a copy that will fold) lets those misses overlap.
+        for e in &batch.entries {
+            if let Delta::Ops(ops) = &e.body
+                && let Some(c) = self.copies.get(&e.sid)
+            {
+                c.pending.prefetch_push(ops.len());
+                let charged = c.bytes - c.record.len() as u64;
+                if c.pending.len() + 1 >= PENDING_BATCHES_MAX
+                    || charged + 2 * pending_charge(ops.len()) > PENDING_BYTES_MAX
+                {
+                    prefetch_range(c.record.as_ptr(), 0, c.record.len());
+                    prefetch_range(c.pending.buf.as_ptr(), 0, c.pending.buf.len());
+                }
+            }
+        }
         let entries = batch
             .entries
             .into_iter()
@@ -584,13 +619,13 @@ impl Store {
             return Some((AckStatus::NeedFull, copy.version));
         }
         let (sid, epoch) = (e.sid, e.epoch);
-        // Appended first and validated where it lies, so it is checked
-        // once, at an aligned place, with no other copy.
-        let start = copy.pending.push(now_ms, ops);
-        let Ok(batch) = rkyv::access::<ArchivedVec<ArchivedOp>, rancor::Error>(
-            copy.pending.batch(start, ops.len()),
-        ) else {
-            copy.pending.pop(start);
+        // Validated where it arrived, still in cache (or in `scratch` if it
+        // is not aligned), then copied to the pending log. That log is
+        // cold, and nothing reads it back before a fold, so the copy's
+        // stores do not hold up what follows.
+        let in_place = ops.as_ptr().align_offset(ALIGN) == 0;
+        let checked = if in_place { ops } else { aligned(ops, scratch) };
+        let Ok(batch) = rkyv::access::<ArchivedVec<ArchivedOp>, rancor::Error>(checked) else {
             return Some((AckStatus::Refused, copy.version));
         };
         let shape = shape(batch);
@@ -603,10 +638,11 @@ impl Store {
         }
         let charge = pending_charge(ops.len());
         if cannot_fail
-            && copy.pending.len() <= PENDING_BATCHES_MAX
+            && copy.pending.len() < PENDING_BATCHES_MAX
             && copy.bytes - copy.record.len() as u64 + charge <= PENDING_BYTES_MAX
             && *bytes + charge <= limits.bytes_max
         {
+            copy.pending.push(now_ms, ops);
             copy.version += 1;
             copy.epoch = epoch;
             copy.bytes += charge;
@@ -615,9 +651,10 @@ impl Store {
             *bytes += charge;
             return Some((AckStatus::Applied, copy.version));
         }
-        scratch.clear();
-        scratch.extend_from_slice(copy.pending.batch(start, ops.len()));
-        copy.pending.pop(start);
+        if in_place {
+            scratch.clear();
+            scratch.extend_from_slice(ops);
+        }
         None
     }
 

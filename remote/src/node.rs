@@ -17,10 +17,10 @@
 //!   validate, is `Refused`.
 //!
 //! A copy is a record validated once, when it arrived (or written by this
-//! node), plus the op batches acknowledged since, kept as received and
-//! folded into the record when a fetch asks for it or when they pass
-//! [`PENDING_BATCHES_MAX`] or [`PENDING_BYTES_MAX`]. An op delta is
-//! validated and appended only when it cannot fail to apply (see
+//! node), plus the op batches acknowledged since, copied back to back into
+//! one buffer and folded into the record when a fetch asks for it or when
+//! they pass [`PENDING_BATCHES_MAX`] or [`PENDING_BYTES_MAX`]. An op delta
+//! is validated and appended only when it cannot fail to apply (see
 //! [`Store::apply_batch_at`]); any other is applied at once, as the host
 //! did, so every answer is the one an eager apply would give.
 
@@ -618,7 +618,7 @@ impl Store {
         // cold, and nothing reads it back before a fold, so the copy's
         // stores do not hold up what follows.
         let in_place = ops.as_ptr().align_offset(ALIGN) == 0;
-        let checked = if in_place { ops } else { aligned(ops, scratch) };
+        let checked = aligned(ops, scratch);
         let Ok(batch) = rkyv::access::<ArchivedVec<ArchivedOp>, rancor::Error>(checked) else {
             return Some((AckStatus::Refused, copy.version));
         };

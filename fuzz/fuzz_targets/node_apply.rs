@@ -1,14 +1,17 @@
 //! Arbitrary delta batches applied to a replica node's store, checked
 //! against a model of what the node must hold: per session the version and
 //! ownership epoch, fencing of older epochs, base-version checks for op
-//! deltas, and byte accounting. Bodies are drawn from valid records and op
-//! batches as well as from raw fuzz bytes, so both paths are exercised.
+//! deltas, and byte accounting (records plus the charge of op batches not
+//! yet folded in). Bodies are drawn from valid records and op batches as
+//! well as from raw fuzz bytes, so both paths are exercised; fetches fold
+//! pending batches in between.
 #![no_main]
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use sessio_engine::session::{Op, SessionData, decode_session, encode_ops, encode_session};
 use sessio_net::message::{AckStatus, Delta, DeltaBatch, DeltaEntry};
+use sessio_remote::node::PENDING_BATCHES_MAX;
 use sessio_remote::{NodeLimits, Store};
 use std::collections::HashMap;
 
@@ -16,6 +19,7 @@ use std::collections::HashMap;
 enum Body {
     ValidFull(u8),
     ValidOps(u8),
+    Incr(i8),
     Invalidate,
     Remove,
     RawFull(Vec<u8>),
@@ -46,7 +50,8 @@ fuzz_target!(|batches: Vec<Vec<Entry>>| {
     let mut store = Store::new(limits, 1);
     // The model: sid -> (version, epoch).
     let mut model: HashMap<[u8; 16], (u64, u64)> = HashMap::new();
-    for batch in batches.into_iter().take(16) {
+    let mut fold_next = false;
+    for (round, batch) in batches.into_iter().take(16).enumerate() {
         let entries: Vec<DeltaEntry> = batch
             .into_iter()
             .take(32)
@@ -56,6 +61,8 @@ fuzz_target!(|batches: Vec<Vec<Entry>>| {
                 let body = match e.body {
                     Body::ValidFull(n) => Delta::Full(record(n)),
                     Body::ValidOps(n) => Delta::Ops(ops(n)),
+                    // Applied at once (its outcome depends on the value).
+                    Body::Incr(by) => Delta::Ops(encode_ops(&[Op::Incr { key: "c".into(), by: i64::from(by) }]).to_vec()),
                     Body::Invalidate => Delta::Ops(encode_ops(&[Op::Invalidate]).to_vec()),
                     Body::Remove => Delta::Remove,
                     Body::RawFull(b) => Delta::Full(b),
@@ -125,12 +132,12 @@ fuzz_target!(|batches: Vec<Vec<Entry>>| {
             // The store agrees with the model after every entry (after the
             // whole batch, for batches applied whole).
             if !whole {
-                let got = store.get(&e.sid).map(|c| (c.version, c.epoch));
+                let got = store.get(&e.sid).map(|c| (c.version(), c.epoch()));
                 assert_eq!(got, model.get(&key).copied(), "store and model disagree after {e:?} -> {a:?}");
             }
         }
         for (key, want) in &model {
-            assert_eq!(store.get(key).map(|c| (c.version, c.epoch)), Some(*want), "after the batch");
+            assert_eq!(store.get(key).map(|c| (c.version(), c.epoch())), Some(*want), "after the batch");
         }
         // Byte accounting and limits hold, and every copy is a valid record.
         let mut bytes = 0u64;
@@ -139,13 +146,33 @@ fuzz_target!(|batches: Vec<Vec<Entry>>| {
             let mut sid = [0u8; 16];
             sid[0] = k;
             if let Some(c) = store.get(&sid) {
-                bytes += c.record.len() as u64;
+                bytes += c.bytes();
                 count += 1;
-                assert!(decode_session(&c.record).is_ok());
+                assert!(c.pending_batches() <= PENDING_BATCHES_MAX);
+                assert_eq!(c.base_version() + c.pending_batches() as u64, c.version());
+                assert!(c.bytes() >= c.record().len() as u64);
             }
         }
         assert_eq!(bytes, store.bytes());
         assert_eq!(count, model.len() as u64, "the store holds a session the model does not");
         assert!(count <= limits.sessions_max && bytes <= limits.bytes_max);
+        // Every other batch, fold one session, as a fetch does: its record
+        // is then the session at its version, valid, and no larger than
+        // it was charged (records here are this engine's own).
+        if fold_next {
+            let mut sid = [0u8; 16];
+            sid[0] = (round % 4) as u8;
+            let charged = store.get(&sid).map(|c| c.bytes());
+            if let Some(c) = store.folded(&sid) {
+                assert_eq!(c.pending_batches(), 0);
+                assert_eq!(Some((c.version(), c.epoch())), model.get(&sid).copied());
+                let d = decode_session(c.record()).expect("a folded record is valid");
+                if let Some(last) = d.log.last() {
+                    assert!(last.version <= c.version());
+                }
+                assert!(c.bytes() <= charged.unwrap(), "a fold grew past its charge");
+            }
+        }
+        fold_next = !fold_next;
     }
 });

@@ -15,13 +15,27 @@
 //!   version is a replay: acknowledged, not applied);
 //! - a store at `sessions_max` or `bytes_max`, or a record that does not
 //!   validate, is `Refused`.
+//!
+//! A copy is a record validated once, when it arrived (or written by this
+//! node), plus the op batches acknowledged since, copied back to back into
+//! one buffer and folded into the record when a fetch asks for it or when
+//! they pass [`PENDING_BATCHES_MAX`] or [`PENDING_BYTES_MAX`]. An op delta
+//! is validated and appended only when it cannot fail to apply (see
+//! [`Store::apply_batch_at`]); any other is applied at once, as the host
+//! did, so every answer is the one an eager apply would give.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 
 use hashbrown::HashMap;
-use sessio_engine::session::{decode_ops, decode_session, encode_session};
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+use rkyv::vec::ArchivedVec;
+use sessio_engine::session::{
+    ATTRS_MAX, Applied, ArchivedOp, ArchivedSessionData, KEY_BYTES_MAX, LOG_BYTES_MAX,
+    LOG_ENTRIES_MAX, OpRef, SessionData,
+};
 use sessio_net::{
     Ack, AckEntry, AckStatus, Counter, Delta, DeltaBatch, DeltaEntry, Fetch, FetchReply,
     FoundRecord, Identity, Invalidate, Message, PeerInfo, Pong, Secret, Server, ServerConfig, Sid,
@@ -39,13 +53,25 @@ pub const BIND_RETRY_MS: u64 = 3_000;
 /// Attribute bytes a replica lets one session hold when applying ops; the
 /// host's own quota (at most 64 MiB) already bounded them.
 const APPLY_QUOTA_BYTES: u64 = 64 << 20;
+/// Most op batches a copy holds unfolded; the next one folds them all.
+pub const PENDING_BATCHES_MAX: usize = 32;
+/// Most bytes a copy's unfolded op batches are charged (see
+/// [`pending_charge`]); past it the next batch folds them all.
+pub const PENDING_BYTES_MAX: u64 = 16 << 10;
+/// What one unfolded batch is charged beyond twice its bytes: the archived
+/// log entry and attribute headers and their alignment padding it can add
+/// to the record once folded, and its own bookkeeping.
+const PENDING_OVERHEAD_BYTES: u64 = 64;
+/// Alignment the archives are read at (rkyv's records and op batches need 8).
+const ALIGN: usize = 16;
 
 /// What one node agrees to hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NodeLimits {
     /// Most sessions held.
     pub sessions_max: u64,
-    /// Most record bytes held, summed over sessions.
+    /// Most bytes held, summed over sessions: each copy's record, plus for
+    /// each unfolded op batch a bound on what it adds once folded.
     pub bytes_max: u64,
 }
 
@@ -58,15 +84,184 @@ impl Default for NodeLimits {
     }
 }
 
-/// One session's copy.
+/// The op batches a copy has acknowledged but not folded in, back to
+/// back in one buffer, so appending one is a copy into memory the copy
+/// already owns:
+///
+/// ```text
+/// | at_ms u64 LE | len u32 LE | 0 u32 | batch: len bytes | 0-pad to 16 | ... |
+/// ```
+///
+/// Every batch starts at a multiple of 16, where rkyv reads it in place.
+#[derive(Debug, Clone, Default)]
+struct PendingLog {
+    buf: AlignedVec<ALIGN>,
+    count: u32,
+}
+
+impl PartialEq for PendingLog {
+    fn eq(&self, other: &Self) -> bool {
+        self.count == other.count && self.buf[..] == other.buf[..]
+    }
+}
+
+impl Eq for PendingLog {}
+
+/// Asks for the cache lines of `base[from..to]`, which must lie inside
+/// one allocation. A hint: it never faults, writes or changes a result.
+fn prefetch_range(base: *const u8, from: usize, to: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut at = from - from % 64;
+        while at < to {
+            // SAFETY: `base + at` is inside the allocation `base` points
+            // to (`at < to`, in bounds by the caller); a prefetch reads
+            // nothing the program sees and never faults.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    base.add(at).cast::<i8>(),
+                );
+            }
+            at += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (base, from, to);
+}
+
+/// Bytes before each batch in a [`PendingLog`].
+const PENDING_HEADER_BYTES: usize = 16;
+
+impl PendingLog {
+    fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Appends `ops`, applied at `at_ms`.
+    fn push(&mut self, at_ms: u64, ops: &[u8]) {
+        let len = u32::try_from(ops.len()).expect("a batch is under the frame limit");
+        if self.buf.capacity() == 0 {
+            // Room for a few of these before the first regrowth.
+            self.buf
+                .reserve(4 * (PENDING_HEADER_BYTES + ops.len()).next_multiple_of(ALIGN));
+        }
+        self.buf.extend_from_slice(&at_ms.to_le_bytes());
+        self.buf.extend_from_slice(&len.to_le_bytes());
+        self.buf.extend_from_slice(&[0; 4]);
+        self.buf.extend_from_slice(ops);
+        let padded = self.buf.len().next_multiple_of(ALIGN);
+        self.buf.resize(padded, 0);
+        self.count += 1;
+    }
+
+    /// Asks for the cache lines the next `push` of `len` bytes writes.
+    fn prefetch_push(&self, len: usize) {
+        let end = (self.buf.len() + PENDING_HEADER_BYTES + len).min(self.buf.capacity());
+        prefetch_range(self.buf.as_ptr(), self.buf.len(), end);
+    }
+
+    /// Each batch with its time, oldest first.
+    fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let head = self.buf.get(at..at + PENDING_HEADER_BYTES)?;
+            let at_ms = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+            let len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) as usize;
+            let start = at + PENDING_HEADER_BYTES;
+            at = (start + len).next_multiple_of(ALIGN);
+            Some((at_ms, &self.buf[start..start + len]))
+        })
+    }
+}
+
+/// One session's copy: a record at [`Copy::base_version`], validated when
+/// it arrived or written by this node, plus the op batches acknowledged
+/// since, up to [`Copy::version`]. [`Store::folded`] folds them in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Copy {
-    /// The host's record version.
-    pub version: u64,
+    version: u64,
+    epoch: u64,
+    record: Vec<u8>,
+    pending: PendingLog,
+    /// Charged against `bytes_max`: the record plus [`pending_charge`] of
+    /// each pending batch.
+    bytes: u64,
+    /// At least the attributes the session holds after the pending batches.
+    attrs_bound: u64,
+    /// At least its attribute bytes (the quota's measure) after them.
+    attr_bytes_bound: u64,
+}
+
+impl Copy {
+    /// A copy of `record` (validated) at `version`; `attrs` is what
+    /// [`attr_measure`] says of it.
+    fn new(version: u64, epoch: u64, record: Vec<u8>, attrs: (u64, u64)) -> Copy {
+        Copy {
+            version,
+            epoch,
+            bytes: record.len() as u64,
+            record,
+            pending: PendingLog::default(),
+            attrs_bound: attrs.0,
+            attr_bytes_bound: attrs.1,
+        }
+    }
+
+    /// The host's record version this copy stands at (acknowledged).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     /// Ownership epoch it was written under.
-    pub epoch: u64,
-    /// The archived `SessionData` (validated on receipt).
-    pub record: Vec<u8>,
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The version of [`Copy::record`]: [`Copy::version`] less the pending
+    /// batches.
+    pub fn base_version(&self) -> u64 {
+        self.version - self.pending.len() as u64
+    }
+
+    /// The archived `SessionData` at [`Copy::base_version`]; the session
+    /// at [`Copy::version`] once [`Copy::pending_batches`] is 0.
+    pub fn record(&self) -> &[u8] {
+        &self.record
+    }
+
+    /// Op batches acknowledged but not folded into the record yet.
+    pub fn pending_batches(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Bytes this copy is charged against [`NodeLimits::bytes_max`].
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// A record's attribute count and attribute bytes, as
+/// `SessionData::attr_bytes` counts them for the quota.
+fn attr_measure(archived: &ArchivedSessionData) -> (u64, u64) {
+    let attrs = archived.attrs.as_slice();
+    let bytes = attrs
+        .iter()
+        .map(|a| (a.key.len() + a.value.len() + 16) as u64)
+        .sum();
+    (attrs.len() as u64, bytes)
+}
+
+/// What an unfolded op batch of `len` bytes is charged: a bound on what it
+/// adds to the record once folded. Every key and value it sets is within
+/// its bytes, and so is each archived op's header, which is no smaller
+/// than the attribute header it can add; the log entry adds the batch once
+/// more plus a header and padding.
+pub fn pending_charge(len: usize) -> u64 {
+    2 * len as u64 + PENDING_OVERHEAD_BYTES
 }
 
 /// Counters a node reports in [`Stats`].
@@ -86,6 +281,8 @@ pub struct NodeCounters {
     pub fetch_hits: u64,
     /// Copies dropped by `Invalidate`.
     pub invalidated: u64,
+    /// Records rewritten with their pending op batches folded in.
+    pub folds: u64,
 }
 
 /// The node's state: copies keyed by SID, within [`NodeLimits`].
@@ -95,8 +292,145 @@ pub struct Store {
     bytes: u64,
     limits: NodeLimits,
     incarnation: u64,
+    /// Where bytes that are not aligned for rkyv are copied to be read.
+    scratch: AlignedVec<ALIGN>,
+    /// The serializer's output buffer, reused by every fold.
+    ser: AlignedVec<ALIGN>,
     /// Counters since start.
     pub counters: NodeCounters,
+}
+
+/// `bytes` if they lie at [`ALIGN`], else a copy of them in `scratch`.
+fn aligned<'a>(bytes: &'a [u8], scratch: &'a mut AlignedVec<ALIGN>) -> &'a [u8] {
+    if bytes.as_ptr().align_offset(ALIGN) == 0 {
+        bytes
+    } else {
+        scratch.clear();
+        scratch.extend_from_slice(bytes);
+        scratch
+    }
+}
+
+/// What applying one op batch needs, read off the batch alone.
+struct Shape {
+    /// Only ops that cannot fail on any session, given the bounds below:
+    /// `Set` and `Remove` of valid keys, `Touch`, `Invalidate`.
+    safe: bool,
+    /// It invalidates the session.
+    invalidates: bool,
+    /// `Set`s: each can add one attribute.
+    sets: u64,
+    /// What the `Set`s can add to the attribute bytes at most.
+    set_bytes: u64,
+}
+
+fn shape(batch: &ArchivedVec<ArchivedOp>) -> Shape {
+    // The engine's key rule (`session::check_key`): a bad key fails the batch.
+    let key_ok = |k: &str| !k.is_empty() && k.len() <= KEY_BYTES_MAX;
+    let mut s = Shape {
+        safe: true,
+        invalidates: false,
+        sets: 0,
+        set_bytes: 0,
+    };
+    for op in batch.iter() {
+        match op.as_ref() {
+            OpRef::Set { key, value } => {
+                s.safe &= key_ok(key);
+                s.sets += 1;
+                s.set_bytes += (key.len() + value.len() + 16) as u64;
+            }
+            OpRef::Remove { key } => s.safe &= key_ok(key),
+            OpRef::Touch => {}
+            OpRef::Invalidate => s.invalidates = true,
+            // Their outcome depends on the value they find: not safe.
+            OpRef::Append { .. } | OpRef::Incr { .. } => s.safe = false,
+        }
+    }
+    s
+}
+
+/// The session `copy` holds at its version: its record with every pending
+/// batch applied, as the host applied them. `None` if the record does not
+/// deserialize (it was validated, so it does).
+///
+/// Pending batches hold only `Set`, `Remove` and `Touch` (see [`shape`]),
+/// which write without reading and cannot fail within the copy's bounds,
+/// so applying them one by one leaves each key with its last write and
+/// `updated_ms` at the last batch's time: the fold applies just those
+/// writes, once. The op log ends as the host's does, with the longest run
+/// of the latest batches that `SessionData::log_batch` keeps.
+fn materialize(copy: &Copy, scratch: &mut AlignedVec<ALIGN>) -> Option<SessionData> {
+    let bytes = aligned(&copy.record, scratch);
+    // SAFETY: the record was validated with `rkyv::access` when it arrived
+    // or was serialized by this node (`serialize`), and has not changed
+    // since; `aligned` put it at `ALIGN`.
+    let archived = unsafe { rkyv::access_unchecked::<ArchivedSessionData>(bytes) };
+    let mut data = rkyv::deserialize::<SessionData, rancor::Error>(archived).ok()?;
+    if copy.pending.is_empty() {
+        return Some(data);
+    }
+    let mut batches: Vec<(u64, &[u8])> = Vec::with_capacity(copy.pending.len());
+    batches.extend(copy.pending.iter());
+    let mut writes: Vec<OpRef<'_>> = Vec::with_capacity(batches.len());
+    let mut slot: HashMap<&str, usize> = HashMap::with_capacity(batches.len());
+    for &(_, ops) in &batches {
+        debug_assert_eq!(ops.as_ptr().align_offset(ALIGN), 0);
+        // SAFETY: validated with `rkyv::access` on receipt, at an `ALIGN`
+        // boundary (`Store::append_ops`), then copied here byte for byte,
+        // again at an `ALIGN` boundary (`PendingLog`); an archive's
+        // pointers are relative, so it is as valid here; unchanged since.
+        let batch = unsafe { rkyv::access_unchecked::<ArchivedVec<ArchivedOp>>(ops) };
+        for op in batch.iter().map(ArchivedOp::as_ref) {
+            let key = match op {
+                OpRef::Set { key, .. } | OpRef::Remove { key } => key,
+                OpRef::Touch => continue,
+                // Never appended (see `Store::append_ops`).
+                OpRef::Append { .. } | OpRef::Incr { .. } | OpRef::Invalidate => return None,
+            };
+            match slot.entry(key) {
+                hashbrown::hash_map::Entry::Occupied(o) => writes[*o.get()] = op,
+                hashbrown::hash_map::Entry::Vacant(v) => {
+                    v.insert(writes.len());
+                    writes.push(op);
+                }
+            }
+        }
+    }
+    let last_ms = batches.last().map_or(0, |b| b.0);
+    let applied = data.apply_refs(writes, last_ms, APPLY_QUOTA_BYTES);
+    // The bounds checked on append rule out every error.
+    debug_assert_eq!(applied, Ok(Applied::Changed));
+    if applied != Ok(Applied::Changed) {
+        return None;
+    }
+    // Batches older than the latest run the log can hold would be pushed
+    // and dropped again; so would the old log if one of them is.
+    let (mut kept, mut kept_bytes) = (0, 0);
+    for &(_, ops) in batches.iter().rev() {
+        if kept == LOG_ENTRIES_MAX || kept_bytes + ops.len() > LOG_BYTES_MAX {
+            break;
+        }
+        kept += 1;
+        kept_bytes += ops.len();
+    }
+    let first = batches.len() - kept;
+    if first > 0 {
+        data.log.clear();
+    }
+    let base = copy.base_version();
+    for (i, &(_, ops)) in batches.iter().enumerate().skip(first) {
+        data.log_batch(base + i as u64 + 1, ops);
+    }
+    Some(data)
+}
+
+/// Serializes `data` into `ser` (reused: no allocation once it has grown).
+fn serialize(data: &SessionData, ser: &mut AlignedVec<ALIGN>) {
+    let mut buf = std::mem::take(ser);
+    buf.clear();
+    *ser = rkyv::api::high::to_bytes_in::<_, rancor::Error>(data, buf)
+        .expect("serializing a session into memory");
 }
 
 impl Store {
@@ -107,6 +441,8 @@ impl Store {
             bytes: 0,
             limits,
             incarnation,
+            scratch: AlignedVec::new(),
+            ser: AlignedVec::new(),
             counters: NodeCounters::default(),
         }
     }
@@ -121,13 +457,20 @@ impl Store {
         self.copies.is_empty()
     }
 
-    /// Record bytes held.
+    /// Bytes held, as charged against [`NodeLimits::bytes_max`].
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
 
-    /// The copy of `sid`.
+    /// The copy of `sid`, as it stands: its pending batches not folded in.
     pub fn get(&self, sid: &Sid) -> Option<&Copy> {
+        self.copies.get(sid)
+    }
+
+    /// The copy of `sid` with its pending batches folded in, so its
+    /// [`Copy::record`] is the session at [`Copy::version`].
+    pub fn folded(&mut self, sid: &Sid) -> Option<&Copy> {
+        self.fold(sid);
         self.copies.get(sid)
     }
 
@@ -147,14 +490,44 @@ impl Store {
         }
     }
 
-    /// Applies a batch in order; one ack entry per delta entry.
+    /// Applies a batch in order, op deltas at this node's clock; one ack
+    /// entry per delta entry.
     pub fn apply_batch(&mut self, batch: DeltaBatch) -> Ack {
+        self.apply_batch_at(batch, sessio_engine::clock::now_ms())
+    }
+
+    /// [`Store::apply_batch`] with op deltas applied at `now_ms` (the time
+    /// a record's `updated_ms` takes).
+    ///
+    /// An op delta on the right base is validated, then appended to the
+    /// copy's pending batches if it cannot fail to apply: only `Set`,
+    /// `Remove`, `Touch` and `Invalidate` with valid keys, and the copy's
+    /// attribute count and bytes, bounded from above, stay within the
+    /// limits an apply checks. A batch that invalidates drops the copy at
+    /// once. Any other batch (`Append`, `Incr`, a bound that could be
+    /// passed, a copy at [`PENDING_BATCHES_MAX`] or [`PENDING_BYTES_MAX`],
+    /// a store near `bytes_max`) folds the pending batches and is applied
+    /// at once, with the outcome an eager apply gives.
+    pub fn apply_batch_at(&mut self, batch: DeltaBatch, now_ms: u64) -> Ack {
+        // In a large store the copies are cold, and one entry's work is
+        // too long for the processor to have two entries' misses in flight
+        // at once. Asking for the lines the batch's op deltas will touch
+        // first (the copies' slots here, the ends of their pending logs)
+        // lets those misses overlap. (Asking for all of a copy about to
+        // fold as well measured no better: its reads are sequential.)
+        for e in &batch.entries {
+            if let Delta::Ops(ops) = &e.body
+                && let Some(c) = self.copies.get(&e.sid)
+            {
+                c.pending.prefetch_push(ops.len());
+            }
+        }
         let entries = batch
             .entries
             .into_iter()
             .map(|e| {
                 let sid = e.sid;
-                let status = self.apply_entry(e);
+                let (status, version) = self.apply_entry(e, now_ms);
                 match status {
                     AckStatus::Applied => self.counters.applied += 1,
                     AckStatus::NeedFull => self.counters.need_full += 1,
@@ -163,7 +536,7 @@ impl Store {
                 }
                 AckEntry {
                     sid,
-                    version: self.copies.get(&sid).map_or(0, |c| c.version),
+                    version,
                     status,
                 }
             })
@@ -171,19 +544,31 @@ impl Store {
         Ack { entries }
     }
 
-    fn apply_entry(&mut self, e: DeltaEntry) -> AckStatus {
+    /// The version held of `sid` (0: none).
+    fn version_of(&self, sid: &Sid) -> u64 {
+        self.copies.get(sid).map_or(0, |c| c.version)
+    }
+
+    /// One entry's answer, and the version held after it.
+    fn apply_entry(&mut self, e: DeltaEntry, now_ms: u64) -> (AckStatus, u64) {
+        if let Delta::Ops(ops) = &e.body {
+            // The common case, with one lookup.
+            if let Some(done) = self.append_ops(&e, ops, now_ms) {
+                return done;
+            }
+            let status = self.apply_now(e.sid, e.epoch, now_ms);
+            return (status, self.version_of(&e.sid));
+        }
         let held = self.copies.get(&e.sid).map(|c| (c.version, c.epoch));
-        if let Some((_, epoch)) = held
+        if let Some((version, epoch)) = held
             && e.epoch < epoch
         {
-            return AckStatus::Fenced;
+            return (AckStatus::Fenced, version);
         }
         match e.body {
             Delta::Remove => {
-                if let Some(c) = self.copies.remove(&e.sid) {
-                    self.bytes -= c.record.len() as u64;
-                }
-                AckStatus::Applied
+                self.remove(&e.sid);
+                (AckStatus::Applied, 0)
             }
             Delta::Full(record) => {
                 if let Some((version, epoch)) = held
@@ -191,73 +576,209 @@ impl Store {
                     && e.new_version <= version
                 {
                     // A replay or a reordered older copy: ours is as new.
-                    return AckStatus::Applied;
+                    return (AckStatus::Applied, version);
                 }
-                if decode_session(&record).is_err() {
-                    return AckStatus::Refused;
-                }
-                self.put(e.sid, e.new_version, e.epoch, record)
+                let bytes = aligned(&record, &mut self.scratch);
+                let Ok(archived) = rkyv::access::<ArchivedSessionData, rancor::Error>(bytes) else {
+                    return (AckStatus::Refused, self.version_of(&e.sid));
+                };
+                let attrs = attr_measure(archived);
+                let copy = Copy::new(e.new_version, e.epoch, record, attrs);
+                let status = self.put(e.sid, copy);
+                (status, self.version_of(&e.sid))
             }
-            Delta::Ops(ops) => {
-                let Some((version, _)) = held else {
-                    return AckStatus::NeedFull;
-                };
-                if e.base_version != version || e.new_version != version + 1 {
-                    return AckStatus::NeedFull;
-                }
-                let Ok(ops_decoded) = decode_ops(&ops) else {
-                    return AckStatus::Refused;
-                };
-                let old = &self.copies[&e.sid].record;
-                let Ok(mut data) = decode_session(old) else {
-                    return AckStatus::NeedFull;
-                };
-                match data.apply(
-                    &ops_decoded,
-                    sessio_engine::clock::now_ms(),
-                    APPLY_QUOTA_BYTES,
-                ) {
-                    Ok(sessio_engine::session::Applied::Changed) => {}
-                    Ok(sessio_engine::session::Applied::Invalidated) => {
-                        if let Some(c) = self.copies.remove(&e.sid) {
-                            self.bytes -= c.record.len() as u64;
-                        }
-                        return AckStatus::Applied;
-                    }
-                    // The host applied this batch; we could not: resync.
-                    Err(_) => return AckStatus::NeedFull,
-                }
-                data.log_batch(e.new_version, &ops);
-                let record = encode_session(&data).to_vec();
-                self.put(e.sid, e.new_version, e.epoch, record)
-            }
+            Delta::Ops(_) => unreachable!("handled above"),
         }
     }
 
-    fn put(&mut self, sid: Sid, version: u64, epoch: u64, record: Vec<u8>) -> AckStatus {
-        let old_len = self.copies.get(&sid).map(|c| c.record.len() as u64);
-        let new_len = record.len() as u64;
-        let count = self.copies.len() as u64 + u64::from(old_len.is_none());
-        let bytes = self.bytes - old_len.unwrap_or(0) + new_len;
+    /// An op delta `e` (body `ops`), checked against the copy it names
+    /// (fencing, base version) and, on the right base, validated and
+    /// appended, or the copy dropped if it invalidates it. `None` when the
+    /// batch must be applied at once: it is left in `scratch`, validated.
+    fn append_ops(&mut self, e: &DeltaEntry, ops: &[u8], now_ms: u64) -> Option<(AckStatus, u64)> {
+        let Store {
+            copies,
+            bytes,
+            limits,
+            scratch,
+            ..
+        } = self;
+        let Some(copy) = copies.get_mut(&e.sid) else {
+            return Some((AckStatus::NeedFull, 0));
+        };
+        if e.epoch < copy.epoch {
+            return Some((AckStatus::Fenced, copy.version));
+        }
+        if e.base_version != copy.version || e.new_version != copy.version + 1 {
+            return Some((AckStatus::NeedFull, copy.version));
+        }
+        let (sid, epoch) = (e.sid, e.epoch);
+        // Validated where it arrived, still in cache (or in `scratch` if it
+        // is not aligned), then copied to the pending log. That log is
+        // cold, and nothing reads it back before a fold, so the copy's
+        // stores do not hold up what follows.
+        let in_place = ops.as_ptr().align_offset(ALIGN) == 0;
+        let checked = aligned(ops, scratch);
+        let Ok(batch) = rkyv::access::<ArchivedVec<ArchivedOp>, rancor::Error>(checked) else {
+            return Some((AckStatus::Refused, copy.version));
+        };
+        let shape = shape(batch);
+        let cannot_fail = shape.safe
+            && copy.attrs_bound + shape.sets <= ATTRS_MAX as u64
+            && copy.attr_bytes_bound + shape.set_bytes <= APPLY_QUOTA_BYTES;
+        if cannot_fail && shape.invalidates {
+            self.remove(&sid);
+            return Some((AckStatus::Applied, 0));
+        }
+        let charge = pending_charge(ops.len());
+        if cannot_fail
+            && copy.pending.len() < PENDING_BATCHES_MAX
+            && copy.bytes - copy.record.len() as u64 + charge <= PENDING_BYTES_MAX
+            && *bytes + charge <= limits.bytes_max
+        {
+            copy.pending.push(now_ms, ops);
+            copy.version += 1;
+            copy.epoch = epoch;
+            copy.bytes += charge;
+            copy.attrs_bound += shape.sets;
+            copy.attr_bytes_bound += shape.set_bytes;
+            *bytes += charge;
+            return Some((AckStatus::Applied, copy.version));
+        }
+        if in_place {
+            scratch.clear();
+            scratch.extend_from_slice(ops);
+        }
+        None
+    }
+
+    /// Folds the pending batches of `sid` and applies the op batch in
+    /// `scratch` (validated by `append_ops`) on top, as an eager apply
+    /// would: `NeedFull` if it fails, `Refused` if the result does not
+    /// fit; the copy's version stays as it was in both cases.
+    fn apply_now(&mut self, sid: Sid, epoch: u64, now_ms: u64) -> AckStatus {
+        let ops = std::mem::take(&mut self.scratch);
+        let status = self.apply_now_with(sid, epoch, &ops, now_ms);
+        self.scratch = ops;
+        status
+    }
+
+    fn apply_now_with(&mut self, sid: Sid, epoch: u64, ops: &[u8], now_ms: u64) -> AckStatus {
+        let Some(mut data) = self.materialize_or_drop(&sid) else {
+            // What was pending is gone (see `materialize_or_drop`), and
+            // with it this batch's base.
+            return AckStatus::NeedFull;
+        };
+        // SAFETY: validated with `rkyv::access` by `append_ops`, unchanged
+        // since, in an `AlignedVec` at `ALIGN`.
+        let batch = unsafe { rkyv::access_unchecked::<ArchivedVec<ArchivedOp>>(ops) };
+        match data.apply_refs(
+            batch.iter().map(ArchivedOp::as_ref),
+            now_ms,
+            APPLY_QUOTA_BYTES,
+        ) {
+            Ok(Applied::Changed) => {}
+            Ok(Applied::Invalidated) => {
+                self.remove(&sid);
+                return AckStatus::Applied;
+            }
+            // The host applied this batch; we could not: resync.
+            Err(_) => return AckStatus::NeedFull,
+        }
+        let copy = self.copies.get_mut(&sid).expect("materialized above");
+        let version = copy.version + 1;
+        data.log_batch(version, ops);
+        serialize(&data, &mut self.ser);
+        let new_len = self.ser.len() as u64;
+        if self.bytes - copy.bytes + new_len > self.limits.bytes_max {
+            return AckStatus::Refused;
+        }
+        copy.version = version;
+        copy.epoch = epoch;
+        self.commit_serialized(&sid, &data);
+        AckStatus::Applied
+    }
+
+    /// Folds the pending batches of `sid` into its record.
+    fn fold(&mut self, sid: &Sid) {
+        if self.copies.get(sid).is_none_or(|c| c.pending.is_empty()) {
+            return;
+        }
+        if let Some(data) = self.materialize_or_drop(sid) {
+            serialize(&data, &mut self.ser);
+            self.commit_serialized(sid, &data);
+        }
+    }
+
+    /// [`materialize`] for the copy of `sid`. Should that fail (it cannot:
+    /// pending batches were checked on append and the record on receipt),
+    /// the copy drops back to its record, its version with it, so the
+    /// host's next delta meets a base mismatch and gets `NeedFull`; and a
+    /// record that does not deserialize drops the copy.
+    fn materialize_or_drop(&mut self, sid: &Sid) -> Option<SessionData> {
+        let copy = self.copies.get_mut(sid)?;
+        if let Some(data) = materialize(copy, &mut self.scratch) {
+            return Some(data);
+        }
+        debug_assert!(false, "a copy did not fold");
+        if copy.pending.is_empty() {
+            self.remove(sid);
+            return None;
+        }
+        let charged = copy.bytes - copy.record.len() as u64;
+        self.bytes -= charged;
+        copy.bytes -= charged;
+        copy.version = copy.base_version();
+        copy.pending = PendingLog::default();
+        copy.attrs_bound = ATTRS_MAX as u64 + 1;
+        copy.attr_bytes_bound = APPLY_QUOTA_BYTES + 1;
+        None
+    }
+
+    /// Makes the record in `ser` (`data`, serialized) the copy of `sid`'s,
+    /// with nothing pending.
+    fn commit_serialized(&mut self, sid: &Sid, data: &SessionData) {
+        let Some(copy) = self.copies.get_mut(sid) else {
+            return;
+        };
+        let new_len = self.ser.len() as u64;
+        // A fold adds no more than its batches were charged
+        // (`pending_charge`) to a record this engine serialized, so the
+        // store stays within bytes_max. A peer's hand-made record can
+        // re-serialize a little larger; it is held all the same (its
+        // batches were acknowledged) and counted as it is.
+        self.bytes = self.bytes - copy.bytes + new_len;
+        copy.record.clear();
+        copy.record.extend_from_slice(&self.ser);
+        copy.pending = PendingLog::default();
+        copy.bytes = new_len;
+        copy.attrs_bound = data.attrs.len() as u64;
+        copy.attr_bytes_bound = data.attr_bytes();
+        self.counters.folds += 1;
+    }
+
+    fn remove(&mut self, sid: &Sid) -> Option<Copy> {
+        let c = self.copies.remove(sid)?;
+        self.bytes -= c.bytes;
+        Some(c)
+    }
+
+    fn put(&mut self, sid: Sid, copy: Copy) -> AckStatus {
+        let old_bytes = self.copies.get(&sid).map(|c| c.bytes);
+        let count = self.copies.len() as u64 + u64::from(old_bytes.is_none());
+        let bytes = self.bytes - old_bytes.unwrap_or(0) + copy.bytes;
         if count > self.limits.sessions_max || bytes > self.limits.bytes_max {
             return AckStatus::Refused;
         }
         self.bytes = bytes;
-        self.copies.insert(
-            sid,
-            Copy {
-                version,
-                epoch,
-                record,
-            },
-        );
+        self.copies.insert(sid, copy);
         AckStatus::Applied
     }
 
-    /// Answers a failover fetch.
+    /// Answers a failover fetch, folding the copy's pending batches first.
     pub fn fetch(&mut self, f: Fetch) -> FetchReply {
         self.counters.fetches += 1;
-        let found = self.copies.get(&f.sid).map(|c| FoundRecord {
+        let found = self.folded(&f.sid).map(|c| FoundRecord {
             version: c.version,
             epoch: c.epoch,
             record: c.record.clone(),
@@ -276,9 +797,8 @@ impl Store {
     pub fn invalidate(&mut self, inv: &Invalidate) {
         for e in &inv.entries {
             if self.copies.get(&e.sid).is_some_and(|c| c.epoch < e.epoch)
-                && let Some(c) = self.copies.remove(&e.sid)
+                && self.remove(&e.sid).is_some()
             {
-                self.bytes -= c.record.len() as u64;
                 self.counters.invalidated += 1;
             }
         }
@@ -297,6 +817,7 @@ impl Store {
             ("fetches", c.fetches),
             ("fetch_hits", c.fetch_hits),
             ("invalidated", c.invalidated),
+            ("folds", c.folds),
         ]
         .into_iter()
         .map(|(name, value)| Counter {
@@ -526,9 +1047,9 @@ impl Drop for LocalNode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use sessio_engine::Op;
-    use sessio_engine::session::SessionData;
-    use sessio_engine::session::encode_ops;
+    use sessio_engine::session::{decode_ops, decode_session, encode_ops, encode_session};
     use sessio_net::InvalidateEntry;
 
     const SID: Sid = [7; 16];
@@ -593,9 +1114,10 @@ mod tests {
             one(&mut s, entry(1, 2, 1, set("a", b"y"))).status,
             AckStatus::NeedFull
         );
-        let c = s.get(&SID).unwrap();
-        assert_eq!(c.version, 2);
-        let d = decode_session(&c.record).unwrap();
+        assert_eq!(s.get(&SID).unwrap().pending_batches(), 1);
+        let c = s.folded(&SID).unwrap();
+        assert_eq!((c.version(), c.pending_batches()), (2, 0));
+        let d = decode_session(c.record()).unwrap();
         assert_eq!(d.get("a"), Some(&b"x"[..]));
         assert_eq!(d.log.last().unwrap().version, 2);
     }
@@ -628,7 +1150,7 @@ mod tests {
             one(&mut s, entry(5, 6, 4, set("o", b"b"))).status,
             AckStatus::Applied
         );
-        assert_eq!(s.get(&SID).unwrap().epoch, 4);
+        assert_eq!(s.get(&SID).unwrap().epoch(), 4);
         assert_eq!(s.counters.fenced, 3);
         // A replayed full copy of the same epoch is acknowledged, not applied.
         let r = one(&mut s, entry(0, 5, 4, Delta::Full(record(&[]))));
@@ -702,5 +1224,454 @@ mod tests {
             AckStatus::Applied
         );
         assert!(s.is_empty());
+    }
+
+    fn set_n(i: usize, bytes: usize) -> Delta {
+        set(&format!("k{}", i % 5), &vec![i as u8; bytes])
+    }
+
+    /// Full at version 1, then `n` op deltas of one `bytes`-byte `Set`.
+    fn loaded(n: usize, bytes: usize) -> Store {
+        let mut s = Store::new(NodeLimits::default(), 1);
+        one(&mut s, entry(0, 1, 1, Delta::Full(record(&[("a", b"0")]))));
+        for i in 0..n {
+            let v = i as u64 + 1;
+            let a = one(&mut s, entry(v, v + 1, 1, set_n(i, bytes)));
+            assert_eq!((a.status, a.version), (AckStatus::Applied, v + 1));
+        }
+        s
+    }
+
+    #[test]
+    fn op_deltas_wait_until_a_fetch_folds_them() {
+        let mut s = loaded(5, 100);
+        let c = s.get(&SID).unwrap();
+        assert_eq!(
+            (c.version(), c.base_version(), c.pending_batches()),
+            (6, 1, 5)
+        );
+        assert_eq!(s.counters.folds, 0);
+        assert_eq!(
+            s.bytes(),
+            record(&[("a", b"0")]).len() as u64 + 5 * pending_charge(ops_len(&set_n(0, 100))),
+            "each pending batch is charged"
+        );
+        let r = s.fetch(Fetch {
+            request_id: 1,
+            sid: SID,
+        });
+        let found = r.found.unwrap();
+        assert_eq!((found.version, found.epoch), (6, 1));
+        let d = decode_session(&found.record).unwrap();
+        assert_eq!(d.get("a"), Some(&b"0"[..]));
+        assert_eq!(d.get("k4"), Some(&[4u8; 100][..]));
+        let logged: Vec<u64> = d.log.iter().map(|l| l.version).collect();
+        assert_eq!(logged.last(), Some(&6));
+        assert_eq!(s.counters.folds, 1);
+        let c = s.get(&SID).unwrap();
+        assert_eq!((c.pending_batches(), c.base_version()), (0, 6));
+        assert_eq!(s.bytes(), found.record.len() as u64, "charged as folded");
+        // A second fetch has nothing to fold.
+        s.fetch(Fetch {
+            request_id: 2,
+            sid: SID,
+        });
+        assert_eq!(s.counters.folds, 1);
+    }
+
+    #[test]
+    fn pending_batches_are_bounded_by_count_and_bytes() {
+        let n = (PENDING_BATCHES_MAX + 1) * 3 + 5;
+        let s = loaded(n, 10);
+        let c = s.get(&SID).unwrap();
+        assert_eq!(c.version(), n as u64 + 1);
+        assert_eq!(c.pending_batches(), 5);
+        assert_eq!(s.counters.folds, 3, "a batch past the bound folds");
+
+        let big = 3000;
+        let s = loaded(20, big);
+        let c = s.get(&SID).unwrap();
+        let per = pending_charge(ops_len(&set_n(0, big)));
+        assert!(c.pending_batches() as u64 * per <= PENDING_BYTES_MAX);
+        assert!(c.bytes() - c.record().len() as u64 <= PENDING_BYTES_MAX);
+        // Each run: as many batches as the byte bound holds, then a fold.
+        let run = PENDING_BYTES_MAX / per + 1;
+        assert!(run < PENDING_BATCHES_MAX as u64);
+        assert_eq!(s.counters.folds, 20 / run);
+    }
+
+    #[test]
+    fn batches_that_could_fail_apply_at_once() {
+        // A counter, an append list, a bad key, an invalidation that fails:
+        // each folds what is pending and gets the eager answer.
+        let mut s = loaded(3, 10);
+        let incr = |by| {
+            Delta::Ops(
+                encode_ops(&[Op::Incr {
+                    key: "n".into(),
+                    by,
+                }])
+                .to_vec(),
+            )
+        };
+        assert_eq!(
+            one(&mut s, entry(4, 5, 1, incr(2))).status,
+            AckStatus::Applied
+        );
+        assert_eq!(s.get(&SID).unwrap().pending_batches(), 0);
+        assert_eq!(s.counters.folds, 1);
+        // Overflows: the host could not have applied this; resync.
+        let a = one(&mut s, entry(5, 6, 1, incr(i64::MAX)));
+        assert_eq!((a.status, a.version), (AckStatus::NeedFull, 5));
+        let a = one(&mut s, entry(5, 6, 1, set("", b"x")));
+        assert_eq!((a.status, a.version), (AckStatus::NeedFull, 5));
+        let bad_then_invalidate = Delta::Ops(
+            encode_ops(&[
+                Op::Invalidate,
+                Op::Set {
+                    key: "x".repeat(KEY_BYTES_MAX + 1),
+                    value: vec![],
+                },
+            ])
+            .to_vec(),
+        );
+        let a = one(&mut s, entry(5, 6, 1, bad_then_invalidate));
+        assert_eq!((a.status, a.version), (AckStatus::NeedFull, 5));
+        let append = Delta::Ops(
+            encode_ops(&[Op::Append {
+                key: "h".into(),
+                item: b"e1".to_vec(),
+                max_items: 4,
+            }])
+            .to_vec(),
+        );
+        assert_eq!(
+            one(&mut s, entry(5, 6, 1, append)).status,
+            AckStatus::Applied
+        );
+        let d = decode_session(s.folded(&SID).unwrap().record()).unwrap();
+        assert_eq!(d.get("n"), Some(&2i64.to_le_bytes()[..]));
+        assert_eq!(d.get("h"), Some(&[2, 0, 0, 0, b'e', b'1'][..]));
+        // A safe invalidation with batches pending drops the copy at once.
+        one(&mut s, entry(6, 7, 1, set("a", b"1")));
+        let inv = Delta::Ops(encode_ops(&[Op::Touch, Op::Invalidate]).to_vec());
+        let a = one(&mut s, entry(7, 8, 1, inv));
+        assert_eq!((a.status, a.version), (AckStatus::Applied, 0));
+        assert!(s.is_empty());
+        assert_eq!(s.bytes(), 0);
+    }
+
+    #[test]
+    fn bytes_max_counts_pending_batches() {
+        let base = record(&[("a", b"0")]).len() as u64;
+        let per = pending_charge(ops_len(&set_n(0, 100)));
+        let mut s = Store::new(
+            NodeLimits {
+                sessions_max: 10,
+                bytes_max: base + 2 * per,
+            },
+            1,
+        );
+        one(&mut s, entry(0, 1, 1, Delta::Full(record(&[("a", b"0")]))));
+        for v in 1..=2 {
+            assert_eq!(
+                one(&mut s, entry(v, v + 1, 1, set_n(0, 100))).status,
+                AckStatus::Applied
+            );
+        }
+        assert_eq!(s.bytes(), base + 2 * per);
+        assert_eq!(s.get(&SID).unwrap().pending_batches(), 2);
+        // No room to charge a third: it is applied at once, and the folded
+        // record (the same key set again) fits.
+        let a = one(&mut s, entry(3, 4, 1, set_n(0, 100)));
+        assert_eq!((a.status, a.version), (AckStatus::Applied, 4));
+        let c = s.get(&SID).unwrap();
+        assert_eq!(c.pending_batches(), 0);
+        assert!(s.bytes() <= base + 2 * per);
+        assert_eq!(s.bytes(), c.record().len() as u64);
+        // A value the folded record has no room for is refused; the copy
+        // stays as it was.
+        let a = one(&mut s, entry(4, 5, 1, set_n(1, 2 * per as usize)));
+        assert_eq!((a.status, a.version), (AckStatus::Refused, 4));
+        assert_eq!(s.get(&SID).unwrap().version(), 4);
+    }
+
+    fn ops_len(d: &Delta) -> usize {
+        match d {
+            Delta::Ops(b) => b.len(),
+            _ => panic!("not ops"),
+        }
+    }
+
+    /// The node before op deltas were deferred: every delta decoded,
+    /// applied to the decoded record and re-encoded at once. The reference
+    /// the store must agree with (acks and fetched records), except where
+    /// `bytes_max` comes into it.
+    #[derive(Default)]
+    struct Eager {
+        copies: std::collections::HashMap<Sid, (u64, u64, Vec<u8>)>,
+        sessions_max: u64,
+    }
+
+    impl Eager {
+        fn apply(&mut self, e: &DeltaEntry, now_ms: u64) -> AckEntry {
+            let status = self.status(e, now_ms);
+            AckEntry {
+                sid: e.sid,
+                version: self.copies.get(&e.sid).map_or(0, |c| c.0),
+                status,
+            }
+        }
+
+        fn status(&mut self, e: &DeltaEntry, now_ms: u64) -> AckStatus {
+            let held = self.copies.get(&e.sid).map(|c| (c.0, c.1));
+            if held.is_some_and(|(_, ep)| e.epoch < ep) {
+                return AckStatus::Fenced;
+            }
+            match &e.body {
+                Delta::Remove => {
+                    self.copies.remove(&e.sid);
+                    AckStatus::Applied
+                }
+                Delta::Full(record) => {
+                    if held.is_some_and(|(v, ep)| e.epoch == ep && e.new_version <= v) {
+                        return AckStatus::Applied;
+                    }
+                    if decode_session(record).is_err() {
+                        return AckStatus::Refused;
+                    }
+                    self.put(e, record.clone())
+                }
+                Delta::Ops(ops) => {
+                    let Some((v, _)) = held else {
+                        return AckStatus::NeedFull;
+                    };
+                    if e.base_version != v || e.new_version != v + 1 {
+                        return AckStatus::NeedFull;
+                    }
+                    let Ok(decoded) = decode_ops(ops) else {
+                        return AckStatus::Refused;
+                    };
+                    let mut data = decode_session(&self.copies[&e.sid].2).unwrap();
+                    match data.apply(&decoded, now_ms, APPLY_QUOTA_BYTES) {
+                        Ok(Applied::Changed) => {}
+                        Ok(Applied::Invalidated) => {
+                            self.copies.remove(&e.sid);
+                            return AckStatus::Applied;
+                        }
+                        Err(_) => return AckStatus::NeedFull,
+                    }
+                    data.log_batch(e.new_version, ops);
+                    self.put(e, encode_session(&data).to_vec())
+                }
+            }
+        }
+
+        fn put(&mut self, e: &DeltaEntry, record: Vec<u8>) -> AckStatus {
+            let count = self.copies.len() as u64 + u64::from(!self.copies.contains_key(&e.sid));
+            if count > self.sessions_max {
+                return AckStatus::Refused;
+            }
+            self.copies.insert(e.sid, (e.new_version, e.epoch, record));
+            AckStatus::Applied
+        }
+    }
+
+    #[test]
+    fn fold_keeps_the_log_the_host_keeps() {
+        let touch = || vec![Op::Touch];
+        let setb = |n: usize| {
+            vec![Op::Set {
+                key: "a".into(),
+                value: vec![1; n],
+            }]
+        };
+        let runs: Vec<Vec<Vec<Op>>> = vec![
+            // More batches than the log keeps entries.
+            (0..LOG_ENTRIES_MAX + 8).map(|_| touch()).collect(),
+            // More bytes than it keeps.
+            (0..10).map(|_| setb(300)).collect(),
+            // One batch over the log's bytes: it and all before it go.
+            vec![setb(10), setb(10), setb(1100), setb(10), setb(20)],
+            vec![setb(10), setb(1100)],
+        ];
+        for run in runs {
+            let mut s = Store::new(NodeLimits::default(), 1);
+            let mut eager = Eager {
+                sessions_max: 1,
+                ..Eager::default()
+            };
+            let full = entry(0, 1, 1, Delta::Full(record(&[("a", b"0")])));
+            eager.apply(&full, 0);
+            one(&mut s, full);
+            // Half the run eagerly (on the record's log), then the rest
+            // pending, so both the old log and the new batches count.
+            for (i, ops) in run.iter().enumerate() {
+                let v = i as u64 + 1;
+                let e = entry(v, v + 1, 1, Delta::Ops(encode_ops(ops).to_vec()));
+                eager.apply(&e, v);
+                s.apply_batch_at(
+                    DeltaBatch {
+                        host_id: 1,
+                        entries: vec![e],
+                    },
+                    v,
+                );
+                if i + 1 == run.len() / 2 {
+                    s.fold(&SID);
+                }
+            }
+            assert!(s.get(&SID).unwrap().pending_batches() > 0);
+            let want = &eager.copies[&SID].2;
+            assert_eq!(s.folded(&SID).unwrap().record(), &want[..]);
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Full {
+            sid: u8,
+            ahead: u8,
+            epoch: u8,
+            value: u8,
+        },
+        Ops {
+            sid: u8,
+            base_off: i8,
+            epoch: u8,
+            ops: Vec<Op>,
+        },
+        Remove {
+            sid: u8,
+            epoch: u8,
+        },
+        Fetch {
+            sid: u8,
+        },
+        Invalidate {
+            sid: u8,
+            epoch: u8,
+        },
+    }
+
+    fn any_op() -> impl Strategy<Value = Op> {
+        let key = prop_oneof![
+            4 => prop::sample::select(vec!["a", "b", "c", "n"]).prop_map(String::from),
+            1 => Just(String::new()),
+            1 => Just("k".repeat(KEY_BYTES_MAX + 1)),
+        ];
+        prop_oneof![
+            8 => (key.clone(), prop_oneof![
+                    8 => prop::collection::vec(any::<u8>(), 0..120),
+                    // Past what the op log keeps: it drops older batches.
+                    1 => prop::collection::vec(any::<u8>(), 900..1100),
+                ])
+                .prop_map(|(key, value)| Op::Set { key, value }),
+            2 => key.clone().prop_map(|key| Op::Remove { key }),
+            2 => (key.clone(), prop::collection::vec(any::<u8>(), 0..8), 0u32..4)
+                .prop_map(|(key, item, max_items)| Op::Append { key, item, max_items }),
+            2 => (key, prop_oneof![Just(i64::MAX), -5i64..5])
+                .prop_map(|(key, by)| Op::Incr { key, by }),
+            1 => Just(Op::Touch),
+            1 => Just(Op::Invalidate),
+        ]
+    }
+
+    fn any_step() -> impl Strategy<Value = Step> {
+        let epoch = prop_oneof![6 => Just(1u8), 1 => Just(0u8), 1 => Just(2u8)];
+        prop_oneof![
+            2 => (0u8..3, 0u8..3, epoch.clone(), any::<u8>())
+                .prop_map(|(sid, ahead, epoch, value)| Step::Full { sid, ahead, epoch, value }),
+            16 => (0u8..3, prop_oneof![10 => Just(0i8), 1 => -1i8..2], epoch.clone(),
+                   prop::collection::vec(any_op(), 0..3))
+                .prop_map(|(sid, base_off, epoch, ops)| Step::Ops { sid, base_off, epoch, ops }),
+            1 => (0u8..3, epoch.clone()).prop_map(|(sid, epoch)| Step::Remove { sid, epoch }),
+            2 => (0u8..3).prop_map(|sid| Step::Fetch { sid }),
+            1 => (0u8..3, epoch).prop_map(|(sid, epoch)| Step::Invalidate { sid, epoch }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Deferring op deltas and folding them (on fetch, at the bounds,
+        /// before a batch that could fail) gives the same acks and the same
+        /// fetched records, byte for byte, as applying each delta at once.
+        #[test]
+        fn folding_matches_applying_each_delta_at_once(
+            steps in prop::collection::vec(any_step(), 1..200),
+            batch_len in 1usize..6,
+        ) {
+            let mut store = Store::new(NodeLimits { sessions_max: 2, bytes_max: u64::MAX }, 1);
+            let mut eager = Eager { sessions_max: 2, ..Eager::default() };
+            let sid = |n: u8| [n; 16];
+            let mut batch: Vec<DeltaEntry> = Vec::new();
+            let mut now_ms = 1_000;
+            let flush = |store: &mut Store, eager: &mut Eager, batch: &mut Vec<DeltaEntry>, now_ms: u64|
+                -> Result<(), TestCaseError> {
+                let want: Vec<AckEntry> = batch.iter().map(|e| eager.apply(e, now_ms)).collect();
+                let got = store.apply_batch_at(DeltaBatch { host_id: 1, entries: std::mem::take(batch) }, now_ms);
+                prop_assert_eq!(got.entries, want);
+                Ok(())
+            };
+            for step in steps {
+                // Versions as the eager node holds them when the batch is
+                // built, as a host would see them.
+                let held = |eager: &Eager, n: u8| eager.copies.get(&sid(n)).map_or(0, |c| c.0)
+                    + batch.iter().filter(|e| e.sid == sid(n)).count() as u64;
+                match step {
+                    Step::Full { sid: n, ahead, epoch, value } => {
+                        let v = held(&eager, n) + u64::from(ahead);
+                        batch.push(DeltaEntry {
+                            sid: sid(n), base_version: 0, new_version: v, epoch: u64::from(epoch),
+                            body: Delta::Full(record(&[("a", &[value; 30]), ("n", &[0; 8])])),
+                        });
+                    }
+                    Step::Ops { sid: n, base_off, epoch, ops } => {
+                        let base = held(&eager, n).saturating_add_signed(i64::from(base_off));
+                        batch.push(DeltaEntry {
+                            sid: sid(n), base_version: base, new_version: base + 1,
+                            epoch: u64::from(epoch), body: Delta::Ops(encode_ops(&ops).to_vec()),
+                        });
+                    }
+                    Step::Remove { sid: n, epoch } => batch.push(DeltaEntry {
+                        sid: sid(n), base_version: 0, new_version: 0, epoch: u64::from(epoch),
+                        body: Delta::Remove,
+                    }),
+                    Step::Fetch { sid: n } => {
+                        flush(&mut store, &mut eager, &mut batch, now_ms)?;
+                        let got = store.fetch(Fetch { request_id: 1, sid: sid(n) }).found;
+                        let want = eager.copies.get(&sid(n)).map(|c| FoundRecord {
+                            version: c.0, epoch: c.1, record: c.2.clone(),
+                        });
+                        prop_assert_eq!(got, want);
+                    }
+                    Step::Invalidate { sid: n, epoch } => {
+                        flush(&mut store, &mut eager, &mut batch, now_ms)?;
+                        let entry = InvalidateEntry { sid: sid(n), epoch: u64::from(epoch) };
+                        store.invalidate(&Invalidate { entries: vec![entry] });
+                        if eager.copies.get(&sid(n)).is_some_and(|c| c.1 < entry.epoch) {
+                            eager.copies.remove(&sid(n));
+                        }
+                    }
+                }
+                if batch.len() >= batch_len {
+                    flush(&mut store, &mut eager, &mut batch, now_ms)?;
+                }
+                now_ms += 3;
+            }
+            flush(&mut store, &mut eager, &mut batch, now_ms)?;
+            // Each copy's charge covered what folding it added.
+            let charged = store.bytes();
+            let mut folded = 0;
+            for n in 0..3 {
+                let want = eager.copies.get(&sid(n)).map(|c| (c.0, c.1, c.2.clone()));
+                let got = store.folded(&sid(n)).map(|c| (c.version(), c.epoch(), c.record().to_vec()));
+                prop_assert_eq!(&got, &want);
+                folded += got.map_or(0, |c| c.2.len() as u64);
+            }
+            prop_assert_eq!(store.bytes(), folded);
+            prop_assert!(folded <= charged, "folded {} over the charge {}", folded, charged);
+        }
     }
 }

@@ -283,7 +283,35 @@ pub struct NodeCounters {
     pub invalidated: u64,
     /// Records rewritten with their pending op batches folded in.
     pub folds: u64,
+    /// Copies dropped as expired ([`Store::expire`]).
+    pub expired: u64,
 }
+
+/// When a node drops a copy on its own (see [`Store::expire`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpiryRule {
+    /// A copy whose session's absolute expiry passed this long ago is
+    /// dropped (covers clock skew between hosts and node), in ms.
+    pub grace_ms: u64,
+    /// A copy not written for this long is dropped, in ms; 0 = never.
+    /// Reads on the host do not reach the node, so a session that is only
+    /// read looks idle here: set it well above the longest idle TTL.
+    pub idle_max_ms: u64,
+}
+
+impl Default for ExpiryRule {
+    fn default() -> Self {
+        ExpiryRule {
+            grace_ms: EXPIRY_GRACE_MS_DEFAULT,
+            idle_max_ms: 0,
+        }
+    }
+}
+
+/// Default for [`NodeConfig::expire_interval_ms`].
+pub const EXPIRE_INTERVAL_MS_DEFAULT: u64 = 1_000;
+/// Default for [`ExpiryRule::grace_ms`].
+pub const EXPIRY_GRACE_MS_DEFAULT: u64 = 60_000;
 
 /// The node's state: copies keyed by SID, within [`NodeLimits`].
 #[derive(Debug)]
@@ -296,6 +324,9 @@ pub struct Store {
     scratch: AlignedVec<ALIGN>,
     /// The serializer's output buffer, reused by every fold.
     ser: AlignedVec<ALIGN>,
+    /// Where the last [`Store::expire`] stopped (copies are visited in
+    /// the map's order).
+    expire_cursor: usize,
     /// Counters since start.
     pub counters: NodeCounters,
 }
@@ -443,8 +474,51 @@ impl Store {
             incarnation,
             scratch: AlignedVec::new(),
             ser: AlignedVec::new(),
+            expire_cursor: 0,
             counters: NodeCounters::default(),
         }
+    }
+
+    /// Drops copies of sessions that expired: past their absolute expiry
+    /// by more than `rule.grace_ms`, or not written for `rule.idle_max_ms`
+    /// (when set). Copies a host forgot to remove (its host died, and
+    /// nobody took the session over) end here instead of filling the node.
+    /// Looks at up to `budget` copies from where the last call stopped, so
+    /// a call takes bounded time; returns the copies dropped.
+    pub fn expire(&mut self, now_ms: u64, rule: ExpiryRule, budget: usize) -> u64 {
+        if self.copies.is_empty() {
+            return 0;
+        }
+        if self.expire_cursor >= self.copies.len() {
+            self.expire_cursor = 0;
+        }
+        let mut doomed = Vec::new();
+        let mut seen = 0;
+        for (sid, c) in self.copies.iter().skip(self.expire_cursor).take(budget) {
+            seen += 1;
+            let bytes = aligned(&c.record, &mut self.scratch);
+            // SAFETY: a copy's record was validated with `rkyv::access` when
+            // it arrived, or serialized by this node, and has not changed
+            // since; `aligned` put it at `ALIGN`.
+            let r = unsafe { rkyv::access_unchecked::<ArchivedSessionData>(bytes) };
+            let written = c
+                .pending
+                .iter()
+                .last()
+                .map_or(r.updated_ms.to_native(), |(at, _)| at);
+            let expires = r.expires_at_ms.to_native();
+            let past_expiry = expires != 0 && now_ms >= expires.saturating_add(rule.grace_ms);
+            let idle = rule.idle_max_ms != 0 && now_ms >= written.saturating_add(rule.idle_max_ms);
+            if past_expiry || idle {
+                doomed.push(*sid);
+            }
+        }
+        self.expire_cursor += seen - doomed.len();
+        for sid in &doomed {
+            self.remove(sid);
+        }
+        self.counters.expired += doomed.len() as u64;
+        doomed.len() as u64
     }
 
     /// Sessions held.
@@ -818,6 +892,7 @@ impl Store {
             ("fetch_hits", c.fetch_hits),
             ("invalidated", c.invalidated),
             ("folds", c.folds),
+            ("expired", c.expired),
         ]
         .into_iter()
         .map(|(name, value)| Counter {
@@ -851,6 +926,10 @@ pub struct NodeConfig {
     /// [`crate::shards::SHARDS_MAX`]). The kernel spreads connections, so
     /// more threads help once several hosts connect.
     pub threads: usize,
+    /// When the node drops copies on its own.
+    pub expiry: ExpiryRule,
+    /// How often an expiry pass runs, in ms (0 = never).
+    pub expire_interval_ms: u64,
 }
 
 impl NodeConfig {
@@ -863,6 +942,8 @@ impl NodeConfig {
             connections_max: sessio_net::server::CONNECTIONS_MAX_DEFAULT,
             idle_timeout_ms: sessio_net::server::IDLE_TIMEOUT_MS_DEFAULT,
             threads: 1,
+            expiry: ExpiryRule::default(),
+            expire_interval_ms: EXPIRE_INTERVAL_MS_DEFAULT,
         }
     }
 }
@@ -898,6 +979,8 @@ pub fn serve<B: Rt>(
     let stop = Arc::new(AtomicBool::new(false));
     let listen = config.listen;
     let node_id = config.node_id;
+    let expiry = config.expiry;
+    let expiry_every = std::time::Duration::from_millis(config.expire_interval_ms);
     B::block_on(async move {
         // A node restarted at once can find its port still held: io_uring
         // tears a dead process's ring down asynchronously, and a pending
@@ -968,7 +1051,25 @@ pub fn serve<B: Rt>(
                 let shards = Arc::clone(&shards);
                 move |_peer: PeerInfo, msg: Message| shards.handle(msg)
             };
-            server.serve_until(handler, shutdown).await
+            // Expiry passes run on this thread between messages.
+            let expire = async {
+                if expiry_every.is_zero() {
+                    return std::future::pending().await;
+                }
+                loop {
+                    B::sleep(expiry_every).await;
+                    let dropped = shards.expire(sessio_engine::clock::now_ms(), expiry);
+                    if dropped > 0 {
+                        tracing::debug!(dropped, "expired copies");
+                    }
+                }
+            };
+            let serving = std::pin::pin!(server.serve_until(handler, shutdown));
+            let expire = std::pin::pin!(expire);
+            match futures_util::future::select(serving, expire).await {
+                futures_util::future::Either::Left((r, _)) => r,
+                futures_util::future::Either::Right((never, _)) => never,
+            }
         };
         stop.store(true, Ordering::Relaxed);
         for h in others {
@@ -1224,6 +1325,94 @@ mod tests {
             AckStatus::Applied
         );
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn expiry_drops_expired_and_idle_copies_within_budget() {
+        let rec = |updated_ms: u64, expires_at_ms: u64| {
+            encode_session(&SessionData {
+                updated_ms,
+                expires_at_ms,
+                ..SessionData::default()
+            })
+            .to_vec()
+        };
+        let full = |sid: Sid, record: Vec<u8>| DeltaEntry {
+            sid,
+            ..entry(0, 1, 1, Delta::Full(record))
+        };
+        let mut s = Store::new(NodeLimits::default(), 1);
+        let (a, b, c) = ([1; 16], [2; 16], [3; 16]);
+        let ack = s.apply_batch_at(
+            DeltaBatch {
+                host_id: 1,
+                entries: vec![
+                    full(a, rec(500, 1_000)),
+                    full(b, rec(500, 0)),
+                    full(c, rec(500, 0)),
+                ],
+            },
+            500,
+        );
+        assert!(ack.entries.iter().all(|e| e.status == AckStatus::Applied));
+        // C is written later, by an op delta kept pending.
+        let ack = s.apply_batch_at(
+            DeltaBatch {
+                host_id: 1,
+                entries: vec![DeltaEntry {
+                    sid: c,
+                    ..entry(1, 2, 1, set("k", b"v"))
+                }],
+            },
+            5_000,
+        );
+        assert_eq!(ack.entries[0].status, AckStatus::Applied);
+        assert_eq!(s.get(&c).unwrap().pending_batches(), 1);
+        let rule = ExpiryRule {
+            grace_ms: 100,
+            idle_max_ms: 0,
+        };
+        assert_eq!(s.expire(1_099, rule, 100), 0, "within the grace");
+        assert_eq!(s.expire(1_100, rule, 100), 1);
+        assert!(s.get(&a).is_none());
+        let idle = ExpiryRule {
+            idle_max_ms: 2_000,
+            ..rule
+        };
+        assert_eq!(s.expire(2_499, idle, 100), 0);
+        assert_eq!(s.expire(2_500, idle, 100), 1, "B, idle since 500");
+        assert!(s.get(&c).is_some(), "C was written at 5000");
+        assert_eq!(s.expire(7_000, idle, 100), 1);
+        assert!(s.is_empty());
+        assert_eq!(s.bytes(), 0);
+        assert_eq!(s.counters.expired, 3);
+
+        // A pass looks at `budget` copies; passes go round the whole store.
+        let many: Vec<DeltaEntry> = (0..100u8)
+            .map(|i| full([i; 16], rec(0, if i % 2 == 0 { 10 } else { 0 })))
+            .collect();
+        s.apply_batch_at(
+            DeltaBatch {
+                host_id: 1,
+                entries: many,
+            },
+            0,
+        );
+        assert_eq!(s.len(), 100);
+        let first = s.expire(1_000, rule, 10);
+        assert!(first <= 10, "{first}");
+        let mut passes = 1;
+        while s.len() > 50 {
+            s.expire(1_000, rule, 10);
+            passes += 1;
+            assert!(
+                passes <= 12,
+                "{} copies left after {passes} passes",
+                s.len()
+            );
+        }
+        assert_eq!(s.len(), 50);
+        assert!(s.copies.values().all(|c| c.pending_batches() == 0));
     }
 
     fn set_n(i: usize, bytes: usize) -> Delta {

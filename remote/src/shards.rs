@@ -17,10 +17,12 @@ use sessio_net::{
     Sid, Stats, StatsRequest,
 };
 
-use crate::node::{NodeLimits, Store};
+use crate::node::{ExpiryRule, NodeLimits, Store};
 
 /// Most shards (and so node threads) one node runs.
 pub const SHARDS_MAX: usize = 64;
+/// Fewest copies one shard's expiry pass looks at.
+const EXPIRE_BUDGET_MIN: usize = 10_000;
 
 /// A node's copies, in shards by SID.
 #[derive(Debug)]
@@ -134,6 +136,20 @@ impl Shards {
                 self.lock_at(i).invalidate(&Invalidate { entries });
             }
         }
+    }
+
+    /// Expires copies in every shard ([`Store::expire`]), each looking at
+    /// a sixtieth of its copies (at least `EXPIRE_BUDGET_MIN`), so calls a
+    /// second apart go over the whole store about once a minute; returns
+    /// the copies dropped.
+    pub fn expire(&self, now_ms: u64, rule: ExpiryRule) -> u64 {
+        (0..self.shards.len())
+            .map(|i| {
+                let mut store = self.lock_at(i);
+                let budget = (store.len() / 60).max(EXPIRE_BUDGET_MIN);
+                store.expire(now_ms, rule, budget)
+            })
+            .sum()
     }
 
     /// The counters of every shard, summed by name.

@@ -1009,3 +1009,54 @@ fn node_on_two_threads_is_one_store_for_every_connection() {
         assert_eq!(sessions, 64);
     });
 }
+
+#[test]
+fn node_drops_expired_copies_on_its_own() {
+    use sessio_net::{Delta, DeltaBatch, DeltaEntry};
+    let _serial = serial();
+    if !uring() {
+        return;
+    }
+    let secret = SecretFile::new();
+    let node = Node::spawn_with(
+        1,
+        "127.0.0.1:0".parse().unwrap(),
+        &secret,
+        &["--expiry-grace-ms", "0"],
+    );
+    let now = sessio_engine::clock::now_ms();
+    let record = |expires_at_ms: u64| {
+        sessio_engine::session::encode_session(&sessio_engine::SessionData {
+            updated_ms: now,
+            expires_at_ms,
+            ..Default::default()
+        })
+        .to_vec()
+    };
+    let (gone, kept) = (Sid([1; 16]), Sid([2; 16]));
+    IoUring::block_on(async {
+        let cc = ClientConfig::new(Identity {
+            id: 7,
+            incarnation: 1,
+        });
+        let mut c: Client = Client::connect(node.addr, cc, Secret::from_bytes(SECRET))
+            .await
+            .unwrap();
+        let entry = |sid: Sid, expires| DeltaEntry {
+            sid: sid.0,
+            base_version: 0,
+            new_version: 1,
+            epoch: 1,
+            body: Delta::Full(record(expires)),
+        };
+        let batch = DeltaBatch {
+            host_id: 7,
+            entries: vec![entry(gone, now - 1), entry(kept, now + 3_600_000)],
+        };
+        c.call(&Message::DeltaBatch(batch)).await.unwrap();
+    });
+    wait_until("the expired copy to go", Duration::from_secs(5), || {
+        node_copies(node.addr, &[gone])[0].is_none()
+    });
+    assert!(node_copies(node.addr, &[kept])[0].is_some());
+}

@@ -81,6 +81,15 @@ struct NodeArgs {
     /// [default: 1].
     #[arg(long)]
     threads: Option<usize>,
+    /// Drop a copy once its session's absolute expiry passed this long ago,
+    /// in ms [default: 60000].
+    #[arg(long)]
+    expiry_grace_ms: Option<u64>,
+    /// Drop a copy not written for this long, in ms; host reads do not
+    /// reach the node, so keep it well above the longest idle TTL
+    /// [default: 0, never].
+    #[arg(long)]
+    copy_idle_max_ms: Option<u64>,
     /// Use the epoll engine instead of `io_uring`.
     #[arg(long)]
     epoll: bool,
@@ -233,6 +242,13 @@ fn run_node(a: &NodeArgs) -> Res {
         .or(f.connections_max)
         .unwrap_or(sessio_net::server::CONNECTIONS_MAX_DEFAULT);
     config.threads = a.threads.or(f.threads).unwrap_or(1);
+    config.expiry = node::ExpiryRule {
+        grace_ms: a
+            .expiry_grace_ms
+            .or(f.expiry_grace_ms)
+            .unwrap_or(node::EXPIRY_GRACE_MS_DEFAULT),
+        idle_max_ms: a.copy_idle_max_ms.or(f.copy_idle_max_ms).unwrap_or(0),
+    };
     if !(1..=sessio_remote::shards::SHARDS_MAX).contains(&config.threads) {
         return Err(format!(
             "threads must be 1-{}, not {}",

@@ -52,6 +52,10 @@ pub struct NodeFile {
     pub connections_max: Option<u32>,
     /// Threads serving connections.
     pub threads: Option<usize>,
+    /// Copies past their session's absolute expiry by this long are dropped.
+    pub expiry_grace_ms: Option<u64>,
+    /// Copies not written for this long are dropped (0: never).
+    pub copy_idle_max_ms: Option<u64>,
     /// Use the epoll engine instead of `io_uring`.
     pub epoll: Option<bool>,
     /// Serve Prometheus metrics here.

@@ -12,32 +12,12 @@
 //! `cargo bench -p sessio-benches --bench node`.
 
 use criterion::{BatchSize, Criterion, Throughput, black_box};
-use sessio_engine::Op;
-use sessio_engine::session::{SessionData, encode_ops, encode_session};
 use sessio_net::{AckStatus, Delta, DeltaBatch, DeltaEntry, Fetch, Sid};
 use sessio_remote::{NodeLimits, Store};
 use std::time::{Duration, Instant};
 
 const SESSIONS: usize = 10_000;
 const BATCH: usize = 64;
-
-/// A 1 KB session (8 attributes of 100 B) and a batch setting one 100 B
-/// attribute, as the comparison harness sends them.
-fn payloads() -> (Vec<u8>, Vec<u8>) {
-    let mut s = SessionData::default();
-    let attrs: Vec<Op> = (0..8)
-        .map(|k| Op::Set {
-            key: format!("attr{k}"),
-            value: vec![b'v'; 100],
-        })
-        .collect();
-    s.apply(&attrs, 0, 1 << 20).expect("a valid session");
-    let ops = encode_ops(&[Op::Set {
-        key: "cart".into(),
-        value: vec![b'd'; 100],
-    }]);
-    (encode_session(&s).to_vec(), ops.to_vec())
-}
 
 fn sid(i: usize) -> Sid {
     let mut s = [0u8; 16];
@@ -74,7 +54,9 @@ fn main() {
         .measurement_time(Duration::from_secs(3))
         .warm_up_time(Duration::from_secs(1))
         .configure_from_args();
-    let (record, ops) = payloads();
+    // A 1 KB session and a batch setting one 100 B attribute, as the
+    // comparison harness sends them.
+    let (record, ops) = sessio_benches::replica_payloads(100);
     let mut g = c.benchmark_group("node");
 
     let mut store = loaded(&record);

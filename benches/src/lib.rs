@@ -561,6 +561,26 @@ fn mount_hugetlbfs(dir: &Path) -> std::io::Result<()> {
     }
 }
 
+/// The bytes a replica receives: a whole 1 KB session record (8 attributes
+/// of 100 B; the first time it sees a SID) and a batch setting one
+/// `delta_bytes` attribute.
+pub fn replica_payloads(delta_bytes: usize) -> (Vec<u8>, Vec<u8>) {
+    use sessio_engine::session::{SessionData, encode_ops, encode_session};
+    let mut s = SessionData::default();
+    let attrs: Vec<Op> = (0..8)
+        .map(|k| Op::Set {
+            key: format!("attr{k}"),
+            value: vec![b'v'; 100],
+        })
+        .collect();
+    s.apply(&attrs, 0, 1 << 20).expect("a valid session");
+    let ops = encode_ops(&[Op::Set {
+        key: "cart".into(),
+        value: vec![b'd'; delta_bytes],
+    }]);
+    (encode_session(&s).to_vec(), ops.to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

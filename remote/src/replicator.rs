@@ -899,6 +899,32 @@ fn push_full(
     bytes
 }
 
+/// Adds a `Remove` entry at the session's current version and epoch (a
+/// removal, or a stand-in dropping its hinted copy); returns the bytes it
+/// adds to the batch.
+fn push_remove(
+    entries: &mut Vec<DeltaEntry>,
+    sent: &mut Vec<Sent>,
+    sid: Sid,
+    s: &SidState,
+    base: u64,
+    drops_hint: bool,
+) -> u64 {
+    entries.push(DeltaEntry {
+        sid: sid.0,
+        base_version: base,
+        new_version: s.version,
+        epoch: s.epoch,
+        body: Delta::Remove,
+    });
+    sent.push(Sent {
+        sid,
+        new_version: s.version,
+        drops_hint,
+    });
+    64
+}
+
 fn build_once(ctx: &Ctx<'_>, id: u16) -> Built {
     let cfg = ctx.config;
     let entries_max = cfg.batch_entries_max.clamp(1, 4096);
@@ -930,36 +956,12 @@ fn build_once(ctx: &Ctx<'_>, id: u16) -> Built {
             // This node stood in for an owner that holds the current
             // version again: drop the hinted copy (if any), send nothing.
             if hinted {
-                entries.push(DeltaEntry {
-                    sid: sid.0,
-                    base_version: base,
-                    new_version: s.version,
-                    epoch: s.epoch,
-                    body: Delta::Remove,
-                });
-                sent.push(Sent {
-                    sid,
-                    new_version: s.version,
-                    drops_hint: true,
-                });
-                bytes += 64;
+                bytes += push_remove(&mut entries, &mut sent, sid, s, base, true);
             }
             continue;
         }
         if s.removed {
-            entries.push(DeltaEntry {
-                sid: sid.0,
-                base_version: base,
-                new_version: s.version,
-                epoch: s.epoch,
-                body: Delta::Remove,
-            });
-            sent.push(Sent {
-                sid,
-                new_version: s.version,
-                drops_hint: false,
-            });
-            bytes += 64;
+            bytes += push_remove(&mut entries, &mut sent, sid, s, base, false);
             continue;
         }
         match ctx.arena.delta_since(sid, base) {

@@ -206,25 +206,6 @@ fn replica_store(records: &[(Sid, FoundRecord)]) -> sessio_remote::Store {
     store
 }
 
-/// The bytes a replica receives: a whole 1 KB session record (the first
-/// time it sees a SID) and a batch setting one `delta_bytes` attribute.
-fn replica_payloads(delta_bytes: usize) -> (Vec<u8>, Vec<u8>) {
-    use sessio_engine::session::{Op, SessionData, encode_ops, encode_session};
-    let mut s = SessionData::default();
-    let attrs: Vec<Op> = (0..8)
-        .map(|k| Op::Set {
-            key: format!("attr{k}"),
-            value: vec![b'v'; 100],
-        })
-        .collect();
-    s.apply(&attrs, 0, 1 << 20).expect("a valid session");
-    let ops = encode_ops(&[Op::Set {
-        key: "cart".into(),
-        value: vec![b'd'; delta_bytes],
-    }]);
-    (encode_session(&s).to_vec(), ops.to_vec())
-}
-
 async fn connect<B: Backend>(addr: SocketAddr) -> Result<Client<B>, BoxError> {
     let config = ClientConfig::new(Identity {
         id: HOST_ID,
@@ -251,7 +232,7 @@ pub fn pump<B: Rt>(
     assert!(sids.len() >= batch, "a batch names each SID at most once");
     B::block_on(async move {
         let mut client = connect::<B>(addr).await?;
-        let (record, ops) = replica_payloads(delta_bytes);
+        let (record, ops) = sessio_benches::replica_payloads(delta_bytes);
         let entry = |sid| DeltaEntry {
             sid,
             base_version: 0,

@@ -23,7 +23,14 @@ use sessio_remote::placement::{Member, Placement};
 use sessio_remote::replicator::{Replicator, ReplicatorConfig, ReplicatorStats};
 use sessio_remote::runtime::Rt;
 
-const SECRET: [u8; 32] = [0x42; 32];
+/// The bank's secret, random per test process: a node of another process
+/// that happens to bind a port one of ours just freed (a restarted node's)
+/// cannot pass for ours.
+static SECRET: std::sync::LazyLock<[u8; 32]> = std::sync::LazyLock::new(|| {
+    let mut s = [0u8; 32];
+    getrandom::fill(&mut s).expect("random bytes");
+    s
+});
 const BIN: &str = env!("CARGO_BIN_EXE_sessio");
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -67,7 +74,7 @@ impl SecretFile {
             .mode(0o600)
             .open(&path)
             .unwrap();
-        std::io::Write::write_all(&mut f, &SECRET).unwrap();
+        std::io::Write::write_all(&mut f, &*SECRET).unwrap();
         SecretFile(path)
     }
 }
@@ -205,7 +212,7 @@ impl Drop for TestArena {
 }
 
 fn replicator(arena: &TestArena, p: &Placement, host_id: u64) -> Replicator {
-    let mut cfg = ReplicatorConfig::new(p.clone(), Secret::from_bytes(SECRET), host_id);
+    let mut cfg = ReplicatorConfig::new(p.clone(), Secret::from_bytes(*SECRET), host_id);
     cfg.ack_timeout_ms = 1000;
     cfg.backoff_max_ms = 200;
     Replicator::spawn_with(arena.get().try_clone().unwrap(), cfg).unwrap()
@@ -238,7 +245,7 @@ fn node_copies(addr: SocketAddr, sids: &[Sid]) -> Vec<Option<FoundRecord>> {
             id: 999,
             incarnation: 1,
         });
-        let mut c: Client = Client::connect(addr, cc, Secret::from_bytes(SECRET))
+        let mut c: Client = Client::connect(addr, cc, Secret::from_bytes(*SECRET))
             .await
             .unwrap();
         let mut out = Vec::with_capacity(sids.len());
@@ -418,7 +425,7 @@ impl Drop for TestHost {
 
 fn clients(host_id: u64) -> NodeClients<IoUring> {
     NodeClients::new(
-        FailoverConfig::new(host_id, Secret::from_bytes(SECRET)),
+        FailoverConfig::new(host_id, Secret::from_bytes(*SECRET)),
         Arc::new(Singleflight::default()),
     )
     .unwrap()
@@ -694,7 +701,7 @@ fn node_survives_bad_peers_and_refuses_bad_records() {
             id: 5,
             incarnation: 1,
         });
-        let mut c: Client = Client::connect(addr, cc, Secret::from_bytes(SECRET))
+        let mut c: Client = Client::connect(addr, cc, Secret::from_bytes(*SECRET))
             .await
             .unwrap();
         let entry = |body| DeltaEntry {
@@ -733,7 +740,7 @@ fn node_applied(addr: SocketAddr) -> u64 {
             id: 999,
             incarnation: 1,
         });
-        let mut c: Client = Client::connect(addr, cc, Secret::from_bytes(SECRET))
+        let mut c: Client = Client::connect(addr, cc, Secret::from_bytes(*SECRET))
             .await
             .unwrap();
         c.call(&Message::StatsRequest(StatsRequest { request_id: 1 }))
@@ -951,7 +958,7 @@ fn node_on_two_threads_is_one_store_for_every_connection() {
                 id: 100 + host,
                 incarnation: 1,
             });
-            let c: Client = Client::connect(node.addr, cc, Secret::from_bytes(SECRET))
+            let c: Client = Client::connect(node.addr, cc, Secret::from_bytes(*SECRET))
                 .await
                 .unwrap();
             conns.push(c);
@@ -1039,7 +1046,7 @@ fn node_drops_expired_copies_on_its_own() {
             id: 7,
             incarnation: 1,
         });
-        let mut c: Client = Client::connect(node.addr, cc, Secret::from_bytes(SECRET))
+        let mut c: Client = Client::connect(node.addr, cc, Secret::from_bytes(*SECRET))
             .await
             .unwrap();
         let entry = |sid: Sid, expires| DeltaEntry {
@@ -1059,4 +1066,82 @@ fn node_drops_expired_copies_on_its_own() {
         node_copies(node.addr, &[gone])[0].is_none()
     });
     assert!(node_copies(node.addr, &[kept])[0].is_some());
+}
+
+#[test]
+fn agent_killed_at_random_points_under_load_then_the_bank_converges() {
+    let _serial = serial();
+    if !uring() {
+        return;
+    }
+    let secret = SecretFile::new();
+    let mut nodes = bank(2, &secret);
+    let p = placement(&nodes, 2);
+    let host = TestArena::new("agentkill", 1000);
+    let name = match &host.loc {
+        Location::Shm(n) => n.clone(),
+        Location::File(_) => unreachable!(),
+    };
+    let sids = create_sessions(host.get(), 700);
+    let mut seed = u64::from(std::process::id()) ^ sessio_engine::clock::now_ms();
+    eprintln!("seed {seed}");
+    let mut rand = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    // Half the sessions change all along; the other half never again, so
+    // only a correct resend (never a later update) brings them back to a
+    // node that lost them.
+    let busy = &sids[..100];
+    for round in 0..8 {
+        let mut a = agent(&name, &nodes, &secret);
+        // Kill it at a random point: while it starts, syncs, or ships.
+        let (n, _) = load(host.get(), busy, Duration::from_millis(20 + rand(300)));
+        if round % 2 == 1 {
+            // A node restarts empty while an agent runs; that agent and
+            // the next ones are killed soon after they start, maybe after
+            // one saw the new incarnation and before it resent the share.
+            nodes[round % 4 / 2].restart(&secret);
+            for _ in 0..3 {
+                std::thread::sleep(Duration::from_millis(rand(40)));
+                a.kill9();
+                a = agent(&name, &nodes, &secret);
+            }
+        }
+        a.kill9();
+        eprintln!("round {round}: {n} updates, agent killed");
+    }
+    if rand(2) == 0 {
+        // And once while no agent runs.
+        nodes[0].restart(&secret);
+    }
+    let _last = agent(&name, &nodes, &secret);
+    // Asked of the nodes, not of the arena: until the agent meets a node
+    // that restarted, the arena still shows that node's old acks.
+    let versions: Vec<u64> = sids
+        .iter()
+        .map(|&s| host.get().read(s).unwrap().version())
+        .collect();
+    wait_until(
+        "every node to hold every current version",
+        Duration::from_secs(30),
+        || {
+            nodes.iter().all(|n| {
+                node_copies(n.addr, &sids)
+                    .iter()
+                    .zip(&versions)
+                    .all(|(c, &v)| c.as_ref().is_some_and(|c| c.version == v))
+            })
+        },
+    );
+    assert_owners_match(host.get(), &p, &nodes, &sids);
+    // And the arena's acks say so, once the agent has heard back.
+    wait_until("the arena's acks", Duration::from_secs(10), || {
+        sids.iter().zip(&versions).all(|(&sid, &v)| {
+            let acks = host.get().acked(sid).unwrap();
+            nodes.iter().all(|n| acks.contains(&(n.id, v)))
+        })
+    });
 }

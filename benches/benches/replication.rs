@@ -18,7 +18,7 @@
 use criterion::Criterion;
 use sessio_benches::ArenaFixture;
 use sessio_engine::{Arena, ArenaConfig, HugePages, Location, Op};
-use sessio_net::{IoUring, Secret};
+use sessio_net::{Epoll, IoUring, Secret};
 use sessio_remote::failover::{FailoverConfig, NodeClients, Singleflight, fetch_and_install};
 use sessio_remote::node::{LocalNode, NodeConfig};
 use sessio_remote::placement::{Member, Placement};
@@ -295,30 +295,28 @@ fn failover(c: &mut Criterion, secret: &Secret) {
     // The tail, which criterion's mean and median do not show: one pass of
     // first requests, each timed alone; then one without the synchronous
     // push that fences the owners (the replicator ships the new epoch
-    // within a flush interval anyway).
-    let n = fx.sids().len().min(10_000) / 2;
+    // within a flush interval anyway); then the first over epoll.
+    let n = fx.sids().len().min(9_000) / 3;
     println!(
         "\n## failover first request, {n} sessions each\n| | p50 | p90 | p99 | p99.9 | max |\n| --- | --: | --: | --: | --: | --: |"
     );
-    for (label, fence, sids) in [
-        ("fetch + install + fence the owners", true, &fx.sids()[..n]),
-        ("fetch + install", false, &fx.sids()[n..2 * n]),
-    ] {
+    let runs: [(&str, bool, bool); 3] = [
+        ("io_uring: fetch + install + fence the owners", true, false),
+        ("io_uring: fetch + install", false, false),
+        ("epoll: fetch + install + fence the owners", true, true),
+    ];
+    for (i, (label, fence, epoll)) in runs.into_iter().enumerate() {
+        let sids = &fx.sids()[i * n..(i + 1) * n];
         for &sid in sids {
             let _ = host_b.invalidate(sid);
         }
         let mut config = FailoverConfig::new(2, secret.clone());
         config.fence_owners = fence;
-        let mut clients = NodeClients::<IoUring>::new(config, Arc::new(Singleflight::default()))
-            .expect("clients");
-        let mut times: Vec<Duration> = sids
-            .iter()
-            .map(|&sid| {
-                let t = Instant::now();
-                fetch_and_install(&host_b, sid, &placement, &mut clients).expect("fetch");
-                t.elapsed()
-            })
-            .collect();
+        let mut times = if epoll {
+            first_requests::<Epoll>(&host_b, sids, &placement, config)
+        } else {
+            first_requests::<IoUring>(&host_b, sids, &placement, config)
+        };
         times.sort();
         let q = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize].as_micros();
         println!(
@@ -332,6 +330,24 @@ fn failover(c: &mut Criterion, secret: &Secret) {
     }
     drop(host_b);
     let _ = Arena::remove(&loc);
+}
+
+/// Each of `sids` fetched and installed once, timed alone.
+fn first_requests<B: Rt>(
+    host: &Arena,
+    sids: &[sessio_engine::Sid],
+    placement: &Placement,
+    config: FailoverConfig,
+) -> Vec<Duration> {
+    let mut clients =
+        NodeClients::<B>::new(config, Arc::new(Singleflight::default())).expect("clients");
+    sids.iter()
+        .map(|&sid| {
+            let t = Instant::now();
+            fetch_and_install(host, sid, placement, &mut clients).expect("fetch");
+            t.elapsed()
+        })
+        .collect()
 }
 
 fn main() {

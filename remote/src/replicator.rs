@@ -16,9 +16,16 @@
 //!   `in_flight_batches_max` batches, and applies the acks: `Applied`
 //!   advances the node's acked version (and the arena's, `mark_acked`),
 //!   `NeedFull` forgets it so the full record goes next, `Fenced` means this
-//!   host no longer owns the session. A handshake showing a new incarnation
-//!   means the node restarted empty: its acks are forgotten and every
-//!   session is marked dirty, so its share is resent.
+//!   host no longer owns the session. A handshake showing an incarnation
+//!   other than the one the arena recorded for the node means it restarted
+//!   empty: its acks are forgotten (here and in the arena), the new
+//!   incarnation is recorded, and every session is marked dirty, so its
+//!   share is resent. Once every owner holds the current version again,
+//!   stand-ins are told to drop their hinted copies. An idle link sleeps
+//!   until the dispatcher queues work for it (or it is time to ping).
+//! - A **starting** replicator marks every session dirty once and trusts
+//!   the arena's acks of nodes whose recorded incarnation is known, so it
+//!   sends only what those nodes lack, not everything.
 //!
 //! Nothing here ever blocks the arena's `update`: the replicator reads the
 //! arena like any other handle, and a bank that is down only makes dirty

@@ -106,7 +106,13 @@ fuzz_target!(|batches: Vec<Vec<Entry>>| {
                     assert!(held.is_none_or(|(_, ep)| e.epoch >= ep), "applied over a newer epoch");
                     match &e.body {
                         Delta::Remove => {
-                            model.remove(&key);
+                            // A removal older than the copy (same epoch) keeps it.
+                            let overtaken = held.is_some_and(|(v, ep)| {
+                                ep == e.epoch && e.new_version != 0 && v > e.new_version
+                            });
+                            if !overtaken {
+                                model.remove(&key);
+                            }
                         }
                         Delta::Full(_) => {
                             let replay = held.is_some_and(|(v, ep)| ep == e.epoch && e.new_version <= v);

@@ -324,9 +324,12 @@ pub struct Store {
     scratch: AlignedVec<ALIGN>,
     /// The serializer's output buffer, reused by every fold.
     ser: AlignedVec<ALIGN>,
-    /// Where the last [`Store::expire`] stopped (copies are visited in
-    /// the map's order).
+    /// Where the last idle expiry walk stopped (copies are visited in the
+    /// map's order).
     expire_cursor: usize,
+    /// Absolute expiry deadlines of the copies held, earliest first
+    /// (entries of copies since gone are skipped when they come up).
+    deadlines: std::collections::BinaryHeap<std::cmp::Reverse<(u64, Sid)>>,
     /// Counters since start.
     pub counters: NodeCounters,
 }
@@ -475,6 +478,7 @@ impl Store {
             scratch: AlignedVec::new(),
             ser: AlignedVec::new(),
             expire_cursor: 0,
+            deadlines: std::collections::BinaryHeap::new(),
             counters: NodeCounters::default(),
         }
     }
@@ -483,9 +487,43 @@ impl Store {
     /// by more than `rule.grace_ms`, or not written for `rule.idle_max_ms`
     /// (when set). Copies a host forgot to remove (its host died, and
     /// nobody took the session over) end here instead of filling the node.
-    /// Looks at up to `budget` copies from where the last call stopped, so
-    /// a call takes bounded time; returns the copies dropped.
+    /// Absolute expiry comes off a heap of deadlines (no scan); idle
+    /// expiry walks the copies from where the last call stopped. Each part
+    /// looks at up to `budget` entries, so a call takes bounded time;
+    /// returns the copies dropped.
     pub fn expire(&mut self, now_ms: u64, rule: ExpiryRule, budget: usize) -> u64 {
+        let mut dropped = 0;
+        // Absolute expiry: the deadlines due, earliest first. A deadline
+        // whose copy went (or came back as another record) is skipped.
+        let mut looked = 0;
+        while looked < budget
+            && let Some(&std::cmp::Reverse((at, sid))) = self.deadlines.peek()
+            && now_ms >= at.saturating_add(rule.grace_ms)
+        {
+            self.deadlines.pop();
+            looked += 1;
+            let Some(c) = self.copies.get(&sid) else {
+                continue;
+            };
+            let bytes = aligned(&c.record, &mut self.scratch);
+            // SAFETY: as below.
+            let r = unsafe { rkyv::access_unchecked::<ArchivedSessionData>(bytes) };
+            if r.expires_at_ms.to_native() == at {
+                self.remove(&sid);
+                dropped += 1;
+            }
+        }
+        self.counters.expired += dropped;
+        if rule.idle_max_ms == 0 {
+            return dropped;
+        }
+        dropped + self.expire_idle(now_ms, rule, budget)
+    }
+
+    /// The idle part of [`Store::expire`]: a walk over `budget` copies from
+    /// where the last one stopped (it costs a walk of the table up to the
+    /// cursor, so only a node configured for idle expiry pays it).
+    fn expire_idle(&mut self, now_ms: u64, rule: ExpiryRule, budget: usize) -> u64 {
         if self.copies.is_empty() {
             return 0;
         }
@@ -641,6 +679,15 @@ impl Store {
         }
         match e.body {
             Delta::Remove => {
+                if let Some((version, epoch)) = held
+                    && e.epoch == epoch
+                    && e.new_version != 0
+                    && version > e.new_version
+                {
+                    // A removal (or a stand-in's drop) older than the copy:
+                    // a later write overtook it. Keep the copy.
+                    return (AckStatus::Applied, version);
+                }
                 self.remove(&e.sid);
                 (AckStatus::Applied, 0)
             }
@@ -657,8 +704,14 @@ impl Store {
                     return (AckStatus::Refused, self.version_of(&e.sid));
                 };
                 let attrs = attr_measure(archived);
+                let expires = archived.expires_at_ms.to_native();
                 let copy = Copy::new(e.new_version, e.epoch, record, attrs);
                 let status = self.put(e.sid, copy);
+                // A session's absolute expiry never changes: one deadline
+                // per copy the store did not hold before is enough.
+                if status == AckStatus::Applied && held.is_none() && expires != 0 {
+                    self.deadlines.push(std::cmp::Reverse((expires, e.sid)));
+                }
                 (status, self.version_of(&e.sid))
             }
             Delta::Ops(_) => unreachable!("handled above"),
@@ -948,6 +1001,16 @@ impl NodeConfig {
     }
 }
 
+/// Sets the flag the other serving threads stop on, however the first one
+/// leaves `serve` (a panic too).
+struct StopOthers(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOthers {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Runs a node until `shutdown` completes: on the current thread, plus
 /// `config.threads - 1` more that share its port and its store (in shards).
 /// Calls `on_bound` with the bound address and the incarnation once every
@@ -981,6 +1044,7 @@ pub fn serve<B: Rt>(
     let node_id = config.node_id;
     let expiry = config.expiry;
     let expiry_every = std::time::Duration::from_millis(config.expire_interval_ms);
+    let _stop_others = StopOthers(Arc::clone(&stop));
     B::block_on(async move {
         // A node restarted at once can find its port still held: io_uring
         // tears a dead process's ring down asynchronously, and a pending
@@ -1328,6 +1392,26 @@ mod tests {
     }
 
     #[test]
+    fn a_removal_overtaken_by_a_write_keeps_the_copy() {
+        let mut s = Store::new(NodeLimits::default(), 1);
+        one(&mut s, entry(0, 3, 2, Delta::Full(record(&[("k", b"v")]))));
+        assert_eq!(
+            one(&mut s, entry(3, 4, 2, set("k", b"w"))).status,
+            AckStatus::Applied
+        );
+        // A stand-in's drop of version 3, read after the write of 4.
+        let a = one(&mut s, entry(3, 3, 2, Delta::Remove));
+        assert_eq!((a.status, a.version), (AckStatus::Applied, 4));
+        assert_eq!(s.get(&SID).map(Copy::version), Some(4));
+        // At the copy's version, or from a newer owner, it goes.
+        assert_eq!(one(&mut s, entry(4, 4, 2, Delta::Remove)).version, 0);
+        assert!(s.is_empty());
+        one(&mut s, entry(0, 9, 2, Delta::Full(record(&[]))));
+        one(&mut s, entry(0, 1, 3, Delta::Remove));
+        assert!(s.is_empty(), "a newer epoch removes any version");
+    }
+
+    #[test]
     fn expiry_drops_expired_and_idle_copies_within_budget() {
         let rec = |updated_ms: u64, expires_at_ms: u64| {
             encode_session(&SessionData {
@@ -1619,7 +1703,11 @@ mod tests {
             }
             match &e.body {
                 Delta::Remove => {
-                    self.copies.remove(&e.sid);
+                    if !held.is_some_and(|(v, ep)| {
+                        ep == e.epoch && e.new_version != 0 && v > e.new_version
+                    }) {
+                        self.copies.remove(&e.sid);
+                    }
                     AckStatus::Applied
                 }
                 Delta::Full(record) => {

@@ -447,6 +447,24 @@ impl State {
                 l.wake.notify();
             }
         }
+        // A removal also goes to every other node that acknowledged a copy
+        // (a stand-in's hinted one), or is owed to it while it is down, so
+        // no copy is left for a fetch to bring the session back from.
+        let holders: Vec<u16> = match self.sids.get(&sid) {
+            Some(s) if s.removed => s.acks.iter().filter(|a| a.1 > 0).map(|a| a.0).collect(),
+            _ => Vec::new(),
+        };
+        for n in holders {
+            let up = self.is_up(n);
+            if let Some(l) = self.link(n) {
+                if up {
+                    l.pending.insert(sid);
+                    l.wake.notify();
+                } else {
+                    l.owed.insert(sid);
+                }
+            }
+        }
     }
 
     fn snapshot(&mut self, backend: &'static str) -> ReplicatorStats {
@@ -817,8 +835,18 @@ fn on_up(ctx: &Ctx<'_>, id: u16, incarnation: u64) {
                 "node restarted (new incarnation): resending its share"
             );
         }
-        l.owed.clear();
-        l.pending.clear();
+        // Queued removals stay (a node that lost its copies may still
+        // hold one the failover push gave it); everything else is resent
+        // from the dirty marks below.
+        let (pending, owed) = (std::mem::take(&mut l.pending), std::mem::take(&mut l.owed));
+        let keep: HashSet<Sid> = pending
+            .into_iter()
+            .chain(owed)
+            .filter(|sid| st.sids.get(sid).is_some_and(|s| s.removed))
+            .collect();
+        if let Some(l) = st.link(id) {
+            l.pending = keep;
+        }
         for s in st.sids.values_mut() {
             s.forget(id);
         }
@@ -937,6 +965,14 @@ fn build_once(ctx: &Ctx<'_>, id: u16) -> Built {
     let entries_max = cfg.batch_entries_max.clamp(1, 4096);
     let mut st = ctx.state.borrow_mut();
     let st = &mut *st;
+    // Owners this replicator reached and still reaches: only their acks
+    // may let a stand-in drop its hinted copy.
+    let confirmed: Vec<u16> = st
+        .nodes
+        .iter()
+        .filter(|n| n.stats.up && n.stats.connects > 0)
+        .map(|n| n.stats.id)
+        .collect();
     let Some(link) = st.nodes.iter_mut().find(|n| n.stats.id == id) else {
         return Built::Nothing;
     };
@@ -958,12 +994,15 @@ fn build_once(ctx: &Ctx<'_>, id: u16) -> Built {
         }
         let base = s.acked_by(id);
         if !s.removed
-            && let Some(hinted) = stand_in(&st.placement, s, sid, id)
+            && let Some(hinted) = stand_in(&st.placement, s, sid, id, &confirmed)
         {
             // This node stood in for an owner that holds the current
             // version again: drop the hinted copy (if any), send nothing.
             if hinted {
                 bytes += push_remove(&mut entries, &mut sent, sid, s, base, true);
+                // Forgotten now: should the drop never land, the cost is a
+                // copy left behind, never an ack claiming one that is gone.
+                let _ = ctx.arena.forget_ack(sid, id);
             }
             continue;
         }
@@ -1045,13 +1084,23 @@ fn build_once(ctx: &Ctx<'_>, id: u16) -> Built {
     )
 }
 
-/// For node `id`, not an owner of `sid`, whose owners all hold the current
-/// version: `Some(true)` if `id` still holds a hinted copy, `Some(false)`
+/// For node `id`, not an owner of `sid`, whose owners (all reached by this
+/// replicator and up) all hold the current version: `Some(true)` if `id` still holds a hinted copy, `Some(false)`
 /// if not. `None` when `id` is an owner, or an owner still lacks the
 /// current version (so `id` must stand in).
-fn stand_in(placement: &Placement, s: &SidState, sid: Sid, id: u16) -> Option<bool> {
+fn stand_in(
+    placement: &Placement,
+    s: &SidState,
+    sid: Sid,
+    id: u16,
+    confirmed: &[u16],
+) -> Option<bool> {
     let owners = placement.owners(&sid.0);
-    if owners.contains(&id) || owners.iter().any(|&o| s.acked_by(o) < s.version) {
+    if owners.contains(&id)
+        || owners
+            .iter()
+            .any(|o| s.acked_by(*o) < s.version || !confirmed.contains(o))
+    {
         return None;
     }
     Some(s.acked_by(id) > 0)

@@ -21,8 +21,8 @@ use crate::node::{ExpiryRule, NodeLimits, Store};
 
 /// Most shards (and so node threads) one node runs.
 pub const SHARDS_MAX: usize = 64;
-/// Fewest copies one shard's expiry pass looks at.
-const EXPIRE_BUDGET_MIN: usize = 10_000;
+/// Most deadlines, and most copies walked, in one shard's expiry pass.
+const EXPIRE_BUDGET: usize = 4_096;
 
 /// A node's copies, in shards by SID.
 #[derive(Debug)]
@@ -138,17 +138,13 @@ impl Shards {
         }
     }
 
-    /// Expires copies in every shard ([`Store::expire`]), each looking at
-    /// a sixtieth of its copies (at least `EXPIRE_BUDGET_MIN`), so calls a
-    /// second apart go over the whole store about once a minute; returns
-    /// the copies dropped.
+    /// Expires copies in every shard ([`Store::expire`]), each shard's
+    /// lock held for at most `EXPIRE_BUDGET` deadlines and (with idle
+    /// expiry on) `EXPIRE_BUDGET` copies walked; returns the copies
+    /// dropped.
     pub fn expire(&self, now_ms: u64, rule: ExpiryRule) -> u64 {
         (0..self.shards.len())
-            .map(|i| {
-                let mut store = self.lock_at(i);
-                let budget = (store.len() / 60).max(EXPIRE_BUDGET_MIN);
-                store.expire(now_ms, rule, budget)
-            })
+            .map(|i| self.lock_at(i).expire(now_ms, rule, EXPIRE_BUDGET))
             .sum()
     }
 

@@ -655,6 +655,8 @@ async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorStats>) {
 struct Sent {
     sid: Sid,
     new_version: u64,
+    /// Ownership epoch it was sent under.
+    epoch: u64,
     /// A `Remove` telling a stand-in to drop its hinted copy: every owner
     /// holds the current version again.
     drops_hint: bool,
@@ -929,6 +931,7 @@ fn push_full(
     sent.push(Sent {
         sid,
         new_version: version,
+        epoch,
         drops_hint: false,
     });
     bytes
@@ -955,6 +958,7 @@ fn push_remove(
     sent.push(Sent {
         sid,
         new_version: s.version,
+        epoch: s.epoch,
         drops_hint,
     });
     64
@@ -1033,6 +1037,7 @@ fn build_once(ctx: &Ctx<'_>, id: u16) -> Built {
                     sent.push(Sent {
                         sid,
                         new_version: v + 1,
+                        epoch,
                         drops_hint: false,
                     });
                 }
@@ -1140,6 +1145,10 @@ fn apply_acks(ctx: &Ctx<'_>, id: u16, sent: &[Sent], acks: &[sessio_net::AckEntr
                 ss.forget(id);
                 let _ = ctx.arena.forget_ack(s.sid, id);
             }
+            // An ack for a copy under an epoch this host no longer writes
+            // (the session was installed anew meanwhile) says nothing of
+            // the current one.
+            AckStatus::Applied if s.epoch != ss.epoch => applied += 1,
             AckStatus::Applied => {
                 applied += 1;
                 let v = if ss.removed {

@@ -736,7 +736,8 @@ impl Store {
         if e.epoch < copy.epoch {
             return Some((AckStatus::Fenced, copy.version));
         }
-        if e.base_version != copy.version || e.new_version != copy.version + 1 {
+        // `checked_add`: a peer may have sent a copy at `u64::MAX`.
+        if e.base_version != copy.version || copy.version.checked_add(1) != Some(e.new_version) {
             return Some((AckStatus::NeedFull, copy.version));
         }
         let (sid, epoch) = (e.sid, e.epoch);
@@ -813,7 +814,8 @@ impl Store {
             Err(_) => return AckStatus::NeedFull,
         }
         let copy = self.copies.get_mut(&sid).expect("materialized above");
-        let version = copy.version + 1;
+        // Only reached past `append_ops`' check, so this does not wrap.
+        let version = copy.version.saturating_add(1);
         data.log_batch(version, ops);
         serialize(&data, &mut self.ser);
         let new_len = self.ser.len() as u64;
@@ -1389,6 +1391,19 @@ mod tests {
             AckStatus::Applied
         );
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn versions_at_the_top_of_the_range_are_refused_not_a_panic() {
+        let mut s = Store::new(NodeLimits::default(), 1);
+        one(
+            &mut s,
+            entry(0, u64::MAX, 2, Delta::Full(record(&[("k", b"v")]))),
+        );
+        let a = one(&mut s, entry(u64::MAX, 0, 2, set("k", b"w")));
+        assert_eq!(a.status, AckStatus::NeedFull);
+        let a = one(&mut s, entry(u64::MAX, u64::MAX, 2, set("k", b"w")));
+        assert_eq!(a.status, AckStatus::NeedFull);
     }
 
     #[test]

@@ -153,6 +153,20 @@ impl Placement {
         r
     }
 
+    /// Whether `id` is one of `sid`'s owners ([`Placement::owners`]),
+    /// without building the ranking: fewer than `replicas` nodes outrank it.
+    pub fn is_owner(&self, sid: &[u8; 16], id: u16) -> bool {
+        if self.member(id).is_none() {
+            return false;
+        }
+        let mine = (weight(sid, id), id);
+        self.members
+            .iter()
+            .filter(|m| (weight(sid, m.id), m.id) > mine)
+            .count()
+            < self.replicas()
+    }
+
     /// Where `sid`'s copies go now: the first `replicas` nodes of its
     /// ranking for which `up` holds (hinted handoff past the nodes that are
     /// down). Fewer when fewer nodes are up.
@@ -249,6 +263,22 @@ mod tests {
                     }
                 } else {
                     prop_assert_eq!(&a[..], &b[..]);
+                }
+            }
+        }
+
+        /// `is_owner` agrees with `owners` for every node, and a stranger.
+        #[test]
+        fn is_owner_agrees_with_owners(
+            n in 1u16..12, r in 1usize..4,
+            sids in proptest::collection::vec(any::<[u8; 16]>(), 1..32),
+        ) {
+            let ids: Vec<u16> = (1..=n).collect();
+            let p = Placement::new(bank(&ids), r).unwrap();
+            for sid in &sids {
+                let owners = p.owners(sid);
+                for id in 1..=n + 1 {
+                    prop_assert_eq!(p.is_owner(sid, id), owners.contains(&id));
                 }
             }
         }

@@ -1100,11 +1100,14 @@ fn stand_in(
     id: u16,
     confirmed: &[u16],
 ) -> Option<bool> {
+    // Most entries go to an owner: answer that without the ranking.
+    if placement.is_owner(&sid.0, id) {
+        return None;
+    }
     let owners = placement.owners(&sid.0);
-    if owners.contains(&id)
-        || owners
-            .iter()
-            .any(|o| s.acked_by(*o) < s.version || !confirmed.contains(o))
+    if owners
+        .iter()
+        .any(|o| s.acked_by(*o) < s.version || !confirmed.contains(o))
     {
         return None;
     }
@@ -1196,7 +1199,7 @@ fn apply_acks(ctx: &Ctx<'_>, id: u16, sent: &[Sent], acks: &[sessio_net::AckEntr
         l.pending.extend(resend);
     }
     for (n, sid) in hints {
-        let is_stand_in = !st.placement.owners(&sid.0).contains(&n);
+        let is_stand_in = !st.placement.is_owner(&sid.0, n);
         if let Some(l) = st.link(n)
             && is_stand_in
             && l.stats.up

@@ -1,48 +1,14 @@
 //! `sessio inspect` and `sessio stats` against a real arena created here.
 
+mod common;
+
+use common::TestArena;
 use std::process::{Command, Output};
 
 use serde_json::Value;
-use sessio_engine::{Arena, ArenaConfig, Location, NewSession, Op, Sid};
+use sessio_engine::{NewSession, Op, Sid};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sessio");
-
-/// An arena removed on drop.
-struct TestArena {
-    name: String,
-    loc: Location,
-    arena: Option<Arena>,
-}
-
-impl TestArena {
-    fn new(tag: &str) -> TestArena {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "cli-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let loc = Location::Shm(name.clone());
-        let arena = Arena::open(&loc, &ArenaConfig::for_sessions(64, 1024)).unwrap();
-        TestArena {
-            name,
-            loc,
-            arena: Some(arena),
-        }
-    }
-
-    fn get(&self) -> &Arena {
-        self.arena.as_ref().unwrap()
-    }
-}
-
-impl Drop for TestArena {
-    fn drop(&mut self) {
-        self.arena = None;
-        let _ = Arena::remove(&self.loc);
-    }
-}
 
 fn sessio(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().expect("run sessio")
@@ -91,7 +57,7 @@ fn shop(a: &TestArena) -> (Sid, Sid) {
 
 #[test]
 fn inspect_lists_sessions_with_versions_and_attributes() {
-    let a = TestArena::new("list");
+    let a = TestArena::new("cli-list", 64);
     let (cart, other) = shop(&a);
 
     let text = stdout(&sessio(&["inspect", "--arena", &a.name]));
@@ -139,7 +105,7 @@ fn inspect_lists_sessions_with_versions_and_attributes() {
 
 #[test]
 fn inspect_shows_one_session() {
-    let a = TestArena::new("one");
+    let a = TestArena::new("cli-one", 64);
     let (cart, _) = shop(&a);
     let sid = cart.to_string();
 
@@ -175,7 +141,7 @@ fn inspect_shows_one_session() {
 
 #[test]
 fn stats_reports_the_arena_counters() {
-    let a = TestArena::new("stats");
+    let a = TestArena::new("cli-stats", 64);
     shop(&a);
     let text = stdout(&sessio(&["stats", "--arena", &a.name]));
     assert!(text.contains("live sessions      2 of 64"), "{text}");
@@ -208,7 +174,7 @@ fn missing_arena_or_session_is_a_clear_error() {
         );
     }
 
-    let a = TestArena::new("nosid");
+    let a = TestArena::new("cli-nosid", 64);
     let absent = Sid::random().to_string();
     let o = sessio(&["inspect", "--arena", &a.name, "--sid", &absent]);
     assert!(!o.status.success());
@@ -345,7 +311,7 @@ fn node_and_agent_run_from_config_files_and_serve_metrics() {
         "HTTP/1.1 404 Not Found"
     );
 
-    let a = TestArena::new("agent");
+    let a = TestArena::new("cli-agent", 64);
     shop(&a);
     let agent_cfg = dir.write(
         "agent.toml",

@@ -6,15 +6,18 @@
 //! Tests run one at a time (a lock) so their processes do not fight over
 //! the two cores; every process and arena is cleaned up by a Drop guard.
 
+mod common;
+
+use common::{TestArena, serial, unique};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sessio_engine::session::decode_session;
-use sessio_engine::{Arena, ArenaConfig, Location, NewSession, Op, Sid};
+use sessio_engine::{Arena, NewSession, Op, Sid};
 use sessio_net::{
     Client, ClientConfig, Fetch, FoundRecord, Identity, IoUring, Message, Secret, StatsRequest,
 };
@@ -33,14 +36,6 @@ static SECRET: std::sync::LazyLock<[u8; 32]> = std::sync::LazyLock::new(|| {
 });
 const BIN: &str = env!("CARGO_BIN_EXE_sessio");
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 fn uring() -> bool {
     if IoUring::available() {
         true
@@ -48,16 +43,6 @@ fn uring() -> bool {
         eprintln!("SKIP: io_uring unavailable here");
         false
     }
-}
-
-fn unique(tag: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "rt-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 /// A secret file, removed on drop.
@@ -173,42 +158,6 @@ fn nodes_flag(nodes: &[Node]) -> String {
         .map(|n| format!("{}={}", n.id, n.addr))
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// An arena removed on drop (after the handle closes).
-struct TestArena {
-    loc: Location,
-    arena: Option<Arena>,
-}
-
-impl TestArena {
-    fn new(tag: &str, sessions: u64) -> TestArena {
-        let loc = Location::Shm(unique(tag));
-        let arena = Arena::open(&loc, &ArenaConfig::for_sessions(sessions, 1024)).unwrap();
-        TestArena {
-            loc,
-            arena: Some(arena),
-        }
-    }
-
-    /// Names an arena another process creates, for cleanup only.
-    fn foreign(name: &str) -> TestArena {
-        TestArena {
-            loc: Location::Shm(name.to_string()),
-            arena: None,
-        }
-    }
-
-    fn get(&self) -> &Arena {
-        self.arena.as_ref().unwrap()
-    }
-}
-
-impl Drop for TestArena {
-    fn drop(&mut self) {
-        self.arena = None;
-        let _ = Arena::remove(&self.loc);
-    }
 }
 
 fn replicator(arena: &TestArena, p: &Placement, host_id: u64) -> Replicator {
@@ -794,10 +743,7 @@ fn restarted_agent_resends_only_what_changed() {
     let secret = SecretFile::new();
     let mut nodes = bank(2, &secret);
     let host = TestArena::new("agent", 1000);
-    let name = match &host.loc {
-        Location::Shm(n) => n.clone(),
-        Location::File(_) => unreachable!(),
-    };
+    let name = host.name.clone();
     let sids = create_sessions(host.get(), 500);
     let mut first = agent(&name, &nodes, &secret);
     wait_until("the first agent's acks", Duration::from_secs(15), || {
@@ -1078,10 +1024,7 @@ fn agent_killed_at_random_points_under_load_then_the_bank_converges() {
     let mut nodes = bank(2, &secret);
     let p = placement(&nodes, 2);
     let host = TestArena::new("agentkill", 1000);
-    let name = match &host.loc {
-        Location::Shm(n) => n.clone(),
-        Location::File(_) => unreachable!(),
-    };
+    let name = host.name.clone();
     let sids = create_sessions(host.get(), 700);
     let mut seed = u64::from(std::process::id()) ^ sessio_engine::clock::now_ms();
     eprintln!("seed {seed}");

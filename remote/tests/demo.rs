@@ -1,20 +1,14 @@
 //! `sessio demo` end to end: the quick run passes its own check, and an
 //! interrupted run leaves no process or file behind.
 
+mod common;
+
+// The demo saturates the machine: one run at a time.
+use common::serial;
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sessio");
-
-/// The demo saturates the machine: one run at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// Processes still running whose command line names this demo run (its
 /// workers name its arenas, its nodes its secret file).

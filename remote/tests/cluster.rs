@@ -187,16 +187,18 @@ fn counter(data: &sessio_engine::SessionData) -> i64 {
     i64::from_le_bytes(data.get("n").unwrap().try_into().unwrap())
 }
 
+/// A connection to the node at `addr` as host `id`, with this bank's secret.
+async fn connect(addr: SocketAddr, id: u64) -> Client {
+    let cc = ClientConfig::new(Identity { id, incarnation: 1 });
+    Client::connect(addr, cc, Secret::from_bytes(*SECRET))
+        .await
+        .unwrap()
+}
+
 /// Every node's copy of each SID, fetched over one pipelined connection.
 fn node_copies(addr: SocketAddr, sids: &[Sid]) -> Vec<Option<FoundRecord>> {
     IoUring::block_on(async {
-        let cc = ClientConfig::new(Identity {
-            id: 999,
-            incarnation: 1,
-        });
-        let mut c: Client = Client::connect(addr, cc, Secret::from_bytes(*SECRET))
-            .await
-            .unwrap();
+        let mut c = connect(addr, 999).await;
         let mut out = Vec::with_capacity(sids.len());
         for (i, sid) in sids.iter().enumerate() {
             let msg = Message::Fetch(Fetch {
@@ -372,6 +374,37 @@ impl Drop for TestHost {
     }
 }
 
+/// A bank of `n` nodes (R = 2) and a host: an arena of `sessions`
+/// sessions, updated for `load_for`, replicated by a thread, after the
+/// first sync.
+struct Cluster {
+    secret: SecretFile,
+    nodes: Vec<Node>,
+    p: Placement,
+    host: TestArena,
+    repl: Replicator,
+    sids: Vec<Sid>,
+}
+
+fn synced_cluster(n: u16, sessions: usize, load_for: Duration) -> Cluster {
+    let secret = SecretFile::new();
+    let nodes = bank(n, &secret);
+    let p = placement(&nodes, 2);
+    let host = TestArena::new("h", 1000);
+    let repl = replicator(&host, &p, 1);
+    let sids = create_sessions(host.get(), sessions);
+    load(host.get(), &sids, load_for);
+    wait_until("first sync", Duration::from_secs(10), || converged(&repl));
+    Cluster {
+        secret,
+        nodes,
+        p,
+        host,
+        repl,
+        sids,
+    }
+}
+
 fn clients(host_id: u64) -> NodeClients<IoUring> {
     NodeClients::new(
         FailoverConfig::new(host_id, Secret::from_bytes(*SECRET)),
@@ -442,14 +475,14 @@ fn replica_killed_no_session_lost_and_host_keeps_serving() {
     if !uring() {
         return;
     }
-    let secret = SecretFile::new();
-    let mut nodes = bank(3, &secret);
-    let p = placement(&nodes, 2);
-    let host = TestArena::new("h", 1000);
-    let repl = replicator(&host, &p, 1);
-    let sids = create_sessions(host.get(), 300);
-    load(host.get(), &sids, Duration::from_millis(300));
-    wait_until("first sync", Duration::from_secs(10), || converged(&repl));
+    let Cluster {
+        secret: _secret,
+        mut nodes,
+        p,
+        host,
+        repl,
+        sids,
+    } = synced_cluster(3, 300, Duration::from_millis(300));
 
     nodes[0].proc.kill9();
     let (n, slowest) = load(host.get(), &sids, Duration::from_secs(1));
@@ -480,13 +513,14 @@ fn bank_down_under_load_then_every_change_converges() {
     if !uring() {
         return;
     }
-    let secret = SecretFile::new();
-    let mut nodes = bank(2, &secret);
-    let p = placement(&nodes, 2);
-    let host = TestArena::new("h", 1000);
-    let repl = replicator(&host, &p, 1);
-    let sids = create_sessions(host.get(), 200);
-    wait_until("first sync", Duration::from_secs(10), || converged(&repl));
+    let Cluster {
+        secret,
+        mut nodes,
+        p,
+        host,
+        repl,
+        sids,
+    } = synced_cluster(2, 200, Duration::ZERO);
 
     for n in &mut nodes {
         n.proc.kill9();
@@ -519,14 +553,14 @@ fn node_restarted_empty_gets_its_whole_share_again() {
     if !uring() {
         return;
     }
-    let secret = SecretFile::new();
-    let mut nodes = bank(3, &secret);
-    let p = placement(&nodes, 2);
-    let host = TestArena::new("h", 1000);
-    let repl = replicator(&host, &p, 1);
-    let sids = create_sessions(host.get(), 300);
-    load(host.get(), &sids, Duration::from_millis(200));
-    wait_until("first sync", Duration::from_secs(10), || converged(&repl));
+    let Cluster {
+        secret,
+        mut nodes,
+        p,
+        host,
+        repl,
+        sids,
+    } = synced_cluster(3, 300, Duration::from_millis(200));
 
     // No updates from here on: only the new incarnation can trigger a resend.
     nodes[1].restart(&secret);
@@ -646,13 +680,7 @@ fn node_survives_bad_peers_and_refuses_bad_records() {
     assert!(wrong.is_err(), "a wrong key is refused");
     // Records and ops that do not validate are refused, one by one.
     let reply = IoUring::block_on(async {
-        let cc = ClientConfig::new(Identity {
-            id: 5,
-            incarnation: 1,
-        });
-        let mut c: Client = Client::connect(addr, cc, Secret::from_bytes(*SECRET))
-            .await
-            .unwrap();
+        let mut c = connect(addr, 5).await;
         let entry = |body| DeltaEntry {
             sid: [9; 16],
             base_version: 0,
@@ -685,13 +713,7 @@ fn node_survives_bad_peers_and_refuses_bad_records() {
 /// replays since it started).
 fn node_applied(addr: SocketAddr) -> u64 {
     let reply = IoUring::block_on(async {
-        let cc = ClientConfig::new(Identity {
-            id: 999,
-            incarnation: 1,
-        });
-        let mut c: Client = Client::connect(addr, cc, Secret::from_bytes(*SECRET))
-            .await
-            .unwrap();
+        let mut c = connect(addr, 999).await;
         c.call(&Message::StatsRequest(StatsRequest { request_id: 1 }))
             .await
             .unwrap()
@@ -822,13 +844,14 @@ fn paused_owner_gets_its_writes_back_and_stand_ins_drop_them() {
     if !uring() {
         return;
     }
-    let secret = SecretFile::new();
-    let nodes = bank(3, &secret);
-    let p = placement(&nodes, 2);
-    let host = TestArena::new("h", 1000);
-    let repl = replicator(&host, &p, 1);
-    let sids = create_sessions(host.get(), 300);
-    wait_until("first sync", Duration::from_secs(10), || converged(&repl));
+    let Cluster {
+        secret: _secret,
+        nodes,
+        p,
+        host,
+        repl,
+        sids,
+    } = synced_cluster(3, 300, Duration::ZERO);
     assert_eq!(hinted_copies(&p, &nodes, &sids), [0, 0, 0]);
 
     // Node 1 freezes (same process, same incarnation, when it thaws): its
@@ -900,13 +923,7 @@ fn node_on_two_threads_is_one_store_for_every_connection() {
     IoUring::block_on(async {
         let mut conns = Vec::new();
         for host in 0..6u64 {
-            let cc = ClientConfig::new(Identity {
-                id: 100 + host,
-                incarnation: 1,
-            });
-            let c: Client = Client::connect(node.addr, cc, Secret::from_bytes(*SECRET))
-                .await
-                .unwrap();
+            let c = connect(node.addr, 100 + host).await;
             conns.push(c);
         }
         // Each connection writes its part of the SIDs...
@@ -988,13 +1005,7 @@ fn node_drops_expired_copies_on_its_own() {
     };
     let (gone, kept) = (Sid([1; 16]), Sid([2; 16]));
     IoUring::block_on(async {
-        let cc = ClientConfig::new(Identity {
-            id: 7,
-            incarnation: 1,
-        });
-        let mut c: Client = Client::connect(node.addr, cc, Secret::from_bytes(*SECRET))
-            .await
-            .unwrap();
+        let mut c = connect(node.addr, 7).await;
         let entry = |sid: Sid, expires| DeltaEntry {
             sid: sid.0,
             base_version: 0,

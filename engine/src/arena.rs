@@ -23,6 +23,11 @@ use std::fs::File;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
+mod collect;
+mod reclaim;
+
+pub use collect::{CollectError, CollectReport};
+
 /// Result word of an op node still waiting.
 const PENDING: u32 = u32::MAX;
 /// Result word: the batch was applied.
@@ -68,11 +73,10 @@ pub struct Arena {
     me: u32,
     owner: u32,
     pins: Cell<u32>,
+    /// Mutation sections entered and not left (see `reclaim`).
+    muts: Cell<u32>,
     scratch: RefCell<Vec<u32>>,
     ser: RefCell<rkyv::util::AlignedVec>,
-    /// Retired blocks that did not fit the ring (only while this handle
-    /// itself pins an old epoch); lost on a crash, which recovery repairs.
-    overflow: RefCell<Vec<(u64, u64)>>,
     sweep_cursor: Cell<u64>,
     dirty_cursor: Cell<u64>,
     recovered: Option<RecoveryReport>,
@@ -124,6 +128,18 @@ pub struct ArenaStats {
     pub handles: u32,
     /// Solo opens that ran recovery.
     pub recoveries: u64,
+    /// Online collections run ([`Arena::collect`]).
+    pub collections: u64,
+    /// Heap blocks those collections found lost by killed processes and
+    /// gave back.
+    pub leaked_blocks_returned: u64,
+    /// Wholly free chunks those collections gave back to the pool.
+    pub chunks_returned: u64,
+    /// Processes found dead inside a mutation since the last collection
+    /// (each may have lost a block; the next collection looks).
+    pub suspects: u64,
+    /// How long the last collection held mutations, in µs.
+    pub last_collect_pause_us: u64,
 }
 
 /// Zero-copy view of one session, pinned against reclamation while it lives.
@@ -316,7 +332,14 @@ impl Arena {
         let p = map.participant(me);
         // Whatever a dead predecessor left in this slot: its pin no longer
         // protects anyone (it is dead); its retired blocks are ours to free.
-        p.pin.store(0, Ordering::SeqCst);
+        // If it died inside a mutation it may have leaked a block: the
+        // next collection looks (recovery, when alone, rebuilds anyway).
+        if epoch::is_mutating(p.pin.swap(0, Ordering::SeqCst)) && !alone {
+            map.header()
+                .collector
+                .suspects
+                .fetch_add(1, Ordering::Relaxed);
+        }
         let generation = p.generation.fetch_add(1, Ordering::SeqCst).wrapping_add(1) as u16;
         p.pid.store(std::process::id(), Ordering::Relaxed);
         map.header()
@@ -328,9 +351,9 @@ impl Arena {
             file,
             me,
             pins: Cell::new(0),
+            muts: Cell::new(0),
             scratch: RefCell::new(Vec::new()),
             ser: RefCell::new(rkyv::util::AlignedVec::new()),
-            overflow: RefCell::new(Vec::new()),
             sweep_cursor: Cell::new(0),
             dirty_cursor: Cell::new(0),
             recovered: None,
@@ -341,10 +364,12 @@ impl Arena {
         let p = arena.participant();
         let slot = p.building_slot.load(Ordering::Acquire);
         if !alone && p.building.load(Ordering::Acquire) != 0 && slot < arena.map.geo.index_slots {
+            arena.begin_mut();
             let lock_word = &arena.map.slot(slot).lock;
             let _ = arena.acquire(lock_word);
             arena.resolve_dead_build(arena.owner, slot);
             lock::unlock(lock_word, arena.owner);
+            arena.end_mut();
         }
         if alone {
             arena.participant().building.store(0, Ordering::Relaxed);
@@ -381,143 +406,6 @@ impl Arena {
 
     fn participant(&self) -> &Participant {
         self.map.participant(self.me)
-    }
-
-    // ----- reclamation -------------------------------------------------
-
-    #[inline]
-    fn pin(&self) {
-        let n = self.pins.get();
-        if n == 0 {
-            epoch::pin(&self.header().epoch, &self.participant().pin);
-        }
-        self.pins.set(n + 1);
-    }
-
-    #[inline]
-    fn unpin(&self) {
-        let n = self.pins.get();
-        debug_assert!(n > 0);
-        self.pins.set(n - 1);
-        if n == 1 {
-            epoch::unpin(&self.participant().pin);
-            let p = self.participant();
-            let len = p
-                .ring_tail
-                .load(Ordering::Relaxed)
-                .wrapping_sub(p.ring_head.load(Ordering::Relaxed));
-            if len >= RECLAIM_BATCH || !self.overflow.borrow().is_empty() {
-                self.reclaim();
-            }
-        }
-    }
-
-    /// Hands a block to reclamation: freed once no pin can still see it.
-    fn retire(&self, block: u64) {
-        debug_assert!(self.map.is_block(block));
-        let e = epoch::retire(&self.header().epoch);
-        let p = self.participant();
-        let tail = p.ring_tail.load(Ordering::Relaxed);
-        if tail.wrapping_sub(p.ring_head.load(Ordering::Relaxed)) >= RETIRE_RING {
-            self.reclaim();
-        }
-        if tail.wrapping_sub(p.ring_head.load(Ordering::Relaxed)) >= RETIRE_RING {
-            self.overflow.borrow_mut().push((block, e));
-            return;
-        }
-        let entry = &p.ring[(tail % RETIRE_RING) as usize];
-        entry.block.store(block, Ordering::Relaxed);
-        entry.epoch.store(e, Ordering::Relaxed);
-        p.ring_tail.store(tail.wrapping_add(1), Ordering::Release);
-    }
-
-    /// The oldest epoch any live participant is pinned at (`u64::MAX` if none).
-    fn min_pin(&self) -> u64 {
-        let hwm = self
-            .header()
-            .participants_hwm
-            .load(Ordering::SeqCst)
-            .min(PARTICIPANTS_MAX);
-        let now = self.header().epoch.load(Ordering::Relaxed);
-        let mut min = u64::MAX;
-        for i in 0..hwm {
-            let v = epoch::scan(&self.map.participant(i).pin);
-            // A recent pin is taken as live without asking the kernel: a
-            // dead process's pin only delays reclamation until it is old.
-            let live = || {
-                i == self.me
-                    || now.saturating_sub(v) < RECENT_PIN_EPOCHS
-                    || self.participant_live(i)
-            };
-            if v != 0 && v < min && live() {
-                min = v;
-            }
-        }
-        min
-    }
-
-    fn participant_live(&self, i: u32) -> bool {
-        self.map.participant_alive(i)
-    }
-
-    /// Frees the blocks of participant `p`'s retire ring that no pin older
-    /// than `min` can see. The caller owns the ring (it is its own, or it
-    /// holds the dead owner's lock byte).
-    fn drain_ring(&self, p: &Participant, min: u64) {
-        let tail = p.ring_tail.load(Ordering::Acquire);
-        let mut h = p.ring_head.load(Ordering::Acquire);
-        while h != tail {
-            let entry = &p.ring[(h % RETIRE_RING) as usize];
-            if !epoch::may_free(entry.epoch.load(Ordering::Relaxed), min) {
-                break;
-            }
-            let block = entry.block.load(Ordering::Relaxed);
-            // Advance past the entry first, free it after: a crash in
-            // between leaks this one block (recovery finds it), never frees
-            // it twice, and never strands the rest of the ring.
-            h = h.wrapping_add(1);
-            p.ring_head.store(h, Ordering::Release);
-            self.free(block);
-        }
-    }
-
-    /// Frees every retired block no pin can see.
-    fn reclaim(&self) {
-        let min = self.min_pin();
-        self.drain_ring(self.participant(), min);
-        let mut overflow = std::mem::take(&mut *self.overflow.borrow_mut());
-        overflow.retain(|&(b, e)| {
-            if epoch::may_free(e, min) {
-                self.free(b);
-                false
-            } else {
-                true
-            }
-        });
-        self.overflow.borrow_mut().extend(overflow);
-    }
-
-    /// Frees what dead participants left in their retire rings. Each ring
-    /// is taken over by locking its participant's byte, so no claimant can
-    /// race us, then drained like our own and released.
-    fn adopt_dead_rings(&self) {
-        let hwm = self
-            .header()
-            .participants_hwm
-            .load(Ordering::Acquire)
-            .min(PARTICIPANTS_MAX);
-        let min = self.min_pin();
-        for i in (0..hwm).filter(|&i| i != self.me) {
-            let p = self.map.participant(i);
-            if p.ring_head.load(Ordering::Acquire) == p.ring_tail.load(Ordering::Acquire) {
-                continue;
-            }
-            if !Map::claim_lock(&self.file, i).unwrap_or(false) {
-                continue;
-            }
-            self.drain_ring(p, min);
-            let _ = Map::release_lock(&self.file, i);
-        }
     }
 
     // ----- heap -------------------------------------------------------
@@ -616,8 +504,10 @@ impl Arena {
         }
     }
 
-    /// Allocates a block of at least `bytes`.
+    /// Allocates a block of at least `bytes`. Inside a mutation section;
+    /// when it fails, the caller (at rest again) may collect and retry.
     fn alloc(&self, bytes: u64) -> Result<u64, SessionError> {
+        debug_assert!(self.muts.get() > 0, "alloc outside a mutation section");
         let geo = &self.map.geo;
         let class = geo.class_for(bytes).ok_or(SessionError::TooLarge(bytes))?;
         if let Some(b) = self.pop(class) {
@@ -626,16 +516,11 @@ impl Arena {
         if let Some(b) = self.alloc_from_chunk(class) {
             return Ok(b);
         }
-        // No fresh chunk: free what dead handles left retired, give wholly
-        // free chunks back from every class (sizes drift as records grow),
-        // then try again.
+        // No fresh chunk: free what dead handles left retired, then try
+        // again. Wholly free chunks of other classes come back only through
+        // a collection, which needs us at rest (`with_space`).
         self.adopt_dead_rings();
         if let Some(b) = self.pop(class) {
-            return Ok(b);
-        }
-        if self.compact() > 0
-            && let Some(b) = self.alloc_from_chunk(class)
-        {
             return Ok(b);
         }
         // Still none: any larger free block will do.
@@ -645,6 +530,18 @@ impl Arena {
             }
         }
         Err(SessionError::HeapFull(bytes))
+    }
+
+    /// Runs `f` (a whole mutation, entered and left inside), and once more
+    /// after a collection if it failed for want of heap and the collection
+    /// gave something back. Called at rest.
+    fn with_space<T>(&self, f: impl Fn() -> Result<T, SessionError>) -> Result<T, SessionError> {
+        match f() {
+            Err(SessionError::HeapFull(_)) if self.muts.get() == 0 && self.collect_if_due(true) => {
+                f()
+            }
+            r => r,
+        }
     }
 
     /// Takes the next never-used block of `class`: one CAS on the class's
@@ -692,71 +589,6 @@ impl Arena {
                 }
             }
         }
-    }
-
-    /// Gives chunks whose blocks are all free back to the chunk pool. Each
-    /// class's free stack is taken whole with one swap (so the blocks are
-    /// ours alone), sorted by chunk, and what is not a whole chunk is pushed
-    /// back. A crash in between leaks the taken blocks until the next
-    /// recovery; it never hands out a block twice. One compaction at a time.
-    fn compact(&self) -> u64 {
-        let h = self.header();
-        if lock::try_lock(&h.compact_lock, self.owner).is_err() {
-            let holder = h.compact_lock.load(Ordering::Acquire);
-            if holder == 0
-                || self.owner_alive(holder)
-                || !lock::steal(&h.compact_lock, holder, self.owner)
-            {
-                return 0;
-            }
-        }
-        let geo = &self.map.geo;
-        let mut freed = 0;
-        let mut per_chunk: std::collections::HashMap<u64, Vec<u64>> =
-            std::collections::HashMap::new();
-        for class in 0..geo.classes.len() {
-            let head = &h.class_free[class];
-            let cur = head.load(Ordering::Acquire);
-            if cur & IDX_MASK == 0 {
-                continue;
-            }
-            let tag = (cur >> TAG_SHIFT).wrapping_add(1) << TAG_SHIFT;
-            let Ok(taken) = head.compare_exchange(cur, tag, Ordering::AcqRel, Ordering::Acquire)
-            else {
-                continue;
-            };
-            per_chunk.clear();
-            let mut idx = taken & IDX_MASK;
-            let mut guard = geo.heap_bytes / BLOCK;
-            while idx != 0 && guard > 0 {
-                let off = self.block_off(idx);
-                if !self.map.is_block(off) {
-                    break;
-                }
-                per_chunk
-                    .entry((off - geo.heap_off) / geo.chunk_bytes)
-                    .or_default()
-                    .push(off);
-                idx = self.link(off).load(Ordering::Acquire) & IDX_MASK;
-                guard -= 1;
-            }
-            let whole = geo.chunk_bytes / geo.classes[class];
-            for (&c, blocks) in &per_chunk {
-                if blocks.len() as u64 == whole {
-                    self.map
-                        .chunk_class(c)
-                        .store(CHUNK_UNASSIGNED, Ordering::Release);
-                    self.push_free_chunk(c);
-                    freed += 1;
-                } else {
-                    for &b in blocks {
-                        self.push_chain(class, b, b);
-                    }
-                }
-            }
-        }
-        lock::unlock(&h.compact_lock, self.owner);
-        freed
     }
 
     fn push_free_chunk(&self, c: u64) {
@@ -1162,13 +994,19 @@ impl Arena {
             })
             .collect();
         data.apply(&ops, now, self.map.geo.quota_bytes)?;
+        self.with_space(|| {
+            self.begin_mut();
+            let r = self.create_mut(&data);
+            self.end_mut();
+            r
+        })
+    }
+
+    fn create_mut(&self, data: &SessionData) -> Result<Sid, SessionError> {
         loop {
             let sid = Sid::random();
-            let rec = self.write_record(sid, &data, 1, 1)?;
-            self.pin();
-            let r = self.insert(sid, rec, true);
-            self.unpin();
-            match r {
+            let rec = self.write_record(sid, data, 1, 1)?;
+            match self.insert(sid, rec, true) {
                 Ok(Ok(_)) => {
                     self.header().created_total.fetch_add(1, Ordering::Relaxed);
                     return Ok(sid);
@@ -1246,10 +1084,14 @@ impl Arena {
             }
             .into());
         }
-        self.pin();
-        let r = self.push_and_wait_pinned(sid, encoded, flags);
-        self.unpin();
-        r
+        // A batch cancelled for want of heap was never applied: after a
+        // collection that made room it is simply pushed again.
+        self.with_space(|| {
+            self.begin_mut();
+            let r = self.push_and_wait_pinned(sid, encoded, flags);
+            self.end_mut();
+            r
+        })
     }
 
     fn push_and_wait_pinned(
@@ -1482,27 +1324,37 @@ impl Arena {
         // The commit point: one store publishes the new copy and, with its
         // applied_seq, consumes every node up to `last`.
         s.record.store(self.rec_word(new_off), Ordering::Release);
-        // From here the replaced record is ours to retire, no longer the
-        // business of whoever would resolve a death of ours.
-        self.participant().building.store(0, Ordering::Release);
         self.mark_dirty(i);
         drop(list);
-        self.retire(rec_off);
         debug_assert_eq!(last, queue::head_seq(w));
+        // The replaced record and the applied nodes leave together: the
+        // nodes are detached, chained behind the record, and the chain goes
+        // into the ring with one store, right after the store that makes the
+        // replaced record no longer the business of whoever would resolve a
+        // death of ours.
         let dead = queue::detach(&s.head, w, &nodes);
-        self.retire_chain(dead);
+        let chain_last = self.link_queue_chain(rec_off, dead);
+        self.participant().building.store(0, Ordering::Release);
+        self.retire_linked(rec_off, chain_last);
         Ok(())
     }
 
-    fn retire_chain(&self, mut n: u32) {
+    /// Links the record `first` and the detached queue chain from node `n`
+    /// (through `next`) into one retire chain (through `link`); returns its
+    /// last block.
+    fn link_queue_chain(&self, first: u64, mut n: u32) -> u64 {
         let nodes = HeapNodes(&self.map);
+        let mut last = first;
         let mut guard = 0usize;
         while n != EMPTY && nodes.plausible(n) && guard < COMBINE_BATCH_MAX * 4 {
-            let next = nodes.next(n);
-            self.retire(u64::from(n) * BLOCK);
-            n = next;
+            let off = u64::from(n) * BLOCK;
+            self.link(last).store(off, Ordering::Relaxed);
+            last = off;
+            n = nodes.next(n);
             guard += 1;
         }
+        self.link(last).store(0, Ordering::Relaxed);
+        last
     }
 
     /// Finishes removing slot `i`, whose queue is closed at `closed`. The
@@ -1542,9 +1394,13 @@ impl Arena {
             self.header().live.fetch_sub(1, Ordering::AcqRel);
             self.mark_dirty(i);
             self.prune_tombstones(i);
+            // The record and the whole closed chain go into the ring with
+            // one store, while no one can yet have reused the slot.
+            if self.map.is_block(rec_off) {
+                let chain_last = self.link_queue_chain(rec_off, queue::head_node(closed));
+                self.retire_linked(rec_off, chain_last);
+            }
         }
-        self.retire(rec_off);
-        self.retire_chain(queue::head_node(closed));
     }
 
     /// Turns the tombstone run ending at `i` into empty slots when the slot
@@ -1632,15 +1488,21 @@ impl Arena {
             }
             .into());
         }
-        // Re-encode: what we publish is always our own archive.
-        let rec = self.write_record(sid, &data, version, epoch)?;
-        self.pin();
-        let r = self.install_pinned(sid, rec, version, epoch);
-        self.unpin();
-        if r.is_err() {
-            self.free(rec);
-        }
-        r
+        self.with_space(|| {
+            self.begin_mut();
+            // Re-encode: what we publish is always our own archive.
+            let r = self
+                .write_record(sid, &data, version, epoch)
+                .and_then(|rec| {
+                    let r = self.install_pinned(sid, rec, version, epoch);
+                    if r.is_err() {
+                        self.free(rec);
+                    }
+                    r
+                });
+            self.end_mut();
+            r
+        })
     }
 
     fn install_pinned(
@@ -1791,6 +1653,12 @@ impl Arena {
 
     /// Applies slot `i`'s queue if no live process is doing it.
     fn help(&self, i: u64) {
+        self.begin_mut();
+        self.help_mut(i);
+        self.end_mut();
+    }
+
+    fn help_mut(&self, i: u64) {
         let s = self.map.slot(i);
         let holder = s.lock.load(Ordering::Acquire);
         let got = match lock::try_lock(&s.lock, self.owner) {
@@ -1807,9 +1675,7 @@ impl Arena {
             }
         };
         if got {
-            self.pin();
             let _ = self.combine(i);
-            self.unpin();
             lock::unlock(&s.lock, self.owner);
         }
     }
@@ -2026,6 +1892,11 @@ impl Arena {
                 .filter(|&i| i == self.me || self.participant_live(i))
                 .count() as u32,
             recoveries: h.recoveries.load(Ordering::Relaxed),
+            collections: h.collector.collections.load(Ordering::Relaxed),
+            leaked_blocks_returned: h.collector.leaked_blocks.load(Ordering::Relaxed),
+            chunks_returned: h.collector.returned_chunks.load(Ordering::Relaxed),
+            suspects: h.collector.suspects.load(Ordering::Relaxed),
+            last_collect_pause_us: h.collector.last_pause_us.load(Ordering::Relaxed),
         }
     }
 
@@ -2096,13 +1967,16 @@ impl Arena {
                 p.ring_tail.load(Ordering::Relaxed),
             );
             let mut guard = RETIRE_RING;
+            let mut chained = blocks;
             while r != t && guard > 0 {
-                note(
-                    &mut accounted,
-                    p.ring[(r % RETIRE_RING) as usize]
-                        .block
-                        .load(Ordering::Relaxed),
-                );
+                let mut b = p.ring[(r % RETIRE_RING) as usize]
+                    .block
+                    .load(Ordering::Relaxed);
+                while self.map.is_block(b) && chained > 0 {
+                    note(&mut accounted, b);
+                    b = self.link(b).load(Ordering::Relaxed);
+                    chained -= 1;
+                }
                 r = r.wrapping_add(1);
                 guard -= 1;
             }
@@ -2120,6 +1994,9 @@ impl Arena {
         }
         h.insert_lock.store(0, Ordering::Relaxed);
         h.compact_lock.store(0, Ordering::Relaxed);
+        // A collection cut short by a death: the rebuild below does it all.
+        h.collector.world.store(0, Ordering::Relaxed);
+        h.collector.suspects.store(0, Ordering::Relaxed);
         let mut reachable = vec![0u64; blocks.div_ceil(64) as usize];
         let mark = |reachable: &mut Vec<u64>, off: u64| {
             let b = (off - geo.heap_off) / BLOCK;
@@ -2284,7 +2161,9 @@ impl Drop for InsertLock<'_> {
 impl Drop for Arena {
     fn drop(&mut self) {
         debug_assert_eq!(self.pins.get(), 0, "a ReadGuard outlived its arena handle");
-        self.reclaim();
+        self.begin_mut();
+        self.reclaim(true);
+        self.leave_mut(false);
         // Blocks still pinned by others stay in our ring; whoever claims
         // this slot next inherits them.
         self.participant().pin.store(0, Ordering::SeqCst);

@@ -10,14 +10,48 @@
 //! unpublish, so it can only have loaded the new offset. A participant
 //! whose process died is skipped: the kernel lock says it is dead, and a
 //! dead process reads nothing.
+//!
+//! A pin word also says whether its participant is inside a mutation (an
+//! allocation, a link, a retire or a free is under way): the top bit,
+//! [`MUTATING`]. A collection waits until no live participant has it set,
+//! so it sees the heap at rest (`arena::collect`).
+//!
+//! ```text
+//! pin word (u64)
+//! | mutating | pinned epoch (0 = not pinned) |
+//! |   1 bit  |            63 bits            |
+//! ```
 
 use crate::sync::{AtomicU64, Ordering, fence};
+
+/// Flag of a pin word: the participant is inside a mutation.
+pub const MUTATING: u64 = 1 << 63;
+
+/// The epoch a pin word holds (0 = not pinned).
+#[inline]
+pub const fn pinned_epoch(word: u64) -> u64 {
+    word & !MUTATING
+}
+
+/// Whether a pin word says its participant is inside a mutation.
+#[inline]
+pub const fn is_mutating(word: u64) -> bool {
+    word & MUTATING != 0
+}
 
 /// Pins `pin` at the current epoch; the caller then loads published offsets.
 #[inline]
 pub fn pin(global: &AtomicU64, pin: &AtomicU64) {
     let e = global.load(Ordering::Relaxed);
     pin.store(e, Ordering::SeqCst);
+    fence(Ordering::SeqCst);
+}
+
+/// Publishes a pin word (an epoch, maybe with [`MUTATING`]) with the same
+/// ordering as [`pin`]: what the caller loads next is ordered after it.
+#[inline]
+pub fn pin_at(pin: &AtomicU64, word: u64) {
+    pin.store(word, Ordering::SeqCst);
     fence(Ordering::SeqCst);
 }
 

@@ -16,7 +16,7 @@ use std::mem::size_of;
 /// First eight bytes of every arena.
 pub(crate) const MAGIC: [u8; 8] = *b"SESSIO\x00A";
 /// Bumped whenever a layout below changes meaning.
-pub(crate) const FORMAT_VERSION: u32 = 2;
+pub(crate) const FORMAT_VERSION: u32 = 3;
 /// Bytes of the header page.
 pub(crate) const HEADER_BYTES: u64 = 4096;
 /// The heap's allocation unit; every block starts on a multiple of it.
@@ -99,8 +99,35 @@ pub(crate) struct Header {
     /// so a restarted replicator can trust the acks in `IndexSlot::acked`
     /// of nodes that did not restart meanwhile.
     pub replicas: [ReplicaEntry; REPLICAS_MAX],
+    /// The online collector's word and counters (`arena::collect`).
+    pub collector: Collector,
 }
 const _: () = assert!(size_of::<Header>() as u64 <= HEADER_BYTES);
+
+/// The online collector's shared state: read by every mutation (`world`),
+/// written rarely, so it has a cache line of its own.
+#[repr(C, align(64))]
+pub(crate) struct Collector {
+    /// Owner word of the participant collecting now, while mutations wait;
+    /// 0 = none. A dead collector's word is taken over by a survivor.
+    pub world: AtomicU32,
+    pub _pad: u32,
+    /// Participants found dead inside a mutation since the last collection:
+    /// each may have leaked the block it was linking.
+    pub suspects: AtomicU64,
+    /// When the last collection ended (ms since the Unix epoch).
+    pub last_ms: AtomicU64,
+    /// Until when a collection for want of space is not tried again (ms),
+    /// set after one that returned nothing.
+    pub quiet_until_ms: AtomicU64,
+    /// Collections run, blocks and chunks they found leaked, chunks they
+    /// gave back to the pool, and the last one's pause (statistics).
+    pub collections: AtomicU64,
+    pub leaked_blocks: AtomicU64,
+    pub returned_chunks: AtomicU64,
+    pub last_pause_us: AtomicU64,
+}
+const _: () = assert!(size_of::<Collector>() == 64);
 
 /// One replica node's remembered incarnation.
 #[repr(C)]
@@ -120,7 +147,9 @@ pub(crate) struct Participant {
     pub pid: AtomicU32,
     /// Reclamation epoch this handle is pinned at; 0 = not pinned.
     pub pin: AtomicU64,
-    /// Retire ring: entries `[head, tail)` wait to be freed.
+    /// Retire ring: entries `[head, tail)` wait to be freed. An entry's
+    /// block heads a chain linked through the blocks' `link` words (byte
+    /// offsets, 0 ends it): a full ring grows its newest entry's chain.
     pub ring_head: AtomicU32,
     pub ring_tail: AtomicU32,
     /// The record block a combine of this handle is building (0 = none),
@@ -166,7 +195,9 @@ const _: () = assert!(size_of::<IndexSlot>() == 64);
 /// The first 64 bytes of a record block; the rkyv archive follows.
 #[repr(C)]
 pub(crate) struct RecordHeader {
-    /// Free-list link while the block is free; untouched while in use.
+    /// Free-list link while the block is free (a block index); retire-chain
+    /// link while it waits in a retire ring (a byte offset). Never read by
+    /// a reader of the record, so it may change while readers are pinned.
     pub link: AtomicU64,
     pub magic: u32,
     /// Bytes of the archive that follows.

@@ -74,7 +74,8 @@ mod sid;
 
 #[cfg(not(loom))]
 pub use arena::{
-    Arena, ArenaStats, Delta, Dirty, NewSession, ReadGuard, RecoveryReport, SweepStats,
+    Arena, ArenaStats, CollectError, CollectReport, Delta, Dirty, NewSession, ReadGuard,
+    RecoveryReport, SweepStats,
 };
 pub use error::{OpenError, SessionError};
 #[cfg(not(loom))]

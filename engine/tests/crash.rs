@@ -26,15 +26,25 @@ const ROUND: usize = 20;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("worker") {
-        worker(&args[2..]);
-        return;
+    match args.get(1).map(String::as_str) {
+        Some("worker") => return worker(&args[2..]),
+        Some("retirer") => return retirer(&args[2..]),
+        Some("pinner") => return pinner(&args[2..]),
+        _ => {}
     }
     let filter = args.iter().skip(1).find(|a| !a.starts_with('-')).cloned();
-    let tests: [(&str, fn()); 3] = [
+    let tests: [(&str, fn()); 5] = [
         ("exact_under_contention", exact_under_contention),
         ("random_kills", random_kills),
         ("kill_all_then_reopen_file", kill_all_then_reopen_file),
+        (
+            "full_ring_then_kill_the_retirer",
+            full_ring_then_kill_the_retirer,
+        ),
+        (
+            "dead_pinner_full_ring_then_kill_the_retirer",
+            dead_pinner_full_ring_then_kill_the_retirer,
+        ),
     ];
     let (mut passed, mut failed) = (0, 0);
     for (name, f) in tests {
@@ -64,8 +74,9 @@ fn main() {
 /// `worker <arena path> <id> <events> <ack file> <sid>...`: appends event k
 /// to session `sids[k % n]` under key `w<id>` and bumps that session's
 /// `total`; after each Ok it writes `k` to the ack file. It verifies the
-/// checksum of a record it reads every few events, and now and then creates
-/// and invalidates a session of its own, to be killed inside those too.
+/// checksum of a record it reads every few events, now and then creates
+/// and invalidates a session of its own, and now and then runs an online
+/// collection, to be killed inside those too.
 fn worker(args: &[String]) {
     let loc = Location::File(args[0].clone().into());
     let id: u32 = args[1].parse().unwrap();
@@ -100,6 +111,10 @@ fn worker(args: &[String]) {
                 std::process::exit(3);
             }
         }
+        if k % 512 == 511 {
+            // Busy when another worker collects; either way fine.
+            let _ = arena.collect();
+        }
         if k % 16 == 0 {
             let own = arena
                 .create(NewSession::default(), &[("tmp", b"x")])
@@ -116,6 +131,63 @@ fn worker(args: &[String]) {
             arena.invalidate(own).unwrap();
         }
     }
+}
+
+/// `retirer <arena path> <sid> <updates> <done file>`: updates `sid`
+/// `updates` times (each update retires the record it replaces), then says
+/// so in the done file and sleeps until killed.
+fn retirer(args: &[String]) {
+    let arena = Arena::open_existing(&Location::File(args[0].clone().into())).unwrap();
+    let sid: Sid = args[1].parse().unwrap();
+    let updates: u32 = args[2].parse().unwrap();
+    for k in 0..updates {
+        arena
+            .update(
+                sid,
+                &[Op::Set {
+                    key: "v".into(),
+                    value: k.to_le_bytes().repeat(64),
+                }],
+            )
+            .unwrap();
+    }
+    std::fs::write(&args[3], b"done").unwrap();
+    std::thread::sleep(Duration::from_secs(3600));
+}
+
+/// `pinner <arena path> <sid> <done file>`: holds a read of `sid` (a pin
+/// at the epoch of that moment), says so, and sleeps until killed.
+fn pinner(args: &[String]) {
+    // Two handles, pinning with the second: after the kill, the next
+    // process to open takes the first one's slot (the lowest free), and the
+    // dead pin stays where it was for the retire path to find.
+    let first = Arena::open_existing(&Location::File(args[0].clone().into())).unwrap();
+    let arena = first.try_clone().unwrap();
+    let sid: Sid = args[1].parse().unwrap();
+    let guard = arena.read(sid).unwrap();
+    std::fs::write(&args[2], b"pinned").unwrap();
+    std::thread::sleep(Duration::from_secs(3600));
+    drop(guard);
+    drop(first);
+}
+
+/// Runs this test binary as a helper process in `mode`, then waits until
+/// it has written `done` (it then sleeps, to be killed).
+fn helper(mode: &str, args: &[String], done: &std::path::Path) -> Child {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .arg(mode)
+        .args(args)
+        .spawn()
+        .expect("spawn helper");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("{mode} exited early: {status}");
+        }
+        assert!(Instant::now() < deadline, "{mode} did not finish in 60 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
 }
 
 struct Worker {
@@ -307,6 +379,7 @@ fn random_kills() {
     let events = 4000 * SIDS as u32; // stays under the append bound per session
     let mut total_acked = 0;
     let mut done = 0;
+    let mut in_use: Vec<u64> = Vec::new();
     while done < kills {
         let mut live: Vec<Worker> = Vec::new();
         let mut logs = Vec::new();
@@ -355,6 +428,12 @@ fn random_kills() {
         for (_, p) in &logs {
             total_acked += acked(p).len();
         }
+        // What the heap holds once the round's workers are dead: the same
+        // after the last round as after the first (nothing leaks for good).
+        match arena.collect() {
+            Ok(r) => in_use.push(r.in_use_bytes),
+            Err(e) => panic!("collection after round {}: {e}", in_use.len()),
+        }
         // Start the next round from empty event lists.
         for &sid in &sids {
             let mut ops: Vec<Op> = logs
@@ -374,10 +453,23 @@ fn random_kills() {
         total_acked > kills,
         "the workers did too little work to test anything ({total_acked} acks)"
     );
+    // The round's records are of similar size every round; what dead
+    // workers retired is freed by the collection itself. So the heap in use
+    // after the last round stays within a few records of the first (a
+    // record here grows to at most a few hundred KiB).
+    let (first, last) = (in_use[0], *in_use.last().unwrap());
+    assert!(
+        last <= first + (4 << 20),
+        "heap in use grew from {first} to {last} bytes over {kills} kills: {in_use:?}"
+    );
     let logs: Vec<(u32, std::path::PathBuf)> = Vec::new();
+    let online = arena.stats();
     drop(arena);
     let arena = Arena::open_existing(&Location::File(s.path.clone())).unwrap();
     let report = arena.recovery_report().expect("opened alone").clone();
+    // Every block a kill lost: those collections found while the workers
+    // ran, plus those the solo open finds now.
+    let leaked = online.leaked_blocks_returned + report.leaked_blocks;
     // The shared sessions, plus the temporary ones of workers killed
     // between their create and their invalidate (an invalidate that was
     // queued when its worker died is applied by recovery, hence `<=`).
@@ -390,9 +482,17 @@ fn random_kills() {
     assert_eq!(all.len(), SIDS + temporary, "{report:?}");
     assert!(temporary <= next_id as usize);
     // Blocks lost by kills land only in the few instructions between an
-    // allocation and linking it; a combiner's half-built record is resolved
-    // by whoever takes its lock, and chunks are carved a block at a time.
-    assert!(report.leaked_blocks <= kills as u64 / 4, "{report:?}");
+    // allocation and linking it (a combiner's half-built record is resolved
+    // by whoever takes its lock, chunks are carved a block at a time, and a
+    // retired block always sits in shared memory). A kill lands in such a
+    // window by chance, so the bound is statistical: a kill loses at most
+    // one block, and fewer than one kill in twenty lands in a window (runs
+    // here lose 0-3 blocks per 200 kills); a quarter leaves a wide margin.
+    assert!(
+        leaked <= kills as u64 / 4,
+        "{leaked} blocks lost ({} found online): {report:?}",
+        online.leaked_blocks_returned
+    );
     assert_eq!(report.corrupt_records, 0);
     check(&arena, &sids, &logs);
     for sid in all {
@@ -412,7 +512,13 @@ fn random_kills() {
     ));
     assert_eq!(created.len() as u64, cap);
     println!(
-        "  {kills} kills, {next_id} workers, {total_acked} acknowledged updates, recovery: {report:?}"
+        "  {kills} kills, {next_id} workers, {total_acked} acknowledged updates, \
+         {} collections returned {} blocks, heap in use per round (KiB) first {:?} last {:?}, \
+         recovery: {report:?}",
+        online.collections,
+        online.leaked_blocks_returned,
+        in_use.first().map(|b| b / 1024),
+        in_use.last().map(|b| b / 1024),
     );
 }
 
@@ -438,6 +544,80 @@ fn kill_all_then_reopen_file() {
         assert_eq!(report.corrupt_records, 0, "{report:?}");
         check(&arena, &sids, &logs);
     }
+}
+
+/// A retire ring fills while a live handle pins an old epoch; the retirer
+/// is killed after. Every block it retired must still be found: the solo
+/// open after finds nothing lost. (Retired blocks that did not fit the ring
+/// used to wait in process memory and die with the process.)
+fn full_ring_then_kill_the_retirer() {
+    let s = Scratch::new("fullring");
+    let (arena, sids) = setup(&s);
+    let pinned = arena.read(sids[0]).unwrap();
+    let done = s.dir.join("retired");
+    let mut child = helper(
+        "retirer",
+        &[
+            s.path.display().to_string(),
+            sids[1].to_string(),
+            "3000".into(),
+            done.display().to_string(),
+        ],
+        &done,
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(pinned);
+    drop(arena);
+    let arena = Arena::open_existing(&Location::File(s.path.clone())).unwrap();
+    let report = arena.recovery_report().expect("opened alone").clone();
+    assert_eq!(report.leaked_blocks, 0, "{report:?}");
+    assert_eq!(report.corrupt_records, 0, "{report:?}");
+    assert_eq!(report.sessions, SIDS as u64, "{report:?}");
+}
+
+/// The same with the pin held by a process killed while pinned. A recent
+/// pin is taken as live without asking the kernel, so the ring fills (1500
+/// updates stay within `RECENT_PIN_EPOCHS` of the pin); the full ring then
+/// asks the kernel, clears the dead pin and goes on freeing, and the
+/// retirer's kill afterwards loses nothing.
+fn dead_pinner_full_ring_then_kill_the_retirer() {
+    let s = Scratch::new("deadpin");
+    let (arena, sids) = setup(&s);
+    let pinned = s.dir.join("pinned");
+    let mut pinner = helper(
+        "pinner",
+        &[
+            s.path.display().to_string(),
+            sids[0].to_string(),
+            pinned.display().to_string(),
+        ],
+        &pinned,
+    );
+    let _ = pinner.kill();
+    let _ = pinner.wait();
+    let done = s.dir.join("retired");
+    let mut retirer = helper(
+        "retirer",
+        &[
+            s.path.display().to_string(),
+            sids[1].to_string(),
+            "1500".into(),
+            done.display().to_string(),
+        ],
+        &done,
+    );
+    let _ = retirer.kill();
+    let _ = retirer.wait();
+    // A live handle's collection finds nothing lost either: neither process
+    // died inside an update.
+    let r = arena.collect().unwrap();
+    assert_eq!(r.leaked_blocks, 0, "{r:?}");
+    drop(arena);
+    let arena = Arena::open_existing(&Location::File(s.path.clone())).unwrap();
+    let report = arena.recovery_report().expect("opened alone").clone();
+    assert_eq!(report.leaked_blocks, 0, "{report:?}");
+    assert_eq!(report.sessions, SIDS as u64, "{report:?}");
 }
 
 /// xorshift: reproducible randomness without a dependency.

@@ -193,6 +193,9 @@ pub struct ReplicatorStats {
     pub ticks: u64,
     /// Which engine runs the connections.
     pub backend: &'static str,
+    /// The arena's own counters (sessions, heap, collections), refreshed
+    /// about once a second.
+    pub arena: Option<sessio_engine::ArenaStats>,
 }
 
 impl ReplicatorStats {
@@ -498,6 +501,7 @@ impl State {
             lag_sum_us: self.lag.sum_us,
             ticks: self.ticks,
             backend,
+            arena: None,
         }
     }
 }
@@ -575,6 +579,7 @@ fn run<B: Rt>(
 async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorStats>) {
     let interval = Duration::from_micros(ctx.config.flush_interval_us.max(1));
     let mut dirty = Vec::with_capacity(ctx.config.dirty_take_max);
+    let mut arena_stats: Option<(Instant, sessio_engine::ArenaStats)> = None;
     loop {
         let last = ctx.stop.load(Ordering::SeqCst);
         loop {
@@ -633,8 +638,17 @@ async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorStats>) {
         {
             let mut st = ctx.state.borrow_mut();
             st.ticks += 1;
-            let snap = st.snapshot(B::NAME);
+            let mut snap = st.snapshot(B::NAME);
             drop(st);
+            // The arena's counters ask the kernel about every handle: once a
+            // second is plenty.
+            if arena_stats
+                .as_ref()
+                .is_none_or(|(at, _)| at.elapsed() >= Duration::from_secs(1))
+            {
+                arena_stats = Some((Instant::now(), ctx.arena.stats()));
+            }
+            snap.arena = arena_stats.as_ref().map(|(_, a)| a.clone());
             if let Ok(mut s) = stats.lock() {
                 *s = snap;
             }

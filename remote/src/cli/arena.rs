@@ -227,6 +227,11 @@ pub fn stats(a: &StatsArgs) -> Result<String, String> {
             "mapped_bytes": s.mapped_bytes,
             "handles": s.handles,
             "recoveries": s.recoveries,
+            "collections": s.collections,
+            "leaked_blocks_returned": s.leaked_blocks_returned,
+            "chunks_returned": s.chunks_returned,
+            "suspects": s.suspects,
+            "last_collect_pause_us": s.last_collect_pause_us,
             "quota_bytes": arena.quota_bytes(),
             "huge_pages": arena.huge_pages(),
         });
@@ -234,7 +239,7 @@ pub fn stats(a: &StatsArgs) -> Result<String, String> {
     }
     let mut out = String::new();
     let _ = writeln!(out, "arena {} ({path})", a.arena.arena);
-    let rows: [(&str, String); 10] = [
+    let rows: [(&str, String); 15] = [
         ("live sessions", format!("{} of {}", s.live, s.capacity)),
         ("created_total", s.created_total.to_string()),
         ("expired_total", s.expired_total.to_string()),
@@ -248,6 +253,17 @@ pub fn stats(a: &StatsArgs) -> Result<String, String> {
         ("huge_pages", arena.huge_pages().to_string()),
         ("handles open", s.handles.to_string()),
         ("recoveries", s.recoveries.to_string()),
+        ("collections", s.collections.to_string()),
+        (
+            "leaked returned",
+            format!("{} blocks", s.leaked_blocks_returned),
+        ),
+        ("chunks returned", s.chunks_returned.to_string()),
+        ("suspects", s.suspects.to_string()),
+        (
+            "last collect",
+            format!("{} µs pause", s.last_collect_pause_us),
+        ),
     ];
     for (k, v) in rows {
         let _ = writeln!(out, "  {k:<18} {v}");

@@ -311,7 +311,75 @@ pub fn render_agent(s: &ReplicatorStats) -> String {
             &per_node(f),
         );
     }
+    if let Some(a) = &s.arena {
+        render_arena(&mut e, a);
+    }
     e.0
+}
+
+/// The host arena's counters, as the agent last read them.
+fn render_arena(e: &mut Exposition, a: &sessio_engine::ArenaStats) {
+    let rows: [(&str, &str, &str, u64); 9] = [
+        (
+            "live_sessions",
+            "gauge",
+            "Live sessions in the arena.",
+            a.live,
+        ),
+        (
+            "capacity_sessions",
+            "gauge",
+            "Session capacity of the arena.",
+            a.capacity,
+        ),
+        (
+            "heap_chunks_used",
+            "gauge",
+            "Heap chunks ever handed to size classes (high-water mark).",
+            a.chunks_used,
+        ),
+        ("heap_chunks", "gauge", "Heap chunks in all.", a.chunks),
+        (
+            "handles",
+            "gauge",
+            "Arena handles open now, all processes.",
+            u64::from(a.handles),
+        ),
+        (
+            "collections_total",
+            "counter",
+            "Online collections run.",
+            a.collections,
+        ),
+        (
+            "leaked_blocks_returned_total",
+            "counter",
+            "Heap blocks lost by killed processes that collections found and gave back.",
+            a.leaked_blocks_returned,
+        ),
+        (
+            "chunks_returned_total",
+            "counter",
+            "Wholly free heap chunks collections gave back to the pool.",
+            a.chunks_returned,
+        ),
+        (
+            "collect_suspects",
+            "gauge",
+            "Processes found dead inside an update since the last collection.",
+            a.suspects,
+        ),
+    ];
+    for (name, kind, help, v) in rows {
+        e.one(&format!("sessio_arena_{name}"), kind, help, v);
+    }
+    #[allow(clippy::cast_precision_loss)]
+    e.family(
+        "sessio_arena_last_collect_pause_seconds",
+        "gauge",
+        "How long the last collection held updates (reads never wait).",
+        &[(String::new(), a.last_collect_pause_us as f64 / 1e6)],
+    );
 }
 
 /// Serves the counters of the node `node_id` listening on `node`.

@@ -1,0 +1,483 @@
+//! Online collection: finds the blocks killed processes left unreachable,
+//! and gives wholly free chunks back to the chunk pool, while the host runs.
+//!
+//! A process killed inside a mutation can leave the one block it was
+//! linking on no list at all (popped but not yet pushed, unlinked but not
+//! yet retired). Nothing else refers to such a block, so only a look at the
+//! whole heap finds it: a collection marks every block reachable from the
+//! index (records and queued op nodes), the retire rings and the dead
+//! combiners' half-built records, and rebuilds the free lists from the rest.
+//!
+//! For that one moment the heap must be at rest. A collector publishes
+//! itself in the header's `world` word and waits until no live participant
+//! is inside a mutation (the [`MUTATING`](crate::epoch::MUTATING) bit of
+//! its pin); mutations that start meanwhile wait for it to finish. Reads
+//! never wait: they change nothing a collection looks at. A collector killed
+//! half-way leaves free blocks on no list, which is what a collection finds:
+//! the first mutation that sees its word with a dead owner collects again.
+//!
+//! Blocks found leaked are retired, not freed: one may be a record a dead
+//! combiner had just replaced, which a pinned reader may still be reading.
+
+use super::{Arena, COMBINE_BATCH_MAX, HeapNodes, IDX_MASK, TAG_SHIFT, rec_off};
+use crate::epoch;
+use crate::layout::{
+    BLOCK, CHUNK_UNASSIGNED, Collector, NODE_MAGIC, NodeHeader, PARTICIPANTS_MAX, RETIRE_RING,
+    SLOT_KIND_MASK, SLOT_LIVE,
+};
+use crate::queue::{self, EMPTY, Nodes};
+use crate::sync::{Ordering, fence};
+use std::time::{Duration, Instant};
+
+/// How long a collection waits for live mutations to finish before it
+/// gives up (a mutation takes microseconds; a stopped process takes
+/// forever).
+const COLLECT_WAIT_MS: u64 = 200;
+/// Least time between two collections that only suspects call for, and
+/// between two for want of space that returned nothing.
+const COLLECT_INTERVAL_MS: u64 = 1000;
+
+/// What one collection found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CollectReport {
+    /// Blocks in use: reachable from the index, waiting in a retire ring,
+    /// or being built by a dead combiner.
+    pub in_use_blocks: u64,
+    /// Bytes of those blocks (their size classes).
+    pub in_use_bytes: u64,
+    /// Blocks on the free lists afterwards.
+    pub free_blocks: u64,
+    /// Bytes of those blocks.
+    pub free_bytes: u64,
+    /// Chunks in the pool afterwards (no class owns them).
+    pub free_chunks: u64,
+    /// Blocks that were neither in use nor free: lost by processes killed
+    /// inside a mutation. Retired now, free after their grace period.
+    pub leaked_blocks: u64,
+    /// Chunks that were neither in the pool nor owned by a class: taken by a
+    /// process killed before it installed them. Back in the pool now.
+    pub leaked_chunks: u64,
+    /// Chunks whose blocks were all free, given back to the pool so any
+    /// size class can use them.
+    pub returned_chunks: u64,
+    /// How long mutations waited, in µs (reads never wait).
+    pub pause_us: u64,
+}
+
+/// Why a collection did not run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CollectError {
+    /// Another live handle is collecting.
+    #[error("another collection is running")]
+    Running,
+    /// A live process stayed inside a mutation for the whole wait (it may
+    /// be stopped, or starved of CPU); nothing was changed.
+    #[error("process {pid} stayed inside an update for {waited_ms} ms; collection abandoned")]
+    Busy {
+        /// The process (as it registered its handle).
+        pid: u32,
+        /// How long the collection waited.
+        waited_ms: u64,
+    },
+}
+
+/// One bit per heap block (or chunk).
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(n: u64) -> Bits {
+        Bits(vec![0; n.div_ceil(64) as usize])
+    }
+    fn get(&self, i: u64) -> bool {
+        self.0[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+    /// Sets bit `i`; returns whether it was set already.
+    fn test_and_set(&mut self, i: u64) -> bool {
+        let w = &mut self.0[(i / 64) as usize];
+        let was = *w & (1 << (i % 64)) != 0;
+        *w |= 1 << (i % 64);
+        was
+    }
+}
+
+/// Chunk-map value of a chunk a collection is giving back to the pool:
+/// its class with the top bit set (classes are below 128).
+const RETURNING: u8 = 0x80;
+
+/// The class of a chunk-map value that marks a returning chunk.
+fn returning_class(byte: u8) -> Option<usize> {
+    (byte != CHUNK_UNASSIGNED && byte & RETURNING != 0).then_some((byte & !RETURNING) as usize)
+}
+
+/// A chain of blocks built one by one and handed over with one store.
+#[derive(Default, Clone, Copy)]
+struct Chain {
+    first: u64,
+    last: u64,
+    len: u64,
+}
+
+impl Arena {
+    pub(super) fn collector(&self) -> &Collector {
+        &self.header().collector
+    }
+
+    /// Runs a collection if one is due: `for_space` when an allocation has
+    /// just failed (due unless the last such collection returned nothing a
+    /// moment ago), otherwise when dead processes may have leaked blocks
+    /// (due at most once per interval). Returns whether one ran and gave
+    /// something back. Called only at rest (no mutation, no lock held).
+    pub(super) fn collect_if_due(&self, for_space: bool) -> bool {
+        debug_assert_eq!(self.muts.get(), 0);
+        let c = self.collector();
+        let now = crate::clock::now_ms();
+        let suspects = c.suspects.load(Ordering::Relaxed) > 0;
+        let due = if for_space {
+            suspects || now >= c.quiet_until_ms.load(Ordering::Relaxed)
+        } else {
+            suspects && now >= c.last_ms.load(Ordering::Relaxed) + COLLECT_INTERVAL_MS
+        };
+        due && self
+            .collect()
+            .is_ok_and(|r| r.leaked_blocks > 0 || r.leaked_chunks > 0 || r.returned_chunks > 0)
+    }
+
+    /// Collects now: returns the blocks and chunks killed processes lost,
+    /// and gives wholly free chunks back to the pool. Mutations of every
+    /// process wait meanwhile (reads go on); the pause grows with the heap
+    /// (see `docs/ARCHITECTURE.md`). The engine runs this by itself when an
+    /// allocation fails and when a process died inside a mutation.
+    pub fn collect(&self) -> Result<CollectReport, CollectError> {
+        assert_eq!(self.muts.get(), 0, "collect inside a mutation");
+        let c = self.collector();
+        let mut cur = c.world.load(Ordering::SeqCst);
+        loop {
+            if cur != 0 && (cur == self.owner || self.owner_alive(cur)) {
+                return Err(CollectError::Running);
+            }
+            // Free, or its collector died: ours. A dead collector's work is
+            // simply done again.
+            match c
+                .world
+                .compare_exchange(cur, self.owner, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
+        fence(Ordering::SeqCst);
+        let started = Instant::now();
+        let r = self.wait_for_rest(started).map(|()| self.collect_at_rest());
+        if let Ok(report) = &r {
+            let mut report = report.clone();
+            report.pause_us = started.elapsed().as_micros() as u64;
+            let now = crate::clock::now_ms();
+            let gave = report.leaked_blocks + report.leaked_chunks + report.returned_chunks;
+            c.quiet_until_ms.store(
+                if gave == 0 {
+                    now + COLLECT_INTERVAL_MS
+                } else {
+                    0
+                },
+                Ordering::Relaxed,
+            );
+            c.last_ms.store(now, Ordering::Relaxed);
+            c.collections.fetch_add(1, Ordering::Relaxed);
+            c.leaked_blocks
+                .fetch_add(report.leaked_blocks, Ordering::Relaxed);
+            c.returned_chunks
+                .fetch_add(report.returned_chunks, Ordering::Relaxed);
+            c.last_pause_us.store(report.pause_us, Ordering::Relaxed);
+            c.world.store(0, Ordering::SeqCst);
+            return Ok(report);
+        }
+        c.world.store(0, Ordering::SeqCst);
+        r
+    }
+
+    /// Waits until no live participant but us is inside a mutation. Dead
+    /// ones are buried: their pins cleared, the leaks they may have left
+    /// about to be found.
+    fn wait_for_rest(&self, started: Instant) -> Result<(), CollectError> {
+        let hwm = self
+            .header()
+            .participants_hwm
+            .load(Ordering::SeqCst)
+            .min(PARTICIPANTS_MAX);
+        let deadline = started + Duration::from_millis(COLLECT_WAIT_MS);
+        for i in (0..hwm).filter(|&i| i != self.me) {
+            let p = self.map.participant(i);
+            let mut spins = 0u32;
+            while epoch::is_mutating(p.pin.load(Ordering::SeqCst)) {
+                spins += 1;
+                if spins.is_multiple_of(64) && !self.participant_live(i) && self.bury(i) {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(CollectError::Busy {
+                        pid: p.pid.load(Ordering::Relaxed),
+                        waited_ms: COLLECT_WAIT_MS,
+                    });
+                }
+                if spins < 64 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::sleep(Duration::from_micros(20));
+                }
+            }
+        }
+        // Every suspect so far is covered by this collection.
+        self.collector().suspects.store(0, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The collection proper; the heap is at rest.
+    fn collect_at_rest(&self) -> CollectReport {
+        // Free first what dead handles left retired and no pin still sees,
+        // so that what is counted in use is in use.
+        self.begin_mut();
+        self.adopt_dead_rings();
+        self.leave_mut(false);
+        let geo = &self.map.geo;
+        let h = self.header();
+        let blocks = geo.heap_bytes / BLOCK;
+        let bit = |off: u64| (off - geo.heap_off) / BLOCK;
+        let used = self.mark_in_use();
+        // What is free now: the class lists, the unused rest of each
+        // class's carving chunk, and the chunk pool.
+        let mut free = Bits::new(blocks);
+        for class in 0..geo.classes.len() {
+            let mut idx = h.class_free[class].load(Ordering::Acquire) & IDX_MASK;
+            let mut guard = blocks;
+            while idx != 0 && guard > 0 {
+                let off = self.block_off(idx);
+                if !self.map.is_block(off) || free.test_and_set(bit(off)) {
+                    break;
+                }
+                idx = self.link(off).load(Ordering::Acquire) & IDX_MASK;
+                guard -= 1;
+            }
+            let carve = h.class_carve[class].load(Ordering::Acquire);
+            if carve >> 32 != 0 && (carve >> 32) - 1 < geo.chunks {
+                let size = geo.classes[class];
+                let start = geo.heap_off + ((carve >> 32) - 1) * geo.chunk_bytes;
+                for k in (carve & 0xffff_ffff)..geo.chunk_bytes / size {
+                    free.test_and_set(bit(start + k * size));
+                }
+            }
+        }
+        let mut pooled = Bits::new(geo.chunks);
+        let mut idx = h.chunk_free.load(Ordering::Acquire) & IDX_MASK;
+        let mut guard = geo.chunks;
+        while idx != 0 && idx <= geo.chunks && guard > 0 {
+            if pooled.test_and_set(idx - 1) {
+                break;
+            }
+            let start = geo.heap_off + (idx - 1) * geo.chunk_bytes;
+            idx = self.link(start).load(Ordering::Acquire) & IDX_MASK;
+            guard -= 1;
+        }
+
+        // Sort the chunks: whole free ones go back to the pool, lost blocks
+        // are gathered. Nothing is taken off a list wholesale: each step
+        // below leaves every free block on a list, in the pool, or in a
+        // chunk marked returning (which the next collection finishes).
+        let mut report = CollectReport::default();
+        let mut returning: Vec<(u64, usize)> = Vec::new();
+        let mut leaked = Chain::default();
+        let top = h.chunk_top.load(Ordering::Acquire).min(geo.chunks);
+        for c in 0..top {
+            let start = geo.heap_off + c * geo.chunk_bytes;
+            let byte = self.map.chunk_class(c).load(Ordering::Acquire);
+            if byte == CHUNK_UNASSIGNED {
+                if !pooled.get(c) {
+                    // Taken from the pool by a process killed before it
+                    // installed it: never handed out, back it goes.
+                    report.leaked_chunks += 1;
+                    self.push_free_chunk(c);
+                }
+                continue;
+            }
+            let (class, was_returning) = match returning_class(byte) {
+                Some(class) => (class, true),
+                None => (byte as usize, false),
+            };
+            if class >= geo.classes.len() {
+                // A damaged chunk map: leave the chunk alone.
+                continue;
+            }
+            let size = geo.classes[class];
+            let per_chunk = geo.chunk_bytes / size;
+            let offs = (0..per_chunk).map(|k| start + k * size);
+            let (mut in_use, mut lost) = (0u64, 0u64);
+            for off in offs.clone() {
+                if used.get(bit(off)) {
+                    in_use += 1;
+                } else if !free.get(bit(off)) {
+                    lost += 1;
+                }
+            }
+            report.in_use_blocks += in_use;
+            report.in_use_bytes += in_use * size;
+            // A chunk a dead collector was returning had only free blocks,
+            // some of them already taken off its class's list.
+            if in_use == 0 && (lost == 0 || was_returning) {
+                returning.push((c, class));
+                continue;
+            }
+            report.free_blocks += per_chunk - in_use - lost;
+            report.free_bytes += (per_chunk - in_use - lost) * size;
+            for off in offs.filter(|&off| !used.get(bit(off)) && !free.get(bit(off))) {
+                self.link(off).store(0, Ordering::Relaxed);
+                if leaked.len == 0 {
+                    leaked.first = off;
+                } else {
+                    self.link(leaked.last).store(off, Ordering::Relaxed);
+                }
+                leaked.last = off;
+                leaked.len += 1;
+            }
+        }
+        for &(c, class) in &returning {
+            self.map
+                .chunk_class(c)
+                .store(RETURNING | class as u8, Ordering::Release);
+        }
+        // Take the returning chunks' blocks off their lists, one unlink at a
+        // time, and stop carving from them.
+        let chunk_of = |off: u64| (off - geo.heap_off) / geo.chunk_bytes;
+        let mut gone = Bits::new(geo.chunks);
+        for &(c, _) in &returning {
+            gone.test_and_set(c);
+        }
+        let mut classes: Vec<usize> = returning.iter().map(|&(_, class)| class).collect();
+        classes.sort_unstable();
+        classes.dedup();
+        for class in classes {
+            self.unlink_chunks(class, |off| gone.get(chunk_of(off)));
+            let carve = h.class_carve[class].load(Ordering::Acquire);
+            if carve >> 32 != 0 && gone.get((carve >> 32) - 1) {
+                h.class_carve[class].store(0, Ordering::Release);
+            }
+        }
+        for &(c, _) in &returning {
+            if !pooled.get(c) {
+                self.push_free_chunk(c);
+            }
+            self.map
+                .chunk_class(c)
+                .store(CHUNK_UNASSIGNED, Ordering::Release);
+        }
+        report.returned_chunks = returning.len() as u64;
+        let mut pool = 0;
+        let mut idx = h.chunk_free.load(Ordering::Acquire) & IDX_MASK;
+        while idx != 0 && idx <= geo.chunks && pool < geo.chunks {
+            pool += 1;
+            idx = self
+                .link(geo.heap_off + (idx - 1) * geo.chunk_bytes)
+                .load(Ordering::Acquire)
+                & IDX_MASK;
+        }
+        report.free_chunks = pool;
+        report.leaked_blocks = leaked.len;
+        if leaked.len > 0 {
+            self.begin_mut();
+            self.retire_linked(leaked.first, leaked.last);
+            self.leave_mut(false);
+        }
+        report
+    }
+
+    /// Takes every block for which `gone` holds off `class`'s free list.
+    /// Each unlink is one store; the list is whole after each.
+    fn unlink_chunks(&self, class: usize, gone: impl Fn(u64) -> bool) {
+        let head = &self.header().class_free[class];
+        let mut guard = self.map.geo.heap_bytes / BLOCK;
+        // The head first, while it is one of them.
+        loop {
+            let w = head.load(Ordering::Acquire);
+            let idx = w & IDX_MASK;
+            let off = self.block_off(idx.max(1));
+            if idx == 0 || !self.map.is_block(off) || !gone(off) || guard == 0 {
+                break;
+            }
+            let next = self.link(off).load(Ordering::Acquire) & IDX_MASK;
+            let tag = ((w >> TAG_SHIFT).wrapping_add(1)) << TAG_SHIFT;
+            head.store(tag | next, Ordering::Release);
+            guard -= 1;
+        }
+        let mut prev = head.load(Ordering::Acquire) & IDX_MASK;
+        while prev != 0 && guard > 0 {
+            let prev_off = self.block_off(prev);
+            if !self.map.is_block(prev_off) {
+                break;
+            }
+            let next = self.link(prev_off).load(Ordering::Acquire) & IDX_MASK;
+            let next_off = self.block_off(next.max(1));
+            if next != 0 && self.map.is_block(next_off) && gone(next_off) {
+                let after = self.link(next_off).load(Ordering::Acquire) & IDX_MASK;
+                self.link(prev_off).store(after, Ordering::Release);
+            } else {
+                prev = next;
+            }
+            guard -= 1;
+        }
+    }
+
+    /// Every block in use: each live session's record and queued op nodes,
+    /// every retire ring's chains, and the records dead combiners were
+    /// building (their resolvers free or keep them later).
+    fn mark_in_use(&self) -> Bits {
+        let geo = &self.map.geo;
+        let blocks = geo.heap_bytes / BLOCK;
+        let bit = |off: u64| (off - geo.heap_off) / BLOCK;
+        let mut used = Bits::new(blocks);
+        let nodes = HeapNodes(&self.map);
+        for i in 0..geo.index_slots {
+            let s = self.map.slot(i);
+            if s.state.load(Ordering::Acquire) & SLOT_KIND_MASK != SLOT_LIVE {
+                continue;
+            }
+            let rec = rec_off(s.record.load(Ordering::Acquire));
+            if self.map.is_block(rec) {
+                used.test_and_set(bit(rec));
+            }
+            // The whole chain: pending nodes, and applied ones a combine has
+            // not detached yet (the next one does).
+            let mut n = queue::head_node(s.head.load(Ordering::Acquire));
+            let mut guard = blocks.min(PARTICIPANTS_MAX as u64 * 2 + COMBINE_BATCH_MAX as u64 * 4);
+            while n != EMPTY && nodes.plausible(n) && guard > 0 {
+                let off = u64::from(n) * BLOCK;
+                // SAFETY: `plausible` checked bounds and alignment.
+                let magic = unsafe { self.map.block::<NodeHeader>(off) }.magic;
+                if magic != NODE_MAGIC || used.test_and_set(bit(off)) {
+                    break;
+                }
+                n = nodes.next(n);
+                guard -= 1;
+            }
+        }
+        for i in 0..PARTICIPANTS_MAX {
+            let p = self.map.participant(i);
+            let built = p.building.load(Ordering::Acquire);
+            if built != 0 && self.map.is_block(built) {
+                used.test_and_set(bit(built));
+            }
+            let tail = p.ring_tail.load(Ordering::Acquire);
+            let mut r = p.ring_head.load(Ordering::Acquire);
+            let mut entries = RETIRE_RING;
+            while r != tail && entries > 0 {
+                let mut b = p.ring[(r % RETIRE_RING) as usize]
+                    .block
+                    .load(Ordering::Acquire);
+                while self.map.is_block(b) && !used.test_and_set(bit(b)) {
+                    b = self.link(b).load(Ordering::Acquire);
+                }
+                r = r.wrapping_add(1);
+                entries -= 1;
+            }
+        }
+        used
+    }
+}

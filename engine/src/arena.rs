@@ -1394,6 +1394,12 @@ impl Arena {
             self.header().live.fetch_sub(1, Ordering::AcqRel);
             self.mark_dirty(i);
             self.prune_tombstones(i);
+            // The heap may have a free chunk now: a failed allocation may
+            // collect again at once.
+            let quiet = &self.header().collector.quiet_until_ms;
+            if quiet.load(Ordering::Relaxed) != 0 {
+                quiet.store(0, Ordering::Relaxed);
+            }
             // The record and the whole closed chain go into the ring with
             // one store, while no one can yet have reused the slot.
             if self.map.is_block(rec_off) {

@@ -22,7 +22,7 @@
 //! |   1 bit  |            63 bits            |
 //! ```
 
-use crate::sync::{AtomicU64, Ordering, fence};
+use crate::sync::{AtomicU32, AtomicU64, Ordering, fence};
 
 /// Flag of a pin word: the participant is inside a mutation.
 pub const MUTATING: u64 = 1 << 63;
@@ -82,4 +82,32 @@ pub fn scan(pin: &AtomicU64) -> u64 {
 #[inline]
 pub fn may_free(retired: u64, oldest_pin: u64) -> bool {
     retired < oldest_pin
+}
+
+/// Mutator half of the collection handshake: publishes `held | MUTATING`
+/// in `pin`, then reads the collector's word and returns it. 0 (or the
+/// caller's own owner word) means go on; anything else means a collection
+/// runs: the caller takes its mark back and waits. `SeqCst` on both halves
+/// (Dekker): either the collector sees the mark or the mutator sees the
+/// collector, never neither.
+#[inline]
+pub fn enter_mutation(pin: &AtomicU64, held: u64, world: &AtomicU32) -> u32 {
+    pin_at(pin, held | MUTATING);
+    world.load(Ordering::SeqCst)
+}
+
+/// Collector half: claims the world word (`from` → `me`), ordered before
+/// the scan of pins that follows. `Err` holds the word found instead.
+#[inline]
+pub fn stop_world(world: &AtomicU32, from: u32, me: u32) -> Result<(), u32> {
+    world.compare_exchange(from, me, Ordering::SeqCst, Ordering::SeqCst)?;
+    fence(Ordering::SeqCst);
+    Ok(())
+}
+
+/// Collector half: whether the participant of `pin` is outside a mutation
+/// (what it did inside one happens before this returns true).
+#[inline]
+pub fn at_rest(pin: &AtomicU64) -> bool {
+    !is_mutating(pin.load(Ordering::SeqCst))
 }

@@ -118,7 +118,8 @@ pub(crate) struct Collector {
     /// When the last collection ended (ms since the Unix epoch).
     pub last_ms: AtomicU64,
     /// Until when a collection for want of space is not tried again (ms),
-    /// set after one that returned nothing.
+    /// set after one that returned nothing; a removal clears it (it may
+    /// have freed a chunk).
     pub quiet_until_ms: AtomicU64,
     /// Collections run, blocks and chunks they found leaked, chunks they
     /// gave back to the pool, and the last one's pause (statistics).

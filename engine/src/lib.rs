@@ -88,7 +88,9 @@ pub use sid::{ParseSidError, Sid};
 #[cfg(loom)]
 #[allow(missing_docs)]
 pub mod loom_api {
-    pub use crate::epoch::{may_free, pin, retire, scan, unpin};
+    pub use crate::epoch::{
+        at_rest, enter_mutation, may_free, pin, retire, scan, stop_world, unpin,
+    };
     pub use crate::lock::{owner, steal, try_lock, unlock};
     pub use crate::queue::{
         Closed, EMPTY, Nodes, close, detach, head, head_node, head_seq, is_closed, pending, push,

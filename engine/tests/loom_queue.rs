@@ -1,6 +1,7 @@
 //! Loom models of the shared-memory protocols: the update queue with its
 //! combiner (including a combiner that dies mid-combine and is stolen from),
-//! and epoch reclamation. Run with
+//! epoch reclamation, and the handshake that keeps a collection and a
+//! mutation apart. Run with
 //! `RUSTFLAGS="--cfg loom" cargo test -p sessio-engine --test loom_queue --release`.
 #![cfg(loom)]
 
@@ -242,5 +243,39 @@ fn epoch_reclamation_never_frees_under_a_reader() {
             freed[0].store(true, Ordering::SeqCst);
         }
         reader.join().unwrap();
+    });
+}
+
+/// A collection and a mutation are never under way at once: the mutator
+/// marks its pin and then looks for a collector; the collector claims the
+/// world and then looks for marks (`epoch::{enter_mutation, stop_world,
+/// at_rest}`, as `arena::{reclaim, collect}` call them). The "heap" is a
+/// loom cell: a write by one overlapping a read by the other is a data race
+/// loom reports.
+#[test]
+fn a_collection_never_overlaps_a_mutation() {
+    model(|| {
+        let world = Arc::new(AtomicU32::new(0));
+        let pin_word = Arc::new(AtomicU64::new(0));
+        let heap = Arc::new(loom::cell::UnsafeCell::new(0u64));
+        let mutator = {
+            let (world, pin_word, heap) = (world.clone(), pin_word.clone(), heap.clone());
+            thread::spawn(move || {
+                if enter_mutation(&pin_word, 5, &world) == 0 {
+                    // SAFETY: the handshake keeps the collector out.
+                    heap.with_mut(|p| unsafe { *p += 1 });
+                }
+                pin_word.store(0, Ordering::Release);
+            })
+        };
+        let me = 9;
+        stop_world(&world, 0, me).unwrap();
+        if at_rest(&pin_word) {
+            // SAFETY: the handshake keeps the mutator out.
+            let seen = heap.with(|p| unsafe { *p });
+            assert!(seen <= 1);
+        }
+        world.store(0, Ordering::SeqCst);
+        mutator.join().unwrap();
     });
 }

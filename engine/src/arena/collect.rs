@@ -26,7 +26,7 @@ use crate::layout::{
     SLOT_KIND_MASK, SLOT_LIVE,
 };
 use crate::queue::{self, EMPTY, Nodes};
-use crate::sync::{Ordering, fence};
+use crate::sync::Ordering;
 use std::time::{Duration, Instant};
 
 /// How long a collection waits for live mutations to finish before it
@@ -124,9 +124,10 @@ impl Arena {
     }
 
     /// Runs a collection if one is due: `for_space` when an allocation has
-    /// just failed (due unless the last such collection returned nothing a
-    /// moment ago), otherwise when dead processes may have leaked blocks
-    /// (due at most once per interval). Returns whether one ran and gave
+    /// just failed (due unless the last collection returned nothing less
+    /// than an interval ago and no session was removed since), otherwise
+    /// when dead processes may have leaked blocks (due at most once per
+    /// interval). Returns whether one ran and gave
     /// something back. Called only at rest (no mutation, no lock held).
     pub(super) fn collect_if_due(&self, for_space: bool) -> bool {
         debug_assert_eq!(self.muts.get(), 0);
@@ -158,15 +159,11 @@ impl Arena {
             }
             // Free, or its collector died: ours. A dead collector's work is
             // simply done again.
-            match c
-                .world
-                .compare_exchange(cur, self.owner, Ordering::SeqCst, Ordering::SeqCst)
-            {
-                Ok(_) => break,
+            match epoch::stop_world(&c.world, cur, self.owner) {
+                Ok(()) => break,
                 Err(now) => cur = now,
             }
         }
-        fence(Ordering::SeqCst);
         let started = Instant::now();
         let r = self.wait_for_rest(started).map(|()| self.collect_at_rest());
         if let Ok(report) = &r {
@@ -209,7 +206,7 @@ impl Arena {
         for i in (0..hwm).filter(|&i| i != self.me) {
             let p = self.map.participant(i);
             let mut spins = 0u32;
-            while epoch::is_mutating(p.pin.load(Ordering::SeqCst)) {
+            while !epoch::at_rest(&p.pin) {
                 spins += 1;
                 if spins.is_multiple_of(64) && !self.participant_live(i) && self.bury(i) {
                     break;
@@ -479,5 +476,225 @@ impl Arena {
             }
         }
         used
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::map::{ArenaConfig, HugePages, Location};
+    use crate::{NewSession, Op};
+
+    /// An arena in /dev/shm under a name unique to this test, removed after.
+    struct Scratch(Location);
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let loc = Location::Shm(format!("unit-collect-{tag}-{}", std::process::id()));
+            let _ = Arena::remove(&loc);
+            Scratch(loc)
+        }
+        fn open(&self) -> Arena {
+            let cfg = ArenaConfig {
+                capacity: 4096,
+                heap_bytes: 8 << 20,
+                quota_bytes: 60 * 1024,
+                huge_pages: HugePages::Off,
+            };
+            Arena::open(&self.0, &cfg).unwrap()
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = Arena::remove(&self.0);
+        }
+    }
+
+    /// Frees what our ring holds that no pin sees.
+    fn reclaim(a: &Arena) {
+        a.begin_mut();
+        a.reclaim(true);
+        a.end_mut();
+    }
+
+    #[test]
+    fn a_block_lost_between_allocation_and_link_is_found_and_freed() {
+        let s = Scratch::new("lost");
+        let a = s.open();
+        let sid = a.create(NewSession::default(), &[("k", b"v")]).unwrap();
+        assert_eq!(a.collect().unwrap().leaked_blocks, 0);
+        // What a process killed between `alloc` and its push leaves.
+        a.begin_mut();
+        let lost = a.alloc(300).unwrap();
+        a.end_mut();
+        let r = a.collect().unwrap();
+        assert_eq!(r.leaked_blocks, 1, "{r:?}");
+        // Retired, so free once no pin sees it; then nothing is lost.
+        reclaim(&a);
+        let r = a.collect().unwrap();
+        assert_eq!(r.leaked_blocks, 0, "{r:?}");
+        let st = a.stats();
+        assert_eq!(st.leaked_blocks_returned, 1);
+        assert_eq!(st.collections, 3);
+        // It is allocatable again, and the session is untouched.
+        a.begin_mut();
+        let again = a.alloc(300).unwrap();
+        a.end_mut();
+        assert_eq!(again, lost);
+        assert_eq!(a.read(sid).unwrap().get("k"), Some(&b"v"[..]));
+    }
+
+    #[test]
+    fn a_chunk_taken_and_never_installed_goes_back_to_the_pool() {
+        let s = Scratch::new("chunk");
+        let a = s.open();
+        a.create(NewSession::default(), &[("k", b"v")]).unwrap();
+        a.begin_mut();
+        let c = a.take_chunk().unwrap();
+        a.end_mut();
+        let r = a.collect().unwrap();
+        assert_eq!((r.leaked_chunks, r.leaked_blocks), (1, 0), "{r:?}");
+        a.begin_mut();
+        assert_eq!(a.take_chunk(), Some(c), "the chunk is first in the pool");
+        a.push_free_chunk(c);
+        a.end_mut();
+        assert_eq!(a.collect().unwrap().leaked_chunks, 0);
+    }
+
+    #[test]
+    fn wholly_free_chunks_go_back_and_serve_another_size_class() {
+        let s = Scratch::new("chunks");
+        let a = s.open();
+        // Half the heap in 20 KiB sessions, then end them all.
+        let big = vec![7u8; 20 * 1024];
+        let sids: Vec<_> = (0..150)
+            .map(|_| a.create(NewSession::default(), &[("big", &big)]).unwrap())
+            .collect();
+        for sid in &sids {
+            a.invalidate(*sid).unwrap();
+        }
+        reclaim(&a);
+        let r = a.collect().unwrap();
+        assert!(r.returned_chunks > 10, "{r:?}");
+        assert_eq!(r.in_use_blocks, 0, "{r:?}");
+        // Small sessions now fit where the big ones were, many times over.
+        let n = (0..2000)
+            .take_while(|_| a.create(NewSession::default(), &[("s", &[1; 200])]).is_ok())
+            .count();
+        assert_eq!(n, 2000);
+    }
+
+    #[test]
+    fn a_returning_chunk_left_by_a_dead_collector_is_finished() {
+        let s = Scratch::new("returning");
+        let a = s.open();
+        let sids: Vec<_> = (0..50)
+            .map(|_| {
+                a.create(NewSession::default(), &[("v", &[3; 2000])])
+                    .unwrap()
+            })
+            .collect();
+        for sid in &sids {
+            a.invalidate(*sid).unwrap();
+        }
+        reclaim(&a);
+        // Where a killed collector may stop: the chunk marked returning,
+        // some of its blocks already off their stack.
+        let h = a.header();
+        let top = h.chunk_top.load(Ordering::Acquire);
+        let (c, class) = (0..top)
+            .find_map(|c| {
+                let b = a.map.chunk_class(c).load(Ordering::Acquire);
+                (b != CHUNK_UNASSIGNED && a.map.geo.classes[b as usize] > 2000)
+                    .then_some((c, b as usize))
+            })
+            .unwrap();
+        a.map
+            .chunk_class(c)
+            .store(RETURNING | class as u8, Ordering::Release);
+        let start = a.map.geo.heap_off + c * a.map.geo.chunk_bytes;
+        let first_half = |off: u64| off < start + a.map.geo.chunk_bytes / 2;
+        a.unlink_chunks(class, |off| off >= start && first_half(off));
+        let r = a.collect().unwrap();
+        assert_eq!(r.leaked_blocks, 0, "{r:?}");
+        assert!(r.returned_chunks >= 1, "{r:?}");
+        assert_eq!(
+            a.map.chunk_class(c).load(Ordering::Acquire),
+            CHUNK_UNASSIGNED
+        );
+    }
+
+    #[test]
+    fn a_live_mutation_holds_a_collection_off_and_a_stuck_one_makes_it_give_up() {
+        let s = Scratch::new("busy");
+        let a = s.open();
+        let b = a.try_clone().unwrap();
+        b.begin_mut();
+        let started = std::time::Instant::now();
+        assert!(matches!(a.collect(), Err(CollectError::Busy { .. })));
+        assert!(started.elapsed() >= Duration::from_millis(COLLECT_WAIT_MS));
+        b.end_mut();
+        assert!(a.collect().is_ok());
+        // A mutation waits while a collection holds the world, and goes on
+        // once it is released.
+        let c = &a.header().collector;
+        c.world.store(a.owner, Ordering::SeqCst);
+        let sid = std::thread::scope(|scope| {
+            let t = scope.spawn(move || b.create(NewSession::default(), &[]));
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!t.is_finished(), "a mutation went on during a collection");
+            c.world.store(0, Ordering::SeqCst);
+            t.join().unwrap().unwrap()
+        });
+        assert!(a.read(sid).is_ok());
+    }
+
+    #[test]
+    fn a_dead_collector_is_taken_over_by_the_next_mutation() {
+        let s = Scratch::new("dead");
+        let a = s.open();
+        let sid = a.create(NewSession::default(), &[]).unwrap();
+        let gone = a.try_clone().unwrap();
+        let dead_owner = gone.owner;
+        drop(gone);
+        a.header()
+            .collector
+            .world
+            .store(dead_owner, Ordering::SeqCst);
+        let before = a.stats().collections;
+        a.update(sid, &[Op::Touch]).unwrap();
+        assert_eq!(a.stats().collections, before + 1);
+        assert_eq!(a.header().collector.world.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn heap_full_runs_a_collection_that_makes_room() {
+        let s = Scratch::new("full");
+        let a = s.open();
+        // 6 KiB records fill the heap (an update first, so op nodes have a
+        // chunk of their own); ended, their chunks stay with their class.
+        let first = a.create(NewSession::default(), &[]).unwrap();
+        a.update(first, &[Op::Touch]).unwrap();
+        let small = vec![9u8; 6 * 1024];
+        let mut sids = Vec::new();
+        while let Ok(sid) = a.create(NewSession::default(), &[("small", &small)]) {
+            sids.push(sid);
+        }
+        assert!(sids.len() > 500, "{} sessions", sids.len());
+        for sid in sids {
+            a.invalidate(sid).unwrap();
+        }
+        reclaim(&a);
+        let before = a.stats().collections;
+        // A larger class: no free block of it or above exists, so only the
+        // chunks a collection gives back can serve it.
+        let big = vec![1u8; 20 * 1024];
+        let n = (0..200)
+            .take_while(|_| a.create(NewSession::default(), &[("big", &big)]).is_ok())
+            .count();
+        assert_eq!(n, 200);
+        assert!(a.stats().collections > before);
+        assert!(a.stats().chunks_returned > 0);
     }
 }

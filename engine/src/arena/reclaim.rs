@@ -9,7 +9,7 @@
 //! the ring of a dead participant is drained by whoever adopts it.
 
 use super::{Arena, RECENT_PIN_EPOCHS, RECLAIM_BATCH};
-use crate::epoch::{self, MUTATING};
+use crate::epoch;
 use crate::layout::{PARTICIPANTS_MAX, Participant, RETIRE_RING};
 use crate::map::Map;
 use crate::sync::{Backoff, Ordering};
@@ -53,9 +53,8 @@ impl Arena {
                 };
                 // Dekker with `collect`: we publish "mutating" and then look
                 // for a collector; it publishes itself and then looks for
-                // mutators. SeqCst on both sides: one of us sees the other.
-                epoch::pin_at(pin, held | MUTATING);
-                let world = self.collector().world.load(Ordering::SeqCst);
+                // mutators. One of us sees the other.
+                let world = epoch::enter_mutation(pin, held, &self.collector().world);
                 if world == 0 || world == self.owner {
                     break;
                 }

@@ -559,5 +559,41 @@ mod tests {
             t.contains("sessio_replicator_node_up{node=\"7\"} 0\n"),
             "{t}"
         );
+        assert!(!t.contains("sessio_arena_"), "no arena read yet: {t}");
+    }
+
+    #[test]
+    fn agent_text_has_the_arena_and_its_collector() {
+        let s = ReplicatorStats {
+            arena: Some(sessio_engine::ArenaStats {
+                live: 10,
+                capacity: 100,
+                created_total: 12,
+                expired_total: 2,
+                chunks_used: 3,
+                chunks: 8,
+                chunk_bytes: 65536,
+                mapped_bytes: 1 << 20,
+                handles: 4,
+                recoveries: 1,
+                collections: 5,
+                leaked_blocks_returned: 7,
+                chunks_returned: 2,
+                suspects: 1,
+                last_collect_pause_us: 1500,
+            }),
+            ..Default::default()
+        };
+        let t = render_agent(&s);
+        for line in [
+            "sessio_arena_live_sessions 10\n",
+            "# TYPE sessio_arena_collections_total counter\nsessio_arena_collections_total 5\n",
+            "sessio_arena_leaked_blocks_returned_total 7\n",
+            "sessio_arena_chunks_returned_total 2\n",
+            "# TYPE sessio_arena_collect_suspects gauge\nsessio_arena_collect_suspects 1\n",
+            "sessio_arena_last_collect_pause_seconds 0.0015\n",
+        ] {
+            assert!(t.contains(line), "{line} in {t}");
+        }
     }
 }

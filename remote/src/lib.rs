@@ -15,13 +15,9 @@
 //!   serves fetches.
 //! - [`failover`]: fetch a session this host does not hold from the bank
 //!   and install it under a new ownership epoch, once per SID per process.
-//! - [`runtime`]: the two I/O engines as runnable runtimes, and the signal
-//!   flag the `sessio` binary stops on.
-//! - [`cli`]: the operator tools that read an arena (`sessio inspect`,
-//!   `sessio stats`).
-//! - [`demo`]: `sessio demo`, the whole system on loopback (nodes, hosts of
-//!   several worker processes, failures injected on a schedule) checked end
-//!   to end.
+//! - [`runtime`]: the two I/O engines as runnable runtimes.
+//!
+//! The `sessio` binary (crate `cli/`) runs these as processes.
 //!
 //! Data moves: `Arena::update` → dirty bit → [`replicator::Replicator`] →
 //! `DeltaBatch` → [`node::Store`] → `Ack` → `Arena::mark_acked`; and on a
@@ -89,8 +85,6 @@
 //! # }
 //! ```
 
-pub mod cli;
-pub mod demo;
 pub mod failover;
 pub mod node;
 pub mod placement;

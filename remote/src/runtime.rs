@@ -1,9 +1,6 @@
-//! Running a future to completion on either I/O engine, and the signal
-//! flag that ends the `sessio` processes gracefully.
+//! Running a future to completion on either I/O engine.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use sessio_net::{Backend, Epoll, IoUring};
 
@@ -60,41 +57,5 @@ impl Rt for Epoll {
     }
     fn available() -> bool {
         true
-    }
-}
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
-    STOP.store(true, Ordering::SeqCst);
-}
-
-/// Makes SIGTERM and SIGINT set a flag (see [`stop_requested`]) instead of
-/// killing the process, so it can shut down cleanly.
-pub fn install_stop_signals() {
-    for sig in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: `on_signal` is an `extern "C"` function that only performs
-        // an atomic store, which is async-signal-safe; `sigaction` is given
-        // a fully initialized struct.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as *const () as usize;
-            libc::sigemptyset(&raw mut sa.sa_mask);
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigaction(sig, &raw const sa, std::ptr::null_mut());
-        }
-    }
-}
-
-/// Whether SIGTERM or SIGINT arrived since [`install_stop_signals`].
-pub fn stop_requested() -> bool {
-    STOP.load(Ordering::SeqCst)
-}
-
-/// Completes once [`stop_requested`] holds (polled every 20 ms).
-pub async fn stopped<B: Backend>() {
-    while !stop_requested() {
-        B::sleep(Duration::from_millis(20)).await;
     }
 }

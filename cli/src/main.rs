@@ -1,5 +1,22 @@
-//! `sessio`: run a replica node (`sessio node`) or a host's replicator
-//! (`sessio agent`). See `docs/REPLICATION.md`.
+//! `sessio`: the binary of the session engine. It runs a replica node of
+//! the bank (`sessio node`) or a host's replicator (`sessio agent`), looks
+//! into an arena (`sessio inspect`, `sessio stats`), and runs the whole
+//! system on loopback (`sessio demo`). See `docs/REPLICATION.md` and
+//! `docs/OPERATIONS.md`.
+//!
+//! The libraries do the work; this crate holds what only a binary needs:
+//!
+//! - [`arena`]: `sessio inspect` and `sessio stats`, with `--json`;
+//! - [`config`]: TOML config files for `sessio node` and `sessio agent`;
+//! - [`metrics`]: the Prometheus exporter (`--metrics-addr`) for both;
+//! - [`demo`]: `sessio demo`, the end-to-end run, and its worker processes;
+//! - [`signals`]: SIGTERM and SIGINT as a stop flag.
+
+mod arena;
+mod config;
+mod demo;
+mod metrics;
+mod signals;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -8,13 +25,14 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+use config::{AgentFile, NodeFile};
 use sessio_engine::{Arena, ArenaConfig, Location, NewSession, Op, Sid};
 use sessio_net::{Epoll, IoUring, Secret};
-use sessio_remote::cli::config::{self, AgentFile, NodeFile};
 use sessio_remote::node::{self, NodeConfig, NodeLimits};
 use sessio_remote::placement::{Placement, REPLICAS_DEFAULT};
 use sessio_remote::replicator::{FLUSH_INTERVAL_US_DEFAULT, Replicator, ReplicatorConfig};
-use sessio_remote::runtime::{Rt, install_stop_signals, stop_requested, stopped};
+use sessio_remote::runtime::Rt;
+use signals::{install_stop_signals, stop_requested, stopped};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -39,14 +57,14 @@ enum Command {
     /// shoppers; a node is killed and restarted empty, the bank frozen,
     /// host 1 killed; at the end every session is compared with what its
     /// client expects. The last line is `demo: ok ...` or `demo: FAILED ...`.
-    Demo(sessio_remote::demo::DemoArgs),
+    Demo(demo::DemoArgs),
     /// List an arena's sessions, or show one session's attributes.
-    Inspect(sessio_remote::cli::InspectArgs),
+    Inspect(arena::InspectArgs),
     /// Show an arena's counters.
-    Stats(sessio_remote::cli::StatsArgs),
+    Stats(arena::StatsArgs),
     /// One worker process of a demo web host (driven over stdin/stdout).
     #[command(hide = true)]
-    DemoWorker(sessio_remote::demo::WorkerArgs),
+    DemoWorker(demo::WorkerArgs),
     /// A web host for the integration tests: creates sessions, updates
     /// them, replicates them and writes its progress to a file.
     #[command(hide = true)]
@@ -179,11 +197,11 @@ fn main() -> ExitCode {
         Command::Node(a) => run_node(&a),
         Command::Agent(a) => run_agent(&a),
         Command::TestHost(a) => run_test_host(&a),
-        Command::Inspect(a) => print_or_fail(sessio_remote::cli::inspect(&a)),
-        Command::Stats(a) => print_or_fail(sessio_remote::cli::stats(&a)),
-        Command::DemoWorker(a) => sessio_remote::demo::run_worker(&a),
+        Command::Inspect(a) => print_or_fail(arena::inspect(&a)),
+        Command::Stats(a) => print_or_fail(arena::stats(&a)),
+        Command::DemoWorker(a) => demo::run_worker(&a),
         Command::Demo(a) => {
-            return if sessio_remote::demo::run_demo(&a) {
+            return if demo::run_demo(&a) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -264,7 +282,7 @@ fn run_node(a: &NodeArgs) -> Res {
     let metrics = std::cell::RefCell::new(None);
     let on_bound = |addr: SocketAddr, incarnation: u64| {
         if let Some(m) = metrics_addr {
-            match sessio_remote::cli::metrics::serve_node(m, addr, node_id, secret.clone()) {
+            match metrics::serve_node(m, addr, node_id, secret.clone()) {
                 Ok(server) => {
                     println!("metrics {}", server.addr());
                     *metrics.borrow_mut() = Some(server);
@@ -326,7 +344,7 @@ fn run_agent(a: &AgentArgs) -> Res {
     let repl = std::sync::Arc::new(Replicator::spawn(&loc, config)?);
     let metrics = match a.metrics_addr.or(f.metrics_addr) {
         Some(m) => {
-            let server = sessio_remote::cli::metrics::serve_agent(m, std::sync::Arc::clone(&repl))?;
+            let server = metrics::serve_agent(m, std::sync::Arc::clone(&repl))?;
             println!("metrics {}", server.addr());
             let _ = std::io::stdout().flush();
             Some(server)

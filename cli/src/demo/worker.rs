@@ -13,12 +13,12 @@ use sessio_engine::{Arena, ArenaConfig, Location, NewSession, Op, Sid};
 use sessio_net::{Epoll, IoUring, Secret};
 
 use super::protocol::{digest, encode_attrs};
-use crate::failover::{
+use sessio_remote::failover::{
     FailoverConfig, FailoverError, NodeClients, Singleflight, fetch_and_install,
 };
-use crate::placement::{Placement, REPLICAS_DEFAULT};
-use crate::replicator::{Replicator, ReplicatorConfig};
-use crate::runtime::Rt;
+use sessio_remote::placement::{Placement, REPLICAS_DEFAULT};
+use sessio_remote::replicator::{Replicator, ReplicatorConfig};
+use sessio_remote::runtime::Rt;
 
 /// Items kept in a cart's `history` attribute.
 pub const HISTORY_ITEMS_MAX: u32 = 8;
@@ -60,7 +60,7 @@ pub struct WorkerArgs {
 pub fn run(a: &WorkerArgs) -> Result<(), Box<dyn std::error::Error>> {
     // A Ctrl-C reaches the whole process group: leave the shutdown to the
     // driver, which kills its workers and removes their arenas itself.
-    crate::runtime::install_stop_signals();
+    crate::signals::install_stop_signals();
     let loc = Location::Shm(a.arena.clone());
     let arena = match a.create {
         Some(n) => Arena::open(&loc, &ArenaConfig::for_sessions(n, SESSION_BYTES))?,

@@ -17,7 +17,7 @@ use sessio_engine::{Arena, Location, Sid};
 use super::model::{CATALOG, CartOp, Expected, quantile};
 use super::procs::{Line, NodeProc, WorkerProc};
 use super::protocol::{Answer, decode_attrs, digest};
-use crate::runtime::{install_stop_signals, stop_requested};
+use crate::signals::{install_stop_signals, stop_requested};
 
 /// Replica nodes in the demo bank.
 const NODES: u16 = 3;

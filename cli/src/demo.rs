@@ -20,7 +20,7 @@
 //! it empty, freezes the whole bank with SIGSTOP, and kills host 1 with
 //! SIGKILL. Host 1's clients move to host 2, whose workers fetch each
 //! session from the bank on its first request
-//! ([`crate::failover::fetch_and_install`]). After host 1 is dead the
+//! ([`sessio_remote::failover::fetch_and_install`]). After host 1 is dead the
 //! driver opens its arena alone and reads, per session, the version the
 //! bank had acknowledged (`Arena::acked`, held by `R` = 2 nodes): an update
 //! at or below it that host 2 did not get back is a *lost acknowledged

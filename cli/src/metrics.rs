@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use sessio_net::{Client, ClientConfig, Epoll, Identity, IoUring, Message, Secret, StatsRequest};
 
-use crate::replicator::{Replicator, ReplicatorStats};
-use crate::runtime::Rt;
+use sessio_remote::replicator::{Replicator, ReplicatorStats};
+use sessio_remote::runtime::Rt;
 
 /// Largest request head read.
 const REQUEST_BYTES_MAX: usize = 8 * 1024;
@@ -132,7 +132,7 @@ type NodeFamily<'a> = (
     &'a str,
     &'a str,
     &'a str,
-    &'a dyn Fn(&crate::replicator::NodeStats) -> u64,
+    &'a dyn Fn(&sessio_remote::replicator::NodeStats) -> u64,
 );
 
 /// Prometheus text exposition, one family at a time.
@@ -232,12 +232,13 @@ pub fn render_agent(s: &ReplicatorStats) -> String {
         ],
     );
     e.lag_histogram(s);
-    let per_node = |f: &dyn Fn(&crate::replicator::NodeStats) -> u64| -> Vec<(String, f64)> {
-        s.nodes
-            .iter()
-            .map(|n| (format!("node=\"{}\"", n.id), f(n) as f64))
-            .collect()
-    };
+    let per_node =
+        |f: &dyn Fn(&sessio_remote::replicator::NodeStats) -> u64| -> Vec<(String, f64)> {
+            s.nodes
+                .iter()
+                .map(|n| (format!("node=\"{}\"", n.id), f(n) as f64))
+                .collect()
+        };
     let families: [NodeFamily<'_>; 11] = [
         ("up", "gauge", "Whether the link to the node is up.", &|n| {
             u64::from(n.up)
@@ -513,7 +514,7 @@ mod tests {
             dirty: 4,
             lag_p99_us: 1500,
             lag_buckets: {
-                let mut b = [0; crate::replicator::LAG_BUCKETS];
+                let mut b = [0; sessio_remote::replicator::LAG_BUCKETS];
                 b[0] = 1;
                 b[10] = 2;
                 b[31] = 1;
@@ -521,12 +522,12 @@ mod tests {
             },
             lag_sum_us: 2500,
             nodes: vec![
-                crate::replicator::NodeStats {
+                sessio_remote::replicator::NodeStats {
                     id: 1,
                     up: true,
                     ..Default::default()
                 },
-                crate::replicator::NodeStats {
+                sessio_remote::replicator::NodeStats {
                     id: 7,
                     ..Default::default()
                 },

@@ -267,10 +267,10 @@ fn run_node(a: &NodeArgs) -> Res {
             .unwrap_or(node::EXPIRY_GRACE_MS_DEFAULT),
         idle_max_ms: a.copy_idle_max_ms.or(f.copy_idle_max_ms).unwrap_or(0),
     };
-    if !(1..=sessio_remote::shards::SHARDS_MAX).contains(&config.threads) {
+    if !(1..=sessio_remote::node::SHARDS_MAX).contains(&config.threads) {
         return Err(format!(
             "threads must be 1-{}, not {}",
-            sessio_remote::shards::SHARDS_MAX,
+            sessio_remote::node::SHARDS_MAX,
             config.threads
         )
         .into());

@@ -85,12 +85,12 @@
 //! # }
 //! ```
 
-pub mod failover;
+pub mod host;
 pub mod node;
 pub mod placement;
-pub mod replicator;
 pub mod runtime;
-pub mod shards;
+
+pub use host::{failover, replicator};
 
 pub use failover::{
     FailoverConfig, FailoverError, Fetched, NodeClients, Singleflight, fetch_and_install,

@@ -17,7 +17,7 @@ use sessio_net::{
     Sid, Stats, StatsRequest,
 };
 
-use crate::node::{ExpiryRule, NodeLimits, Store};
+use super::{ExpiryRule, NodeLimits, Store};
 
 /// Most shards (and so node threads) one node runs.
 pub const SHARDS_MAX: usize = 64;

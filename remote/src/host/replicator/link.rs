@@ -1,0 +1,645 @@
+//! The replicator's I/O: the dispatcher that takes dirty sessions from the
+//! arena and routes them, and one task per node that batches, sends and
+//! applies acks.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use hashbrown::HashSet;
+use sessio_engine::{Arena, Dirty, SessionError, Sid};
+use sessio_net::{
+    AckStatus, Backoff, Client, ClientConfig, Delta, DeltaBatch, DeltaEntry, Identity, Message,
+    Ping,
+};
+
+use super::state::{State, settle, stand_in};
+use super::{Ctx, ReplicatorStats, SidState};
+use crate::runtime::Rt;
+
+/// Resolves once link `id` has been notified (or is gone).
+pub(super) fn notified<'a>(ctx: &'a Ctx<'_>, id: u16) -> impl Future<Output = ()> + 'a {
+    std::future::poll_fn(move |cx| {
+        let mut st = ctx.state.borrow_mut();
+        let Some(l) = st.link(id) else {
+            return std::task::Poll::Ready(());
+        };
+        if std::mem::take(&mut l.wake.set) {
+            std::task::Poll::Ready(())
+        } else {
+            l.wake.waker = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        }
+    })
+}
+
+pub(super) async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorStats>) {
+    let interval = Duration::from_micros(ctx.config.flush_interval_us.max(1));
+    let mut dirty = Vec::with_capacity(ctx.config.dirty_take_max);
+    let mut arena_stats: Option<(Instant, sessio_engine::ArenaStats)> = None;
+    loop {
+        let last = ctx.stop.load(Ordering::SeqCst);
+        loop {
+            ctx.arena.take_dirty(ctx.config.dirty_take_max, &mut dirty);
+            let now = Instant::now();
+            let mut st = ctx.state.borrow_mut();
+            for d in &dirty {
+                let sid = match *d {
+                    Dirty::Changed {
+                        sid,
+                        version,
+                        epoch,
+                        ..
+                    } => {
+                        if !st.sids.contains_key(&sid)
+                            && seed_acks(ctx.arena, &mut st, sid, version, epoch)
+                        {
+                            // Every owner holds this version already.
+                            continue;
+                        }
+                        let s = st.sids.entry(sid).or_default();
+                        if s.version != version || s.epoch != epoch || s.removed {
+                            if s.epoch != epoch {
+                                // Acks were for copies under another owner.
+                                s.acks.clear();
+                            }
+                            s.version = version;
+                            s.epoch = epoch;
+                            s.removed = false;
+                            s.fenced = false;
+                            s.since.get_or_insert(now);
+                        }
+                        sid
+                    }
+                    Dirty::Removed { sid } => {
+                        let s = st.sids.entry(sid).or_default();
+                        if s.epoch == 0 {
+                            // Never seen alive by this replicator: the
+                            // creation epoch is the best guess; a newer
+                            // owner's copy stays (fenced), which is safe.
+                            s.epoch = 1;
+                        }
+                        s.removed = true;
+                        s.since.get_or_insert(now);
+                        sid
+                    }
+                };
+                st.route(sid);
+            }
+            drop(st);
+            // A full take means more may be waiting: go again at once.
+            if dirty.len() < ctx.config.dirty_take_max {
+                break;
+            }
+        }
+        {
+            let mut st = ctx.state.borrow_mut();
+            st.ticks += 1;
+            let mut snap = st.snapshot(B::NAME);
+            drop(st);
+            // The arena's counters ask the kernel about every handle: once a
+            // second is plenty.
+            if arena_stats
+                .as_ref()
+                .is_none_or(|(at, _)| at.elapsed() >= Duration::from_secs(1))
+            {
+                arena_stats = Some((Instant::now(), ctx.arena.stats()));
+            }
+            snap.arena = arena_stats.as_ref().map(|(_, a)| a.clone());
+            if let Ok(mut s) = stats.lock() {
+                *s = snap;
+            }
+        }
+        if last {
+            ctx.drained.store(true, Ordering::SeqCst);
+            // Idle links wait for work: wake them to see the stop.
+            for l in &mut ctx.state.borrow_mut().nodes {
+                l.wake.notify();
+            }
+            return;
+        }
+        B::sleep(interval).await;
+    }
+}
+
+/// One delta entry sent and not yet acknowledged.
+pub(super) struct Sent {
+    pub(super) sid: Sid,
+    pub(super) new_version: u64,
+    /// Ownership epoch it was sent under.
+    pub(super) epoch: u64,
+    /// A `Remove` telling a stand-in to drop its hinted copy: every owner
+    /// holds the current version again.
+    pub(super) drops_hint: bool,
+}
+
+pub(super) async fn node_link<B: Rt>(ctx: &Ctx<'_>, id: u16, addr: std::net::SocketAddr) {
+    let cfg = ctx.config;
+    let identity = Identity {
+        id: ctx.config.host_id,
+        incarnation: Identity::with_random_incarnation(0).map_or(1, |i| i.incarnation),
+    };
+    let mut cc = ClientConfig::new(identity);
+    cc.handshake_timeout_ms = cfg.handshake_timeout_ms;
+    cc.io_timeout_ms = cfg.ack_timeout_ms;
+    cc.in_flight_bytes_max = cfg.batch_bytes_max * cfg.in_flight_batches_max as u64 * 2;
+    let mut backoff = Backoff::new(
+        Duration::from_millis(cfg.backoff_min_ms),
+        Duration::from_millis(cfg.backoff_max_ms),
+    );
+    let mut next_attempt = Instant::now();
+    let mut conn: Option<Client<B>> = None;
+    let mut in_flight: VecDeque<Vec<Sent>> = VecDeque::new();
+    let mut last_io = Instant::now();
+    let mut drain_deadline: Option<Instant> = None;
+    let idle_sleep = Duration::from_micros(cfg.flush_interval_us.max(1));
+    loop {
+        if ctx.stop.load(Ordering::SeqCst) {
+            let deadline = *drain_deadline.get_or_insert_with(|| {
+                Instant::now() + Duration::from_millis(cfg.drain_timeout_ms)
+            });
+            let idle = ctx.drained.load(Ordering::SeqCst)
+                && in_flight.is_empty()
+                && ctx
+                    .state
+                    .borrow_mut()
+                    .link(id)
+                    .is_none_or(|l| l.pending.is_empty());
+            if idle || conn.is_none() || Instant::now() >= deadline {
+                return;
+            }
+        }
+        let Some(client) = conn.as_mut() else {
+            let now = Instant::now();
+            if now < next_attempt {
+                B::sleep((next_attempt - now).min(Duration::from_millis(20))).await;
+                continue;
+            }
+            match Client::<B>::connect(addr, cc.clone(), cfg.secret.clone()).await {
+                Ok(c) => {
+                    backoff = Backoff::new(
+                        Duration::from_millis(cfg.backoff_min_ms),
+                        Duration::from_millis(cfg.backoff_max_ms),
+                    );
+                    on_up(ctx, id, c.peer().identity.incarnation);
+                    conn = Some(c);
+                    last_io = Instant::now();
+                }
+                Err(e) => {
+                    on_down(ctx, id, &mut in_flight, &e.to_string());
+                    next_attempt = Instant::now() + backoff.next_delay();
+                }
+            }
+            continue;
+        };
+        let result: Result<(), String> = async {
+            while in_flight.len() < cfg.in_flight_batches_max.max(1) {
+                let Some((batch, sent)) = build_batch(ctx, id) else {
+                    break;
+                };
+                let before = client.in_flight_bytes();
+                client
+                    .send(&Message::DeltaBatch(batch))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let bytes = client.in_flight_bytes() - before;
+                if let Some(l) = ctx.state.borrow_mut().link(id) {
+                    l.stats.bytes_sent += bytes;
+                    l.stats.in_flight += sent.len() as u64;
+                }
+                in_flight.push_back(sent);
+            }
+            if !in_flight.is_empty() {
+                let reply = client.recv().await.map_err(|e| e.to_string())?;
+                last_io = Instant::now();
+                match reply {
+                    Message::Ack(ack) => {
+                        let sent = in_flight.pop_front().unwrap_or_default();
+                        if ack.entries.len() != sent.len() {
+                            return Err(format!(
+                                "ack has {} entries for a batch of {}",
+                                ack.entries.len(),
+                                sent.len()
+                            ));
+                        }
+                        apply_acks(ctx, id, &sent, &ack.entries);
+                    }
+                    Message::Pong(_) => {}
+                    other => return Err(format!("unexpected {:?} from node", other.kind())),
+                }
+            } else if last_io.elapsed() >= Duration::from_millis(cfg.ping_interval_ms) {
+                // Finds a node that died while we had nothing to say.
+                let reply = client
+                    .call(&Message::Ping(Ping { nonce: 0 }))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !matches!(reply, Message::Pong(_)) {
+                    return Err(format!("unexpected {:?} to a ping", reply.kind()));
+                }
+                last_io = Instant::now();
+            } else {
+                // Until the dispatcher queues work, or it is time to ping.
+                let ping =
+                    Duration::from_millis(cfg.ping_interval_ms).saturating_sub(last_io.elapsed());
+                let _ = B::timeout(ping.max(idle_sleep), notified(ctx, id)).await;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::info!(node = id, "replica link down: {e}");
+            conn = None;
+            on_down(ctx, id, &mut in_flight, &e);
+            next_attempt = Instant::now() + backoff.next_delay();
+        }
+    }
+}
+
+/// Learns what the arena remembers of a session this replicator has not
+/// seen yet: the acks of nodes whose incarnation is still the one recorded
+/// with them. Returns true when every owner holds `version` already, so
+/// there is nothing to send.
+pub(super) fn seed_acks(arena: &Arena, st: &mut State, sid: Sid, version: u64, epoch: u64) -> bool {
+    let Ok(acks) = arena.acked(sid) else {
+        return false;
+    };
+    let mut s = SidState::default();
+    for (node, v) in acks {
+        let trusted = st
+            .nodes
+            .iter()
+            .any(|n| n.stats.id == node && n.stats.incarnation.is_some());
+        if v > 0 && v <= version && trusted {
+            s.set_ack(node, v);
+        }
+    }
+    let current = st
+        .placement
+        .owners(&sid.0)
+        .iter()
+        .all(|&o| s.acked_by(o) == version);
+    s.epoch = epoch;
+    if current {
+        s.version = version;
+    }
+    // Otherwise the caller takes the version in as a change to ship.
+    st.sids.insert(sid, s);
+    current
+}
+
+/// A handshake succeeded. An incarnation other than the one recorded means
+/// the node lost its copies (or was never seen): its acks are forgotten,
+/// here and in the arena, the new incarnation is recorded, and every
+/// session is looked at again so the node's share is resent.
+pub(super) fn on_up(ctx: &Ctx<'_>, id: u16, incarnation: u64) {
+    let mut st = ctx.state.borrow_mut();
+    let Some(l) = st.link(id) else { return };
+    let known = l.stats.incarnation;
+    let was_down = !l.stats.up;
+    l.stats.incarnation = Some(incarnation);
+    l.stats.up = true;
+    l.stats.connects += 1;
+    l.stats.last_error = None;
+    if known != Some(incarnation) {
+        if known.is_some() {
+            l.stats.new_incarnations += 1;
+            tracing::info!(
+                node = id,
+                "node restarted (new incarnation): resending its share"
+            );
+        }
+        // Queued removals stay (a node that lost its copies may still
+        // hold one the failover push gave it); everything else is resent
+        // from the dirty marks below.
+        let (pending, owed) = (std::mem::take(&mut l.pending), std::mem::take(&mut l.owed));
+        let keep: HashSet<Sid> = pending
+            .into_iter()
+            .chain(owed)
+            .filter(|sid| st.sids.get(sid).is_some_and(|s| s.removed))
+            .collect();
+        if let Some(l) = st.link(id) {
+            l.pending = keep;
+        }
+        for s in st.sids.values_mut() {
+            s.forget(id);
+        }
+        drop(st);
+        // Old acks go before the new incarnation is recorded, so a crash
+        // in between leaves a mismatch, never stale acks that look valid.
+        ctx.arena.forget_acks(id);
+        if !ctx.arena.set_replica_incarnation(id, incarnation) {
+            tracing::warn!(
+                node = id,
+                "the arena's replica table is full: a restarted replicator will resend this node's share"
+            );
+        }
+        ctx.arena.mark_all_dirty();
+    } else if was_down {
+        // Hand back what went to stand-ins while it was away.
+        let owed: Vec<Sid> = l.owed.drain().collect();
+        l.pending.extend(owed);
+    }
+}
+
+/// The link failed: hand its pending and unacknowledged sessions to the
+/// next nodes in their rankings, and owe them to this one.
+pub(super) fn on_down(ctx: &Ctx<'_>, id: u16, in_flight: &mut VecDeque<Vec<Sent>>, error: &str) {
+    let mut st = ctx.state.borrow_mut();
+    let Some(l) = st.link(id) else { return };
+    l.stats.last_error = Some(error.to_string());
+    l.stats.in_flight = 0;
+    let was_up = l.stats.up;
+    l.stats.up = false;
+    let mut moved: Vec<Sid> = l.pending.drain().collect();
+    moved.extend(in_flight.drain(..).flatten().map(|s| s.sid));
+    if was_up {
+        tracing::warn!(node = id, "replica node down: {error}");
+    }
+    for sid in moved {
+        if st.sids.get(&sid).is_some_and(|s| s.fenced) {
+            continue;
+        }
+        st.route(sid);
+    }
+}
+
+/// Takes sessions off the node's pending set into the next batch; `None`
+/// when nothing is left to send.
+pub(super) fn build_batch(ctx: &Ctx<'_>, id: u16) -> Option<(DeltaBatch, Vec<Sent>)> {
+    loop {
+        match build_once(ctx, id) {
+            Built::Batch(b, sent) => return Some((b, sent)),
+            Built::UpToDate => {}
+            Built::Nothing => return None,
+        }
+    }
+}
+
+pub(super) enum Built {
+    Batch(DeltaBatch, Vec<Sent>),
+    /// Everything taken was already current on the node.
+    UpToDate,
+    Nothing,
+}
+
+/// Adds a whole-record entry; returns the bytes it adds to the batch.
+pub(super) fn push_full(
+    entries: &mut Vec<DeltaEntry>,
+    sent: &mut Vec<Sent>,
+    sid: Sid,
+    version: u64,
+    epoch: u64,
+    record: Vec<u8>,
+) -> u64 {
+    let bytes = record.len() as u64 + 64;
+    entries.push(DeltaEntry {
+        sid: sid.0,
+        base_version: 0,
+        new_version: version,
+        epoch,
+        body: Delta::Full(record),
+    });
+    sent.push(Sent {
+        sid,
+        new_version: version,
+        epoch,
+        drops_hint: false,
+    });
+    bytes
+}
+
+/// Adds a `Remove` entry at the session's current version and epoch (a
+/// removal, or a stand-in dropping its hinted copy); returns the bytes it
+/// adds to the batch.
+pub(super) fn push_remove(
+    entries: &mut Vec<DeltaEntry>,
+    sent: &mut Vec<Sent>,
+    sid: Sid,
+    s: &SidState,
+    base: u64,
+    drops_hint: bool,
+) -> u64 {
+    entries.push(DeltaEntry {
+        sid: sid.0,
+        base_version: base,
+        new_version: s.version,
+        epoch: s.epoch,
+        body: Delta::Remove,
+    });
+    sent.push(Sent {
+        sid,
+        new_version: s.version,
+        epoch: s.epoch,
+        drops_hint,
+    });
+    64
+}
+
+pub(super) fn build_once(ctx: &Ctx<'_>, id: u16) -> Built {
+    let cfg = ctx.config;
+    let entries_max = cfg.batch_entries_max.clamp(1, 4096);
+    let mut st = ctx.state.borrow_mut();
+    let st = &mut *st;
+    // Owners this replicator reached and still reaches: only their acks
+    // may let a stand-in drop its hinted copy.
+    let confirmed: Vec<u16> = st
+        .nodes
+        .iter()
+        .filter(|n| n.stats.up && n.stats.connects > 0)
+        .map(|n| n.stats.id)
+        .collect();
+    let Some(link) = st.nodes.iter_mut().find(|n| n.stats.id == id) else {
+        return Built::Nothing;
+    };
+    if link.pending.is_empty() {
+        return Built::Nothing;
+    }
+    let mut entries = Vec::new();
+    let mut sent = Vec::new();
+    let mut bytes = 0u64;
+    let mut taken = Vec::new();
+    for &sid in &link.pending {
+        if entries.len() >= entries_max || bytes >= cfg.batch_bytes_max {
+            break;
+        }
+        taken.push(sid);
+        let Some(s) = st.sids.get(&sid) else { continue };
+        if s.fenced {
+            continue;
+        }
+        let base = s.acked_by(id);
+        if !s.removed
+            && let Some(hinted) = stand_in(&st.placement, s, sid, id, &confirmed)
+        {
+            // This node stood in for an owner that holds the current
+            // version again: drop the hinted copy (if any), send nothing.
+            if hinted {
+                bytes += push_remove(&mut entries, &mut sent, sid, s, base, true);
+                // Forgotten now: should the drop never land, the cost is a
+                // copy left behind, never an ack claiming one that is gone.
+                let _ = ctx.arena.forget_ack(sid, id);
+            }
+            continue;
+        }
+        if s.removed {
+            bytes += push_remove(&mut entries, &mut sent, sid, s, base, false);
+            continue;
+        }
+        match ctx.arena.delta_since(sid, base) {
+            // Current on the node already, or gone from the arena (its
+            // removal comes as a dirty entry of its own).
+            Ok(sessio_engine::Delta::UpToDate) | Err(SessionError::NotFound) => {}
+            Ok(sessio_engine::Delta::Ops {
+                version,
+                epoch,
+                batches,
+            }) if batches.len() + entries.len() <= entries_max => {
+                let first = version - batches.len() as u64;
+                for (i, ops) in batches.into_iter().enumerate() {
+                    let v = first + i as u64;
+                    bytes += ops.len() as u64 + 64;
+                    entries.push(DeltaEntry {
+                        sid: sid.0,
+                        base_version: v,
+                        new_version: v + 1,
+                        epoch,
+                        body: Delta::Ops(ops),
+                    });
+                    sent.push(Sent {
+                        sid,
+                        new_version: v + 1,
+                        epoch,
+                        drops_hint: false,
+                    });
+                }
+            }
+            Ok(sessio_engine::Delta::Ops { .. }) if !entries.is_empty() => {
+                // Does not fit this batch: next one.
+                taken.pop();
+                break;
+            }
+            // More op batches than one delta batch may carry at all: ship
+            // the whole record instead (else this session would never fit,
+            // and the link would spin on it).
+            Ok(sessio_engine::Delta::Ops { .. }) => {
+                if let Ok(sessio_engine::Delta::Full {
+                    version,
+                    epoch,
+                    bytes: record,
+                }) = ctx.arena.delta_since(sid, 0)
+                {
+                    bytes += push_full(&mut entries, &mut sent, sid, version, epoch, record);
+                }
+            }
+            Ok(sessio_engine::Delta::Full {
+                version,
+                epoch,
+                bytes: record,
+            }) => {
+                bytes += push_full(&mut entries, &mut sent, sid, version, epoch, record);
+            }
+            Err(e) => tracing::warn!(%sid, "cannot build a delta: {e}"),
+        }
+    }
+    for sid in &taken {
+        link.pending.remove(sid);
+    }
+    if entries.is_empty() {
+        // Everything taken was up to date: maybe it is fully acked now.
+        for sid in taken {
+            settle(st, sid);
+        }
+        return Built::UpToDate;
+    }
+    Built::Batch(
+        DeltaBatch {
+            host_id: cfg.host_id,
+            entries,
+        },
+        sent,
+    )
+}
+
+pub(super) fn apply_acks(ctx: &Ctx<'_>, id: u16, sent: &[Sent], acks: &[sessio_net::AckEntry]) {
+    let mut st = ctx.state.borrow_mut();
+    let st = &mut *st;
+    let mut resend = Vec::new();
+    let mut settled = Vec::new();
+    let mut hints = Vec::new();
+    let replicas = st.placement.replicas();
+    let (mut applied, mut need_full, mut fenced, mut refused) = (0, 0, 0, 0);
+    for (s, a) in sent.iter().zip(acks) {
+        let Some(ss) = st.sids.get_mut(&s.sid) else {
+            continue;
+        };
+        match a.status {
+            AckStatus::Applied if s.drops_hint => {
+                applied += 1;
+                ss.forget(id);
+                let _ = ctx.arena.forget_ack(s.sid, id);
+            }
+            // An ack for a copy under an epoch this host no longer writes
+            // (the session was installed anew meanwhile) says nothing of
+            // the current one.
+            AckStatus::Applied if s.epoch != ss.epoch => applied += 1,
+            AckStatus::Applied => {
+                applied += 1;
+                let v = if ss.removed {
+                    s.new_version
+                } else {
+                    a.version.min(ss.version)
+                };
+                if v >= ss.acked_by(id) {
+                    ss.set_ack(id, v);
+                }
+                if !ss.removed && v > 0 {
+                    let _ = ctx.arena.mark_acked(s.sid, id, v);
+                }
+                // An owner caught up: stand-ins holding a hinted copy may
+                // drop it now (`build_once` checks every owner).
+                if !ss.removed && ss.acks.len() > replicas {
+                    hints.extend(
+                        ss.acks
+                            .iter()
+                            .filter(|&&(n, v)| n != id && v > 0)
+                            .map(|&(n, _)| (n, s.sid)),
+                    );
+                }
+                settled.push(s.sid);
+            }
+            AckStatus::NeedFull => {
+                need_full += 1;
+                ss.forget(id);
+                resend.push(s.sid);
+            }
+            AckStatus::Fenced => {
+                fenced += 1;
+                ss.fenced = true;
+                ss.since = None;
+            }
+            AckStatus::Refused => refused += 1,
+        }
+    }
+    if let Some(l) = st.nodes.iter_mut().find(|n| n.stats.id == id) {
+        l.stats.applied += applied;
+        l.stats.need_full += need_full;
+        l.stats.fenced += fenced;
+        l.stats.refused += refused;
+        l.stats.in_flight = l.stats.in_flight.saturating_sub(sent.len() as u64);
+        l.pending.extend(resend);
+    }
+    for (n, sid) in hints {
+        let is_stand_in = !st.placement.is_owner(&sid.0, n);
+        if let Some(l) = st.link(n)
+            && is_stand_in
+            && l.stats.up
+        {
+            l.pending.insert(sid);
+            l.wake.notify();
+        }
+    }
+    for sid in settled {
+        settle(st, sid);
+    }
+}

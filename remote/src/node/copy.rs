@@ -1,0 +1,327 @@
+//! One copy of a session on a node: the record validated when it arrived,
+//! plus the op batches acknowledged since, back to back in one buffer and
+//! folded into the record on demand.
+
+use hashbrown::HashMap;
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+use rkyv::vec::ArchivedVec;
+use sessio_engine::session::{
+    Applied, ArchivedOp, ArchivedSessionData, KEY_BYTES_MAX, LOG_BYTES_MAX, LOG_ENTRIES_MAX, OpRef,
+    SessionData,
+};
+
+use super::{ALIGN, APPLY_QUOTA_BYTES, PENDING_OVERHEAD_BYTES};
+
+/// The op batches a copy has acknowledged but not folded in, back to
+/// back in one buffer, so appending one is a copy into memory the copy
+/// already owns:
+///
+/// ```text
+/// | at_ms u64 LE | len u32 LE | 0 u32 | batch: len bytes | 0-pad to 16 | ... |
+/// ```
+///
+/// Every batch starts at a multiple of 16, where rkyv reads it in place.
+#[derive(Debug, Clone, Default)]
+pub(super) struct PendingLog {
+    pub(super) buf: AlignedVec<ALIGN>,
+    pub(super) count: u32,
+}
+
+impl PartialEq for PendingLog {
+    fn eq(&self, other: &Self) -> bool {
+        self.count == other.count && self.buf[..] == other.buf[..]
+    }
+}
+
+impl Eq for PendingLog {}
+
+/// Asks for the cache lines of `base[from..to]`, which must lie inside
+/// one allocation. A hint: it never faults, writes or changes a result.
+pub(super) fn prefetch_range(base: *const u8, from: usize, to: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut at = from - from % 64;
+        while at < to {
+            // SAFETY: `base + at` is inside the allocation `base` points
+            // to (`at < to`, in bounds by the caller); a prefetch reads
+            // nothing the program sees and never faults.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    base.add(at).cast::<i8>(),
+                );
+            }
+            at += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (base, from, to);
+}
+
+/// Bytes before each batch in a [`PendingLog`].
+pub(super) const PENDING_HEADER_BYTES: usize = 16;
+
+impl PendingLog {
+    pub(super) fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Appends `ops`, applied at `at_ms`.
+    pub(super) fn push(&mut self, at_ms: u64, ops: &[u8]) {
+        let len = u32::try_from(ops.len()).expect("a batch is under the frame limit");
+        if self.buf.capacity() == 0 {
+            // Room for a few of these before the first regrowth.
+            self.buf
+                .reserve(4 * (PENDING_HEADER_BYTES + ops.len()).next_multiple_of(ALIGN));
+        }
+        self.buf.extend_from_slice(&at_ms.to_le_bytes());
+        self.buf.extend_from_slice(&len.to_le_bytes());
+        self.buf.extend_from_slice(&[0; 4]);
+        self.buf.extend_from_slice(ops);
+        let padded = self.buf.len().next_multiple_of(ALIGN);
+        self.buf.resize(padded, 0);
+        self.count += 1;
+    }
+
+    /// Asks for the cache lines the next `push` of `len` bytes writes.
+    pub(super) fn prefetch_push(&self, len: usize) {
+        let end = (self.buf.len() + PENDING_HEADER_BYTES + len).min(self.buf.capacity());
+        prefetch_range(self.buf.as_ptr(), self.buf.len(), end);
+    }
+
+    /// Each batch with its time, oldest first.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let head = self.buf.get(at..at + PENDING_HEADER_BYTES)?;
+            let at_ms = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+            let len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) as usize;
+            let start = at + PENDING_HEADER_BYTES;
+            at = (start + len).next_multiple_of(ALIGN);
+            Some((at_ms, &self.buf[start..start + len]))
+        })
+    }
+}
+
+/// One session's copy: a record at [`Copy::base_version`], validated when
+/// it arrived or written by this node, plus the op batches acknowledged
+/// since, up to [`Copy::version`]. [`Store::folded`] folds them in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Copy {
+    pub(super) version: u64,
+    pub(super) epoch: u64,
+    pub(super) record: Vec<u8>,
+    pub(super) pending: PendingLog,
+    /// Charged against `bytes_max`: the record plus [`pending_charge`] of
+    /// each pending batch.
+    pub(super) bytes: u64,
+    /// At least the attributes the session holds after the pending batches.
+    pub(super) attrs_bound: u64,
+    /// At least its attribute bytes (the quota's measure) after them.
+    pub(super) attr_bytes_bound: u64,
+}
+
+impl Copy {
+    /// A copy of `record` (validated) at `version`; `attrs` is what
+    /// [`attr_measure`] says of it.
+    pub(super) fn new(version: u64, epoch: u64, record: Vec<u8>, attrs: (u64, u64)) -> Copy {
+        Copy {
+            version,
+            epoch,
+            bytes: record.len() as u64,
+            record,
+            pending: PendingLog::default(),
+            attrs_bound: attrs.0,
+            attr_bytes_bound: attrs.1,
+        }
+    }
+
+    /// The host's record version this copy stands at (acknowledged).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Ownership epoch it was written under.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The version of [`Copy::record`]: [`Copy::version`] less the pending
+    /// batches.
+    pub fn base_version(&self) -> u64 {
+        self.version - self.pending.len() as u64
+    }
+
+    /// The archived `SessionData` at [`Copy::base_version`]; the session
+    /// at [`Copy::version`] once [`Copy::pending_batches`] is 0.
+    pub fn record(&self) -> &[u8] {
+        &self.record
+    }
+
+    /// Op batches acknowledged but not folded into the record yet.
+    pub fn pending_batches(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Bytes this copy is charged against [`NodeLimits::bytes_max`].
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// A record's attribute count and attribute bytes, as
+/// `SessionData::attr_bytes` counts them for the quota.
+pub(super) fn attr_measure(archived: &ArchivedSessionData) -> (u64, u64) {
+    let attrs = archived.attrs.as_slice();
+    let bytes = attrs
+        .iter()
+        .map(|a| (a.key.len() + a.value.len() + 16) as u64)
+        .sum();
+    (attrs.len() as u64, bytes)
+}
+
+/// What an unfolded op batch of `len` bytes is charged: a bound on what it
+/// adds to the record once folded. Every key and value it sets is within
+/// its bytes, and so is each archived op's header, which is no smaller
+/// than the attribute header it can add; the log entry adds the batch once
+/// more plus a header and padding.
+pub fn pending_charge(len: usize) -> u64 {
+    2 * len as u64 + PENDING_OVERHEAD_BYTES
+}
+
+/// `bytes` if they lie at [`ALIGN`], else a copy of them in `scratch`.
+pub(super) fn aligned<'a>(bytes: &'a [u8], scratch: &'a mut AlignedVec<ALIGN>) -> &'a [u8] {
+    if bytes.as_ptr().align_offset(ALIGN) == 0 {
+        bytes
+    } else {
+        scratch.clear();
+        scratch.extend_from_slice(bytes);
+        scratch
+    }
+}
+
+/// What applying one op batch needs, read off the batch alone.
+pub(super) struct Shape {
+    /// Only ops that cannot fail on any session, given the bounds below:
+    /// `Set` and `Remove` of valid keys, `Touch`, `Invalidate`.
+    pub(super) safe: bool,
+    /// It invalidates the session.
+    pub(super) invalidates: bool,
+    /// `Set`s: each can add one attribute.
+    pub(super) sets: u64,
+    /// What the `Set`s can add to the attribute bytes at most.
+    pub(super) set_bytes: u64,
+}
+
+pub(super) fn shape(batch: &ArchivedVec<ArchivedOp>) -> Shape {
+    // The engine's key rule (`session::check_key`): a bad key fails the batch.
+    let key_ok = |k: &str| !k.is_empty() && k.len() <= KEY_BYTES_MAX;
+    let mut s = Shape {
+        safe: true,
+        invalidates: false,
+        sets: 0,
+        set_bytes: 0,
+    };
+    for op in batch.iter() {
+        match op.as_ref() {
+            OpRef::Set { key, value } => {
+                s.safe &= key_ok(key);
+                s.sets += 1;
+                s.set_bytes += (key.len() + value.len() + 16) as u64;
+            }
+            OpRef::Remove { key } => s.safe &= key_ok(key),
+            OpRef::Touch => {}
+            OpRef::Invalidate => s.invalidates = true,
+            // Their outcome depends on the value they find: not safe.
+            OpRef::Append { .. } | OpRef::Incr { .. } => s.safe = false,
+        }
+    }
+    s
+}
+
+/// The session `copy` holds at its version: its record with every pending
+/// batch applied, as the host applied them. `None` if the record does not
+/// deserialize (it was validated, so it does).
+///
+/// Pending batches hold only `Set`, `Remove` and `Touch` (see [`shape`]),
+/// which write without reading and cannot fail within the copy's bounds,
+/// so applying them one by one leaves each key with its last write and
+/// `updated_ms` at the last batch's time: the fold applies just those
+/// writes, once. The op log ends as the host's does, with the longest run
+/// of the latest batches that `SessionData::log_batch` keeps.
+pub(super) fn materialize(copy: &Copy, scratch: &mut AlignedVec<ALIGN>) -> Option<SessionData> {
+    let bytes = aligned(&copy.record, scratch);
+    // SAFETY: the record was validated with `rkyv::access` when it arrived
+    // or was serialized by this node (`serialize`), and has not changed
+    // since; `aligned` put it at `ALIGN`.
+    let archived = unsafe { rkyv::access_unchecked::<ArchivedSessionData>(bytes) };
+    let mut data = rkyv::deserialize::<SessionData, rancor::Error>(archived).ok()?;
+    if copy.pending.is_empty() {
+        return Some(data);
+    }
+    let mut batches: Vec<(u64, &[u8])> = Vec::with_capacity(copy.pending.len());
+    batches.extend(copy.pending.iter());
+    let mut writes: Vec<OpRef<'_>> = Vec::with_capacity(batches.len());
+    let mut slot: HashMap<&str, usize> = HashMap::with_capacity(batches.len());
+    for &(_, ops) in &batches {
+        debug_assert_eq!(ops.as_ptr().align_offset(ALIGN), 0);
+        // SAFETY: validated with `rkyv::access` on receipt, at an `ALIGN`
+        // boundary (`Store::append_ops`), then copied here byte for byte,
+        // again at an `ALIGN` boundary (`PendingLog`); an archive's
+        // pointers are relative, so it is as valid here; unchanged since.
+        let batch = unsafe { rkyv::access_unchecked::<ArchivedVec<ArchivedOp>>(ops) };
+        for op in batch.iter().map(ArchivedOp::as_ref) {
+            let key = match op {
+                OpRef::Set { key, .. } | OpRef::Remove { key } => key,
+                OpRef::Touch => continue,
+                // Never appended (see `Store::append_ops`).
+                OpRef::Append { .. } | OpRef::Incr { .. } | OpRef::Invalidate => return None,
+            };
+            match slot.entry(key) {
+                hashbrown::hash_map::Entry::Occupied(o) => writes[*o.get()] = op,
+                hashbrown::hash_map::Entry::Vacant(v) => {
+                    v.insert(writes.len());
+                    writes.push(op);
+                }
+            }
+        }
+    }
+    let last_ms = batches.last().map_or(0, |b| b.0);
+    let applied = data.apply_refs(writes, last_ms, APPLY_QUOTA_BYTES);
+    // The bounds checked on append rule out every error.
+    debug_assert_eq!(applied, Ok(Applied::Changed));
+    if applied != Ok(Applied::Changed) {
+        return None;
+    }
+    // Batches older than the latest run the log can hold would be pushed
+    // and dropped again; so would the old log if one of them is.
+    let (mut kept, mut kept_bytes) = (0, 0);
+    for &(_, ops) in batches.iter().rev() {
+        if kept == LOG_ENTRIES_MAX || kept_bytes + ops.len() > LOG_BYTES_MAX {
+            break;
+        }
+        kept += 1;
+        kept_bytes += ops.len();
+    }
+    let first = batches.len() - kept;
+    if first > 0 {
+        data.log.clear();
+    }
+    let base = copy.base_version();
+    for (i, &(_, ops)) in batches.iter().enumerate().skip(first) {
+        data.log_batch(base + i as u64 + 1, ops);
+    }
+    Some(data)
+}
+
+/// Serializes `data` into `ser` (reused: no allocation once it has grown).
+pub(super) fn serialize(data: &SessionData, ser: &mut AlignedVec<ALIGN>) {
+    let mut buf = std::mem::take(ser);
+    buf.clear();
+    *ser = rkyv::api::high::to_bytes_in::<_, rancor::Error>(data, buf)
+        .expect("serializing a session into memory");
+}

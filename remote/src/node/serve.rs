@@ -1,0 +1,259 @@
+//! Serving a [`Store`](super::Store) on one thread or several sharing a
+//! port, and a node on a thread of its own for tests and benchmarks.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+
+use sessio_net::{Identity, Message, PeerInfo, Secret, Server, ServerConfig};
+
+use super::{BIND_RETRY_MS, EXPIRE_INTERVAL_MS_DEFAULT, ExpiryRule, NodeLimits};
+use crate::runtime::Rt;
+
+/// How a node runs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Address to listen on (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Node id (handshake id and placement id).
+    pub node_id: u16,
+    /// What the node agrees to hold.
+    pub limits: NodeLimits,
+    /// Most open connections.
+    pub connections_max: u32,
+    /// An authenticated connection idle this long is closed, in ms.
+    pub idle_timeout_ms: u64,
+    /// Threads serving connections (one runtime each, sharing the port
+    /// through `SO_REUSEPORT`, the store split into as many shards; 1 to
+    /// [`super::shards::SHARDS_MAX`]). The kernel spreads connections, so
+    /// more threads help once several hosts connect.
+    pub threads: usize,
+    /// When the node drops copies on its own.
+    pub expiry: ExpiryRule,
+    /// How often an expiry pass runs, in ms (0 = never).
+    pub expire_interval_ms: u64,
+}
+
+impl NodeConfig {
+    /// Defaults for everything but where it listens and its id.
+    pub fn new(listen: SocketAddr, node_id: u16) -> NodeConfig {
+        NodeConfig {
+            listen,
+            node_id,
+            limits: NodeLimits::default(),
+            connections_max: sessio_net::server::CONNECTIONS_MAX_DEFAULT,
+            idle_timeout_ms: sessio_net::server::IDLE_TIMEOUT_MS_DEFAULT,
+            threads: 1,
+            expiry: ExpiryRule::default(),
+            expire_interval_ms: EXPIRE_INTERVAL_MS_DEFAULT,
+        }
+    }
+}
+
+/// Sets the flag the other serving threads stop on, however the first one
+/// leaves `serve` (a panic too).
+struct StopOthers(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOthers {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Runs a node until `shutdown` completes: on the current thread, plus
+/// `config.threads - 1` more that share its port and its store (in shards).
+/// Calls `on_bound` with the bound address and the incarnation once every
+/// thread listens.
+pub fn serve<B: Rt>(
+    config: &NodeConfig,
+    secret: Secret,
+    on_bound: impl FnOnce(SocketAddr, u64),
+    shutdown: impl Future<Output = ()> + 'static,
+) -> io::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let identity = Identity::with_random_incarnation(u64::from(config.node_id))
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let threads = config.threads.clamp(1, super::shards::SHARDS_MAX);
+    let mut sc = ServerConfig::new(identity);
+    // The cap is the node's: each thread takes its part.
+    sc.connections_max = config
+        .connections_max
+        .div_ceil(u32::try_from(threads).unwrap_or(1))
+        .max(1);
+    sc.idle_timeout_ms = config.idle_timeout_ms;
+    sc.socket.reuse_port = threads > 1;
+    let shards = Arc::new(super::shards::Shards::new(
+        config.limits,
+        identity.incarnation,
+        threads,
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let listen = config.listen;
+    let node_id = config.node_id;
+    let expiry = config.expiry;
+    let expiry_every = std::time::Duration::from_millis(config.expire_interval_ms);
+    let _stop_others = StopOthers(Arc::clone(&stop));
+    B::block_on(async move {
+        // A node restarted at once can find its port still held: io_uring
+        // tears a dead process's ring down asynchronously, and a pending
+        // accept keeps the old listener alive for a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(BIND_RETRY_MS);
+        let server: Server<B> = loop {
+            match Server::bind(listen, sc.clone(), secret.clone()) {
+                Err(e)
+                    if e.kind() == io::ErrorKind::AddrInUse
+                        && std::time::Instant::now() < deadline =>
+                {
+                    B::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                r => break r?,
+            }
+        };
+        let addr = server.local_addr();
+        let mut others = Vec::with_capacity(threads - 1);
+        let mut failed = None;
+        for t in 1..threads {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (shards, stop) = (Arc::clone(&shards), Arc::clone(&stop));
+            let (sc, secret) = (sc.clone(), secret.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("node-{node_id}-{t}"))
+                .spawn(move || {
+                    B::block_on(async move {
+                        let server = match Server::<B>::bind(addr, sc, secret) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                                return Err(e);
+                            }
+                        };
+                        let _ = tx.send(Ok(()));
+                        let handler = move |_peer: PeerInfo, msg: Message| shards.handle(msg);
+                        let stopped = async move {
+                            while !stop.load(Ordering::Relaxed) {
+                                B::sleep(std::time::Duration::from_millis(5)).await;
+                            }
+                        };
+                        server.serve_until(handler, stopped).await
+                    })
+                });
+            match spawned.map(|h| (h, rx.recv())) {
+                Ok((h, Ok(Ok(())))) => others.push(h),
+                Ok((h, Ok(Err(e)))) => {
+                    let _ = h.join();
+                    failed = Some(e);
+                    break;
+                }
+                Ok((h, Err(_))) => {
+                    let _ = h.join();
+                    failed = Some(io::Error::other("a node thread ended before it listened"));
+                    break;
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let result = if let Some(e) = failed {
+            Err(e)
+        } else {
+            on_bound(addr, identity.incarnation);
+            let handler = {
+                let shards = Arc::clone(&shards);
+                move |_peer: PeerInfo, msg: Message| shards.handle(msg)
+            };
+            // Expiry passes run on this thread between messages.
+            let expire = async {
+                if expiry_every.is_zero() {
+                    return std::future::pending().await;
+                }
+                loop {
+                    B::sleep(expiry_every).await;
+                    let dropped = shards.expire(sessio_engine::clock::now_ms(), expiry);
+                    if dropped > 0 {
+                        tracing::debug!(dropped, "expired copies");
+                    }
+                }
+            };
+            let serving = std::pin::pin!(server.serve_until(handler, shutdown));
+            let expire = std::pin::pin!(expire);
+            match futures_util::future::select(serving, expire).await {
+                futures_util::future::Either::Left((r, _)) => r,
+                futures_util::future::Either::Right((never, _)) => never,
+            }
+        };
+        stop.store(true, Ordering::Relaxed);
+        for h in others {
+            let _ = h.join();
+        }
+        result
+    })
+}
+
+/// A node served on a thread of this process: for embedding a node in
+/// another program, and for tests and benchmarks on loopback. Stopped (and
+/// its thread joined) when dropped.
+#[derive(Debug)]
+pub struct LocalNode {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its incarnation id.
+    pub incarnation: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<io::Result<()>>>,
+}
+
+impl LocalNode {
+    /// Starts `serve` with `config` on a new thread, on backend `B`; returns
+    /// once it listens.
+    pub fn start<B: Rt>(config: NodeConfig, secret: Secret) -> io::Result<LocalNode> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name(format!("node-{}", config.node_id))
+            .spawn({
+                let stop = std::sync::Arc::clone(&stop);
+                move || {
+                    let shutdown = async move {
+                        while !stop.load(Ordering::Relaxed) {
+                            B::sleep(std::time::Duration::from_millis(5)).await;
+                        }
+                    };
+                    serve::<B>(
+                        &config,
+                        secret,
+                        |addr, inc| {
+                            // The starter waits for this; if it is gone, nobody is listening.
+                            let _ = tx.send((addr, inc));
+                        },
+                        shutdown,
+                    )
+                }
+            })?;
+        match rx.recv() {
+            Ok((addr, incarnation)) => Ok(LocalNode {
+                addr,
+                incarnation,
+                stop,
+                thread: Some(thread),
+            }),
+            // The thread ended before binding: its error says why.
+            Err(_) => match thread.join() {
+                Ok(Err(e)) => Err(e),
+                _ => Err(io::Error::other("the node thread ended before it listened")),
+            },
+        }
+    }
+}
+
+impl Drop for LocalNode {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,608 @@
+//! The node's store: copies keyed by SID within [`NodeLimits`], as a pure
+//! state machine (messages in, replies out, no I/O).
+
+use hashbrown::HashMap;
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+use rkyv::vec::ArchivedVec;
+use sessio_engine::session::{ATTRS_MAX, Applied, ArchivedOp, ArchivedSessionData, SessionData};
+use sessio_net::{
+    Ack, AckEntry, AckStatus, Counter, Delta, DeltaBatch, DeltaEntry, Fetch, FetchReply,
+    FoundRecord, Invalidate, Message, Pong, Sid, Stats, StatsRequest,
+};
+
+use super::copy::{
+    Copy, PendingLog, aligned, attr_measure, materialize, pending_charge, serialize, shape,
+};
+use super::{
+    ALIGN, APPLY_QUOTA_BYTES, BYTES_MAX_DEFAULT, PENDING_BATCHES_MAX, PENDING_BYTES_MAX,
+    SESSIONS_MAX_DEFAULT,
+};
+
+/// What one node agrees to hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeLimits {
+    /// Most sessions held.
+    pub sessions_max: u64,
+    /// Most bytes held, summed over sessions: each copy's record, plus for
+    /// each unfolded op batch a bound on what it adds once folded.
+    pub bytes_max: u64,
+}
+
+impl Default for NodeLimits {
+    fn default() -> Self {
+        NodeLimits {
+            sessions_max: SESSIONS_MAX_DEFAULT,
+            bytes_max: BYTES_MAX_DEFAULT,
+        }
+    }
+}
+
+/// Counters a node reports in [`Stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeCounters {
+    /// Delta entries applied (ops, full records and removals).
+    pub applied: u64,
+    /// Entries answered `NeedFull`.
+    pub need_full: u64,
+    /// Entries answered `Fenced`.
+    pub fenced: u64,
+    /// Entries answered `Refused`.
+    pub refused: u64,
+    /// Fetches served.
+    pub fetches: u64,
+    /// Fetches that found a copy.
+    pub fetch_hits: u64,
+    /// Copies dropped by `Invalidate`.
+    pub invalidated: u64,
+    /// Records rewritten with their pending op batches folded in.
+    pub folds: u64,
+    /// Copies dropped as expired ([`Store::expire`]).
+    pub expired: u64,
+}
+
+/// When a node drops a copy on its own (see [`Store::expire`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpiryRule {
+    /// A copy whose session's absolute expiry passed this long ago is
+    /// dropped (covers clock skew between hosts and node), in ms.
+    pub grace_ms: u64,
+    /// A copy not written for this long is dropped, in ms; 0 = never.
+    /// Reads on the host do not reach the node, so a session that is only
+    /// read looks idle here: set it well above the longest idle TTL.
+    pub idle_max_ms: u64,
+}
+
+impl Default for ExpiryRule {
+    fn default() -> Self {
+        ExpiryRule {
+            grace_ms: EXPIRY_GRACE_MS_DEFAULT,
+            idle_max_ms: 0,
+        }
+    }
+}
+
+/// Default for [`NodeConfig::expire_interval_ms`](super::NodeConfig::expire_interval_ms).
+pub const EXPIRE_INTERVAL_MS_DEFAULT: u64 = 1_000;
+/// Default for [`ExpiryRule::grace_ms`].
+pub const EXPIRY_GRACE_MS_DEFAULT: u64 = 60_000;
+
+/// The node's state: copies keyed by SID, within [`NodeLimits`].
+#[derive(Debug)]
+pub struct Store {
+    copies: HashMap<Sid, Copy>,
+    bytes: u64,
+    limits: NodeLimits,
+    incarnation: u64,
+    /// Where bytes that are not aligned for rkyv are copied to be read.
+    scratch: AlignedVec<ALIGN>,
+    /// The serializer's output buffer, reused by every fold.
+    ser: AlignedVec<ALIGN>,
+    /// Where the last idle expiry walk stopped (copies are visited in the
+    /// map's order).
+    expire_cursor: usize,
+    /// Absolute expiry deadlines of the copies held, earliest first
+    /// (entries of copies since gone are skipped when they come up).
+    deadlines: std::collections::BinaryHeap<std::cmp::Reverse<(u64, Sid)>>,
+    /// Counters since start.
+    pub counters: NodeCounters,
+}
+
+impl Store {
+    /// An empty store.
+    pub fn new(limits: NodeLimits, incarnation: u64) -> Store {
+        Store {
+            copies: HashMap::new(),
+            bytes: 0,
+            limits,
+            incarnation,
+            scratch: AlignedVec::new(),
+            ser: AlignedVec::new(),
+            expire_cursor: 0,
+            deadlines: std::collections::BinaryHeap::new(),
+            counters: NodeCounters::default(),
+        }
+    }
+
+    /// Drops copies of sessions that expired: past their absolute expiry
+    /// by more than `rule.grace_ms`, or not written for `rule.idle_max_ms`
+    /// (when set). Copies a host forgot to remove (its host died, and
+    /// nobody took the session over) end here instead of filling the node.
+    /// Absolute expiry comes off a heap of deadlines (no scan); idle
+    /// expiry walks the copies from where the last call stopped. Each part
+    /// looks at up to `budget` entries, so a call takes bounded time;
+    /// returns the copies dropped.
+    pub fn expire(&mut self, now_ms: u64, rule: ExpiryRule, budget: usize) -> u64 {
+        let mut dropped = 0;
+        // Absolute expiry: the deadlines due, earliest first. A deadline
+        // whose copy went (or came back as another record) is skipped.
+        let mut looked = 0;
+        while looked < budget
+            && let Some(&std::cmp::Reverse((at, sid))) = self.deadlines.peek()
+            && now_ms >= at.saturating_add(rule.grace_ms)
+        {
+            self.deadlines.pop();
+            looked += 1;
+            let Some(c) = self.copies.get(&sid) else {
+                continue;
+            };
+            let bytes = aligned(&c.record, &mut self.scratch);
+            // SAFETY: as below.
+            let r = unsafe { rkyv::access_unchecked::<ArchivedSessionData>(bytes) };
+            if r.expires_at_ms.to_native() == at {
+                self.remove(&sid);
+                dropped += 1;
+            }
+        }
+        self.counters.expired += dropped;
+        if rule.idle_max_ms == 0 {
+            return dropped;
+        }
+        dropped + self.expire_idle(now_ms, rule, budget)
+    }
+
+    /// The idle part of [`Store::expire`]: a walk over `budget` copies from
+    /// where the last one stopped (it costs a walk of the table up to the
+    /// cursor, so only a node configured for idle expiry pays it).
+    fn expire_idle(&mut self, now_ms: u64, rule: ExpiryRule, budget: usize) -> u64 {
+        if self.copies.is_empty() {
+            return 0;
+        }
+        if self.expire_cursor >= self.copies.len() {
+            self.expire_cursor = 0;
+        }
+        let mut doomed = Vec::new();
+        let mut seen = 0;
+        for (sid, c) in self.copies.iter().skip(self.expire_cursor).take(budget) {
+            seen += 1;
+            let bytes = aligned(&c.record, &mut self.scratch);
+            // SAFETY: a copy's record was validated with `rkyv::access` when
+            // it arrived, or serialized by this node, and has not changed
+            // since; `aligned` put it at `ALIGN`.
+            let r = unsafe { rkyv::access_unchecked::<ArchivedSessionData>(bytes) };
+            let written = c
+                .pending
+                .iter()
+                .last()
+                .map_or(r.updated_ms.to_native(), |(at, _)| at);
+            let expires = r.expires_at_ms.to_native();
+            let past_expiry = expires != 0 && now_ms >= expires.saturating_add(rule.grace_ms);
+            let idle = rule.idle_max_ms != 0 && now_ms >= written.saturating_add(rule.idle_max_ms);
+            if past_expiry || idle {
+                doomed.push(*sid);
+            }
+        }
+        self.expire_cursor += seen - doomed.len();
+        for sid in &doomed {
+            self.remove(sid);
+        }
+        self.counters.expired += doomed.len() as u64;
+        doomed.len() as u64
+    }
+
+    /// Sessions held.
+    pub fn len(&self) -> usize {
+        self.copies.len()
+    }
+
+    /// True when no session is held.
+    pub fn is_empty(&self) -> bool {
+        self.copies.is_empty()
+    }
+
+    /// Bytes held, as charged against [`NodeLimits::bytes_max`].
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The copy of `sid`, as it stands: its pending batches not folded in.
+    pub fn get(&self, sid: &Sid) -> Option<&Copy> {
+        self.copies.get(sid)
+    }
+
+    /// The copy of `sid` with its pending batches folded in, so that its
+    /// record is the session at its version.
+    pub fn folded(&mut self, sid: &Sid) -> Option<&Copy> {
+        self.fold(sid);
+        self.copies.get(sid)
+    }
+
+    /// Answers one message; `None` for messages that get no answer.
+    pub fn handle(&mut self, msg: Message) -> Option<Message> {
+        match msg {
+            Message::DeltaBatch(b) => Some(Message::Ack(self.apply_batch(b))),
+            Message::Fetch(f) => Some(Message::FetchReply(self.fetch(f))),
+            Message::Invalidate(inv) => {
+                self.invalidate(&inv);
+                None
+            }
+            Message::Ping(p) => Some(Message::Pong(Pong { nonce: p.nonce })),
+            Message::StatsRequest(r) => Some(Message::Stats(self.stats(r))),
+            // Replies sent to a server are a confused peer; ignore them.
+            _ => None,
+        }
+    }
+
+    /// Applies a batch in order, op deltas at this node's clock; one ack
+    /// entry per delta entry.
+    pub fn apply_batch(&mut self, batch: DeltaBatch) -> Ack {
+        self.apply_batch_at(batch, sessio_engine::clock::now_ms())
+    }
+
+    /// [`Store::apply_batch`] with op deltas applied at `now_ms` (the time
+    /// a record's `updated_ms` takes).
+    ///
+    /// An op delta on the right base is validated, then appended to the
+    /// copy's pending batches if it cannot fail to apply: only `Set`,
+    /// `Remove`, `Touch` and `Invalidate` with valid keys, and the copy's
+    /// attribute count and bytes, bounded from above, stay within the
+    /// limits an apply checks. A batch that invalidates drops the copy at
+    /// once. Any other batch (`Append`, `Incr`, a bound that could be
+    /// passed, a copy at [`PENDING_BATCHES_MAX`] or [`PENDING_BYTES_MAX`],
+    /// a store near `bytes_max`) folds the pending batches and is applied
+    /// at once, with the outcome an eager apply gives.
+    pub fn apply_batch_at(&mut self, batch: DeltaBatch, now_ms: u64) -> Ack {
+        // In a large store the copies are cold, and one entry's work is
+        // too long for the processor to have two entries' misses in flight
+        // at once. Asking for the lines the batch's op deltas will touch
+        // first (the copies' slots here, the ends of their pending logs)
+        // lets those misses overlap. (Asking for all of a copy about to
+        // fold as well measured no better: its reads are sequential.)
+        for e in &batch.entries {
+            if let Delta::Ops(ops) = &e.body
+                && let Some(c) = self.copies.get(&e.sid)
+            {
+                c.pending.prefetch_push(ops.len());
+            }
+        }
+        let entries = batch
+            .entries
+            .into_iter()
+            .map(|e| {
+                let sid = e.sid;
+                let (status, version) = self.apply_entry(e, now_ms);
+                match status {
+                    AckStatus::Applied => self.counters.applied += 1,
+                    AckStatus::NeedFull => self.counters.need_full += 1,
+                    AckStatus::Fenced => self.counters.fenced += 1,
+                    AckStatus::Refused => self.counters.refused += 1,
+                }
+                AckEntry {
+                    sid,
+                    version,
+                    status,
+                }
+            })
+            .collect();
+        Ack { entries }
+    }
+
+    /// The version held of `sid` (0: none).
+    fn version_of(&self, sid: &Sid) -> u64 {
+        self.copies.get(sid).map_or(0, |c| c.version)
+    }
+
+    /// One entry's answer, and the version held after it.
+    fn apply_entry(&mut self, e: DeltaEntry, now_ms: u64) -> (AckStatus, u64) {
+        if let Delta::Ops(ops) = &e.body {
+            // The common case, with one lookup.
+            if let Some(done) = self.append_ops(&e, ops, now_ms) {
+                return done;
+            }
+            let status = self.apply_now(e.sid, e.epoch, now_ms);
+            return (status, self.version_of(&e.sid));
+        }
+        let held = self.copies.get(&e.sid).map(|c| (c.version, c.epoch));
+        if let Some((version, epoch)) = held
+            && e.epoch < epoch
+        {
+            return (AckStatus::Fenced, version);
+        }
+        match e.body {
+            Delta::Remove => {
+                if let Some((version, epoch)) = held
+                    && e.epoch == epoch
+                    && e.new_version != 0
+                    && version > e.new_version
+                {
+                    // A removal (or a stand-in's drop) older than the copy:
+                    // a later write overtook it. Keep the copy.
+                    return (AckStatus::Applied, version);
+                }
+                self.remove(&e.sid);
+                (AckStatus::Applied, 0)
+            }
+            Delta::Full(record) => {
+                if let Some((version, epoch)) = held
+                    && e.epoch == epoch
+                    && e.new_version <= version
+                {
+                    // A replay or a reordered older copy: ours is as new.
+                    return (AckStatus::Applied, version);
+                }
+                let bytes = aligned(&record, &mut self.scratch);
+                let Ok(archived) = rkyv::access::<ArchivedSessionData, rancor::Error>(bytes) else {
+                    return (AckStatus::Refused, self.version_of(&e.sid));
+                };
+                let attrs = attr_measure(archived);
+                let expires = archived.expires_at_ms.to_native();
+                let copy = Copy::new(e.new_version, e.epoch, record, attrs);
+                let status = self.put(e.sid, copy);
+                // A session's absolute expiry never changes: one deadline
+                // per copy the store did not hold before is enough.
+                if status == AckStatus::Applied && held.is_none() && expires != 0 {
+                    self.deadlines.push(std::cmp::Reverse((expires, e.sid)));
+                }
+                (status, self.version_of(&e.sid))
+            }
+            Delta::Ops(_) => unreachable!("handled above"),
+        }
+    }
+
+    /// An op delta `e` (body `ops`), checked against the copy it names
+    /// (fencing, base version) and, on the right base, validated and
+    /// appended, or the copy dropped if it invalidates it. `None` when the
+    /// batch must be applied at once: it is left in `scratch`, validated.
+    fn append_ops(&mut self, e: &DeltaEntry, ops: &[u8], now_ms: u64) -> Option<(AckStatus, u64)> {
+        let Store {
+            copies,
+            bytes,
+            limits,
+            scratch,
+            ..
+        } = self;
+        let Some(copy) = copies.get_mut(&e.sid) else {
+            return Some((AckStatus::NeedFull, 0));
+        };
+        if e.epoch < copy.epoch {
+            return Some((AckStatus::Fenced, copy.version));
+        }
+        // `checked_add`: a peer may have sent a copy at `u64::MAX`.
+        if e.base_version != copy.version || copy.version.checked_add(1) != Some(e.new_version) {
+            return Some((AckStatus::NeedFull, copy.version));
+        }
+        let (sid, epoch) = (e.sid, e.epoch);
+        // Validated where it arrived, still in cache (or in `scratch` if it
+        // is not aligned), then copied to the pending log. That log is
+        // cold, and nothing reads it back before a fold, so the copy's
+        // stores do not hold up what follows.
+        let in_place = ops.as_ptr().align_offset(ALIGN) == 0;
+        let checked = aligned(ops, scratch);
+        let Ok(batch) = rkyv::access::<ArchivedVec<ArchivedOp>, rancor::Error>(checked) else {
+            return Some((AckStatus::Refused, copy.version));
+        };
+        let shape = shape(batch);
+        let cannot_fail = shape.safe
+            && copy.attrs_bound + shape.sets <= ATTRS_MAX as u64
+            && copy.attr_bytes_bound + shape.set_bytes <= APPLY_QUOTA_BYTES;
+        if cannot_fail && shape.invalidates {
+            self.remove(&sid);
+            return Some((AckStatus::Applied, 0));
+        }
+        let charge = pending_charge(ops.len());
+        if cannot_fail
+            && copy.pending.len() < PENDING_BATCHES_MAX
+            && copy.bytes - copy.record.len() as u64 + charge <= PENDING_BYTES_MAX
+            && *bytes + charge <= limits.bytes_max
+        {
+            copy.pending.push(now_ms, ops);
+            copy.version += 1;
+            copy.epoch = epoch;
+            copy.bytes += charge;
+            copy.attrs_bound += shape.sets;
+            copy.attr_bytes_bound += shape.set_bytes;
+            *bytes += charge;
+            return Some((AckStatus::Applied, copy.version));
+        }
+        if in_place {
+            scratch.clear();
+            scratch.extend_from_slice(ops);
+        }
+        None
+    }
+
+    /// Folds the pending batches of `sid` and applies the op batch in
+    /// `scratch` (validated by `append_ops`) on top, as an eager apply
+    /// would: `NeedFull` if it fails, `Refused` if the result does not
+    /// fit; the copy's version stays as it was in both cases.
+    fn apply_now(&mut self, sid: Sid, epoch: u64, now_ms: u64) -> AckStatus {
+        let ops = std::mem::take(&mut self.scratch);
+        let status = self.apply_now_with(sid, epoch, &ops, now_ms);
+        self.scratch = ops;
+        status
+    }
+
+    fn apply_now_with(&mut self, sid: Sid, epoch: u64, ops: &[u8], now_ms: u64) -> AckStatus {
+        let Some(mut data) = self.materialize_or_drop(&sid) else {
+            // What was pending is gone (see `materialize_or_drop`), and
+            // with it this batch's base.
+            return AckStatus::NeedFull;
+        };
+        // SAFETY: validated with `rkyv::access` by `append_ops`, unchanged
+        // since, in an `AlignedVec` at `ALIGN`.
+        let batch = unsafe { rkyv::access_unchecked::<ArchivedVec<ArchivedOp>>(ops) };
+        match data.apply_refs(
+            batch.iter().map(ArchivedOp::as_ref),
+            now_ms,
+            APPLY_QUOTA_BYTES,
+        ) {
+            Ok(Applied::Changed) => {}
+            Ok(Applied::Invalidated) => {
+                self.remove(&sid);
+                return AckStatus::Applied;
+            }
+            // The host applied this batch; we could not: resync.
+            Err(_) => return AckStatus::NeedFull,
+        }
+        let copy = self.copies.get_mut(&sid).expect("materialized above");
+        // Only reached past `append_ops`' check, so this does not wrap.
+        let version = copy.version.saturating_add(1);
+        data.log_batch(version, ops);
+        serialize(&data, &mut self.ser);
+        let new_len = self.ser.len() as u64;
+        if self.bytes - copy.bytes + new_len > self.limits.bytes_max {
+            return AckStatus::Refused;
+        }
+        copy.version = version;
+        copy.epoch = epoch;
+        self.commit_serialized(&sid, &data);
+        AckStatus::Applied
+    }
+
+    /// Folds the pending batches of `sid` into its record.
+    fn fold(&mut self, sid: &Sid) {
+        if self.copies.get(sid).is_none_or(|c| c.pending.is_empty()) {
+            return;
+        }
+        if let Some(data) = self.materialize_or_drop(sid) {
+            serialize(&data, &mut self.ser);
+            self.commit_serialized(sid, &data);
+        }
+    }
+
+    /// [`materialize`] for the copy of `sid`. Should that fail (it cannot:
+    /// pending batches were checked on append and the record on receipt),
+    /// the copy drops back to its record, its version with it, so the
+    /// host's next delta meets a base mismatch and gets `NeedFull`; and a
+    /// record that does not deserialize drops the copy.
+    fn materialize_or_drop(&mut self, sid: &Sid) -> Option<SessionData> {
+        let copy = self.copies.get_mut(sid)?;
+        if let Some(data) = materialize(copy, &mut self.scratch) {
+            return Some(data);
+        }
+        debug_assert!(false, "a copy did not fold");
+        if copy.pending.is_empty() {
+            self.remove(sid);
+            return None;
+        }
+        let charged = copy.bytes - copy.record.len() as u64;
+        self.bytes -= charged;
+        copy.bytes -= charged;
+        copy.version = copy.base_version();
+        copy.pending = PendingLog::default();
+        copy.attrs_bound = ATTRS_MAX as u64 + 1;
+        copy.attr_bytes_bound = APPLY_QUOTA_BYTES + 1;
+        None
+    }
+
+    /// Makes the record in `ser` (`data`, serialized) the copy of `sid`'s,
+    /// with nothing pending.
+    fn commit_serialized(&mut self, sid: &Sid, data: &SessionData) {
+        let Some(copy) = self.copies.get_mut(sid) else {
+            return;
+        };
+        let new_len = self.ser.len() as u64;
+        // A fold adds no more than its batches were charged
+        // (`pending_charge`) to a record this engine serialized, so the
+        // store stays within bytes_max. A peer's hand-made record can
+        // re-serialize a little larger; it is held all the same (its
+        // batches were acknowledged) and counted as it is.
+        self.bytes = self.bytes - copy.bytes + new_len;
+        copy.record.clear();
+        copy.record.extend_from_slice(&self.ser);
+        copy.pending = PendingLog::default();
+        copy.bytes = new_len;
+        copy.attrs_bound = data.attrs.len() as u64;
+        copy.attr_bytes_bound = data.attr_bytes();
+        self.counters.folds += 1;
+    }
+
+    fn remove(&mut self, sid: &Sid) -> Option<Copy> {
+        let c = self.copies.remove(sid)?;
+        self.bytes -= c.bytes;
+        Some(c)
+    }
+
+    fn put(&mut self, sid: Sid, copy: Copy) -> AckStatus {
+        let old_bytes = self.copies.get(&sid).map(|c| c.bytes);
+        let count = self.copies.len() as u64 + u64::from(old_bytes.is_none());
+        let bytes = self.bytes - old_bytes.unwrap_or(0) + copy.bytes;
+        if count > self.limits.sessions_max || bytes > self.limits.bytes_max {
+            return AckStatus::Refused;
+        }
+        self.bytes = bytes;
+        self.copies.insert(sid, copy);
+        AckStatus::Applied
+    }
+
+    /// Answers a failover fetch, folding the copy's pending batches first.
+    pub fn fetch(&mut self, f: Fetch) -> FetchReply {
+        self.counters.fetches += 1;
+        let found = self.folded(&f.sid).map(|c| FoundRecord {
+            version: c.version,
+            epoch: c.epoch,
+            record: c.record.clone(),
+        });
+        if found.is_some() {
+            self.counters.fetch_hits += 1;
+        }
+        FetchReply {
+            request_id: f.request_id,
+            sid: f.sid,
+            found,
+        }
+    }
+
+    /// Drops copies written under an epoch older than each entry's.
+    pub fn invalidate(&mut self, inv: &Invalidate) {
+        for e in &inv.entries {
+            if self.copies.get(&e.sid).is_some_and(|c| c.epoch < e.epoch)
+                && self.remove(&e.sid).is_some()
+            {
+                self.counters.invalidated += 1;
+            }
+        }
+    }
+
+    /// The node's counters.
+    pub fn stats(&self, r: StatsRequest) -> Stats {
+        let c = &self.counters;
+        let counters = [
+            ("sessions", self.copies.len() as u64),
+            ("bytes", self.bytes),
+            ("applied", c.applied),
+            ("need_full", c.need_full),
+            ("fenced", c.fenced),
+            ("refused", c.refused),
+            ("fetches", c.fetches),
+            ("fetch_hits", c.fetch_hits),
+            ("invalidated", c.invalidated),
+            ("folds", c.folds),
+            ("expired", c.expired),
+        ]
+        .into_iter()
+        .map(|(name, value)| Counter {
+            name: name.to_string(),
+            value,
+        })
+        .collect();
+        Stats {
+            request_id: r.request_id,
+            incarnation: self.incarnation,
+            counters,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,756 @@
+//! The store's rules, one message at a time, and against an eager model.
+
+use super::*;
+use proptest::prelude::*;
+use sessio_engine::Op;
+use sessio_engine::session::{KEY_BYTES_MAX, LOG_ENTRIES_MAX};
+use sessio_engine::session::{decode_ops, decode_session, encode_ops, encode_session};
+use sessio_net::InvalidateEntry;
+
+const SID: Sid = [7; 16];
+
+fn record(attrs: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut d = SessionData::default();
+    let ops: Vec<Op> = attrs
+        .iter()
+        .map(|(k, v)| Op::Set {
+            key: (*k).into(),
+            value: v.to_vec(),
+        })
+        .collect();
+    d.apply(&ops, 1, 1 << 20).unwrap();
+    encode_session(&d).to_vec()
+}
+
+fn entry(base: u64, new: u64, epoch: u64, body: Delta) -> DeltaEntry {
+    DeltaEntry {
+        sid: SID,
+        base_version: base,
+        new_version: new,
+        epoch,
+        body,
+    }
+}
+
+fn one(store: &mut Store, e: DeltaEntry) -> AckEntry {
+    let ack = store.apply_batch(DeltaBatch {
+        host_id: 1,
+        entries: vec![e],
+    });
+    assert_eq!(ack.entries.len(), 1);
+    ack.entries[0]
+}
+
+fn set(key: &str, v: &[u8]) -> Delta {
+    Delta::Ops(
+        encode_ops(&[Op::Set {
+            key: key.into(),
+            value: v.to_vec(),
+        }])
+        .to_vec(),
+    )
+}
+
+#[test]
+fn ops_need_the_base_version() {
+    let mut s = Store::new(NodeLimits::default(), 1);
+    assert_eq!(
+        one(&mut s, entry(1, 2, 1, set("a", b"x"))).status,
+        AckStatus::NeedFull
+    );
+    let full = one(&mut s, entry(0, 1, 1, Delta::Full(record(&[("a", b"0")]))));
+    assert_eq!((full.status, full.version), (AckStatus::Applied, 1));
+    assert_eq!(
+        one(&mut s, entry(1, 2, 1, set("a", b"x"))).status,
+        AckStatus::Applied
+    );
+    // The same delta again: base no longer matches.
+    assert_eq!(
+        one(&mut s, entry(1, 2, 1, set("a", b"y"))).status,
+        AckStatus::NeedFull
+    );
+    assert_eq!(s.get(&SID).unwrap().pending_batches(), 1);
+    let c = s.folded(&SID).unwrap();
+    assert_eq!((c.version(), c.pending_batches()), (2, 0));
+    let d = decode_session(c.record()).unwrap();
+    assert_eq!(d.get("a"), Some(&b"x"[..]));
+    assert_eq!(d.log.last().unwrap().version, 2);
+}
+
+#[test]
+fn older_epochs_are_fenced() {
+    let mut s = Store::new(NodeLimits::default(), 1);
+    one(
+        &mut s,
+        entry(0, 5, 3, Delta::Full(record(&[("o", b"new")]))),
+    );
+    assert_eq!(
+        one(&mut s, entry(5, 6, 2, set("o", b"old"))).status,
+        AckStatus::Fenced
+    );
+    assert_eq!(
+        one(
+            &mut s,
+            entry(0, 9, 2, Delta::Full(record(&[("o", b"old")])))
+        )
+        .status,
+        AckStatus::Fenced
+    );
+    assert_eq!(
+        one(&mut s, entry(0, 9, 2, Delta::Remove)).status,
+        AckStatus::Fenced
+    );
+    // The newer owner's ops on the same base move the copy forward.
+    assert_eq!(
+        one(&mut s, entry(5, 6, 4, set("o", b"b"))).status,
+        AckStatus::Applied
+    );
+    assert_eq!(s.get(&SID).unwrap().epoch(), 4);
+    assert_eq!(s.counters.fenced, 3);
+    // A replayed full copy of the same epoch is acknowledged, not applied.
+    let r = one(&mut s, entry(0, 5, 4, Delta::Full(record(&[]))));
+    assert_eq!((r.status, r.version), (AckStatus::Applied, 6));
+}
+
+#[test]
+fn bad_records_and_full_stores_are_refused() {
+    let mut s = Store::new(
+        NodeLimits {
+            sessions_max: 1,
+            bytes_max: 1 << 20,
+        },
+        1,
+    );
+    assert_eq!(
+        one(&mut s, entry(0, 1, 1, Delta::Full(vec![0xFF; 40]))).status,
+        AckStatus::Refused
+    );
+    assert_eq!(
+        one(&mut s, entry(0, 1, 1, Delta::Full(record(&[])))).status,
+        AckStatus::Applied
+    );
+    assert_eq!(
+        one(&mut s, entry(1, 2, 1, Delta::Ops(vec![1, 2, 3]))).status,
+        AckStatus::Refused
+    );
+    let other = DeltaEntry {
+        sid: [8; 16],
+        ..entry(0, 1, 1, Delta::Full(record(&[])))
+    };
+    assert_eq!(one(&mut s, other).status, AckStatus::Refused);
+    assert_eq!(s.len(), 1);
+}
+
+#[test]
+fn fetch_remove_and_invalidate() {
+    let mut s = Store::new(NodeLimits::default(), 1);
+    one(&mut s, entry(0, 3, 2, Delta::Full(record(&[("k", b"v")]))));
+    let r = s.fetch(Fetch {
+        request_id: 9,
+        sid: SID,
+    });
+    assert_eq!(r.found.unwrap().version, 3);
+    s.invalidate(&Invalidate {
+        entries: vec![InvalidateEntry { sid: SID, epoch: 2 }],
+    });
+    assert_eq!(s.len(), 1, "same epoch is not older");
+    s.invalidate(&Invalidate {
+        entries: vec![InvalidateEntry { sid: SID, epoch: 3 }],
+    });
+    assert!(s.is_empty());
+    assert_eq!(s.bytes(), 0);
+    one(&mut s, entry(0, 3, 2, Delta::Full(record(&[("k", b"v")]))));
+    assert_eq!(
+        one(&mut s, entry(3, 4, 2, Delta::Remove)).status,
+        AckStatus::Applied
+    );
+    assert!(
+        s.fetch(Fetch {
+            request_id: 1,
+            sid: SID
+        })
+        .found
+        .is_none()
+    );
+    let inv = encode_ops(&[Op::Invalidate]).to_vec();
+    one(&mut s, entry(0, 3, 2, Delta::Full(record(&[]))));
+    assert_eq!(
+        one(&mut s, entry(3, 4, 2, Delta::Ops(inv))).status,
+        AckStatus::Applied
+    );
+    assert!(s.is_empty());
+}
+
+#[test]
+fn versions_at_the_top_of_the_range_are_refused_not_a_panic() {
+    let mut s = Store::new(NodeLimits::default(), 1);
+    one(
+        &mut s,
+        entry(0, u64::MAX, 2, Delta::Full(record(&[("k", b"v")]))),
+    );
+    let a = one(&mut s, entry(u64::MAX, 0, 2, set("k", b"w")));
+    assert_eq!(a.status, AckStatus::NeedFull);
+    let a = one(&mut s, entry(u64::MAX, u64::MAX, 2, set("k", b"w")));
+    assert_eq!(a.status, AckStatus::NeedFull);
+}
+
+#[test]
+fn a_removal_overtaken_by_a_write_keeps_the_copy() {
+    let mut s = Store::new(NodeLimits::default(), 1);
+    one(&mut s, entry(0, 3, 2, Delta::Full(record(&[("k", b"v")]))));
+    assert_eq!(
+        one(&mut s, entry(3, 4, 2, set("k", b"w"))).status,
+        AckStatus::Applied
+    );
+    // A stand-in's drop of version 3, read after the write of 4.
+    let a = one(&mut s, entry(3, 3, 2, Delta::Remove));
+    assert_eq!((a.status, a.version), (AckStatus::Applied, 4));
+    assert_eq!(s.get(&SID).map(Copy::version), Some(4));
+    // At the copy's version, or from a newer owner, it goes.
+    assert_eq!(one(&mut s, entry(4, 4, 2, Delta::Remove)).version, 0);
+    assert!(s.is_empty());
+    one(&mut s, entry(0, 9, 2, Delta::Full(record(&[]))));
+    one(&mut s, entry(0, 1, 3, Delta::Remove));
+    assert!(s.is_empty(), "a newer epoch removes any version");
+}
+
+#[test]
+fn expiry_drops_expired_and_idle_copies_within_budget() {
+    let rec = |updated_ms: u64, expires_at_ms: u64| {
+        encode_session(&SessionData {
+            updated_ms,
+            expires_at_ms,
+            ..SessionData::default()
+        })
+        .to_vec()
+    };
+    let full = |sid: Sid, record: Vec<u8>| DeltaEntry {
+        sid,
+        ..entry(0, 1, 1, Delta::Full(record))
+    };
+    let mut s = Store::new(NodeLimits::default(), 1);
+    let (a, b, c) = ([1; 16], [2; 16], [3; 16]);
+    let ack = s.apply_batch_at(
+        DeltaBatch {
+            host_id: 1,
+            entries: vec![
+                full(a, rec(500, 1_000)),
+                full(b, rec(500, 0)),
+                full(c, rec(500, 0)),
+            ],
+        },
+        500,
+    );
+    assert!(ack.entries.iter().all(|e| e.status == AckStatus::Applied));
+    // C is written later, by an op delta kept pending.
+    let ack = s.apply_batch_at(
+        DeltaBatch {
+            host_id: 1,
+            entries: vec![DeltaEntry {
+                sid: c,
+                ..entry(1, 2, 1, set("k", b"v"))
+            }],
+        },
+        5_000,
+    );
+    assert_eq!(ack.entries[0].status, AckStatus::Applied);
+    assert_eq!(s.get(&c).unwrap().pending_batches(), 1);
+    let rule = ExpiryRule {
+        grace_ms: 100,
+        idle_max_ms: 0,
+    };
+    assert_eq!(s.expire(1_099, rule, 100), 0, "within the grace");
+    assert_eq!(s.expire(1_100, rule, 100), 1);
+    assert!(s.get(&a).is_none());
+    let idle = ExpiryRule {
+        idle_max_ms: 2_000,
+        ..rule
+    };
+    assert_eq!(s.expire(2_499, idle, 100), 0);
+    assert_eq!(s.expire(2_500, idle, 100), 1, "B, idle since 500");
+    assert!(s.get(&c).is_some(), "C was written at 5000");
+    assert_eq!(s.expire(7_000, idle, 100), 1);
+    assert!(s.is_empty());
+    assert_eq!(s.bytes(), 0);
+    assert_eq!(s.counters.expired, 3);
+
+    // A pass looks at `budget` copies; passes go round the whole store.
+    let many: Vec<DeltaEntry> = (0..100u8)
+        .map(|i| full([i; 16], rec(0, if i % 2 == 0 { 10 } else { 0 })))
+        .collect();
+    s.apply_batch_at(
+        DeltaBatch {
+            host_id: 1,
+            entries: many,
+        },
+        0,
+    );
+    assert_eq!(s.len(), 100);
+    let first = s.expire(1_000, rule, 10);
+    assert!(first <= 10, "{first}");
+    let mut passes = 1;
+    while s.len() > 50 {
+        s.expire(1_000, rule, 10);
+        passes += 1;
+        assert!(
+            passes <= 12,
+            "{} copies left after {passes} passes",
+            s.len()
+        );
+    }
+    assert_eq!(s.len(), 50);
+    assert!(s.copies.values().all(|c| c.pending_batches() == 0));
+}
+
+fn set_n(i: usize, bytes: usize) -> Delta {
+    set(&format!("k{}", i % 5), &vec![i as u8; bytes])
+}
+
+/// Full at version 1, then `n` op deltas of one `bytes`-byte `Set`.
+fn loaded(n: usize, bytes: usize) -> Store {
+    let mut s = Store::new(NodeLimits::default(), 1);
+    one(&mut s, entry(0, 1, 1, Delta::Full(record(&[("a", b"0")]))));
+    for i in 0..n {
+        let v = i as u64 + 1;
+        let a = one(&mut s, entry(v, v + 1, 1, set_n(i, bytes)));
+        assert_eq!((a.status, a.version), (AckStatus::Applied, v + 1));
+    }
+    s
+}
+
+#[test]
+fn op_deltas_wait_until_a_fetch_folds_them() {
+    let mut s = loaded(5, 100);
+    let c = s.get(&SID).unwrap();
+    assert_eq!(
+        (c.version(), c.base_version(), c.pending_batches()),
+        (6, 1, 5)
+    );
+    assert_eq!(s.counters.folds, 0);
+    assert_eq!(
+        s.bytes(),
+        record(&[("a", b"0")]).len() as u64 + 5 * pending_charge(ops_len(&set_n(0, 100))),
+        "each pending batch is charged"
+    );
+    let r = s.fetch(Fetch {
+        request_id: 1,
+        sid: SID,
+    });
+    let found = r.found.unwrap();
+    assert_eq!((found.version, found.epoch), (6, 1));
+    let d = decode_session(&found.record).unwrap();
+    assert_eq!(d.get("a"), Some(&b"0"[..]));
+    assert_eq!(d.get("k4"), Some(&[4u8; 100][..]));
+    let logged: Vec<u64> = d.log.iter().map(|l| l.version).collect();
+    assert_eq!(logged.last(), Some(&6));
+    assert_eq!(s.counters.folds, 1);
+    let c = s.get(&SID).unwrap();
+    assert_eq!((c.pending_batches(), c.base_version()), (0, 6));
+    assert_eq!(s.bytes(), found.record.len() as u64, "charged as folded");
+    // A second fetch has nothing to fold.
+    s.fetch(Fetch {
+        request_id: 2,
+        sid: SID,
+    });
+    assert_eq!(s.counters.folds, 1);
+}
+
+#[test]
+fn pending_batches_are_bounded_by_count_and_bytes() {
+    let n = (PENDING_BATCHES_MAX + 1) * 3 + 5;
+    let s = loaded(n, 10);
+    let c = s.get(&SID).unwrap();
+    assert_eq!(c.version(), n as u64 + 1);
+    assert_eq!(c.pending_batches(), 5);
+    assert_eq!(s.counters.folds, 3, "a batch past the bound folds");
+
+    let big = 3000;
+    let s = loaded(20, big);
+    let c = s.get(&SID).unwrap();
+    let per = pending_charge(ops_len(&set_n(0, big)));
+    assert!(c.pending_batches() as u64 * per <= PENDING_BYTES_MAX);
+    assert!(c.bytes() - c.record().len() as u64 <= PENDING_BYTES_MAX);
+    // Each run: as many batches as the byte bound holds, then a fold.
+    let run = PENDING_BYTES_MAX / per + 1;
+    assert!(run < PENDING_BATCHES_MAX as u64);
+    assert_eq!(s.counters.folds, 20 / run);
+}
+
+#[test]
+fn batches_that_could_fail_apply_at_once() {
+    // A counter, an append list, a bad key, an invalidation that fails:
+    // each folds what is pending and gets the eager answer.
+    let mut s = loaded(3, 10);
+    let incr = |by| {
+        Delta::Ops(
+            encode_ops(&[Op::Incr {
+                key: "n".into(),
+                by,
+            }])
+            .to_vec(),
+        )
+    };
+    assert_eq!(
+        one(&mut s, entry(4, 5, 1, incr(2))).status,
+        AckStatus::Applied
+    );
+    assert_eq!(s.get(&SID).unwrap().pending_batches(), 0);
+    assert_eq!(s.counters.folds, 1);
+    // Overflows: the host could not have applied this; resync.
+    let a = one(&mut s, entry(5, 6, 1, incr(i64::MAX)));
+    assert_eq!((a.status, a.version), (AckStatus::NeedFull, 5));
+    let a = one(&mut s, entry(5, 6, 1, set("", b"x")));
+    assert_eq!((a.status, a.version), (AckStatus::NeedFull, 5));
+    let bad_then_invalidate = Delta::Ops(
+        encode_ops(&[
+            Op::Invalidate,
+            Op::Set {
+                key: "x".repeat(KEY_BYTES_MAX + 1),
+                value: vec![],
+            },
+        ])
+        .to_vec(),
+    );
+    let a = one(&mut s, entry(5, 6, 1, bad_then_invalidate));
+    assert_eq!((a.status, a.version), (AckStatus::NeedFull, 5));
+    let append = Delta::Ops(
+        encode_ops(&[Op::Append {
+            key: "h".into(),
+            item: b"e1".to_vec(),
+            max_items: 4,
+        }])
+        .to_vec(),
+    );
+    assert_eq!(
+        one(&mut s, entry(5, 6, 1, append)).status,
+        AckStatus::Applied
+    );
+    let d = decode_session(s.folded(&SID).unwrap().record()).unwrap();
+    assert_eq!(d.get("n"), Some(&2i64.to_le_bytes()[..]));
+    assert_eq!(d.get("h"), Some(&[2, 0, 0, 0, b'e', b'1'][..]));
+    // A safe invalidation with batches pending drops the copy at once.
+    one(&mut s, entry(6, 7, 1, set("a", b"1")));
+    let inv = Delta::Ops(encode_ops(&[Op::Touch, Op::Invalidate]).to_vec());
+    let a = one(&mut s, entry(7, 8, 1, inv));
+    assert_eq!((a.status, a.version), (AckStatus::Applied, 0));
+    assert!(s.is_empty());
+    assert_eq!(s.bytes(), 0);
+}
+
+#[test]
+fn bytes_max_counts_pending_batches() {
+    let base = record(&[("a", b"0")]).len() as u64;
+    let per = pending_charge(ops_len(&set_n(0, 100)));
+    let mut s = Store::new(
+        NodeLimits {
+            sessions_max: 10,
+            bytes_max: base + 2 * per,
+        },
+        1,
+    );
+    one(&mut s, entry(0, 1, 1, Delta::Full(record(&[("a", b"0")]))));
+    for v in 1..=2 {
+        assert_eq!(
+            one(&mut s, entry(v, v + 1, 1, set_n(0, 100))).status,
+            AckStatus::Applied
+        );
+    }
+    assert_eq!(s.bytes(), base + 2 * per);
+    assert_eq!(s.get(&SID).unwrap().pending_batches(), 2);
+    // No room to charge a third: it is applied at once, and the folded
+    // record (the same key set again) fits.
+    let a = one(&mut s, entry(3, 4, 1, set_n(0, 100)));
+    assert_eq!((a.status, a.version), (AckStatus::Applied, 4));
+    let c = s.get(&SID).unwrap();
+    assert_eq!(c.pending_batches(), 0);
+    assert!(s.bytes() <= base + 2 * per);
+    assert_eq!(s.bytes(), c.record().len() as u64);
+    // A value the folded record has no room for is refused; the copy
+    // stays as it was.
+    let a = one(&mut s, entry(4, 5, 1, set_n(1, 2 * per as usize)));
+    assert_eq!((a.status, a.version), (AckStatus::Refused, 4));
+    assert_eq!(s.get(&SID).unwrap().version(), 4);
+}
+
+fn ops_len(d: &Delta) -> usize {
+    match d {
+        Delta::Ops(b) => b.len(),
+        _ => panic!("not ops"),
+    }
+}
+
+/// The node before op deltas were deferred: every delta decoded,
+/// applied to the decoded record and re-encoded at once. The reference
+/// the store must agree with (acks and fetched records), except where
+/// `bytes_max` comes into it.
+#[derive(Default)]
+struct Eager {
+    copies: std::collections::HashMap<Sid, (u64, u64, Vec<u8>)>,
+    sessions_max: u64,
+}
+
+impl Eager {
+    fn apply(&mut self, e: &DeltaEntry, now_ms: u64) -> AckEntry {
+        let status = self.status(e, now_ms);
+        AckEntry {
+            sid: e.sid,
+            version: self.copies.get(&e.sid).map_or(0, |c| c.0),
+            status,
+        }
+    }
+
+    fn status(&mut self, e: &DeltaEntry, now_ms: u64) -> AckStatus {
+        let held = self.copies.get(&e.sid).map(|c| (c.0, c.1));
+        if held.is_some_and(|(_, ep)| e.epoch < ep) {
+            return AckStatus::Fenced;
+        }
+        match &e.body {
+            Delta::Remove => {
+                if !held
+                    .is_some_and(|(v, ep)| ep == e.epoch && e.new_version != 0 && v > e.new_version)
+                {
+                    self.copies.remove(&e.sid);
+                }
+                AckStatus::Applied
+            }
+            Delta::Full(record) => {
+                if held.is_some_and(|(v, ep)| e.epoch == ep && e.new_version <= v) {
+                    return AckStatus::Applied;
+                }
+                if decode_session(record).is_err() {
+                    return AckStatus::Refused;
+                }
+                self.put(e, record.clone())
+            }
+            Delta::Ops(ops) => {
+                let Some((v, _)) = held else {
+                    return AckStatus::NeedFull;
+                };
+                if e.base_version != v || e.new_version != v + 1 {
+                    return AckStatus::NeedFull;
+                }
+                let Ok(decoded) = decode_ops(ops) else {
+                    return AckStatus::Refused;
+                };
+                let mut data = decode_session(&self.copies[&e.sid].2).unwrap();
+                match data.apply(&decoded, now_ms, APPLY_QUOTA_BYTES) {
+                    Ok(Applied::Changed) => {}
+                    Ok(Applied::Invalidated) => {
+                        self.copies.remove(&e.sid);
+                        return AckStatus::Applied;
+                    }
+                    Err(_) => return AckStatus::NeedFull,
+                }
+                data.log_batch(e.new_version, ops);
+                self.put(e, encode_session(&data).to_vec())
+            }
+        }
+    }
+
+    fn put(&mut self, e: &DeltaEntry, record: Vec<u8>) -> AckStatus {
+        let count = self.copies.len() as u64 + u64::from(!self.copies.contains_key(&e.sid));
+        if count > self.sessions_max {
+            return AckStatus::Refused;
+        }
+        self.copies.insert(e.sid, (e.new_version, e.epoch, record));
+        AckStatus::Applied
+    }
+}
+
+#[test]
+fn fold_keeps_the_log_the_host_keeps() {
+    let touch = || vec![Op::Touch];
+    let setb = |n: usize| {
+        vec![Op::Set {
+            key: "a".into(),
+            value: vec![1; n],
+        }]
+    };
+    let runs: Vec<Vec<Vec<Op>>> = vec![
+        // More batches than the log keeps entries.
+        (0..LOG_ENTRIES_MAX + 8).map(|_| touch()).collect(),
+        // More bytes than it keeps.
+        (0..10).map(|_| setb(300)).collect(),
+        // One batch over the log's bytes: it and all before it go.
+        vec![setb(10), setb(10), setb(1100), setb(10), setb(20)],
+        vec![setb(10), setb(1100)],
+    ];
+    for run in runs {
+        let mut s = Store::new(NodeLimits::default(), 1);
+        let mut eager = Eager {
+            sessions_max: 1,
+            ..Eager::default()
+        };
+        let full = entry(0, 1, 1, Delta::Full(record(&[("a", b"0")])));
+        eager.apply(&full, 0);
+        one(&mut s, full);
+        // Half the run eagerly (on the record's log), then the rest
+        // pending, so both the old log and the new batches count.
+        for (i, ops) in run.iter().enumerate() {
+            let v = i as u64 + 1;
+            let e = entry(v, v + 1, 1, Delta::Ops(encode_ops(ops).to_vec()));
+            eager.apply(&e, v);
+            s.apply_batch_at(
+                DeltaBatch {
+                    host_id: 1,
+                    entries: vec![e],
+                },
+                v,
+            );
+            if i + 1 == run.len() / 2 {
+                s.fold(&SID);
+            }
+        }
+        assert!(s.get(&SID).unwrap().pending_batches() > 0);
+        let want = &eager.copies[&SID].2;
+        assert_eq!(s.folded(&SID).unwrap().record(), &want[..]);
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Full {
+        sid: u8,
+        ahead: u8,
+        epoch: u8,
+        value: u8,
+    },
+    Ops {
+        sid: u8,
+        base_off: i8,
+        epoch: u8,
+        ops: Vec<Op>,
+    },
+    Remove {
+        sid: u8,
+        epoch: u8,
+    },
+    Fetch {
+        sid: u8,
+    },
+    Invalidate {
+        sid: u8,
+        epoch: u8,
+    },
+}
+
+fn any_op() -> impl Strategy<Value = Op> {
+    let key = prop_oneof![
+        4 => prop::sample::select(vec!["a", "b", "c", "n"]).prop_map(String::from),
+        1 => Just(String::new()),
+        1 => Just("k".repeat(KEY_BYTES_MAX + 1)),
+    ];
+    prop_oneof![
+        8 => (key.clone(), prop_oneof![
+                8 => prop::collection::vec(any::<u8>(), 0..120),
+                // Past what the op log keeps: it drops older batches.
+                1 => prop::collection::vec(any::<u8>(), 900..1100),
+            ])
+            .prop_map(|(key, value)| Op::Set { key, value }),
+        2 => key.clone().prop_map(|key| Op::Remove { key }),
+        2 => (key.clone(), prop::collection::vec(any::<u8>(), 0..8), 0u32..4)
+            .prop_map(|(key, item, max_items)| Op::Append { key, item, max_items }),
+        2 => (key, prop_oneof![Just(i64::MAX), -5i64..5])
+            .prop_map(|(key, by)| Op::Incr { key, by }),
+        1 => Just(Op::Touch),
+        1 => Just(Op::Invalidate),
+    ]
+}
+
+fn any_step() -> impl Strategy<Value = Step> {
+    let epoch = prop_oneof![6 => Just(1u8), 1 => Just(0u8), 1 => Just(2u8)];
+    prop_oneof![
+        2 => (0u8..3, 0u8..3, epoch.clone(), any::<u8>())
+            .prop_map(|(sid, ahead, epoch, value)| Step::Full { sid, ahead, epoch, value }),
+        16 => (0u8..3, prop_oneof![10 => Just(0i8), 1 => -1i8..2], epoch.clone(),
+               prop::collection::vec(any_op(), 0..3))
+            .prop_map(|(sid, base_off, epoch, ops)| Step::Ops { sid, base_off, epoch, ops }),
+        1 => (0u8..3, epoch.clone()).prop_map(|(sid, epoch)| Step::Remove { sid, epoch }),
+        2 => (0u8..3).prop_map(|sid| Step::Fetch { sid }),
+        1 => (0u8..3, epoch).prop_map(|(sid, epoch)| Step::Invalidate { sid, epoch }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Deferring op deltas and folding them (on fetch, at the bounds,
+    /// before a batch that could fail) gives the same acks and the same
+    /// fetched records, byte for byte, as applying each delta at once.
+    #[test]
+    fn folding_matches_applying_each_delta_at_once(
+        steps in prop::collection::vec(any_step(), 1..200),
+        batch_len in 1usize..6,
+    ) {
+        let mut store = Store::new(NodeLimits { sessions_max: 2, bytes_max: u64::MAX }, 1);
+        let mut eager = Eager { sessions_max: 2, ..Eager::default() };
+        let sid = |n: u8| [n; 16];
+        let mut batch: Vec<DeltaEntry> = Vec::new();
+        let mut now_ms = 1_000;
+        let flush = |store: &mut Store, eager: &mut Eager, batch: &mut Vec<DeltaEntry>, now_ms: u64|
+            -> Result<(), TestCaseError> {
+            let want: Vec<AckEntry> = batch.iter().map(|e| eager.apply(e, now_ms)).collect();
+            let got = store.apply_batch_at(DeltaBatch { host_id: 1, entries: std::mem::take(batch) }, now_ms);
+            prop_assert_eq!(got.entries, want);
+            Ok(())
+        };
+        for step in steps {
+            // Versions as the eager node holds them when the batch is
+            // built, as a host would see them.
+            let held = |eager: &Eager, n: u8| eager.copies.get(&sid(n)).map_or(0, |c| c.0)
+                + batch.iter().filter(|e| e.sid == sid(n)).count() as u64;
+            match step {
+                Step::Full { sid: n, ahead, epoch, value } => {
+                    let v = held(&eager, n) + u64::from(ahead);
+                    batch.push(DeltaEntry {
+                        sid: sid(n), base_version: 0, new_version: v, epoch: u64::from(epoch),
+                        body: Delta::Full(record(&[("a", &[value; 30]), ("n", &[0; 8])])),
+                    });
+                }
+                Step::Ops { sid: n, base_off, epoch, ops } => {
+                    let base = held(&eager, n).saturating_add_signed(i64::from(base_off));
+                    batch.push(DeltaEntry {
+                        sid: sid(n), base_version: base, new_version: base + 1,
+                        epoch: u64::from(epoch), body: Delta::Ops(encode_ops(&ops).to_vec()),
+                    });
+                }
+                Step::Remove { sid: n, epoch } => batch.push(DeltaEntry {
+                    sid: sid(n), base_version: 0, new_version: 0, epoch: u64::from(epoch),
+                    body: Delta::Remove,
+                }),
+                Step::Fetch { sid: n } => {
+                    flush(&mut store, &mut eager, &mut batch, now_ms)?;
+                    let got = store.fetch(Fetch { request_id: 1, sid: sid(n) }).found;
+                    let want = eager.copies.get(&sid(n)).map(|c| FoundRecord {
+                        version: c.0, epoch: c.1, record: c.2.clone(),
+                    });
+                    prop_assert_eq!(got, want);
+                }
+                Step::Invalidate { sid: n, epoch } => {
+                    flush(&mut store, &mut eager, &mut batch, now_ms)?;
+                    let entry = InvalidateEntry { sid: sid(n), epoch: u64::from(epoch) };
+                    store.invalidate(&Invalidate { entries: vec![entry] });
+                    if eager.copies.get(&sid(n)).is_some_and(|c| c.1 < entry.epoch) {
+                        eager.copies.remove(&sid(n));
+                    }
+                }
+            }
+            if batch.len() >= batch_len {
+                flush(&mut store, &mut eager, &mut batch, now_ms)?;
+            }
+            now_ms += 3;
+        }
+        flush(&mut store, &mut eager, &mut batch, now_ms)?;
+        // Each copy's charge covered what folding it added.
+        let charged = store.bytes();
+        let mut folded = 0;
+        for n in 0..3 {
+            let want = eager.copies.get(&sid(n)).map(|c| (c.0, c.1, c.2.clone()));
+            let got = store.folded(&sid(n)).map(|c| (c.version(), c.epoch(), c.record().to_vec()));
+            prop_assert_eq!(&got, &want);
+            folded += got.map_or(0, |c| c.2.len() as u64);
+        }
+        prop_assert_eq!(store.bytes(), folded);
+        prop_assert!(folded <= charged, "folded {} over the charge {}", folded, charged);
+    }
+}

@@ -294,9 +294,9 @@ fn run_node(a: &NodeArgs) -> Res {
         let _ = std::io::stdout().flush();
     };
     if epoll || !IoUring::available() {
-        node::serve::<Epoll>(&config, secret.clone(), on_bound, stopped::<Epoll>())?;
+        node::serve::<Epoll>(&config, secret.clone(), on_bound, stopped())?;
     } else {
-        node::serve::<IoUring>(&config, secret.clone(), on_bound, stopped::<IoUring>())?;
+        node::serve::<IoUring>(&config, secret.clone(), on_bound, stopped())?;
     }
     drop(metrics.take());
     eprintln!("sessio node {node_id}: stopped");

@@ -1,36 +1,42 @@
-//! SIGTERM and SIGINT as a flag, so `sessio` processes stop cleanly (flush,
-//! drain, close) instead of dying mid-write.
+//! SIGTERM and SIGINT as a shutdown signal, so `sessio` processes stop
+//! cleanly (flush, drain, close) instead of dying mid-write: a thread waits
+//! for the signals and fires one [`Shutdown`] that every waiter, on any
+//! thread and either I/O engine, wakes on.
 
-use std::sync::Arc;
+use std::future::Future;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
-use sessio_net::Backend;
+use sessio_net::Shutdown;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
-fn flag() -> &'static Arc<AtomicBool> {
-    static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
-    STOP.get_or_init(|| Arc::new(AtomicBool::new(false)))
+fn shutdown() -> &'static Shutdown {
+    static STOP: OnceLock<Shutdown> = OnceLock::new();
+    STOP.get_or_init(Shutdown::new)
 }
 
-/// Makes SIGTERM and SIGINT set the stop flag (see [`stop_requested`])
+/// Makes SIGTERM and SIGINT fire the stop signal (see [`stop_requested`])
 /// instead of killing the process.
 pub fn install_stop_signals() {
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        // Registering can only fail for signals that cannot be caught;
-        // these two can.
-        signal_hook::flag::register(sig, Arc::clone(flag())).expect("register a stop signal");
-    }
+    // Registering can only fail for signals that cannot be caught; these
+    // two can.
+    let mut signals = Signals::new([SIGTERM, SIGINT]).expect("register the stop signals");
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                shutdown().fire();
+            }
+        })
+        .expect("spawn the signal thread");
 }
 
 /// Whether SIGTERM or SIGINT arrived since [`install_stop_signals`].
 pub fn stop_requested() -> bool {
-    flag().load(Ordering::SeqCst)
+    shutdown().is_fired()
 }
 
-/// Completes once [`stop_requested`] holds (polled every 20 ms).
-pub async fn stopped<B: Backend>() {
-    while !stop_requested() {
-        B::sleep(Duration::from_millis(20)).await;
-    }
+/// Completes once SIGTERM or SIGINT arrives.
+pub fn stopped() -> impl Future<Output = ()> + 'static {
+    shutdown().wait()
 }

@@ -77,6 +77,34 @@ pub trait Backend: sealed::Sealed + 'static {
     /// Runs `f` to completion with [`Backend::spawn`] available inside.
     #[doc(hidden)]
     async fn scope<F: Future>(f: F) -> F::Output;
+
+    /// This engine's single-threaded runtime, kept across calls when
+    /// sockets must stay registered with the runtime that opened them.
+    type Runtime;
+    /// Builds a runtime for this thread.
+    ///
+    /// # Errors
+    ///
+    /// When the engine cannot run here (`io_uring` missing or forbidden).
+    fn runtime() -> io::Result<Self::Runtime>;
+    /// Runs `f` to completion on `rt`.
+    fn run<F: Future>(rt: &Self::Runtime, f: F) -> F::Output;
+    /// Runs `f` to completion on a fresh runtime on this thread.
+    ///
+    /// # Panics
+    ///
+    /// When the runtime cannot be built: check [`Backend::available`] first.
+    fn block_on<F: Future>(f: F) -> F::Output {
+        Self::run(
+            &Self::runtime().expect("runtime (check Backend::available first)"),
+            f,
+        )
+    }
+    /// Whether this engine works here (`io_uring` may be missing or
+    /// forbidden by seccomp).
+    fn available() -> bool {
+        Self::runtime().is_ok()
+    }
 }
 
 mod sealed {
@@ -234,6 +262,16 @@ mod uring {
         async fn scope<F: Future>(f: F) -> F::Output {
             f.await
         }
+
+        type Runtime = compio::runtime::Runtime;
+
+        fn runtime() -> io::Result<compio::runtime::Runtime> {
+            IoUring::runtime()
+        }
+
+        fn run<F: Future>(rt: &compio::runtime::Runtime, f: F) -> F::Output {
+            rt.block_on(f)
+        }
     }
 }
 
@@ -336,6 +374,18 @@ mod epoll {
 
         async fn scope<F: Future>(f: F) -> F::Output {
             tokio::task::LocalSet::new().run_until(f).await
+        }
+
+        type Runtime = tokio::runtime::Runtime;
+
+        fn runtime() -> io::Result<tokio::runtime::Runtime> {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        }
+
+        fn run<F: Future>(rt: &tokio::runtime::Runtime, f: F) -> F::Output {
+            rt.block_on(f)
         }
     }
 }

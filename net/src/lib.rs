@@ -77,6 +77,7 @@ pub mod frame;
 pub mod handshake;
 pub mod message;
 pub mod server;
+pub mod shutdown;
 pub mod transport;
 
 pub use backend::{Backend, Epoll, IoUring};
@@ -89,4 +90,5 @@ pub use message::{
     Stats, StatsRequest,
 };
 pub use server::{Server, ServerConfig, ServerStats};
+pub use shutdown::{FireOnDrop, Shutdown};
 pub use transport::{Backoff, PeerInfo, SocketOptions, TransportError};

@@ -27,27 +27,6 @@ const HOST: Identity = Identity {
     incarnation: 1,
 };
 
-/// Runs futures on one backend's runtime.
-trait Rt: Backend {
-    fn block_on<F: Future>(f: F) -> F::Output;
-}
-
-impl Rt for IoUring {
-    fn block_on<F: Future>(f: F) -> F::Output {
-        IoUring::runtime().expect("io_uring runtime").block_on(f)
-    }
-}
-
-impl Rt for Epoll {
-    fn block_on<F: Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(f)
-    }
-}
-
 /// `io_uring` can be missing (old kernel) or forbidden (seccomp): say so and
 /// skip rather than fail.
 fn uring() -> bool {
@@ -76,7 +55,7 @@ struct TestServer {
 }
 
 impl TestServer {
-    fn start<B: Rt>(config: ServerConfig) -> TestServer {
+    fn start<B: Backend>(config: ServerConfig) -> TestServer {
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let received = Arc::new(Mutex::new(Vec::new()));
@@ -176,7 +155,7 @@ fn client_config() -> ClientConfig {
     c
 }
 
-fn round_trip_all<S: Rt, C: Rt>() {
+fn round_trip_all<S: Backend, C: Backend>() {
     let server = TestServer::start::<S>(fast_server());
     let addr = server.addr;
     C::block_on(async {
@@ -228,7 +207,7 @@ fn engines_interoperate() {
 
 /// One idle clock per connection: a peer that keeps talking (for several
 /// idle periods in all) stays connected, a silent one is closed.
-fn idle_peer_is_closed_busy_peer_is_not<B: Rt>() {
+fn idle_peer_is_closed_busy_peer_is_not<B: Backend>() {
     let mut config = fast_server();
     config.idle_timeout_ms = 300;
     let server = TestServer::start::<B>(config);
@@ -276,7 +255,7 @@ fn idle_peer_is_closed_busy_peer_is_not_on_epoll() {
 /// (the peer's sends block), and the idle clock closes the connection.
 /// With buffers this small TCP still trickles a few bytes for a couple of
 /// seconds (zero-window probes), hence the long window.
-fn peer_not_reading_replies_stops_being_read<B: Rt>() {
+fn peer_not_reading_replies_stops_being_read<B: Backend>() {
     let mut config = fast_server();
     config.idle_timeout_ms = 500;
     config.write_bytes_max = 4096;

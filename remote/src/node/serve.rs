@@ -5,7 +5,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 
-use sessio_net::{Identity, Message, PeerInfo, Secret, Server, ServerConfig};
+use sessio_net::{FireOnDrop, Identity, Message, PeerInfo, Secret, Server, ServerConfig, Shutdown};
 
 use super::{BIND_RETRY_MS, EXPIRE_INTERVAL_MS_DEFAULT, ExpiryRule, NodeLimits};
 use crate::runtime::Rt;
@@ -50,16 +50,6 @@ impl NodeConfig {
     }
 }
 
-/// Sets the flag the other serving threads stop on, however the first one
-/// leaves `serve` (a panic too).
-struct StopOthers(std::sync::Arc<std::sync::atomic::AtomicBool>);
-
-impl Drop for StopOthers {
-    fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 /// Runs a node until `shutdown` completes: on the current thread, plus
 /// `config.threads - 1` more that share its port and its store (in shards).
 /// Calls `on_bound` with the bound address and the incarnation once every
@@ -71,7 +61,6 @@ pub fn serve<B: Rt>(
     shutdown: impl Future<Output = ()> + 'static,
 ) -> io::Result<()> {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let identity = Identity::with_random_incarnation(u64::from(config.node_id))
         .map_err(|e| io::Error::other(e.to_string()))?;
     let threads = config.threads.clamp(1, super::shards::SHARDS_MAX);
@@ -88,12 +77,14 @@ pub fn serve<B: Rt>(
         identity.incarnation,
         threads,
     ));
-    let stop = Arc::new(AtomicBool::new(false));
+    // The other serving threads stop when this one leaves `serve`, however
+    // it leaves (a panic too).
+    let stop = Shutdown::new();
     let listen = config.listen;
     let node_id = config.node_id;
     let expiry = config.expiry;
     let expiry_every = std::time::Duration::from_millis(config.expire_interval_ms);
-    let _stop_others = StopOthers(Arc::clone(&stop));
+    let _stop_others = FireOnDrop(stop.clone());
     B::block_on(async move {
         // A node restarted at once can find its port still held: io_uring
         // tears a dead process's ring down asynchronously, and a pending
@@ -115,7 +106,7 @@ pub fn serve<B: Rt>(
         let mut failed = None;
         for t in 1..threads {
             let (tx, rx) = std::sync::mpsc::channel();
-            let (shards, stop) = (Arc::clone(&shards), Arc::clone(&stop));
+            let (shards, stop) = (Arc::clone(&shards), stop.clone());
             let (sc, secret) = (sc.clone(), secret.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("node-{node_id}-{t}"))
@@ -130,12 +121,7 @@ pub fn serve<B: Rt>(
                         };
                         let _ = tx.send(Ok(()));
                         let handler = move |_peer: PeerInfo, msg: Message| shards.handle(msg);
-                        let stopped = async move {
-                            while !stop.load(Ordering::Relaxed) {
-                                B::sleep(std::time::Duration::from_millis(5)).await;
-                            }
-                        };
-                        server.serve_until(handler, stopped).await
+                        server.serve_until(handler, stop.wait()).await
                     })
                 });
             match spawned.map(|h| (h, rx.recv())) {
@@ -184,7 +170,7 @@ pub fn serve<B: Rt>(
                 futures_util::future::Either::Right((never, _)) => never,
             }
         };
-        stop.store(true, Ordering::Relaxed);
+        stop.fire();
         for h in others {
             let _ = h.join();
         }
@@ -201,7 +187,7 @@ pub struct LocalNode {
     pub addr: SocketAddr,
     /// Its incarnation id.
     pub incarnation: u64,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: Shutdown,
     thread: Option<std::thread::JoinHandle<io::Result<()>>>,
 }
 
@@ -209,19 +195,13 @@ impl LocalNode {
     /// Starts `serve` with `config` on a new thread, on backend `B`; returns
     /// once it listens.
     pub fn start<B: Rt>(config: NodeConfig, secret: Secret) -> io::Result<LocalNode> {
-        use std::sync::atomic::{AtomicBool, Ordering};
         let (tx, rx) = std::sync::mpsc::channel();
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stop = Shutdown::new();
         let thread = std::thread::Builder::new()
             .name(format!("node-{}", config.node_id))
             .spawn({
-                let stop = std::sync::Arc::clone(&stop);
+                let shutdown = stop.wait();
                 move || {
-                    let shutdown = async move {
-                        while !stop.load(Ordering::Relaxed) {
-                            B::sleep(std::time::Duration::from_millis(5)).await;
-                        }
-                    };
                     serve::<B>(
                         &config,
                         secret,
@@ -251,7 +231,7 @@ impl LocalNode {
 
 impl Drop for LocalNode {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.fire();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -50,9 +50,10 @@ use sessio_benches::{
 use sessio_engine::{Arena, HugePages, Location, Sid};
 use sessio_net::{Epoll, FoundRecord, IoUring};
 
-use node::{Node, NodeServer, Rt};
+use node::{Node, NodeServer};
 use peers::{Memcache, PeerProcess, Reply, Resp};
 use report::{Report, Row, Stat, Unit};
+use sessio_net::Backend;
 
 pub(crate) type BoxError = Box<dyn Error + Send + Sync>;
 
@@ -579,14 +580,14 @@ fn random_sids(n: usize, seed: u64) -> Vec<[u8; 16]> {
 }
 
 /// A node on backend `B` and a client pipelining batches to it.
-struct Pump<B: Rt> {
+struct Pump<B: Backend> {
     node: NodeServer,
     sids: Vec<[u8; 16]>,
     versions: Vec<u64>,
     _b: std::marker::PhantomData<B>,
 }
 
-impl<B: Rt> Pump<B> {
+impl<B: Backend> Pump<B> {
     fn start(kind: Node) -> Result<Pump<B>, BoxError> {
         let sids = random_sids(REPL_SESSIONS, 0x5E_4D);
         Ok(Pump {

@@ -13,13 +13,12 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use sessio_net::{
-    Ack, AckEntry, AckStatus, Backend, Client, ClientConfig, Delta, DeltaBatch, DeltaEntry, Epoll,
-    Fetch, FetchReply, FoundRecord, Identity, IoUring, Message, Secret, Server, ServerConfig, Sid,
+    Ack, AckEntry, AckStatus, Backend, Client, ClientConfig, Delta, DeltaBatch, DeltaEntry, Fetch,
+    FetchReply, FoundRecord, Identity, IoUring, Message, Secret, Server, ServerConfig, Shutdown,
+    Sid,
 };
 
 use crate::BoxError;
@@ -27,28 +26,10 @@ use crate::BoxError;
 const SECRET: [u8; 32] = [0x5E; 32];
 const NODE_ID: u64 = 1000;
 const HOST_ID: u64 = 7;
-/// How often the node thread looks at its stop flag.
-const STOP_POLL_MS: u64 = 5;
 
-/// A backend plus a way to run a future on a fresh runtime of its kind.
-pub trait Rt: Backend {
-    /// Runs `f` to completion on a new single-threaded runtime.
-    fn block_on<F: Future>(f: F) -> Result<F::Output, BoxError>;
-}
-
-impl Rt for IoUring {
-    fn block_on<F: Future>(f: F) -> Result<F::Output, BoxError> {
-        Ok(IoUring::runtime()?.block_on(f))
-    }
-}
-
-impl Rt for Epoll {
-    fn block_on<F: Future>(f: F) -> Result<F::Output, BoxError> {
-        Ok(tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(f))
-    }
+/// Runs `f` to completion on a fresh runtime of `B`'s kind.
+fn block_on<B: Backend, F: Future>(f: F) -> Result<F::Output, BoxError> {
+    Ok(B::run(&B::runtime()?, f))
 }
 
 /// Whether this kernel (and its seccomp policy) lets us use `io_uring`.
@@ -70,23 +51,23 @@ pub enum Node {
 pub struct NodeServer {
     /// Where it listens.
     pub addr: SocketAddr,
-    stop: Arc<AtomicBool>,
+    stop: Shutdown,
     thread: Option<std::thread::JoinHandle<Result<(), String>>>,
 }
 
 impl NodeServer {
     /// Starts a node of `kind` on a free loopback port, on backend `B`.
-    pub fn start<B: Rt>(kind: Node) -> Result<NodeServer, BoxError> {
+    pub fn start<B: Backend>(kind: Node) -> Result<NodeServer, BoxError> {
         let (tx, rx) = std::sync::mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Shutdown::new();
         // Named, so a profile tells the two engines' node threads apart.
         let thread = std::thread::Builder::new()
             .name(format!("node-{}", B::NAME))
             .spawn({
-                let stop = Arc::clone(&stop);
+                let shutdown = stop.wait();
                 move || -> Result<(), String> {
                     let early = tx.clone();
-                    let run = B::block_on(async move {
+                    let run = block_on::<B, _>(async move {
                         let config = ServerConfig::new(Identity {
                             id: NODE_ID,
                             incarnation: 1,
@@ -103,11 +84,6 @@ impl NodeServer {
                             }
                         };
                         let _ = tx.send(Ok(server.local_addr()));
-                        let shutdown = async move {
-                            while !stop.load(Ordering::Relaxed) {
-                                B::sleep(Duration::from_millis(STOP_POLL_MS)).await;
-                            }
-                        };
                         match kind {
                             Node::Ack => server.serve_until(ack_all, shutdown).await,
                             Node::Store => {
@@ -145,7 +121,7 @@ impl NodeServer {
 
 impl Drop for NodeServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.fire();
         if let Some(t) = self.thread.take() {
             match t.join() {
                 Ok(Ok(())) => {}
@@ -219,7 +195,7 @@ async fn connect<B: Backend>(addr: SocketAddr) -> Result<Client<B>, BoxError> {
 /// batches or `max_time`, whichever ends first. `versions` holds the version
 /// the node has of each SID in `sids` and is advanced, so a `Store` node
 /// sees a proper version chain across rounds.
-pub fn pump<B: Rt>(
+pub fn pump<B: Backend>(
     addr: SocketAddr,
     batch: usize,
     delta_bytes: usize,
@@ -230,7 +206,7 @@ pub fn pump<B: Rt>(
 ) -> Result<f64, BoxError> {
     assert_eq!(sids.len(), versions.len());
     assert!(sids.len() >= batch, "a batch names each SID at most once");
-    B::block_on(async move {
+    block_on::<B, _>(async move {
         let mut client = connect::<B>(addr).await?;
         let (record, ops) = sessio_benches::replica_payloads(delta_bytes);
         let entry = |sid| DeltaEntry {
@@ -316,13 +292,13 @@ pub struct FailoverTimes {
 /// Fetches each SID of `sids` (one synchronous request at a time, as a web
 /// worker on its first request for a moved session), installs it with
 /// `install` and reads it back with `read`, stopping after `max_time`.
-pub fn failover<B: Rt>(
+pub fn failover<B: Backend>(
     addr: SocketAddr,
     sids: &[Sid],
     max_time: Duration,
     mut install: impl FnMut(Sid, &FoundRecord) -> Result<(), BoxError>,
 ) -> Result<FailoverTimes, BoxError> {
-    B::block_on(async move {
+    block_on::<B, _>(async move {
         let mut client = connect::<B>(addr).await?;
         let mut times = FailoverTimes {
             fetch_ns: Vec::with_capacity(sids.len()),

@@ -1,0 +1,460 @@
+//! Updates: pushing an op node and waiting for its outcome, combining a
+//! session's queue into a new record, finishing a removal, and finishing
+//! what a combiner that died left (its half-built record).
+
+use super::{
+    Arena, CANCELLED_HEAP_FULL, COMBINE_BATCH_MAX, DONE, EXPIRE_ONLY, GONE, PENDING,
+    SPINS_BEFORE_LIVENESS, rec_off,
+};
+use crate::error::SessionError;
+use crate::layout::{
+    BLOCK, IndexSlot, NODE_MAGIC, NodeHeader, PARTICIPANTS_MAX, RecordHeader, SLOT_KIND_MASK,
+    SLOT_LIVE, SLOT_TOMB,
+};
+use crate::lock;
+use crate::map::Map;
+use crate::queue::{self, EMPTY, Nodes};
+use crate::session::{ArchivedOp, Op, OpError, SessionData, encode_ops};
+use crate::sid::Sid;
+use crate::sync::{Backoff, Ordering};
+
+/// Op nodes in the arena's heap, addressed by block index (offset / 64).
+pub(super) struct HeapNodes<'a>(pub(super) &'a Map);
+
+impl HeapNodes<'_> {
+    pub(super) fn node(&self, n: u32) -> &NodeHeader {
+        // SAFETY: callers only pass indices for which `plausible` holds or
+        // nodes they allocated themselves.
+        unsafe { self.0.block::<NodeHeader>(u64::from(n) * BLOCK) }
+    }
+}
+
+impl Nodes for HeapNodes<'_> {
+    fn seq(&self, n: u32) -> u32 {
+        self.node(n).seq.load(Ordering::Relaxed)
+    }
+    fn next(&self, n: u32) -> u32 {
+        self.node(n).next.load(Ordering::Relaxed) as u32
+    }
+    fn prepare(&self, n: u32, seq: u32, next: u32) {
+        let node = self.node(n);
+        node.seq.store(seq, Ordering::Relaxed);
+        node.next.store(u64::from(next), Ordering::Relaxed);
+    }
+    fn cut(&self, n: u32) {
+        self.node(n).next.store(0, Ordering::Release);
+    }
+    fn plausible(&self, n: u32) -> bool {
+        self.0.is_block(u64::from(n) * BLOCK)
+    }
+}
+
+impl Arena {
+    /// Applies `ops` to a session, atomically (all or none) and exactly once,
+    /// in the order of this handle's calls. Returns the version the batch
+    /// produced. Returns only once the batch is applied.
+    pub fn update(&self, sid: Sid, ops: &[Op]) -> Result<u64, SessionError> {
+        let encoded = encode_ops(ops);
+        self.push_and_wait(sid, &encoded, 0)
+    }
+
+    /// Ends a session.
+    pub fn invalidate(&self, sid: Sid) -> Result<(), SessionError> {
+        self.update(sid, &[Op::Invalidate]).map(|_| ())
+    }
+
+    pub(super) fn push_and_wait(
+        &self,
+        sid: Sid,
+        encoded: &[u8],
+        flags: u64,
+    ) -> Result<u64, SessionError> {
+        if encoded.len() as u64 > self.map.geo.quota_bytes + 4096 {
+            return Err(OpError::OverQuota {
+                needed: encoded.len() as u64,
+                quota: self.map.geo.quota_bytes,
+            }
+            .into());
+        }
+        // A batch cancelled for want of heap was never applied: after a
+        // collection that made room it is simply pushed again.
+        self.with_space(|| {
+            self.begin_mut();
+            let r = self.push_and_wait_pinned(sid, encoded, flags);
+            self.end_mut();
+            r
+        })
+    }
+
+    pub(super) fn push_and_wait_pinned(
+        &self,
+        sid: Sid,
+        encoded: &[u8],
+        flags: u64,
+    ) -> Result<u64, SessionError> {
+        let (i, s) = self.lookup(sid).ok_or(SessionError::NotFound)?;
+        let node_off = self.alloc(BLOCK + encoded.len() as u64)?;
+        let (lo, hi) = sid.words();
+        // SAFETY: freshly allocated, not yet pushed: ours alone (stale
+        // free-list poppers touch only `link`).
+        unsafe {
+            self.map.write_heap(node_off + BLOCK, encoded);
+            let p = self.map.base().add(node_off as usize).cast::<NodeHeader>();
+            (*p).magic = NODE_MAGIC;
+            (*p).len = encoded.len() as u32;
+            (*p).sid = [lo, hi];
+            (*p).checksum = xxhash_rust::xxh3::xxh3_64(encoded);
+        }
+        // SAFETY: `node_off` is a block.
+        let node = unsafe { self.map.block::<NodeHeader>(node_off) };
+        node.result.store(PENDING, Ordering::Relaxed);
+        node.detail.store(flags, Ordering::Relaxed);
+        let nodes = HeapNodes(&self.map);
+        let n = (node_off / BLOCK) as u32;
+        // Dirty before the push: if we die after it, the replicator's scan
+        // finds the queued batch and has it applied.
+        self.mark_dirty(i);
+        let Ok(seq) = queue::push(&s.head, &nodes, n) else {
+            self.free(node_off);
+            return Err(SessionError::NotFound);
+        };
+        let backoff = Backoff::new();
+        let mut spins = 0u32;
+        loop {
+            if let Some(r) = self.outcome(s, node, seq) {
+                return r;
+            }
+            match lock::try_lock(&s.lock, self.owner) {
+                Ok(()) => {
+                    let r = self.combine(i);
+                    lock::unlock(&s.lock, self.owner);
+                    r?;
+                }
+                Err(0) => {}
+                Err(holder) => {
+                    spins += 1;
+                    if spins.is_multiple_of(SPINS_BEFORE_LIVENESS)
+                        && !self.owner_alive(holder)
+                        && lock::steal(&s.lock, holder, self.owner)
+                    {
+                        self.resolve_dead_build(holder, i);
+                        let r = self.combine(i);
+                        lock::unlock(&s.lock, self.owner);
+                        r?;
+                        continue;
+                    }
+                    backoff.snooze();
+                }
+            }
+        }
+    }
+
+    /// The outcome of our node, once known.
+    pub(super) fn outcome(
+        &self,
+        s: &IndexSlot,
+        node: &NodeHeader,
+        seq: u32,
+    ) -> Option<Result<u64, SessionError>> {
+        let result = node.result.load(Ordering::Acquire);
+        if result == CANCELLED_HEAP_FULL {
+            return Some(Err(SessionError::HeapFull(self.map.geo.chunk_bytes)));
+        }
+        let h = s.head.load(Ordering::Acquire);
+        let done = if queue::is_closed(h) && !queue::seq_after(seq, queue::head_seq(h)) {
+            result != PENDING
+        } else {
+            let off = rec_off(s.record.load(Ordering::Acquire));
+            // SAFETY: published offsets are blocks (checked in debug); we are pinned.
+            let applied = self.map.is_block(off) && {
+                // SAFETY: `off` was just checked to be a block.
+                let rh = unsafe { self.map.block::<RecordHeader>(off) };
+                !queue::seq_after(seq, rh.applied_seq)
+            };
+            applied && result != PENDING
+        };
+        if !done {
+            return None;
+        }
+        Some(match result {
+            DONE => Ok(node.detail.load(Ordering::Relaxed)),
+            GONE => Err(SessionError::NotFound),
+            code => Err(SessionError::Op(match code {
+                1 => OpError::BadKey,
+                2 => OpError::TooManyAttrs,
+                3 => OpError::NotACounter,
+                4 => OpError::NotAList,
+                _ => OpError::OverQuota {
+                    needed: node.detail.load(Ordering::Relaxed),
+                    quota: self.map.geo.quota_bytes,
+                },
+            })),
+        })
+    }
+
+    /// Applies every queued batch of slot `i`. The caller holds its lock.
+    pub(super) fn combine(&self, i: u64) -> Result<(), SessionError> {
+        let s = self.map.slot(i);
+        let nodes = HeapNodes(&self.map);
+        let w = s.head.load(Ordering::Acquire);
+        if s.state.load(Ordering::Acquire) & SLOT_KIND_MASK != SLOT_LIVE {
+            return Ok(());
+        }
+        if queue::is_closed(w) {
+            self.finish_remove(i, w);
+            return Ok(());
+        }
+        let rec_off = rec_off(s.record.load(Ordering::Acquire));
+        let (rh, bytes) = self.record_at(rec_off)?;
+        let applied = rh.applied_seq;
+        if queue::head_seq(w) == applied {
+            return Ok(());
+        }
+        let mut list = self.scratch.borrow_mut();
+        if queue::pending(w, applied, &nodes, &mut list, COMBINE_BATCH_MAX).is_err() {
+            return Err(SessionError::Corrupt("update queue chain is broken"));
+        }
+        let sid = Sid::from_words(
+            s.sid_lo.load(Ordering::Relaxed),
+            s.sid_hi.load(Ordering::Relaxed),
+        );
+        let (lo, hi) = sid.words();
+        let mut data: SessionData =
+            rkyv::deserialize::<SessionData, rkyv::rancor::Error>(Self::archived(bytes))
+                .map_err(|_| SessionError::Corrupt("record does not deserialize"))?;
+        let mut version = rh.version;
+        let now = crate::clock::now_ms();
+        let quota = self.map.geo.quota_bytes;
+        let mut removed = false;
+        let mut last = applied;
+        for &n in list.iter() {
+            let node = nodes.node(n);
+            last = node.seq.load(Ordering::Relaxed);
+            if node.result.load(Ordering::Acquire) == CANCELLED_HEAP_FULL {
+                continue;
+            }
+            if removed || node.sid != [lo, hi] || node.magic != NODE_MAGIC {
+                node.result.store(GONE, Ordering::Relaxed);
+                continue;
+            }
+            let off = u64::from(n) * BLOCK;
+            let Some(op_bytes) = self.map.heap_bytes(off + BLOCK, u64::from(node.len)) else {
+                node.result.store(GONE, Ordering::Relaxed);
+                continue;
+            };
+            let flags = node.detail.load(Ordering::Relaxed);
+            let outcome = if flags & EXPIRE_ONLY != 0 {
+                // The sweep's clock decides, so a sweep is reproducible; a
+                // session found alive is left exactly as it is.
+                let sweep_now = flags & !EXPIRE_ONLY;
+                if !data.expired(sweep_now, self.last_read_ms(s)) {
+                    node.detail.store(version, Ordering::Relaxed);
+                    node.result.store(DONE, Ordering::Release);
+                    continue;
+                }
+                Ok(crate::session::Applied::Invalidated)
+            } else {
+                if xxhash_rust::xxh3::xxh3_64(op_bytes) != node.checksum {
+                    node.result.store(GONE, Ordering::Relaxed);
+                    continue;
+                }
+                // SAFETY: the batch was encoded by `update` in a process of
+                // this engine, written before its push, checksummed (checked
+                // just above), and lies 64-byte aligned in the heap.
+                let batch = unsafe {
+                    rkyv::access_unchecked::<rkyv::vec::ArchivedVec<ArchivedOp>>(op_bytes)
+                };
+                data.apply_refs(batch.iter().map(ArchivedOp::as_ref), now, quota)
+            };
+            match outcome {
+                Ok(crate::session::Applied::Changed) => {
+                    version += 1;
+                    data.log_batch(version, op_bytes);
+                    node.detail.store(version, Ordering::Relaxed);
+                    node.result.store(DONE, Ordering::Release);
+                }
+                Ok(crate::session::Applied::Invalidated) => {
+                    node.detail.store(version, Ordering::Relaxed);
+                    node.result.store(DONE, Ordering::Release);
+                    if flags & EXPIRE_ONLY != 0 {
+                        self.header().expired_total.fetch_add(1, Ordering::Relaxed);
+                    }
+                    removed = true;
+                }
+                Err(e) => {
+                    if let OpError::OverQuota { needed, .. } = e {
+                        node.detail.store(needed, Ordering::Relaxed);
+                    }
+                    node.result.store(e.code(), Ordering::Release);
+                }
+            }
+        }
+        if removed {
+            let closed = queue::close(&s.head);
+            drop(list);
+            self.finish_remove(i, closed);
+            return Ok(());
+        }
+        let new_off =
+            match self.write_record_tracked(sid, &data, version, rh.epoch, Some((i, rec_off))) {
+                Ok(off) => off,
+                Err(SessionError::HeapFull(_) | SessionError::TooLarge(_)) => {
+                    // No room for the new copy: cancel the batch (a final result
+                    // every later combiner respects) and leave the record as is.
+                    for &n in list.iter() {
+                        nodes
+                            .node(n)
+                            .result
+                            .store(CANCELLED_HEAP_FULL, Ordering::Release);
+                    }
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
+        self.set_applied(new_off, last);
+        self.mark_dirty(i);
+        // The commit point: one store publishes the new copy and, with its
+        // applied_seq, consumes every node up to `last`.
+        s.record.store(self.rec_word(new_off), Ordering::Release);
+        self.mark_dirty(i);
+        drop(list);
+        debug_assert_eq!(last, queue::head_seq(w));
+        // The replaced record and the applied nodes leave together: the
+        // nodes are detached, chained behind the record, and the chain goes
+        // into the ring with one store, right after the store that makes the
+        // replaced record no longer the business of whoever would resolve a
+        // death of ours.
+        let dead = queue::detach(&s.head, w, &nodes);
+        let chain_last = self.link_queue_chain(rec_off, dead);
+        self.participant().building.store(0, Ordering::Release);
+        self.retire_linked(rec_off, chain_last);
+        Ok(())
+    }
+
+    /// Links the record `first` and the detached queue chain from node `n`
+    /// (through `next`) into one retire chain (through `link`); returns its
+    /// last block.
+    pub(super) fn link_queue_chain(&self, first: u64, mut n: u32) -> u64 {
+        let nodes = HeapNodes(&self.map);
+        let mut last = first;
+        let mut guard = 0usize;
+        while n != EMPTY && nodes.plausible(n) && guard < COMBINE_BATCH_MAX * 4 {
+            let off = u64::from(n) * BLOCK;
+            self.link(last).store(off, Ordering::Relaxed);
+            last = off;
+            n = nodes.next(n);
+            guard += 1;
+        }
+        self.link(last).store(0, Ordering::Relaxed);
+        last
+    }
+
+    /// Finishes removing slot `i`, whose queue is closed at `closed`. The
+    /// caller holds the slot's lock; a successor redoes this if we die.
+    pub(super) fn finish_remove(&self, i: u64, closed: u64) {
+        let s = self.map.slot(i);
+        let nodes = HeapNodes(&self.map);
+        let rec_off = rec_off(s.record.load(Ordering::Acquire));
+        let applied = self.record_at(rec_off).map_or(0, |(rh, _)| rh.applied_seq);
+        // Every batch pushed before the close and not yet answered finds
+        // the session gone.
+        let mut n = queue::head_node(closed);
+        let mut expect = queue::head_seq(closed);
+        let mut walked = 0usize;
+        while n != EMPTY
+            && nodes.plausible(n)
+            && queue::seq_after(expect, applied)
+            && walked < COMBINE_BATCH_MAX * 4
+        {
+            let node = nodes.node(n);
+            if node.result.load(Ordering::Acquire) == PENDING {
+                node.result.store(GONE, Ordering::Release);
+            }
+            n = nodes.next(n);
+            expect = expect.wrapping_sub(1);
+            walked += 1;
+        }
+        {
+            let _g = self.insert_lock();
+            let st = s.state.load(Ordering::Acquire);
+            if st & SLOT_KIND_MASK != SLOT_LIVE {
+                return;
+            }
+            // The commit point of a removal: one store makes it a tombstone.
+            s.state
+                .store(((st >> 2) + 1) << 2 | SLOT_TOMB, Ordering::Release);
+            self.header().live.fetch_sub(1, Ordering::AcqRel);
+            self.mark_dirty(i);
+            self.prune_tombstones(i);
+            // The heap may have a free chunk now: a failed allocation may
+            // collect again at once.
+            let quiet = &self.header().collector.quiet_until_ms;
+            if quiet.load(Ordering::Relaxed) != 0 {
+                quiet.store(0, Ordering::Relaxed);
+            }
+            // The record and the whole closed chain go into the ring with
+            // one store, while no one can yet have reused the slot.
+            if self.map.is_block(rec_off) {
+                let chain_last = self.link_queue_chain(rec_off, queue::head_node(closed));
+                self.retire_linked(rec_off, chain_last);
+            }
+        }
+    }
+
+    /// Called with slot `i`'s lock just taken from the dead owner `dead`:
+    /// finishes what its combine left. A record block it built but never
+    /// published is freed; if it published it, the record it replaced is
+    /// retired (the dead handle had not yet). The swap makes sure only one
+    /// resolver acts, and only lock holders of slot `i` resolve.
+    pub(super) fn resolve_dead_build(&self, dead: u32, i: u64) {
+        let d = u32::from(lock::owner_slot(dead));
+        if d >= PARTICIPANTS_MAX {
+            return;
+        }
+        let p = self.map.participant(d);
+        if p.building_slot.load(Ordering::Acquire) != i || p.building.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let built = p.building.swap(0, Ordering::AcqRel);
+        if built == 0 || !self.map.is_block(built) {
+            return;
+        }
+        let replaced = p.building_old.load(Ordering::Acquire);
+        if rec_off(self.map.slot(i).record.load(Ordering::Acquire)) == built {
+            if self.map.is_block(replaced) {
+                self.retire(replaced);
+            }
+        } else {
+            self.free(built);
+        }
+    }
+
+    /// Applies slot `i`'s queue if no live process is doing it.
+    pub(super) fn help(&self, i: u64) {
+        self.begin_mut();
+        self.help_mut(i);
+        self.end_mut();
+    }
+
+    pub(super) fn help_mut(&self, i: u64) {
+        let s = self.map.slot(i);
+        let holder = s.lock.load(Ordering::Acquire);
+        let got = match lock::try_lock(&s.lock, self.owner) {
+            Ok(()) => true,
+            Err(h) => {
+                let stolen = h == holder
+                    && h != 0
+                    && !self.owner_alive(h)
+                    && lock::steal(&s.lock, h, self.owner);
+                if stolen {
+                    self.resolve_dead_build(h, i);
+                }
+                stolen
+            }
+        };
+        if got {
+            let _ = self.combine(i);
+            lock::unlock(&s.lock, self.owner);
+        }
+    }
+}

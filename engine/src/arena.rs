@@ -9,6 +9,7 @@ use crate::layout::{BLOCK, RecordHeader};
 use crate::map::Map;
 use crate::session::{ArchivedSessionData, SessionData};
 use crate::sid::Sid;
+use crate::words;
 use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::marker::PhantomData;
@@ -28,15 +29,6 @@ mod replica;
 pub use collect::{CollectError, CollectReport};
 use combine::HeapNodes;
 
-/// Result word of an op node still waiting.
-const PENDING: u32 = u32::MAX;
-/// Result word: the batch was applied.
-const DONE: u32 = 0;
-/// Result word: the session no longer existed when the batch came up.
-const GONE: u32 = 6;
-/// Result word, final: the batch was cancelled because the heap had no room
-/// for the new record. Later combiners skip cancelled nodes.
-const CANCELLED_HEAP_FULL: u32 = 7;
 /// Most op nodes one combine applies (a bound on the local scratch and on
 /// the time one combiner holds a session).
 const COMBINE_BATCH_MAX: usize = 1024;
@@ -51,9 +43,6 @@ const RECLAIM_BATCH: u32 = 16;
 const PREFETCH_TAIL_LINES: u64 = 4;
 /// Pins younger than this many epochs are assumed live without a syscall.
 const RECENT_PIN_EPOCHS: u64 = 4096;
-/// Node kind flag kept in the op node's `detail` before it is pushed: an
-/// expiry sweep's batch, applied only if the session is still expired.
-const EXPIRE_ONLY: u64 = 1 << 63;
 
 /// How a session is to be created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -246,9 +235,6 @@ pub enum Delta {
     },
 }
 
-const TAG_SHIFT: u32 = 40;
-const IDX_MASK: u64 = (1 << TAG_SHIFT) - 1;
-
 /// What a sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SweepStats {
@@ -261,11 +247,11 @@ pub struct SweepStats {
 /// The block offset in a slot's record word.
 #[inline]
 fn rec_off(word: u64) -> u64 {
-    (word & 0xffff_ffff) * BLOCK
+    u64::from(words::record_block(word)) * BLOCK
 }
 
 /// The archive length in a slot's record word.
 #[inline]
 fn rec_len(word: u64) -> u64 {
-    word >> 32
+    u64::from(words::record_len(word))
 }

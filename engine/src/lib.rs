@@ -62,6 +62,7 @@ mod error;
 mod lock;
 mod queue;
 mod sync;
+mod words;
 
 #[cfg(not(loom))]
 mod arena;

@@ -2,21 +2,16 @@
 //! session's queue into a new record, finishing a removal, and finishing
 //! what a combiner that died left (its half-built record).
 
-use super::{
-    Arena, CANCELLED_HEAP_FULL, COMBINE_BATCH_MAX, DONE, EXPIRE_ONLY, GONE, PENDING,
-    SPINS_BEFORE_LIVENESS, rec_off,
-};
+use super::{Arena, COMBINE_BATCH_MAX, SPINS_BEFORE_LIVENESS, rec_off};
 use crate::error::SessionError;
-use crate::layout::{
-    BLOCK, IndexSlot, NODE_MAGIC, NodeHeader, PARTICIPANTS_MAX, RecordHeader, SLOT_KIND_MASK,
-    SLOT_LIVE, SLOT_TOMB,
-};
+use crate::layout::{BLOCK, IndexSlot, NODE_MAGIC, NodeHeader, PARTICIPANTS_MAX, RecordHeader};
 use crate::lock;
 use crate::map::Map;
 use crate::queue::{self, EMPTY, Nodes};
 use crate::session::{ArchivedOp, Op, OpError, SessionData, encode_ops};
 use crate::sid::Sid;
 use crate::sync::{Backoff, Ordering};
+use crate::words::{ResultCode, SLOT_LIVE, SLOT_TOMB, expire_only_at, slot_kind, slot_next};
 
 /// Op nodes in the arena's heap, addressed by block index (offset / 64).
 pub(super) struct HeapNodes<'a>(pub(super) &'a Map);
@@ -107,7 +102,8 @@ impl Arena {
         }
         // SAFETY: `node_off` is a block.
         let node = unsafe { self.map.block::<NodeHeader>(node_off) };
-        node.result.store(PENDING, Ordering::Relaxed);
+        node.result
+            .store(ResultCode::Pending.encode(), Ordering::Relaxed);
         node.detail.store(flags, Ordering::Relaxed);
         let nodes = HeapNodes(&self.map);
         let n = (node_off / BLOCK) as u32;
@@ -156,13 +152,14 @@ impl Arena {
         node: &NodeHeader,
         seq: u32,
     ) -> Option<Result<u64, SessionError>> {
-        let result = node.result.load(Ordering::Acquire);
-        if result == CANCELLED_HEAP_FULL {
+        let code = ResultCode::decode(node.result.load(Ordering::Acquire));
+        if code == Some(ResultCode::CancelledHeapFull) {
             return Some(Err(SessionError::HeapFull(self.map.geo.chunk_bytes)));
         }
+        let answered = code != Some(ResultCode::Pending);
         let h = s.head.load(Ordering::Acquire);
         let done = if queue::is_closed(h) && !queue::seq_after(seq, queue::head_seq(h)) {
-            result != PENDING
+            answered
         } else {
             let off = rec_off(s.record.load(Ordering::Acquire));
             // SAFETY: published offsets are blocks (checked in debug); we are pinned.
@@ -171,25 +168,16 @@ impl Arena {
                 let rh = unsafe { self.map.block::<RecordHeader>(off) };
                 !queue::seq_after(seq, rh.applied_seq)
             };
-            applied && result != PENDING
+            applied && answered
         };
         if !done {
             return None;
         }
-        Some(match result {
-            DONE => Ok(node.detail.load(Ordering::Relaxed)),
-            GONE => Err(SessionError::NotFound),
-            code => Err(SessionError::Op(match code {
-                1 => OpError::BadKey,
-                2 => OpError::TooManyAttrs,
-                3 => OpError::NotACounter,
-                4 => OpError::NotAList,
-                _ => OpError::OverQuota {
-                    needed: node.detail.load(Ordering::Relaxed),
-                    quota: self.map.geo.quota_bytes,
-                },
-            })),
-        })
+        Some(answer(
+            code,
+            node.detail.load(Ordering::Relaxed),
+            self.map.geo.quota_bytes,
+        ))
     }
 
     /// Applies every queued batch of slot `i`. The caller holds its lock.
@@ -197,7 +185,7 @@ impl Arena {
         let s = self.map.slot(i);
         let nodes = HeapNodes(&self.map);
         let w = s.head.load(Ordering::Acquire);
-        if s.state.load(Ordering::Acquire) & SLOT_KIND_MASK != SLOT_LIVE {
+        if slot_kind(s.state.load(Ordering::Acquire)) != SLOT_LIVE {
             return Ok(());
         }
         if queue::is_closed(w) {
@@ -230,32 +218,35 @@ impl Arena {
         for &n in list.iter() {
             let node = nodes.node(n);
             last = node.seq.load(Ordering::Relaxed);
-            if node.result.load(Ordering::Acquire) == CANCELLED_HEAP_FULL {
+            if node.result.load(Ordering::Acquire) == ResultCode::CancelledHeapFull.encode() {
                 continue;
             }
             if removed || node.sid != [lo, hi] || node.magic != NODE_MAGIC {
-                node.result.store(GONE, Ordering::Relaxed);
+                node.result
+                    .store(ResultCode::Gone.encode(), Ordering::Relaxed);
                 continue;
             }
             let off = u64::from(n) * BLOCK;
             let Some(op_bytes) = self.map.heap_bytes(off + BLOCK, u64::from(node.len)) else {
-                node.result.store(GONE, Ordering::Relaxed);
+                node.result
+                    .store(ResultCode::Gone.encode(), Ordering::Relaxed);
                 continue;
             };
             let flags = node.detail.load(Ordering::Relaxed);
-            let outcome = if flags & EXPIRE_ONLY != 0 {
+            let outcome = if let Some(sweep_now) = expire_only_at(flags) {
                 // The sweep's clock decides, so a sweep is reproducible; a
                 // session found alive is left exactly as it is.
-                let sweep_now = flags & !EXPIRE_ONLY;
                 if !data.expired(sweep_now, self.last_read_ms(s)) {
                     node.detail.store(version, Ordering::Relaxed);
-                    node.result.store(DONE, Ordering::Release);
+                    node.result
+                        .store(ResultCode::Done.encode(), Ordering::Release);
                     continue;
                 }
                 Ok(crate::session::Applied::Invalidated)
             } else {
                 if xxhash_rust::xxh3::xxh3_64(op_bytes) != node.checksum {
-                    node.result.store(GONE, Ordering::Relaxed);
+                    node.result
+                        .store(ResultCode::Gone.encode(), Ordering::Relaxed);
                     continue;
                 }
                 // SAFETY: the batch was encoded by `update` in a process of
@@ -271,12 +262,14 @@ impl Arena {
                     version += 1;
                     data.log_batch(version, op_bytes);
                     node.detail.store(version, Ordering::Relaxed);
-                    node.result.store(DONE, Ordering::Release);
+                    node.result
+                        .store(ResultCode::Done.encode(), Ordering::Release);
                 }
                 Ok(crate::session::Applied::Invalidated) => {
                     node.detail.store(version, Ordering::Relaxed);
-                    node.result.store(DONE, Ordering::Release);
-                    if flags & EXPIRE_ONLY != 0 {
+                    node.result
+                        .store(ResultCode::Done.encode(), Ordering::Release);
+                    if expire_only_at(flags).is_some() {
                         self.header().expired_total.fetch_add(1, Ordering::Relaxed);
                     }
                     removed = true;
@@ -285,7 +278,8 @@ impl Arena {
                     if let OpError::OverQuota { needed, .. } = e {
                         node.detail.store(needed, Ordering::Relaxed);
                     }
-                    node.result.store(e.code(), Ordering::Release);
+                    node.result
+                        .store(e.result_code().encode(), Ordering::Release);
                 }
             }
         }
@@ -305,7 +299,7 @@ impl Arena {
                         nodes
                             .node(n)
                             .result
-                            .store(CANCELLED_HEAP_FULL, Ordering::Release);
+                            .store(ResultCode::CancelledHeapFull.encode(), Ordering::Release);
                     }
                     return Ok(());
                 }
@@ -367,8 +361,9 @@ impl Arena {
             && walked < COMBINE_BATCH_MAX * 4
         {
             let node = nodes.node(n);
-            if node.result.load(Ordering::Acquire) == PENDING {
-                node.result.store(GONE, Ordering::Release);
+            if node.result.load(Ordering::Acquire) == ResultCode::Pending.encode() {
+                node.result
+                    .store(ResultCode::Gone.encode(), Ordering::Release);
             }
             n = nodes.next(n);
             expect = expect.wrapping_sub(1);
@@ -377,12 +372,11 @@ impl Arena {
         {
             let _g = self.insert_lock();
             let st = s.state.load(Ordering::Acquire);
-            if st & SLOT_KIND_MASK != SLOT_LIVE {
+            if slot_kind(st) != SLOT_LIVE {
                 return;
             }
             // The commit point of a removal: one store makes it a tombstone.
-            s.state
-                .store(((st >> 2) + 1) << 2 | SLOT_TOMB, Ordering::Release);
+            s.state.store(slot_next(st, SLOT_TOMB), Ordering::Release);
             self.header().live.fetch_sub(1, Ordering::AcqRel);
             self.mark_dirty(i);
             self.prune_tombstones(i);
@@ -456,5 +450,59 @@ impl Arena {
             let _ = self.combine(i);
             lock::unlock(&s.lock, self.owner);
         }
+    }
+}
+
+/// What an updater's call returns, from its node's answered result code and
+/// `detail` word. A code no combiner writes is damaged memory, never a
+/// refusal the caller could act on.
+fn answer(code: Option<ResultCode>, detail: u64, quota: u64) -> Result<u64, SessionError> {
+    match code {
+        Some(ResultCode::Done) => Ok(detail),
+        Some(ResultCode::Gone) => Err(SessionError::NotFound),
+        refused => Err(refused
+            .and_then(|c| OpError::from_result(c, detail, quota))
+            .map_or(
+                SessionError::Corrupt("unknown op result code"),
+                SessionError::Op,
+            )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_refusal_survives_the_result_word() {
+        let quota = 4096;
+        for e in [
+            OpError::BadKey,
+            OpError::TooManyAttrs,
+            OpError::NotACounter,
+            OpError::NotAList,
+            OpError::OverQuota {
+                needed: 5000,
+                quota,
+            },
+        ] {
+            let word = e.result_code().encode();
+            assert_eq!(
+                answer(ResultCode::decode(word), 5000, quota),
+                Err(SessionError::Op(e))
+            );
+        }
+        assert_eq!(answer(Some(ResultCode::Done), 9, quota), Ok(9));
+        assert_eq!(
+            answer(Some(ResultCode::Gone), 9, quota),
+            Err(SessionError::NotFound)
+        );
+    }
+
+    #[test]
+    fn an_unknown_result_code_is_corruption_not_a_refusal() {
+        let corrupt = Err(SessionError::Corrupt("unknown op result code"));
+        assert_eq!(answer(ResultCode::decode(8), 0, 4096), corrupt);
+        assert_eq!(answer(ResultCode::decode(0x5eed), 0, 4096), corrupt);
     }
 }

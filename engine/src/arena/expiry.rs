@@ -1,11 +1,11 @@
 //! Expiry: the bounded sweep that removes expired sessions through their
 //! queues, so a removal is ordered with concurrent updates.
 
-use super::{Arena, EXPIRE_ONLY, SweepStats, rec_off};
-use crate::layout::{SLOT_KIND_MASK, SLOT_LIVE};
+use super::{Arena, SweepStats, rec_off};
 use crate::session::{Op, encode_ops};
 use crate::sid::Sid;
 use crate::sync::Ordering;
+use crate::words::{SLOT_LIVE, expire_only, slot_kind};
 
 impl Arena {
     /// Expires sessions: looks at up to `max_slots` index slots from where
@@ -21,7 +21,7 @@ impl Arena {
             cur = cur.wrapping_add(1);
             stats.scanned += 1;
             let s = self.map.slot(i);
-            if s.state.load(Ordering::Acquire) & SLOT_KIND_MASK != SLOT_LIVE {
+            if slot_kind(s.state.load(Ordering::Acquire)) != SLOT_LIVE {
                 continue;
             }
             let sid = Sid::from_words(
@@ -37,11 +37,7 @@ impl Arena {
             self.unpin();
             if expired {
                 let before = self.header().expired_total.load(Ordering::Relaxed);
-                let r = self.push_and_wait(
-                    sid,
-                    &encode_ops(&[Op::Touch]),
-                    EXPIRE_ONLY | (now_ms & !EXPIRE_ONLY),
-                );
+                let r = self.push_and_wait(sid, &encode_ops(&[Op::Touch]), expire_only(now_ms));
                 if r.is_ok() && self.header().expired_total.load(Ordering::Relaxed) > before {
                     stats.expired += 1;
                 }

@@ -3,10 +3,11 @@
 //! block between lists is one CAS, so a kill loses at most the block in
 //! hand (`collect` finds it).
 
-use super::{Arena, IDX_MASK, TAG_SHIFT};
+use super::Arena;
 use crate::error::SessionError;
 use crate::layout::{BLOCK, CHUNK_UNASSIGNED, RecordHeader};
 use crate::sync::{AtomicU64, Ordering};
+use crate::words::{carve_chunk, carve_next, carve_word, stack_index, stack_next};
 
 impl Arena {
     pub(super) fn block_index(&self, off: u64) -> u64 {
@@ -15,6 +16,23 @@ impl Arena {
 
     pub(super) fn block_off(&self, idx: u64) -> u64 {
         self.map.geo.heap_off + (idx - 1) * BLOCK
+    }
+
+    /// The byte offset of chunk `c`.
+    pub(super) fn chunk_off(&self, c: u64) -> u64 {
+        self.map.geo.heap_off + c * self.map.geo.chunk_bytes
+    }
+
+    /// The blocks of `class`'s carving chunk not carved yet: never used.
+    pub(super) fn uncarved(&self, class: usize) -> impl Iterator<Item = u64> + use<'_> {
+        let geo = &self.map.geo;
+        let size = geo.classes[class];
+        let carve = self.header().class_carve[class].load(Ordering::Acquire);
+        let (start, from) = match carve_chunk(carve) {
+            Some(c) if c < geo.chunks => (self.chunk_off(c), carve_next(carve)),
+            _ => (0, geo.chunk_bytes / size),
+        };
+        (from..geo.chunk_bytes / size).map(move |k| start + k * size)
     }
 
     pub(super) fn link(&self, off: u64) -> &AtomicU64 {
@@ -28,7 +46,7 @@ impl Arena {
         let head = &self.header().class_free[class];
         let mut cur = head.load(Ordering::Acquire);
         loop {
-            let idx = cur & IDX_MASK;
+            let idx = stack_index(cur);
             if idx == 0 {
                 return None;
             }
@@ -38,9 +56,13 @@ impl Arena {
             }
             // Racy by design: the block may be popped and reused meanwhile;
             // then the tag has moved on and the CAS fails.
-            let next = self.link(off).load(Ordering::Acquire) & IDX_MASK;
-            let tag = (cur >> TAG_SHIFT).wrapping_add(1) << TAG_SHIFT;
-            match head.compare_exchange_weak(cur, tag | next, Ordering::AcqRel, Ordering::Acquire) {
+            let next = stack_index(self.link(off).load(Ordering::Acquire));
+            match head.compare_exchange_weak(
+                cur,
+                stack_next(cur, next),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => return Some(off),
                 Err(now) => cur = now,
             }
@@ -53,11 +75,10 @@ impl Arena {
         let mut cur = head.load(Ordering::Acquire);
         let first_idx = self.block_index(first);
         loop {
-            self.link(last).store(cur & IDX_MASK, Ordering::Release);
-            let tag = (cur >> TAG_SHIFT).wrapping_add(1) << TAG_SHIFT;
+            self.link(last).store(stack_index(cur), Ordering::Release);
             match head.compare_exchange_weak(
                 cur,
-                tag | first_idx,
+                stack_next(cur, first_idx),
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
@@ -71,14 +92,12 @@ impl Arena {
         let h = self.header();
         // Chunks given back by recovery first.
         let mut cur = h.chunk_free.load(Ordering::Acquire);
-        while cur & IDX_MASK != 0 {
-            let c = (cur & IDX_MASK) - 1;
-            let off = self.map.geo.heap_off + c * self.map.geo.chunk_bytes;
-            let next = self.link(off).load(Ordering::Acquire) & IDX_MASK;
-            let tag = (cur >> TAG_SHIFT).wrapping_add(1) << TAG_SHIFT;
+        while stack_index(cur) != 0 {
+            let c = stack_index(cur) - 1;
+            let next = stack_index(self.link(self.chunk_off(c)).load(Ordering::Acquire));
             match h.chunk_free.compare_exchange_weak(
                 cur,
-                tag | next,
+                stack_next(cur, next),
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
@@ -158,14 +177,13 @@ impl Arena {
         let carve = &self.header().class_carve[class];
         let mut cur = carve.load(Ordering::Acquire);
         loop {
-            let chunk = cur >> 32;
-            let next = cur & 0xffff_ffff;
-            if chunk != 0 && next < per_chunk {
-                match carve.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
-                {
-                    Ok(_) => {
-                        return Some(geo.heap_off + (chunk - 1) * geo.chunk_bytes + next * size);
-                    }
+            let next = carve_next(cur);
+            if let Some(chunk) = carve_chunk(cur)
+                && next < per_chunk
+            {
+                let taken = carve_word(chunk, next + 1);
+                match carve.compare_exchange_weak(cur, taken, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => return Some(self.chunk_off(chunk) + next * size),
                     Err(now) => cur = now,
                 }
                 continue;
@@ -174,13 +192,9 @@ impl Arena {
             self.map
                 .chunk_class(c)
                 .store(class as u8, Ordering::Release);
-            match carve.compare_exchange(
-                cur,
-                ((c + 1) << 32) | 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Some(geo.heap_off + c * geo.chunk_bytes),
+            match carve.compare_exchange(cur, carve_word(c, 1), Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(self.chunk_off(c)),
                 Err(now) => {
                     // Another process installed a chunk first: use theirs.
                     self.map
@@ -195,14 +209,13 @@ impl Arena {
 
     pub(super) fn push_free_chunk(&self, c: u64) {
         let h = self.header();
-        let start = self.map.geo.heap_off + c * self.map.geo.chunk_bytes;
+        let start = self.chunk_off(c);
         let mut cur = h.chunk_free.load(Ordering::Acquire);
         loop {
-            self.link(start).store(cur & IDX_MASK, Ordering::Release);
-            let tag = (cur >> TAG_SHIFT).wrapping_add(1) << TAG_SHIFT;
+            self.link(start).store(stack_index(cur), Ordering::Release);
             match h.chunk_free.compare_exchange_weak(
                 cur,
-                tag | (c + 1),
+                stack_next(cur, c + 1),
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {

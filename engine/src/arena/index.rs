@@ -4,14 +4,12 @@
 
 use super::{Arena, SPINS_BEFORE_LIVENESS};
 use crate::error::SessionError;
-use crate::layout::{
-    BLOCK, IndexSlot, PARTICIPANTS_MAX, RecordHeader, SLOT_EMPTY, SLOT_KIND_MASK, SLOT_LIVE,
-    SLOT_TOMB,
-};
+use crate::layout::{BLOCK, IndexSlot, PARTICIPANTS_MAX, RecordHeader};
 use crate::lock;
 use crate::queue::{self, EMPTY};
 use crate::sid::Sid;
 use crate::sync::{Backoff, Ordering, fence};
+use crate::words::{SLOT_EMPTY, SLOT_LIVE, SLOT_TOMB, record_word, slot_kind, slot_next};
 
 impl Arena {
     #[inline]
@@ -34,7 +32,7 @@ impl Arena {
         for _ in 0..=mask {
             let s = self.map.slot(i);
             let st = s.state.load(Ordering::Acquire);
-            match st & SLOT_KIND_MASK {
+            match slot_kind(st) {
                 SLOT_EMPTY => return None,
                 SLOT_LIVE
                     if s.sid_lo.load(Ordering::Relaxed) == lo
@@ -113,7 +111,7 @@ impl Arena {
         for _ in 0..=mask {
             let s = self.map.slot(i);
             let st = s.state.load(Ordering::Acquire);
-            match st & SLOT_KIND_MASK {
+            match slot_kind(st) {
                 SLOT_LIVE
                     if s.sid_lo.load(Ordering::Relaxed) == lo
                         && s.sid_hi.load(Ordering::Relaxed) == hi =>
@@ -161,8 +159,7 @@ impl Arena {
         s.acked[0].store(0, Ordering::Relaxed);
         s.acked[1].store(0, Ordering::Relaxed);
         // The commit point: one store makes the slot live.
-        s.state
-            .store(((st >> 2) + 1) << 2 | SLOT_LIVE, Ordering::Release);
+        s.state.store(slot_next(st, SLOT_LIVE), Ordering::Release);
         h.live.fetch_add(1, Ordering::AcqRel);
         self.mark_dirty(i);
         Ok(Ok(i))
@@ -176,7 +173,7 @@ impl Arena {
         // SAFETY: `off` is a block (asserted in debug; callers pass blocks
         // they allocated).
         let len = unsafe { self.map.block::<RecordHeader>(off) }.len;
-        (u64::from(len) << 32) | (off / BLOCK)
+        record_word(len, (off / BLOCK) as u32)
     }
 
     pub(super) fn set_applied(&self, rec: u64, seq: u32) {
@@ -199,18 +196,17 @@ impl Arena {
     pub(super) fn prune_tombstones(&self, i: u64) {
         let mask = self.map.geo.index_slots - 1;
         let next = self.map.slot((i + 1) & mask);
-        if next.state.load(Ordering::Acquire) & SLOT_KIND_MASK != SLOT_EMPTY {
+        if slot_kind(next.state.load(Ordering::Acquire)) != SLOT_EMPTY {
             return;
         }
         let mut j = i;
         for _ in 0..=mask {
             let s = self.map.slot(j);
             let st = s.state.load(Ordering::Acquire);
-            if st & SLOT_KIND_MASK != SLOT_TOMB {
+            if slot_kind(st) != SLOT_TOMB {
                 break;
             }
-            s.state
-                .store(((st >> 2) + 1) << 2 | SLOT_EMPTY, Ordering::Release);
+            s.state.store(slot_next(st, SLOT_EMPTY), Ordering::Release);
             j = j.wrapping_sub(1) & mask;
         }
     }

@@ -4,12 +4,13 @@
 
 use super::{Arena, NewSession, PREFETCH_TAIL_LINES, ReadGuard, rec_len, rec_off};
 use crate::error::SessionError;
-use crate::layout::{BLOCK, IndexSlot, RECORD_MAGIC, RecordHeader, SLOT_KIND_MASK, SLOT_LIVE};
+use crate::layout::{BLOCK, IndexSlot, RECORD_MAGIC, RecordHeader};
 use crate::lock;
 use crate::queue;
 use crate::session::{ArchivedSessionData, Op, OpError, SessionData};
 use crate::sid::Sid;
 use crate::sync::Ordering;
+use crate::words::{SLOT_LIVE, slot_kind};
 
 impl Arena {
     /// Writes a record block; returns its offset.
@@ -340,7 +341,7 @@ impl Arena {
             self.resolve_dead_build(dead, i);
         }
         let r = (|| {
-            if s.state.load(Ordering::Acquire) & SLOT_KIND_MASK != SLOT_LIVE
+            if slot_kind(s.state.load(Ordering::Acquire)) != SLOT_LIVE
                 || queue::is_closed(s.head.load(Ordering::Acquire))
             {
                 return Err(SessionError::NotFound);

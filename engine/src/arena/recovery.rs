@@ -2,14 +2,14 @@
 //! be inside a shared transition, so everything the dead left is checked
 //! and repaired in place, and the allocator is rebuilt from reachability.
 
-use super::{Arena, COMBINE_BATCH_MAX, HeapNodes, IDX_MASK, RecoveryReport, rec_off};
+use super::{Arena, COMBINE_BATCH_MAX, HeapNodes, RecoveryReport, rec_off};
 use crate::layout::{
     BLOCK, CHUNK_UNASSIGNED, NODE_MAGIC, NodeHeader, PARTICIPANTS_MAX, RETIRE_RING, RecordHeader,
-    SLOT_KIND_MASK, SLOT_LIVE, SLOT_TOMB,
 };
 use crate::queue::{self, EMPTY, Nodes};
 use crate::sid::Sid;
 use crate::sync::Ordering;
+use crate::words::{CARVE_NONE, SLOT_LIVE, SLOT_TOMB, slot_kind, slot_next, stack_index};
 
 impl Arena {
     /// Applies the queues of every session (after recovery).
@@ -17,7 +17,7 @@ impl Arena {
         let mut applied = 0;
         for i in 0..self.map.geo.index_slots {
             let s = self.map.slot(i);
-            if s.state.load(Ordering::Acquire) & SLOT_KIND_MASK != SLOT_LIVE {
+            if slot_kind(s.state.load(Ordering::Acquire)) != SLOT_LIVE {
                 continue;
             }
             let h = s.head.load(Ordering::Acquire);
@@ -52,15 +52,10 @@ impl Arena {
         };
         for class in 0..geo.classes.len() {
             // Blocks of the carving chunk not carved yet were never used.
-            let carve = h.class_carve[class].load(Ordering::Relaxed);
-            if carve >> 32 != 0 && (carve >> 32) - 1 < geo.chunks {
-                let size = geo.classes[class];
-                let start = geo.heap_off + ((carve >> 32) - 1) * geo.chunk_bytes;
-                for k in (carve & 0xffff_ffff)..geo.chunk_bytes / size {
-                    note(&mut accounted, start + k * size);
-                }
+            for off in self.uncarved(class) {
+                note(&mut accounted, off);
             }
-            let mut idx = h.class_free[class].load(Ordering::Relaxed) & IDX_MASK;
+            let mut idx = stack_index(h.class_free[class].load(Ordering::Relaxed));
             let mut guard = blocks;
             while idx != 0 && guard > 0 {
                 let off = self.block_off(idx);
@@ -68,7 +63,7 @@ impl Arena {
                     break;
                 }
                 note(&mut accounted, off);
-                idx = self.link(off).load(Ordering::Relaxed) & IDX_MASK;
+                idx = stack_index(self.link(off).load(Ordering::Relaxed));
                 guard -= 1;
             }
         }
@@ -121,7 +116,7 @@ impl Arena {
             let s = self.map.slot(i);
             s.lock.store(0, Ordering::Relaxed);
             let st = s.state.load(Ordering::Relaxed);
-            if st & SLOT_KIND_MASK != SLOT_LIVE {
+            if slot_kind(st) != SLOT_LIVE {
                 continue;
             }
             let sid = Sid::from_words(
@@ -131,8 +126,7 @@ impl Arena {
             let rec = rec_off(s.record.load(Ordering::Relaxed));
             if !self.record_valid(rec, sid) {
                 report.corrupt_records += 1;
-                s.state
-                    .store(((st >> 2) + 1) << 2 | SLOT_TOMB, Ordering::Relaxed);
+                s.state.store(slot_next(st, SLOT_TOMB), Ordering::Relaxed);
                 continue;
             }
             // SAFETY: validated just above.
@@ -183,7 +177,7 @@ impl Arena {
         // Rebuild the allocator from reachability.
         for c in 0..geo.classes.len() {
             h.class_free[c].store(0, Ordering::Relaxed);
-            h.class_carve[c].store(0, Ordering::Relaxed);
+            h.class_carve[c].store(CARVE_NONE, Ordering::Relaxed);
         }
         h.chunk_free.store(0, Ordering::Relaxed);
         let top = h.chunk_top.load(Ordering::Relaxed).min(geo.chunks);

@@ -3,10 +3,10 @@
 
 use super::{Arena, Delta, Dirty, rec_off};
 use crate::error::SessionError;
-use crate::layout::{SLOT_EMPTY, SLOT_KIND_MASK, SLOT_LIVE, SLOT_TOMB};
 use crate::queue;
 use crate::sid::Sid;
 use crate::sync::Ordering;
+use crate::words::{SLOT_EMPTY, SLOT_LIVE, SLOT_TOMB, ack_unpack, ack_word, slot_kind};
 
 impl Arena {
     /// Collects up to `max` sessions changed since they were last taken,
@@ -49,7 +49,7 @@ impl Arena {
             s.sid_lo.load(Ordering::Relaxed),
             s.sid_hi.load(Ordering::Relaxed),
         );
-        match st & SLOT_KIND_MASK {
+        match slot_kind(st) {
             SLOT_LIVE => {}
             SLOT_TOMB | SLOT_EMPTY if st != 0 => return Some(Dirty::Removed { sid }),
             _ => return None,
@@ -75,8 +75,8 @@ impl Arena {
                 version: rh.version,
                 epoch: rh.epoch,
                 acked: [
-                    unpack_ack(s.acked[0].load(Ordering::Acquire)),
-                    unpack_ack(s.acked[1].load(Ordering::Acquire)),
+                    ack_unpack(s.acked[0].load(Ordering::Acquire)),
+                    ack_unpack(s.acked[1].load(Ordering::Acquire)),
                 ],
             });
         self.unpin();
@@ -121,12 +121,12 @@ impl Arena {
     /// the oldest ack. Acks only move forward.
     pub fn mark_acked(&self, sid: Sid, node: u16, version: u64) -> Result<(), SessionError> {
         let (_, s) = self.lookup(sid).ok_or(SessionError::NotFound)?;
-        let new = pack_ack(node, version);
+        let new = ack_word(node, version);
         let (a, b) = (&s.acked[0], &s.acked[1]);
         // Whether the first of the two ack words is the one to write.
         let first = |x: u64, y: u64| {
-            let (xn, xv) = unpack_ack(x);
-            let (yn, yv) = unpack_ack(y);
+            let (xn, xv) = ack_unpack(x);
+            let (yn, yv) = ack_unpack(y);
             if x != 0 && xn == node {
                 true
             } else if y != 0 && yn == node {
@@ -138,7 +138,7 @@ impl Arena {
         loop {
             let (x, y) = (a.load(Ordering::Acquire), b.load(Ordering::Acquire));
             let (slot, cur) = if first(x, y) { (a, x) } else { (b, y) };
-            let (cn, cv) = unpack_ack(cur);
+            let (cn, cv) = ack_unpack(cur);
             if cur != 0 && cn == node && cv >= version {
                 return Ok(());
             }
@@ -156,7 +156,7 @@ impl Arena {
         let (_, s) = self.lookup(sid).ok_or(SessionError::NotFound)?;
         for w in &s.acked {
             let cur = w.load(Ordering::Acquire);
-            if cur != 0 && unpack_ack(cur).0 == node {
+            if cur != 0 && ack_unpack(cur).0 == node {
                 let _ = w.compare_exchange(cur, 0, Ordering::AcqRel, Ordering::Relaxed);
             }
         }
@@ -167,8 +167,8 @@ impl Arena {
     pub fn acked(&self, sid: Sid) -> Result<[(u16, u64); 2], SessionError> {
         let (_, s) = self.lookup(sid).ok_or(SessionError::NotFound)?;
         Ok([
-            unpack_ack(s.acked[0].load(Ordering::Acquire)),
-            unpack_ack(s.acked[1].load(Ordering::Acquire)),
+            ack_unpack(s.acked[0].load(Ordering::Acquire)),
+            ack_unpack(s.acked[1].load(Ordering::Acquire)),
         ])
     }
 
@@ -221,7 +221,7 @@ impl Arena {
             for w in &self.map.slot(i).acked {
                 let cur = w.load(Ordering::Acquire);
                 if cur != 0
-                    && unpack_ack(cur).0 == node
+                    && ack_unpack(cur).0 == node
                     && w.compare_exchange(cur, 0, Ordering::AcqRel, Ordering::Relaxed)
                         .is_ok()
                 {
@@ -236,7 +236,7 @@ impl Arena {
     /// (after a replica comes back empty, or a replicator starts fresh).
     pub fn mark_all_dirty(&self) {
         for i in 0..self.map.geo.index_slots {
-            if self.map.slot(i).state.load(Ordering::Acquire) & SLOT_KIND_MASK == SLOT_LIVE {
+            if slot_kind(self.map.slot(i).state.load(Ordering::Acquire)) == SLOT_LIVE {
                 self.mark_dirty(i);
             }
         }
@@ -246,7 +246,7 @@ impl Arena {
     pub fn sids(&self) -> Vec<Sid> {
         (0..self.map.geo.index_slots)
             .map(|i| self.map.slot(i))
-            .filter(|s| s.state.load(Ordering::Acquire) & SLOT_KIND_MASK == SLOT_LIVE)
+            .filter(|s| slot_kind(s.state.load(Ordering::Acquire)) == SLOT_LIVE)
             .map(|s| {
                 Sid::from_words(
                     s.sid_lo.load(Ordering::Relaxed),
@@ -255,12 +255,4 @@ impl Arena {
             })
             .collect()
     }
-}
-
-pub(super) fn pack_ack(node: u16, version: u64) -> u64 {
-    (u64::from(node) << 48) | (version & ((1 << 48) - 1))
-}
-
-pub(super) fn unpack_ack(w: u64) -> (u16, u64) {
-    ((w >> 48) as u16, w & ((1 << 48) - 1))
 }

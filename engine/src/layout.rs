@@ -231,6 +231,24 @@ pub(crate) struct NodeHeader {
 }
 const _: () = assert!(size_of::<NodeHeader>() as u64 == BLOCK);
 
+/// A header that starts a heap block: at most 64 bytes and 64-byte
+/// alignment, its first word the block's `link`, every field an atomic or a
+/// plain integer valid at any bit pattern. Sealed: only the headers of this
+/// module are read through `Map::block_header`, which relies on exactly that.
+pub(crate) trait BlockHeader: sealed::Sealed {}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::RecordHeader {}
+    impl Sealed for super::NodeHeader {}
+}
+
+impl BlockHeader for RecordHeader {}
+impl BlockHeader for NodeHeader {}
+
+const _: () = assert!(std::mem::align_of::<RecordHeader>() as u64 <= BLOCK);
+const _: () = assert!(std::mem::align_of::<NodeHeader>() as u64 <= BLOCK);
+
 /// Block sizes of the heap's classes, smallest first: steps of 64 bytes up
 /// to 1 KiB, then steps of about 1/8, so a block wastes at most ~12 %.
 pub(crate) fn class_sizes(chunk_bytes: u64) -> Vec<u64> {

@@ -434,11 +434,10 @@ impl Arena {
             // not detached yet (the next one does).
             let mut n = queue::head_node(s.head.load(Ordering::Acquire));
             let mut guard = blocks.min(PARTICIPANTS_MAX as u64 * 2 + COMBINE_BATCH_MAX as u64 * 4);
-            while n != EMPTY && nodes.plausible(n) && guard > 0 {
+            while n != EMPTY && guard > 0 {
                 let off = u64::from(n) * BLOCK;
-                // SAFETY: `plausible` checked bounds and alignment.
-                let magic = unsafe { self.map.block::<NodeHeader>(off) }.magic;
-                if magic != NODE_MAGIC || used.test_and_set(bit(off)) {
+                let node = self.map.block_header::<NodeHeader>(off);
+                if node.is_none_or(|h| h.magic != NODE_MAGIC) || used.test_and_set(bit(off)) {
                     break;
                 }
                 n = nodes.next(n);

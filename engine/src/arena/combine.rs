@@ -16,11 +16,13 @@ use crate::words::{ResultCode, SLOT_LIVE, SLOT_TOMB, expire_only_at, slot_kind, 
 /// Op nodes in the arena's heap, addressed by block index (offset / 64).
 pub(super) struct HeapNodes<'a>(pub(super) &'a Map);
 
-impl HeapNodes<'_> {
-    pub(super) fn node(&self, n: u32) -> &NodeHeader {
-        // SAFETY: callers only pass indices for which `plausible` holds or
-        // nodes they allocated themselves.
-        unsafe { self.0.block::<NodeHeader>(u64::from(n) * BLOCK) }
+impl<'a> HeapNodes<'a> {
+    /// Op node `n`. Callers pass indices for which `plausible` holds or
+    /// nodes they allocated themselves.
+    pub(super) fn node(&self, n: u32) -> &'a NodeHeader {
+        self.0
+            .block_header::<NodeHeader>(u64::from(n) * BLOCK)
+            .expect("op node indices are checked before they are followed")
     }
 }
 
@@ -90,18 +92,21 @@ impl Arena {
         let (i, s) = self.lookup(sid).ok_or(SessionError::NotFound)?;
         let node_off = self.alloc(BLOCK + encoded.len() as u64)?;
         let (lo, hi) = sid.words();
-        // SAFETY: freshly allocated, not yet pushed: ours alone (stale
-        // free-list poppers touch only `link`).
+        // Freshly allocated, not yet pushed: ours alone (stale free-list
+        // poppers touch only `link`).
+        let p = self
+            .map
+            .block_header_ptr::<NodeHeader>(node_off)
+            .expect("alloc returns heap blocks");
+        // SAFETY: as above; `p` points at the block's header, in bounds.
         unsafe {
             self.map.write_heap(node_off + BLOCK, encoded);
-            let p = self.map.base().add(node_off as usize).cast::<NodeHeader>();
             (*p).magic = NODE_MAGIC;
             (*p).len = encoded.len() as u32;
             (*p).sid = [lo, hi];
             (*p).checksum = xxhash_rust::xxh3::xxh3_64(encoded);
         }
-        // SAFETY: `node_off` is a block.
-        let node = unsafe { self.map.block::<NodeHeader>(node_off) };
+        let node = HeapNodes(&self.map).node((node_off / BLOCK) as u32);
         node.result
             .store(ResultCode::Pending.encode(), Ordering::Relaxed);
         node.detail.store(flags, Ordering::Relaxed);
@@ -162,12 +167,11 @@ impl Arena {
             answered
         } else {
             let off = rec_off(s.record.load(Ordering::Acquire));
-            // SAFETY: published offsets are blocks (checked in debug); we are pinned.
-            let applied = self.map.is_block(off) && {
-                // SAFETY: `off` was just checked to be a block.
-                let rh = unsafe { self.map.block::<RecordHeader>(off) };
-                !queue::seq_after(seq, rh.applied_seq)
-            };
+            // We are pinned: the record stays readable while we look.
+            let applied = self
+                .map
+                .block_header::<RecordHeader>(off)
+                .is_some_and(|rh| !queue::seq_after(seq, rh.applied_seq));
             applied && answered
         };
         if !done {

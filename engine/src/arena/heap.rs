@@ -35,10 +35,14 @@ impl Arena {
         (from..geo.chunk_bytes / size).map(move |k| start + k * size)
     }
 
+    /// The `link` word of block `off`, the first word of every block
+    /// (callers pass blocks the allocator manages).
     pub(super) fn link(&self, off: u64) -> &AtomicU64 {
-        // SAFETY: `off` is a block offset (callers pass allocator-managed
-        // blocks); `link` is the first word of every block header.
-        unsafe { &self.map.block::<RecordHeader>(off).link }
+        &self
+            .map
+            .block_header::<RecordHeader>(off)
+            .expect("links are followed only between heap blocks")
+            .link
     }
 
     /// Pops a free block of `class` (Treiber stack with an ABA tag).

@@ -147,9 +147,11 @@ impl Arena {
         // The queue's seq continues across incarnations of a slot, so a
         // waiter from an earlier one never misreads this one's progress.
         let seq = queue::head_seq(s.head.load(Ordering::Acquire));
-        // SAFETY: `rec` is a block we allocated and wrote; not yet published.
-        let rh = unsafe { self.map.block::<RecordHeader>(rec) };
-        debug_assert_eq!(rh.applied_seq, 0);
+        debug_assert!(
+            self.map
+                .block_header::<RecordHeader>(rec)
+                .is_some_and(|rh| rh.applied_seq == 0)
+        );
         self.set_applied(rec, seq);
         s.sid_lo.store(lo, Ordering::Relaxed);
         s.sid_hi.store(hi, Ordering::Relaxed);
@@ -170,16 +172,22 @@ impl Arena {
     /// the record at once instead of one dependent miss after another.
     pub(super) fn rec_word(&self, off: u64) -> u64 {
         debug_assert!(self.map.is_block(off) && u32::try_from(off / BLOCK).is_ok());
-        // SAFETY: `off` is a block (asserted in debug; callers pass blocks
-        // they allocated).
-        let len = unsafe { self.map.block::<RecordHeader>(off) }.len;
+        let len = self
+            .map
+            .block_header::<RecordHeader>(off)
+            .expect("record words are made for blocks we allocated")
+            .len;
         record_word(len, (off / BLOCK) as u32)
     }
 
     pub(super) fn set_applied(&self, rec: u64, seq: u32) {
-        // SAFETY: `rec` is unpublished and ours: no reader sees it yet.
+        let p = self
+            .map
+            .block_header_ptr::<RecordHeader>(rec)
+            .expect("applied_seq is set on blocks we allocated");
+        // SAFETY: `rec` is unpublished and ours: no reader sees it yet; `p`
+        // points at its header, in bounds.
         unsafe {
-            let p = self.map.base().add(rec as usize).cast::<RecordHeader>();
             (*p).applied_seq = seq;
         }
     }

@@ -64,11 +64,15 @@ impl Arena {
         }
         let (lo, hi) = sid.words();
         let checksum = xxhash_rust::xxh3::xxh3_64(bytes);
+        let p = self
+            .map
+            .block_header_ptr::<RecordHeader>(off)
+            .expect("alloc returns heap blocks");
         // SAFETY: `off` was just allocated: no one else reads or writes it
-        // (a stale free-list popper touches only `link`, which we skip).
+        // (a stale free-list popper touches only `link`, which we skip);
+        // `p` points at its header, in bounds.
         unsafe {
             self.map.write_heap(off + BLOCK, bytes);
-            let p = self.map.base().add(off as usize).cast::<RecordHeader>();
             (*p).magic = RECORD_MAGIC;
             (*p).len = len as u32;
             (*p).checksum = checksum;
@@ -85,15 +89,13 @@ impl Arena {
 
     /// Full validation of a record block (recovery, debug assertions).
     pub(super) fn record_valid(&self, off: u64, sid: Sid) -> bool {
-        if !self.map.is_block(off) {
+        let Some(rh) = self.map.block_header::<RecordHeader>(off) else {
             return false;
-        }
+        };
         let class = self.class_of(off);
         if class >= self.map.geo.classes.len() {
             return false;
         }
-        // SAFETY: `off` is a block (checked above).
-        let rh = unsafe { self.map.block::<RecordHeader>(off) };
         let (lo, hi) = sid.words();
         if rh.magic != RECORD_MAGIC
             || rh.sid != [lo, hi]
@@ -142,12 +144,12 @@ impl Arena {
 
     /// The header and archive of a published record.
     pub(super) fn record_at(&self, off: u64) -> Result<(&RecordHeader, &[u8]), SessionError> {
-        if !self.map.is_block(off) {
-            return Err(SessionError::Corrupt("record offset outside the heap"));
-        }
-        // SAFETY: `off` is a block; it was published by a combiner or an
-        // insert with Release, and we loaded it with Acquire while pinned.
-        let rh = unsafe { self.map.block::<RecordHeader>(off) };
+        // Published by a combiner or an insert with Release, loaded by the
+        // caller with Acquire while pinned: complete, and not freed under us.
+        let rh = self
+            .map
+            .block_header::<RecordHeader>(off)
+            .ok_or(SessionError::Corrupt("record offset outside the heap"))?;
         let bytes = self
             .map
             .heap_bytes(off + BLOCK, u64::from(rh.len))

@@ -129,8 +129,11 @@ impl Arena {
                 s.state.store(slot_next(st, SLOT_TOMB), Ordering::Relaxed);
                 continue;
             }
-            // SAFETY: validated just above.
-            let applied = unsafe { self.map.block::<RecordHeader>(rec) }.applied_seq;
+            let applied = self
+                .map
+                .block_header::<RecordHeader>(rec)
+                .expect("validated just above")
+                .applied_seq;
             let w = s.head.load(Ordering::Relaxed);
             // Keep the whole chain reachable: applied nodes still linked are
             // retired by the next combine, pending ones get applied.
@@ -140,9 +143,10 @@ impl Arena {
             let mut broken = false;
             while n != EMPTY {
                 let off = u64::from(n) * BLOCK;
-                // SAFETY: `plausible` checks bounds before the header is read.
-                let ok = nodes.plausible(n)
-                    && unsafe { self.map.block::<NodeHeader>(off) }.magic == NODE_MAGIC
+                let ok = self
+                    .map
+                    .block_header::<NodeHeader>(off)
+                    .is_some_and(|h| h.magic == NODE_MAGIC)
                     && nodes.seq(n) == expect
                     && chain.len() < COMBINE_BATCH_MAX * 4;
                 if !ok {

@@ -94,7 +94,7 @@ pub mod loom_api {
     };
     pub use crate::lock::{owner, steal, try_lock, unlock};
     pub use crate::queue::{
-        Closed, EMPTY, Nodes, close, detach, head, head_node, head_seq, is_closed, pending, push,
-        seq_after,
+        Broken, Closed, Combine, Combined, EMPTY, Nodes, Step, close, combine, detach, head,
+        head_node, head_seq, is_closed, pending, push, seq_after,
     };
 }

@@ -7,10 +7,10 @@ use crate::error::SessionError;
 use crate::layout::{BLOCK, IndexSlot, NODE_MAGIC, NodeHeader, PARTICIPANTS_MAX, RecordHeader};
 use crate::lock;
 use crate::map::Map;
-use crate::queue::{self, EMPTY, Nodes};
-use crate::session::{ArchivedOp, Op, OpError, SessionData, encode_ops};
+use crate::queue::{self, Combine, Combined, EMPTY, Nodes, Step};
+use crate::session::{Applied, ArchivedOp, Op, OpError, SessionData, encode_ops};
 use crate::sid::Sid;
-use crate::sync::{Backoff, Ordering};
+use crate::sync::{AtomicU64, Backoff, Ordering};
 use crate::words::{ResultCode, SLOT_LIVE, SLOT_TOMB, expire_only_at, slot_kind, slot_next};
 
 /// Op nodes in the arena's heap, addressed by block index (offset / 64).
@@ -184,148 +184,23 @@ impl Arena {
         ))
     }
 
-    /// Applies every queued batch of slot `i`. The caller holds its lock.
+    /// Applies every queued batch of slot `i` (`queue::combine`). The
+    /// caller holds its lock.
     pub(super) fn combine(&self, i: u64) -> Result<(), SessionError> {
-        let s = self.map.slot(i);
-        let nodes = HeapNodes(&self.map);
-        let w = s.head.load(Ordering::Acquire);
-        if slot_kind(s.state.load(Ordering::Acquire)) != SLOT_LIVE {
-            return Ok(());
-        }
-        if queue::is_closed(w) {
-            self.finish_remove(i, w);
-            return Ok(());
-        }
-        let rec_off = rec_off(s.record.load(Ordering::Acquire));
-        let (rh, bytes) = self.record_at(rec_off)?;
-        let applied = rh.applied_seq;
-        if queue::head_seq(w) == applied {
-            return Ok(());
-        }
-        let mut list = self.scratch.borrow_mut();
-        if queue::pending(w, applied, &nodes, &mut list, COMBINE_BATCH_MAX).is_err() {
-            return Err(SessionError::Corrupt("update queue chain is broken"));
-        }
-        let sid = Sid::from_words(
-            s.sid_lo.load(Ordering::Relaxed),
-            s.sid_hi.load(Ordering::Relaxed),
-        );
-        let (lo, hi) = sid.words();
-        let mut data: SessionData =
-            rkyv::deserialize::<SessionData, rkyv::rancor::Error>(Self::archived(bytes))
-                .map_err(|_| SessionError::Corrupt("record does not deserialize"))?;
-        let mut version = rh.version;
-        let now = crate::clock::now_ms();
-        let quota = self.map.geo.quota_bytes;
-        let mut removed = false;
-        let mut last = applied;
-        for &n in list.iter() {
-            let node = nodes.node(n);
-            last = node.seq.load(Ordering::Relaxed);
-            if node.result.load(Ordering::Acquire) == ResultCode::CancelledHeapFull.encode() {
-                continue;
-            }
-            if removed || node.sid != [lo, hi] || node.magic != NODE_MAGIC {
-                node.result
-                    .store(ResultCode::Gone.encode(), Ordering::Relaxed);
-                continue;
-            }
-            let off = u64::from(n) * BLOCK;
-            let Some(op_bytes) = self.map.heap_bytes(off + BLOCK, u64::from(node.len)) else {
-                node.result
-                    .store(ResultCode::Gone.encode(), Ordering::Relaxed);
-                continue;
-            };
-            let flags = node.detail.load(Ordering::Relaxed);
-            let outcome = if let Some(sweep_now) = expire_only_at(flags) {
-                // The sweep's clock decides, so a sweep is reproducible; a
-                // session found alive is left exactly as it is.
-                if !data.expired(sweep_now, self.last_read_ms(s)) {
-                    node.detail.store(version, Ordering::Relaxed);
-                    node.result
-                        .store(ResultCode::Done.encode(), Ordering::Release);
-                    continue;
-                }
-                Ok(crate::session::Applied::Invalidated)
-            } else {
-                if xxhash_rust::xxh3::xxh3_64(op_bytes) != node.checksum {
-                    node.result
-                        .store(ResultCode::Gone.encode(), Ordering::Relaxed);
-                    continue;
-                }
-                // SAFETY: the batch was encoded by `update` in a process of
-                // this engine, written before its push, checksummed (checked
-                // just above), and lies 64-byte aligned in the heap.
-                let batch = unsafe {
-                    rkyv::access_unchecked::<rkyv::vec::ArchivedVec<ArchivedOp>>(op_bytes)
-                };
-                data.apply_refs(batch.iter().map(ArchivedOp::as_ref), now, quota)
-            };
-            match outcome {
-                Ok(crate::session::Applied::Changed) => {
-                    version += 1;
-                    data.log_batch(version, op_bytes);
-                    node.detail.store(version, Ordering::Relaxed);
-                    node.result
-                        .store(ResultCode::Done.encode(), Ordering::Release);
-                }
-                Ok(crate::session::Applied::Invalidated) => {
-                    node.detail.store(version, Ordering::Relaxed);
-                    node.result
-                        .store(ResultCode::Done.encode(), Ordering::Release);
-                    if expire_only_at(flags).is_some() {
-                        self.header().expired_total.fetch_add(1, Ordering::Relaxed);
-                    }
-                    removed = true;
-                }
-                Err(e) => {
-                    if let OpError::OverQuota { needed, .. } = e {
-                        node.detail.store(needed, Ordering::Relaxed);
-                    }
-                    node.result
-                        .store(e.result_code().encode(), Ordering::Release);
-                }
-            }
-        }
-        if removed {
-            let closed = queue::close(&s.head);
-            drop(list);
+        let slot = SlotCombine {
+            arena: self,
+            i,
+            s: self.map.slot(i),
+            nodes: HeapNodes(&self.map),
+        };
+        // The scratch list leaves its cell for the combine, so nothing the
+        // combine calls can find it borrowed.
+        let mut list = self.scratch.take();
+        let r = queue::combine(&slot, &mut list, COMBINE_BATCH_MAX);
+        self.scratch.replace(list);
+        if let Combined::Closed(closed) = r? {
             self.finish_remove(i, closed);
-            return Ok(());
         }
-        let new_off =
-            match self.write_record_tracked(sid, &data, version, rh.epoch, Some((i, rec_off))) {
-                Ok(off) => off,
-                Err(SessionError::HeapFull(_) | SessionError::TooLarge(_)) => {
-                    // No room for the new copy: cancel the batch (a final result
-                    // every later combiner respects) and leave the record as is.
-                    for &n in list.iter() {
-                        nodes
-                            .node(n)
-                            .result
-                            .store(ResultCode::CancelledHeapFull.encode(), Ordering::Release);
-                    }
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
-            };
-        self.set_applied(new_off, last);
-        self.mark_dirty(i);
-        // The commit point: one store publishes the new copy and, with its
-        // applied_seq, consumes every node up to `last`.
-        s.record.store(self.rec_word(new_off), Ordering::Release);
-        self.mark_dirty(i);
-        drop(list);
-        debug_assert_eq!(last, queue::head_seq(w));
-        // The replaced record and the applied nodes leave together: the
-        // nodes are detached, chained behind the record, and the chain goes
-        // into the ring with one store, right after the store that makes the
-        // replaced record no longer the business of whoever would resolve a
-        // death of ours.
-        let dead = queue::detach(&s.head, w, &nodes);
-        let chain_last = self.link_queue_chain(rec_off, dead);
-        self.participant().building.store(0, Ordering::Release);
-        self.retire_linked(rec_off, chain_last);
         Ok(())
     }
 
@@ -454,6 +329,206 @@ impl Arena {
             let _ = self.combine(i);
             lock::unlock(&s.lock, self.owner);
         }
+    }
+}
+
+/// One combine of slot `i` by the holder of its lock, as `queue::combine`
+/// sees it: records in the heap, answers in the op nodes.
+struct SlotCombine<'a> {
+    arena: &'a Arena,
+    i: u64,
+    s: &'a IndexSlot,
+    nodes: HeapNodes<'a>,
+}
+
+/// The new copy of a record a combine builds.
+struct Draft {
+    sid: Sid,
+    data: SessionData,
+    version: u64,
+    epoch: u64,
+    /// The published record it replaces.
+    replaced: u64,
+    now_ms: u64,
+}
+
+impl<'a> Combine for SlotCombine<'a> {
+    type Nodes = HeapNodes<'a>;
+    type Draft = Draft;
+    /// The replaced record.
+    type Published = u64;
+    type Error = SessionError;
+
+    fn nodes(&self) -> &HeapNodes<'a> {
+        &self.nodes
+    }
+
+    fn head(&self) -> &AtomicU64 {
+        &self.s.head
+    }
+
+    fn live(&self) -> bool {
+        slot_kind(self.s.state.load(Ordering::Acquire)) == SLOT_LIVE
+    }
+
+    fn applied(&self) -> Result<u32, SessionError> {
+        let (rh, _) = self
+            .arena
+            .record_at(rec_off(self.s.record.load(Ordering::Acquire)))?;
+        Ok(rh.applied_seq)
+    }
+
+    fn draft(&self) -> Result<Draft, SessionError> {
+        let replaced = rec_off(self.s.record.load(Ordering::Acquire));
+        let (rh, bytes) = self.arena.record_at(replaced)?;
+        let data = rkyv::deserialize::<SessionData, rkyv::rancor::Error>(Arena::archived(bytes))
+            .map_err(|_| SessionError::Corrupt("record does not deserialize"))?;
+        Ok(Draft {
+            sid: Sid::from_words(
+                self.s.sid_lo.load(Ordering::Relaxed),
+                self.s.sid_hi.load(Ordering::Relaxed),
+            ),
+            data,
+            version: rh.version,
+            epoch: rh.epoch,
+            replaced,
+            now_ms: crate::clock::now_ms(),
+        })
+    }
+
+    fn apply(&self, draft: &mut Draft, n: u32) -> Step {
+        let node = self.nodes.node(n);
+        if node.result.load(Ordering::Acquire) == ResultCode::CancelledHeapFull.encode() {
+            return Step::Next;
+        }
+        let (lo, hi) = draft.sid.words();
+        if node.sid != [lo, hi] || node.magic != NODE_MAGIC {
+            node.result
+                .store(ResultCode::Gone.encode(), Ordering::Relaxed);
+            return Step::Next;
+        }
+        let off = u64::from(n) * BLOCK;
+        let Some(op_bytes) = self.arena.map.heap_bytes(off + BLOCK, u64::from(node.len)) else {
+            node.result
+                .store(ResultCode::Gone.encode(), Ordering::Relaxed);
+            return Step::Next;
+        };
+        let flags = node.detail.load(Ordering::Relaxed);
+        let outcome = if let Some(sweep_now) = expire_only_at(flags) {
+            // The sweep's clock decides, so a sweep is reproducible; a
+            // session found alive is left exactly as it is.
+            if !draft
+                .data
+                .expired(sweep_now, self.arena.last_read_ms(self.s))
+            {
+                node.detail.store(draft.version, Ordering::Relaxed);
+                node.result
+                    .store(ResultCode::Done.encode(), Ordering::Release);
+                return Step::Next;
+            }
+            Ok(Applied::Invalidated)
+        } else {
+            if xxhash_rust::xxh3::xxh3_64(op_bytes) != node.checksum {
+                node.result
+                    .store(ResultCode::Gone.encode(), Ordering::Relaxed);
+                return Step::Next;
+            }
+            // SAFETY: the batch was encoded by `update` in a process of
+            // this engine, written before its push, checksummed (checked
+            // just above), and lies 64-byte aligned in the heap.
+            let batch =
+                unsafe { rkyv::access_unchecked::<rkyv::vec::ArchivedVec<ArchivedOp>>(op_bytes) };
+            let quota = self.arena.map.geo.quota_bytes;
+            draft
+                .data
+                .apply_refs(batch.iter().map(ArchivedOp::as_ref), draft.now_ms, quota)
+        };
+        match outcome {
+            Ok(Applied::Changed) => {
+                draft.version += 1;
+                draft.data.log_batch(draft.version, op_bytes);
+                node.detail.store(draft.version, Ordering::Relaxed);
+                node.result
+                    .store(ResultCode::Done.encode(), Ordering::Release);
+                Step::Next
+            }
+            Ok(Applied::Invalidated) => {
+                node.detail.store(draft.version, Ordering::Relaxed);
+                node.result
+                    .store(ResultCode::Done.encode(), Ordering::Release);
+                if expire_only_at(flags).is_some() {
+                    self.arena
+                        .header()
+                        .expired_total
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Step::Removed
+            }
+            Err(e) => {
+                if let OpError::OverQuota { needed, .. } = e {
+                    node.detail.store(needed, Ordering::Relaxed);
+                }
+                node.result
+                    .store(e.result_code().encode(), Ordering::Release);
+                Step::Next
+            }
+        }
+    }
+
+    fn gone(&self, n: u32) {
+        let node = self.nodes.node(n);
+        // A cancelled node keeps its final answer.
+        if node.result.load(Ordering::Acquire) != ResultCode::CancelledHeapFull.encode() {
+            node.result
+                .store(ResultCode::Gone.encode(), Ordering::Relaxed);
+        }
+    }
+
+    fn publish(
+        &self,
+        draft: Draft,
+        last: u32,
+        applied: &[u32],
+    ) -> Result<Option<u64>, SessionError> {
+        let a = self.arena;
+        let track = Some((self.i, draft.replaced));
+        let new_off =
+            match a.write_record_tracked(draft.sid, &draft.data, draft.version, draft.epoch, track)
+            {
+                Ok(off) => off,
+                Err(SessionError::HeapFull(_) | SessionError::TooLarge(_)) => {
+                    // No room for the new copy: cancel the batch (a final
+                    // result every later combiner respects) and leave the
+                    // record as is.
+                    for &n in applied {
+                        self.nodes
+                            .node(n)
+                            .result
+                            .store(ResultCode::CancelledHeapFull.encode(), Ordering::Release);
+                    }
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            };
+        a.set_applied(new_off, last);
+        a.mark_dirty(self.i);
+        // The commit point: one store publishes the new copy and, with its
+        // applied_seq, consumes every node up to `last`.
+        self.s.record.store(a.rec_word(new_off), Ordering::Release);
+        a.mark_dirty(self.i);
+        Ok(Some(draft.replaced))
+    }
+
+    fn retire(&self, replaced: u64, detached: u32) {
+        // The replaced record and the applied nodes leave together: the
+        // nodes are chained behind the record, and the chain goes into the
+        // ring with one store, right after the store that makes the
+        // replaced record no longer the business of whoever would resolve a
+        // death of ours.
+        let a = self.arena;
+        let chain_last = a.link_queue_chain(replaced, detached);
+        a.participant().building.store(0, Ordering::Release);
+        a.retire_linked(replaced, chain_last);
     }
 }
 

@@ -235,6 +235,26 @@ pub enum Delta {
     },
 }
 
+/// One bit per heap block (or chunk): what a collection or a recovery
+/// has seen.
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(n: u64) -> Bits {
+        Bits(vec![0; n.div_ceil(64) as usize])
+    }
+    fn get(&self, i: u64) -> bool {
+        self.0[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+    /// Sets bit `i`; returns whether it was set already.
+    fn test_and_set(&mut self, i: u64) -> bool {
+        let w = &mut self.0[(i / 64) as usize];
+        let was = *w & (1 << (i % 64)) != 0;
+        *w |= 1 << (i % 64);
+        was
+    }
+}
+
 /// What a sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SweepStats {

@@ -19,7 +19,7 @@
 //! Blocks found leaked are retired, not freed: one may be a record a dead
 //! combiner had just replaced, which a pinned reader may still be reading.
 
-use super::{Arena, COMBINE_BATCH_MAX, HeapNodes, rec_off};
+use super::{Arena, Bits, COMBINE_BATCH_MAX, HeapNodes, rec_off};
 use crate::epoch;
 use crate::layout::{
     BLOCK, CHUNK_UNASSIGNED, Collector, NODE_MAGIC, NodeHeader, PARTICIPANTS_MAX, RETIRE_RING,
@@ -80,25 +80,6 @@ pub enum CollectError {
         /// How long the collection waited.
         waited_ms: u64,
     },
-}
-
-/// One bit per heap block (or chunk).
-struct Bits(Vec<u64>);
-
-impl Bits {
-    fn new(n: u64) -> Bits {
-        Bits(vec![0; n.div_ceil(64) as usize])
-    }
-    fn get(&self, i: u64) -> bool {
-        self.0[(i / 64) as usize] & (1 << (i % 64)) != 0
-    }
-    /// Sets bit `i`; returns whether it was set already.
-    fn test_and_set(&mut self, i: u64) -> bool {
-        let w = &mut self.0[(i / 64) as usize];
-        let was = *w & (1 << (i % 64)) != 0;
-        *w |= 1 << (i % 64);
-        was
-    }
 }
 
 /// Chunk-map value of a chunk a collection is giving back to the pool:

@@ -2,7 +2,7 @@
 //! be inside a shared transition, so everything the dead left is checked
 //! and repaired in place, and the allocator is rebuilt from reachability.
 
-use super::{Arena, COMBINE_BATCH_MAX, HeapNodes, RecoveryReport, rec_off};
+use super::{Arena, Bits, COMBINE_BATCH_MAX, HeapNodes, RecoveryReport, rec_off};
 use crate::layout::{
     BLOCK, CHUNK_UNASSIGNED, NODE_MAGIC, NodeHeader, PARTICIPANTS_MAX, RETIRE_RING, RecordHeader,
 };
@@ -43,11 +43,11 @@ impl Arena {
         let blocks = geo.heap_bytes / BLOCK;
         // Blocks accounted for without being reachable: free or retired.
         // What is neither, nor reachable, was leaked by a crash.
-        let mut accounted = vec![0u64; blocks.div_ceil(64) as usize];
-        let note = |bits: &mut Vec<u64>, off: u64| {
+        let bit = |off: u64| (off - geo.heap_off) / BLOCK;
+        let mut accounted = Bits::new(blocks);
+        let note = |bits: &mut Bits, off: u64| {
             if self.map.is_block(off) {
-                let b = (off - geo.heap_off) / BLOCK;
-                bits[(b / 64) as usize] |= 1 << (b % 64);
+                bits.test_and_set(bit(off));
             }
         };
         for class in 0..geo.classes.len() {
@@ -104,11 +104,7 @@ impl Arena {
         // A collection cut short by a death: the rebuild below does it all.
         h.collector.world.store(0, Ordering::Relaxed);
         h.collector.suspects.store(0, Ordering::Relaxed);
-        let mut reachable = vec![0u64; blocks.div_ceil(64) as usize];
-        let mark = |reachable: &mut Vec<u64>, off: u64| {
-            let b = (off - geo.heap_off) / BLOCK;
-            reachable[(b / 64) as usize] |= 1 << (b % 64);
-        };
+        let mut reachable = Bits::new(blocks);
         let nodes = HeapNodes(&self.map);
         let mut live = 0u64;
         let mut chain = Vec::new();
@@ -170,9 +166,9 @@ impl Arena {
                 }
             }
             for &n in &chain {
-                mark(&mut reachable, u64::from(n) * BLOCK);
+                reachable.test_and_set(bit(u64::from(n) * BLOCK));
             }
-            mark(&mut reachable, rec);
+            reachable.test_and_set(bit(rec));
             live += 1;
             if queue::is_closed(s.head.load(Ordering::Relaxed)) {
                 report.finished_removals += 1;
@@ -187,25 +183,18 @@ impl Arena {
         let top = h.chunk_top.load(Ordering::Relaxed).min(geo.chunks);
         for c in (0..top).rev() {
             let class = self.map.chunk_class(c).load(Ordering::Relaxed) as usize;
-            let start = geo.heap_off + c * geo.chunk_bytes;
-            let any = |lo: u64, hi: u64| {
-                (lo..hi).step_by(BLOCK as usize).any(|off| {
-                    let b = (off - geo.heap_off) / BLOCK;
-                    reachable[(b / 64) as usize] & (1 << (b % 64)) != 0
-                })
-            };
-            let bit = |bits: &Vec<u64>, off: u64| {
-                let b = (off - geo.heap_off) / BLOCK;
-                bits[(b / 64) as usize] & (1 << (b % 64)) != 0
-            };
+            let start = self.chunk_off(c);
+            let any_reachable = (start..start + geo.chunk_bytes)
+                .step_by(BLOCK as usize)
+                .any(|off| reachable.get(bit(off)));
             if class < geo.classes.len() {
                 let size = geo.classes[class];
                 report.leaked_blocks += (0..geo.chunk_bytes / size)
                     .map(|k| start + k * size)
-                    .filter(|&off| !bit(&reachable, off) && !bit(&accounted, off))
+                    .filter(|&off| !reachable.get(bit(off)) && !accounted.get(bit(off)))
                     .count() as u64;
             }
-            if class >= geo.classes.len() || !any(start, start + geo.chunk_bytes) {
+            if class >= geo.classes.len() || !any_reachable {
                 if class < geo.classes.len() {
                     report.reclaimed_blocks += geo.chunk_bytes / geo.classes[class];
                 }
@@ -218,8 +207,7 @@ impl Arena {
             let size = geo.classes[class];
             for k in 0..geo.chunk_bytes / size {
                 let off = start + k * size;
-                let b = (off - geo.heap_off) / BLOCK;
-                if reachable[(b / 64) as usize] & (1 << (b % 64)) == 0 {
+                if !reachable.get(bit(off)) {
                     self.push_chain(class, off, off);
                 }
             }

@@ -126,3 +126,9 @@ pub enum SessionError {
         held: u64,
     },
 }
+
+impl From<crate::queue::Broken> for SessionError {
+    fn from(_: crate::queue::Broken) -> SessionError {
+        SessionError::Corrupt("update queue chain is broken")
+    }
+}

@@ -34,12 +34,6 @@ pub(crate) const REPLICAS_MAX: usize = 64;
 /// Smallest heap chunk; a chunk holds blocks of one size class.
 pub(crate) const CHUNK_BYTES_MIN: u64 = 64 * 1024;
 
-/// `state` kinds of an index slot (low two bits).
-pub(crate) const SLOT_EMPTY: u64 = 0;
-pub(crate) const SLOT_LIVE: u64 = 1;
-pub(crate) const SLOT_TOMB: u64 = 2;
-pub(crate) const SLOT_KIND_MASK: u64 = 0b11;
-
 /// Magic of a record block header.
 pub(crate) const RECORD_MAGIC: u32 = 0x5345_5352; // "RSES"
 /// Magic of an op node header.
@@ -76,7 +70,8 @@ pub(crate) struct Header {
     pub compact_lock: AtomicU32,
     /// Chunks handed out so far (bump pointer).
     pub chunk_top: AtomicU64,
-    /// Free chunks: | tag 24 | chunk + 1 (40) |, linked through block `link`.
+    /// Free chunks: | tag 24 | chunk + 1 (40) |, linked through block `link`
+    /// (`words::stack_head`).
     pub chunk_free: AtomicU64,
     /// Live sessions.
     pub live: AtomicU64,
@@ -90,10 +85,12 @@ pub(crate) struct Header {
     pub participants_hwm: AtomicU32,
     pub _pad1: u32,
     pub _pad2: [u64; 2],
-    /// Free blocks per class: | tag 24 | block index (40) |.
+    /// Free blocks per class: | tag 24 | block index + 1 (40) |
+    /// (`words::stack_head`).
     pub class_free: [AtomicU64; CLASSES_MAX],
     /// The chunk each class is carving fresh blocks from, one per CAS, so a
-    /// crash loses at most the block it took: | chunk + 1 (32) | next (32) |.
+    /// crash loses at most the block it took: | chunk + 1 (32) | next (32) |
+    /// (`words::carve_word`).
     pub class_carve: [AtomicU64; CLASSES_MAX],
     /// The incarnation of each replica node as last seen by the replicator,
     /// so a restarted replicator can trust the acks in `IndexSlot::acked`
@@ -177,10 +174,10 @@ const _: () = assert!(size_of::<Participant>() == 64 + 16 * RETIRE_RING as usize
 pub(crate) struct IndexSlot {
     pub sid_lo: AtomicU64,
     pub sid_hi: AtomicU64,
-    /// | generation (62) | kind (2) |; generation grows at every change of kind.
+    /// | generation 62 | kind 2 | (`words::slot_state`).
     pub state: AtomicU64,
-    /// The published record: | archive length (32) | block index (32) |
-    /// (block index = byte offset / 64, so records lie below 256 GiB).
+    /// The published record: | archive length 32 | block index 32 |
+    /// (`words::record_word`).
     pub record: AtomicU64,
     /// Update queue head word (see `queue`).
     pub head: AtomicU64,
@@ -188,7 +185,8 @@ pub(crate) struct IndexSlot {
     pub lock: AtomicU32,
     /// Last read, in seconds since the arena was created (coarse, relaxed).
     pub access_s: AtomicU32,
-    /// Replication acks: | node id (16) | version (48) |, 0 = none.
+    /// Replication acks: | node id 16 | version 48 |, 0 = none
+    /// (`words::ack_word`).
     pub acked: [AtomicU64; 2],
 }
 const _: () = assert!(size_of::<IndexSlot>() == 64);
@@ -221,15 +219,35 @@ pub(crate) struct NodeHeader {
     pub magic: u32,
     pub len: u32,
     pub seq: AtomicU32,
-    /// Outcome, written by the combiner before its commit.
+    /// Outcome, written by the combiner before its commit
+    /// (`words::ResultCode`).
     pub result: AtomicU32,
     pub next: AtomicU64,
     pub sid: [u64; 2],
     pub checksum: u64,
-    /// Detail of a refusal (bytes needed, for an over-quota batch).
+    /// Before the answer, how to apply the batch (`words::expire_only`);
+    /// after it, the version produced or the bytes an over-quota batch needed.
     pub detail: AtomicU64,
 }
 const _: () = assert!(size_of::<NodeHeader>() as u64 == BLOCK);
+
+/// A header that starts a heap block: at most 64 bytes and 64-byte
+/// alignment, its first word the block's `link`, every field an atomic or a
+/// plain integer valid at any bit pattern. Sealed: only the headers of this
+/// module are read through `Map::block_header`, which relies on exactly that.
+pub(crate) trait BlockHeader: sealed::Sealed {}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::RecordHeader {}
+    impl Sealed for super::NodeHeader {}
+}
+
+impl BlockHeader for RecordHeader {}
+impl BlockHeader for NodeHeader {}
+
+const _: () = assert!(std::mem::align_of::<RecordHeader>() as u64 <= BLOCK);
+const _: () = assert!(std::mem::align_of::<NodeHeader>() as u64 <= BLOCK);
 
 /// Block sizes of the heap's classes, smallest first: steps of 64 bytes up
 /// to 1 KiB, then steps of about 1/8, so a block wastes at most ~12 %.

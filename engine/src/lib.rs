@@ -18,11 +18,14 @@
 //!
 //! - [`map`](Location): the arena file, its creation, validation and the
 //!   byte-range locks that tell live processes from dead ones.
-//! - `layout`: every structure in shared memory, sizes pinned at compile time.
-//! - `queue` and `lock`: the per-session update queue and the owner words
+//! - `layout`: every structure in shared memory, sizes pinned at compile time;
+//!   `words`: the packed words inside them, with their bit tables.
+//! - `queue`, `lock` and `epoch`: the per-session update queue and the
+//!   combine protocol over it, the owner words, and reclamation's pins
 //!   (model-checked with loom through `sync`).
-//! - [`Arena`]: the handle: index, heap, reclamation, combining, expiry,
-//!   recovery, and the replicator's view (dirty sessions, deltas, acks).
+//! - [`Arena`]: the handle, one file per seam under `arena/`: handle, heap,
+//!   index, records, combine, reclaim, collect, expiry, recovery, and the
+//!   replicator's view (dirty sessions, deltas, acks).
 //! - [`session`]: the session model and the ops, as plain Rust.
 //!
 //! ## Example
@@ -62,6 +65,7 @@ mod error;
 mod lock;
 mod queue;
 mod sync;
+mod words;
 
 #[cfg(not(loom))]
 mod arena;
@@ -93,7 +97,7 @@ pub mod loom_api {
     };
     pub use crate::lock::{owner, steal, try_lock, unlock};
     pub use crate::queue::{
-        Closed, EMPTY, Nodes, close, detach, head, head_node, head_seq, is_closed, pending, push,
-        seq_after,
+        Broken, Closed, Combine, Combined, EMPTY, Nodes, Step, close, combine, detach, head,
+        head_node, head_seq, is_closed, pending, push, seq_after,
     };
 }

@@ -4,9 +4,10 @@
 
 use crate::error::OpenError;
 use crate::layout::{
-    CHUNK_UNASSIGNED, FORMAT_VERSION, Geometry, HEADER_BYTES, Header, IndexSlot, MAGIC,
-    PARTICIPANTS_MAX, Participant,
+    BLOCK, BlockHeader, CHUNK_UNASSIGNED, FORMAT_VERSION, Geometry, HEADER_BYTES, Header,
+    IndexSlot, MAGIC, PARTICIPANTS_MAX, Participant,
 };
+use crate::sync::{AtomicU8, AtomicU64, Ordering};
 use memmap2::{MmapOptions, MmapRaw};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -312,7 +313,7 @@ impl Map {
         h.total_bytes = geo.total_bytes;
         h.created_ms = crate::clock::now_ms();
         h.hash_seed = rand_u64();
-        h.epoch.store(1, std::sync::atomic::Ordering::Relaxed);
+        h.epoch.store(1, Ordering::Relaxed);
         // SAFETY: the chunk map lies inside the mapping (Geometry::new).
         unsafe {
             std::ptr::write_bytes(
@@ -451,7 +452,7 @@ impl Map {
 
     /// The dirty bitmap word `w` (64 slots).
     #[inline]
-    pub(crate) fn dirty_word(&self, w: u64) -> &std::sync::atomic::AtomicU64 {
+    pub(crate) fn dirty_word(&self, w: u64) -> &AtomicU64 {
         debug_assert!(w < self.geo.index_slots / 64);
         // SAFETY: the bitmap lies inside the mapping, 8-byte aligned.
         unsafe {
@@ -464,7 +465,7 @@ impl Map {
 
     /// The chunk map entry of chunk `c`.
     #[inline]
-    pub(crate) fn chunk_class(&self, c: u64) -> &std::sync::atomic::AtomicU8 {
+    pub(crate) fn chunk_class(&self, c: u64) -> &AtomicU8 {
         debug_assert!(c < self.geo.chunks);
         // SAFETY: the chunk map lies inside the mapping.
         unsafe {
@@ -480,20 +481,34 @@ impl Map {
     pub(crate) fn is_block(&self, off: u64) -> bool {
         off >= self.geo.heap_off
             && off < self.geo.heap_off + self.geo.heap_bytes
-            && (off - self.geo.heap_off).is_multiple_of(crate::layout::BLOCK)
+            && (off - self.geo.heap_off).is_multiple_of(BLOCK)
     }
 
-    /// A typed view of the block header at `off`.
-    ///
-    /// # Safety
-    /// `off` must satisfy [`Map::is_block`]; `T` must be one of the 64-byte
-    /// block headers of `layout`.
+    /// The header of the heap block at `off`, or `None` if `off` is not the
+    /// start of a block. The one door to block headers: shared memory may
+    /// hold any offset a dead process left, so every one is checked.
     #[inline]
-    pub(crate) unsafe fn block<T>(&self, off: u64) -> &T {
-        debug_assert!(self.is_block(off));
-        // SAFETY: by the caller's contract the block is in bounds and
-        // 64-byte aligned, and a block header is at most 64 bytes.
-        unsafe { &*self.base().add(off as usize).cast::<T>() }
+    pub(crate) fn block_header<T: BlockHeader>(&self, off: u64) -> Option<&T> {
+        if !self.is_block(off) {
+            return None;
+        }
+        // SAFETY: `off` is a block start: in bounds with a whole block after
+        // it, and 64-byte aligned (the heap is page-aligned). `T` is one of
+        // the sealed 64-byte block headers, whose fields are atomics or
+        // integers valid at any bit pattern, so any bytes there read as a
+        // `T`; the mapping lives as long as `self`.
+        Some(unsafe { &*self.base().add(off as usize).cast::<T>() })
+    }
+
+    /// A pointer to the header of the heap block at `off`, for the one
+    /// process that owns the block to fill in its plain fields before
+    /// publishing it; `None` if `off` is not a block start.
+    #[inline]
+    pub(crate) fn block_header_ptr<T: BlockHeader>(&self, off: u64) -> Option<*mut T> {
+        // Only computed here (no unsafe needed); the caller writes through
+        // it under its own SAFETY argument.
+        self.is_block(off)
+            .then(|| self.base().wrapping_add(off as usize).cast::<T>())
     }
 
     /// `len` bytes at `off`, checked against the heap's bounds.

@@ -19,6 +19,10 @@
 //! which the next combiner skips. Either way every op is applied exactly
 //! once. Sequence numbers grow by one per push and never go back, so a head
 //! word is never reused (no ABA).
+//!
+//! [`combine`] is that protocol, over the [`Combine`] trait: the arena runs
+//! it on its heap, and the loom models in `tests/loom_queue.rs` run the
+//! same function on a plain table of nodes.
 
 use crate::sync::{AtomicU64, Ordering};
 
@@ -169,6 +173,116 @@ pub fn close(head_word: &AtomicU64) -> u64 {
             Err(now) => cur = now,
         }
     }
+}
+
+/// What one combine works on: a session's queue, its published record, and
+/// the way a new copy is built, applied to and published. The arena's
+/// implementation builds records in its heap; the loom models' builds a
+/// list of applied nodes. [`combine`] is the protocol both run.
+pub trait Combine {
+    /// Where the op nodes live.
+    type Nodes: Nodes;
+    /// The new copy being built.
+    type Draft;
+    /// What a published copy leaves to retire afterwards.
+    type Published;
+    /// Why a combine stopped (a [`Broken`] chain is one).
+    type Error: From<Broken>;
+
+    /// The op nodes.
+    fn nodes(&self) -> &Self::Nodes;
+    /// The session's queue head word.
+    fn head(&self) -> &AtomicU64;
+    /// Whether the session still exists (a removed slot is left alone).
+    fn live(&self) -> bool;
+    /// The newest seq the published record includes.
+    fn applied(&self) -> Result<u32, Self::Error>;
+    /// A new copy of the published record, to apply nodes to.
+    fn draft(&self) -> Result<Self::Draft, Self::Error>;
+    /// Applies node `n` to the draft and answers it.
+    fn apply(&self, draft: &mut Self::Draft, n: u32) -> Step;
+    /// Answers node `n`, which came after a batch that removed the session.
+    fn gone(&self, n: u32);
+    /// Publishes the draft as covering every node up to seq `last` (one
+    /// store: the commit point). `Ok(None)` means the copy could not be
+    /// built and `applied` (the nodes of this combine) were cancelled
+    /// instead; nothing was published.
+    fn publish(
+        &self,
+        draft: Self::Draft,
+        last: u32,
+        applied: &[u32],
+    ) -> Result<Option<Self::Published>, Self::Error>;
+    /// Hands the replaced record and the chain of nodes `detached` made
+    /// unreachable (newest first, through `next`) to reclamation.
+    fn retire(&self, published: Self::Published, detached: u32);
+}
+
+/// What applying one node did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Applied or refused; the session lives on.
+    Next,
+    /// The batch removed the session: later nodes find it gone.
+    Removed,
+}
+
+/// How a combine ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Combined {
+    /// Nothing to do: the session is gone, or every node is applied.
+    Idle,
+    /// The queue is closed at this head word: the caller finishes the
+    /// removal (answers what is left, marks the slot removed).
+    Closed(u64),
+    /// The new copy could not be built: the nodes were cancelled.
+    Cancelled,
+    /// A new copy was published and the applied nodes detached.
+    Committed,
+}
+
+/// One combine, by the holder of the session's combiner lock: collects the
+/// nodes newer than the published record's applied seq, applies them in
+/// seq order to a new copy, publishes it (the commit), then detaches the
+/// applied nodes and retires them with the replaced record. Killed before
+/// the commit, it leaves the queue as it found it; after, it leaves nodes
+/// the record already covers, which the next combine skips and detaches.
+/// `list` is the caller's scratch, at most `max` nodes.
+pub fn combine<C: Combine>(c: &C, list: &mut Vec<u32>, max: usize) -> Result<Combined, C::Error> {
+    let head = c.head();
+    let w = head.load(Ordering::Acquire);
+    if !c.live() {
+        return Ok(Combined::Idle);
+    }
+    if is_closed(w) {
+        return Ok(Combined::Closed(w));
+    }
+    let applied = c.applied()?;
+    if head_seq(w) == applied {
+        return Ok(Combined::Idle);
+    }
+    pending(w, applied, c.nodes(), list, max)?;
+    let mut draft = c.draft()?;
+    let mut last = applied;
+    let mut removed = false;
+    for &n in list.iter() {
+        last = c.nodes().seq(n);
+        if removed {
+            c.gone(n);
+        } else if c.apply(&mut draft, n) == Step::Removed {
+            removed = true;
+        }
+    }
+    if removed {
+        return Ok(Combined::Closed(close(head)));
+    }
+    let Some(published) = c.publish(draft, last, list)? else {
+        return Ok(Combined::Cancelled);
+    };
+    debug_assert_eq!(last, head_seq(w));
+    let detached = detach(head, w, c.nodes());
+    c.retire(published, detached);
+    Ok(Combined::Committed)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! pure function that applies a batch of ops. Everything here is plain Rust
 //! and rkyv; the arena stores the archives.
 
+use crate::words::ResultCode;
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Longest attribute key, in bytes.
@@ -206,15 +207,35 @@ pub enum OpError {
 }
 
 impl OpError {
-    /// A small code for the op node's result word.
-    pub(crate) fn code(&self) -> u32 {
+    /// The op node result code of this refusal; an over-quota refusal also
+    /// stores the bytes needed in the node's `detail`.
+    pub(crate) const fn result_code(&self) -> ResultCode {
         match self {
-            OpError::BadKey => 1,
-            OpError::TooManyAttrs => 2,
-            OpError::NotACounter => 3,
-            OpError::NotAList => 4,
-            OpError::OverQuota { .. } => 5,
+            OpError::BadKey => ResultCode::BadKey,
+            OpError::TooManyAttrs => ResultCode::TooManyAttrs,
+            OpError::NotACounter => ResultCode::NotACounter,
+            OpError::NotAList => ResultCode::NotAList,
+            OpError::OverQuota { .. } => ResultCode::OverQuota,
         }
+    }
+
+    /// The refusal a result code stands for (`None` for a code that is not
+    /// a refusal); `detail` is the node's detail word, `quota` the arena's.
+    pub(crate) const fn from_result(code: ResultCode, detail: u64, quota: u64) -> Option<OpError> {
+        Some(match code {
+            ResultCode::BadKey => OpError::BadKey,
+            ResultCode::TooManyAttrs => OpError::TooManyAttrs,
+            ResultCode::NotACounter => OpError::NotACounter,
+            ResultCode::NotAList => OpError::NotAList,
+            ResultCode::OverQuota => OpError::OverQuota {
+                needed: detail,
+                quota,
+            },
+            ResultCode::Done
+            | ResultCode::Gone
+            | ResultCode::CancelledHeapFull
+            | ResultCode::Pending => return None,
+        })
     }
 }
 

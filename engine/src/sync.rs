@@ -9,10 +9,14 @@
 //! state.
 
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+pub(crate) use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering, fence};
 
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+// Only the arena's chunk map uses it, and the loom build leaves the arena out.
+#[cfg(loom)]
+#[allow(unused_imports)]
+pub(crate) use loom::sync::atomic::AtomicU8;
 
 /// Spin politely: a few pause instructions, then yield the CPU.
 #[cfg(not(loom))]

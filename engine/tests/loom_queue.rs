@@ -1,6 +1,7 @@
-//! Loom models of the shared-memory protocols: the update queue with its
-//! combiner (including a combiner that dies mid-combine and is stolen from),
-//! epoch reclamation, and the handshake that keeps a collection and a
+//! Loom models of the shared-memory protocols: the update queue with the
+//! engine's own combine (`queue::combine`, the function the arena runs),
+//! including a combiner killed before or right after its commit and stolen
+//! from, epoch reclamation, and the handshake that keeps a collection and a
 //! mutation apart. Run with
 //! `RUSTFLAGS="--cfg loom" cargo test -p sessio-engine --test loom_queue --release`.
 #![cfg(loom)]
@@ -58,6 +59,81 @@ struct Session {
     dead: Vec<AtomicBool>,
 }
 
+/// Where a combiner is killed, if it is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kill {
+    Never,
+    /// After applying everything, before the commit store.
+    BeforeCommit,
+    /// Right after the commit store, before the applied nodes are detached.
+    AfterCommit,
+}
+
+/// A combiner that was killed: it does nothing more.
+#[derive(Debug)]
+struct Killed;
+
+impl From<Broken> for Killed {
+    fn from(_: Broken) -> Killed {
+        panic!("the queue chain is always intact in these models")
+    }
+}
+
+/// One combine of `s` by the lock holder, as the engine's
+/// `queue::combine` sees it: the same function the arena runs, over a
+/// table instead of the heap.
+struct Combiner<'a> {
+    s: &'a Session,
+    kill: Kill,
+}
+
+impl Combine for Combiner<'_> {
+    type Nodes = Table;
+    type Draft = Vec<u32>;
+    type Published = ();
+    type Error = Killed;
+
+    fn nodes(&self) -> &Table {
+        &self.s.nodes
+    }
+    fn head(&self) -> &AtomicU64 {
+        &self.s.head
+    }
+    fn live(&self) -> bool {
+        true
+    }
+    fn applied(&self) -> Result<u32, Killed> {
+        Ok(self.s.applied())
+    }
+    fn draft(&self) -> Result<Vec<u32>, Killed> {
+        let r = self.s.record.load(Ordering::Acquire);
+        Ok(self.s.versions.lock().unwrap()[r as usize].1.clone())
+    }
+    fn apply(&self, draft: &mut Vec<u32>, n: u32) -> Step {
+        draft.push(n);
+        Step::Next
+    }
+    fn gone(&self, _: u32) {
+        unreachable!("no batch in these models removes the session");
+    }
+    fn publish(&self, draft: Vec<u32>, last: u32, _: &[u32]) -> Result<Option<()>, Killed> {
+        if self.kill == Kill::BeforeCommit {
+            return Err(Killed);
+        }
+        let idx = {
+            let mut v = self.s.versions.lock().unwrap();
+            v.push((last, draft));
+            v.len() - 1
+        };
+        self.s.record.store(idx as u64, Ordering::Release);
+        if self.kill == Kill::AfterCommit {
+            return Err(Killed);
+        }
+        Ok(Some(()))
+    }
+    fn retire(&self, (): (), _detached: u32) {}
+}
+
 impl Session {
     fn new(nodes: usize, owners: usize) -> Session {
         Session {
@@ -75,33 +151,15 @@ impl Session {
         self.versions.lock().unwrap()[r as usize].0
     }
 
-    /// The combiner: applies everything queued. With `die_before_commit`,
-    /// does all the work but never commits nor unlocks (killed).
-    fn combine(&self, die_before_commit: bool) {
-        let w = self.head.load(Ordering::Acquire);
-        let r = self.record.load(Ordering::Acquire);
-        let (applied, mut list) = self.versions.lock().unwrap()[r as usize].clone();
-        if head_seq(w) == applied {
-            return;
-        }
-        let mut pend = Vec::new();
-        pending(w, applied, &self.nodes, &mut pend, 16).expect("queue chain intact");
-        list.extend(&pend);
-        if die_before_commit {
-            return;
-        }
-        let idx = {
-            let mut v = self.versions.lock().unwrap();
-            v.push((head_seq(w), list));
-            v.len() - 1
-        };
-        self.record.store(idx as u64, Ordering::Release);
-        let _ = detach(&self.head, w, &self.nodes);
+    /// The combiner: the engine's combine over this session. A killed one
+    /// stops where `kill` says and never unlocks.
+    fn combine(&self, kill: Kill) -> Result<Combined, Killed> {
+        combine(&Combiner { s: self, kill }, &mut Vec::new(), 16)
     }
 
     /// `update()`: push, then wait for the node to be applied, combining
     /// when the lock is free or held by the dead.
-    fn update(&self, me: u32, node: u32, die_while_combining: bool) {
+    fn update(&self, me: u32, node: u32, kill: Kill) {
         let seq = push(&self.head, &self.nodes, node).unwrap();
         loop {
             if !seq_after(seq, self.applied()) {
@@ -116,12 +174,12 @@ impl Session {
                 }
             };
             if got {
-                if die_while_combining {
-                    self.combine(true);
+                if kill != Kill::Never {
+                    let _ = self.combine(kill);
                     self.dead[me as usize].store(true, Ordering::Release);
                     return;
                 }
-                self.combine(false);
+                self.combine(Kill::Never).unwrap();
                 unlock(&self.lock, me);
             } else {
                 thread::yield_now();
@@ -144,7 +202,7 @@ impl Session {
                 Err(_) => thread::yield_now(),
             }
         }
-        self.combine(false);
+        self.combine(Kill::Never).unwrap();
         unlock(&self.lock, me);
         let r = self.record.load(Ordering::Acquire);
         self.versions.lock().unwrap()[r as usize].1.clone()
@@ -167,13 +225,13 @@ fn concurrent_updates_apply_exactly_once_in_order() {
         let t1 = {
             let s = s.clone();
             thread::spawn(move || {
-                s.update(1, 1, false);
-                s.update(1, 2, false);
+                s.update(1, 1, Kill::Never);
+                s.update(1, 2, Kill::Never);
             })
         };
         let t2 = {
             let s = s.clone();
-            thread::spawn(move || s.update(2, 3, false))
+            thread::spawn(move || s.update(2, 3, Kill::Never))
         };
         t1.join().unwrap();
         t2.join().unwrap();
@@ -187,17 +245,17 @@ fn concurrent_updates_apply_exactly_once_in_order() {
     });
 }
 
-#[test]
-fn a_combiner_killed_mid_combine_loses_and_duplicates_nothing() {
-    model(|| {
+/// A combiner killed at `kill` while a survivor updates the same session.
+fn killed_combiner(kill: Kill) {
+    model(move || {
         let s = Arc::new(Session::new(4, 3));
         let victim = {
             let s = s.clone();
-            thread::spawn(move || s.update(1, 1, true))
+            thread::spawn(move || s.update(1, 1, kill))
         };
         let survivor = {
             let s = s.clone();
-            thread::spawn(move || s.update(2, 2, false))
+            thread::spawn(move || s.update(2, 2, Kill::Never))
         };
         victim.join().unwrap();
         survivor.join().unwrap();
@@ -205,9 +263,19 @@ fn a_combiner_killed_mid_combine_loses_and_duplicates_nothing() {
         let mut sorted = list.clone();
         sorted.sort_unstable();
         // The victim's node was pushed (one CAS) before it died, so it is
-        // applied exactly once by a survivor.
+        // applied exactly once, by the victim's commit or a survivor's.
         assert_eq!(sorted, vec![1, 2], "{list:?}");
     });
+}
+
+#[test]
+fn a_combiner_killed_mid_combine_loses_and_duplicates_nothing() {
+    killed_combiner(Kill::BeforeCommit);
+}
+
+#[test]
+fn a_combiner_killed_between_commit_and_detach_loses_and_duplicates_nothing() {
+    killed_combiner(Kill::AfterCommit);
 }
 
 #[test]

@@ -19,14 +19,14 @@
 //! Blocks found leaked are retired, not freed: one may be a record a dead
 //! combiner had just replaced, which a pinned reader may still be reading.
 
-use super::{Arena, COMBINE_BATCH_MAX, HeapNodes, IDX_MASK, TAG_SHIFT, rec_off};
+use super::{Arena, Bits, COMBINE_BATCH_MAX, HeapNodes, rec_off};
 use crate::epoch;
 use crate::layout::{
     BLOCK, CHUNK_UNASSIGNED, Collector, NODE_MAGIC, NodeHeader, PARTICIPANTS_MAX, RETIRE_RING,
-    SLOT_KIND_MASK, SLOT_LIVE,
 };
 use crate::queue::{self, EMPTY, Nodes};
 use crate::sync::Ordering;
+use crate::words::{CARVE_NONE, SLOT_LIVE, carve_chunk, slot_kind, stack_index, stack_next};
 use std::time::{Duration, Instant};
 
 /// How long a collection waits for live mutations to finish before it
@@ -80,25 +80,6 @@ pub enum CollectError {
         /// How long the collection waited.
         waited_ms: u64,
     },
-}
-
-/// One bit per heap block (or chunk).
-struct Bits(Vec<u64>);
-
-impl Bits {
-    fn new(n: u64) -> Bits {
-        Bits(vec![0; n.div_ceil(64) as usize])
-    }
-    fn get(&self, i: u64) -> bool {
-        self.0[(i / 64) as usize] & (1 << (i % 64)) != 0
-    }
-    /// Sets bit `i`; returns whether it was set already.
-    fn test_and_set(&mut self, i: u64) -> bool {
-        let w = &mut self.0[(i / 64) as usize];
-        let was = *w & (1 << (i % 64)) != 0;
-        *w |= 1 << (i % 64);
-        was
-    }
 }
 
 /// Chunk-map value of a chunk a collection is giving back to the pool:
@@ -245,34 +226,28 @@ impl Arena {
         // class's carving chunk, and the chunk pool.
         let mut free = Bits::new(blocks);
         for class in 0..geo.classes.len() {
-            let mut idx = h.class_free[class].load(Ordering::Acquire) & IDX_MASK;
+            let mut idx = stack_index(h.class_free[class].load(Ordering::Acquire));
             let mut guard = blocks;
             while idx != 0 && guard > 0 {
                 let off = self.block_off(idx);
                 if !self.map.is_block(off) || free.test_and_set(bit(off)) {
                     break;
                 }
-                idx = self.link(off).load(Ordering::Acquire) & IDX_MASK;
+                idx = stack_index(self.link(off).load(Ordering::Acquire));
                 guard -= 1;
             }
-            let carve = h.class_carve[class].load(Ordering::Acquire);
-            if carve >> 32 != 0 && (carve >> 32) - 1 < geo.chunks {
-                let size = geo.classes[class];
-                let start = geo.heap_off + ((carve >> 32) - 1) * geo.chunk_bytes;
-                for k in (carve & 0xffff_ffff)..geo.chunk_bytes / size {
-                    free.test_and_set(bit(start + k * size));
-                }
+            for off in self.uncarved(class) {
+                free.test_and_set(bit(off));
             }
         }
         let mut pooled = Bits::new(geo.chunks);
-        let mut idx = h.chunk_free.load(Ordering::Acquire) & IDX_MASK;
+        let mut idx = stack_index(h.chunk_free.load(Ordering::Acquire));
         let mut guard = geo.chunks;
         while idx != 0 && idx <= geo.chunks && guard > 0 {
             if pooled.test_and_set(idx - 1) {
                 break;
             }
-            let start = geo.heap_off + (idx - 1) * geo.chunk_bytes;
-            idx = self.link(start).load(Ordering::Acquire) & IDX_MASK;
+            idx = stack_index(self.link(self.chunk_off(idx - 1)).load(Ordering::Acquire));
             guard -= 1;
         }
 
@@ -285,7 +260,7 @@ impl Arena {
         let mut leaked = Chain::default();
         let top = h.chunk_top.load(Ordering::Acquire).min(geo.chunks);
         for c in 0..top {
-            let start = geo.heap_off + c * geo.chunk_bytes;
+            let start = self.chunk_off(c);
             let byte = self.map.chunk_class(c).load(Ordering::Acquire);
             if byte == CHUNK_UNASSIGNED {
                 if !pooled.get(c) {
@@ -354,8 +329,8 @@ impl Arena {
         for class in classes {
             self.unlink_chunks(class, |off| gone.get(chunk_of(off)));
             let carve = h.class_carve[class].load(Ordering::Acquire);
-            if carve >> 32 != 0 && gone.get((carve >> 32) - 1) {
-                h.class_carve[class].store(0, Ordering::Release);
+            if carve_chunk(carve).is_some_and(|c| gone.get(c)) {
+                h.class_carve[class].store(CARVE_NONE, Ordering::Release);
             }
         }
         for &(c, _) in &returning {
@@ -368,13 +343,10 @@ impl Arena {
         }
         report.returned_chunks = returning.len() as u64;
         let mut pool = 0;
-        let mut idx = h.chunk_free.load(Ordering::Acquire) & IDX_MASK;
+        let mut idx = stack_index(h.chunk_free.load(Ordering::Acquire));
         while idx != 0 && idx <= geo.chunks && pool < geo.chunks {
             pool += 1;
-            idx = self
-                .link(geo.heap_off + (idx - 1) * geo.chunk_bytes)
-                .load(Ordering::Acquire)
-                & IDX_MASK;
+            idx = stack_index(self.link(self.chunk_off(idx - 1)).load(Ordering::Acquire));
         }
         report.free_chunks = pool;
         report.leaked_blocks = leaked.len;
@@ -394,26 +366,25 @@ impl Arena {
         // The head first, while it is one of them.
         loop {
             let w = head.load(Ordering::Acquire);
-            let idx = w & IDX_MASK;
+            let idx = stack_index(w);
             let off = self.block_off(idx.max(1));
             if idx == 0 || !self.map.is_block(off) || !gone(off) || guard == 0 {
                 break;
             }
-            let next = self.link(off).load(Ordering::Acquire) & IDX_MASK;
-            let tag = ((w >> TAG_SHIFT).wrapping_add(1)) << TAG_SHIFT;
-            head.store(tag | next, Ordering::Release);
+            let next = stack_index(self.link(off).load(Ordering::Acquire));
+            head.store(stack_next(w, next), Ordering::Release);
             guard -= 1;
         }
-        let mut prev = head.load(Ordering::Acquire) & IDX_MASK;
+        let mut prev = stack_index(head.load(Ordering::Acquire));
         while prev != 0 && guard > 0 {
             let prev_off = self.block_off(prev);
             if !self.map.is_block(prev_off) {
                 break;
             }
-            let next = self.link(prev_off).load(Ordering::Acquire) & IDX_MASK;
+            let next = stack_index(self.link(prev_off).load(Ordering::Acquire));
             let next_off = self.block_off(next.max(1));
             if next != 0 && self.map.is_block(next_off) && gone(next_off) {
-                let after = self.link(next_off).load(Ordering::Acquire) & IDX_MASK;
+                let after = stack_index(self.link(next_off).load(Ordering::Acquire));
                 self.link(prev_off).store(after, Ordering::Release);
             } else {
                 prev = next;
@@ -433,7 +404,7 @@ impl Arena {
         let nodes = HeapNodes(&self.map);
         for i in 0..geo.index_slots {
             let s = self.map.slot(i);
-            if s.state.load(Ordering::Acquire) & SLOT_KIND_MASK != SLOT_LIVE {
+            if slot_kind(s.state.load(Ordering::Acquire)) != SLOT_LIVE {
                 continue;
             }
             let rec = rec_off(s.record.load(Ordering::Acquire));
@@ -444,11 +415,10 @@ impl Arena {
             // not detached yet (the next one does).
             let mut n = queue::head_node(s.head.load(Ordering::Acquire));
             let mut guard = blocks.min(PARTICIPANTS_MAX as u64 * 2 + COMBINE_BATCH_MAX as u64 * 4);
-            while n != EMPTY && nodes.plausible(n) && guard > 0 {
+            while n != EMPTY && guard > 0 {
                 let off = u64::from(n) * BLOCK;
-                // SAFETY: `plausible` checked bounds and alignment.
-                let magic = unsafe { self.map.block::<NodeHeader>(off) }.magic;
-                if magic != NODE_MAGIC || used.test_and_set(bit(off)) {
+                let node = self.map.block_header::<NodeHeader>(off);
+                if node.is_none_or(|h| h.magic != NODE_MAGIC) || used.test_and_set(bit(off)) {
                     break;
                 }
                 n = nodes.next(n);

@@ -1,0 +1,229 @@
+//! The open-addressing index: where a SID hashes to, lookup without locks,
+//! insertion and tombstone pruning under the insert lock, and the lock
+//! words (taking one, stealing it from the dead).
+
+use super::{Arena, SPINS_BEFORE_LIVENESS};
+use crate::error::SessionError;
+use crate::layout::{BLOCK, IndexSlot, PARTICIPANTS_MAX, RecordHeader};
+use crate::lock;
+use crate::queue::{self, EMPTY};
+use crate::sid::Sid;
+use crate::sync::{Backoff, Ordering, fence};
+use crate::words::{SLOT_EMPTY, SLOT_LIVE, SLOT_TOMB, record_word, slot_kind, slot_next};
+
+impl Arena {
+    #[inline]
+    pub(super) fn home(&self, sid: Sid) -> u64 {
+        // SIDs are 128 CSPRNG bits and only the engine mints them, so a
+        // seeded multiply-mix is enough to spread them; the seed keeps a
+        // SID a client presents from being aimed at one probe chain.
+        let (lo, hi) = sid.words();
+        let x =
+            (lo ^ self.header().hash_seed ^ hi.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (x ^ (x >> 32)) & (self.map.geo.index_slots - 1)
+    }
+
+    /// Finds the live slot of `sid`.
+    #[inline]
+    pub(super) fn lookup(&self, sid: Sid) -> Option<(u64, &IndexSlot)> {
+        let (lo, hi) = sid.words();
+        let mask = self.map.geo.index_slots - 1;
+        let mut i = self.home(sid);
+        for _ in 0..=mask {
+            let s = self.map.slot(i);
+            let st = s.state.load(Ordering::Acquire);
+            match slot_kind(st) {
+                SLOT_EMPTY => return None,
+                SLOT_LIVE
+                    if s.sid_lo.load(Ordering::Relaxed) == lo
+                        && s.sid_hi.load(Ordering::Relaxed) == hi =>
+                {
+                    // Seqlock-style: the SID words count only if the state
+                    // did not change around them (the slot was not reused).
+                    fence(Ordering::Acquire);
+                    if s.state.load(Ordering::Relaxed) == st {
+                        return Some((i, s));
+                    }
+                }
+                _ => {}
+            }
+            i = (i + 1) & mask;
+        }
+        None
+    }
+
+    /// Whether the owner of a lock word is alive.
+    pub(super) fn owner_alive(&self, word: u32) -> bool {
+        let slot = u32::from(lock::owner_slot(word));
+        if slot >= PARTICIPANTS_MAX {
+            return false;
+        }
+        if word == self.owner {
+            return true;
+        }
+        let p = self.map.participant(slot);
+        (p.generation.load(Ordering::SeqCst) as u16) == lock::owner_generation(word)
+            && self.participant_live(slot)
+    }
+
+    /// Takes a lock word, stealing it from a dead holder; returns the dead
+    /// holder's owner word if it stole.
+    pub(super) fn acquire(&self, word: &crate::sync::AtomicU32) -> Option<u32> {
+        let backoff = Backoff::new();
+        let mut spins = 0u32;
+        loop {
+            match lock::try_lock(word, self.owner) {
+                Ok(()) => return None,
+                Err(0) => {}
+                Err(holder) => {
+                    spins += 1;
+                    if spins.is_multiple_of(SPINS_BEFORE_LIVENESS)
+                        && !self.owner_alive(holder)
+                        && lock::steal(word, holder, self.owner)
+                    {
+                        return Some(holder);
+                    }
+                    backoff.snooze();
+                }
+            }
+        }
+    }
+
+    pub(super) fn insert_lock(&self) -> InsertLock<'_> {
+        let _ = self.acquire(&self.header().insert_lock);
+        InsertLock(self)
+    }
+
+    /// Inserts `sid` with record `rec` (under the insert lock). Returns the
+    /// slot, or the live slot already holding `sid`.
+    pub(super) fn insert(
+        &self,
+        sid: Sid,
+        rec: u64,
+        fresh_sid: bool,
+    ) -> Result<Result<u64, u64>, SessionError> {
+        let _g = self.insert_lock();
+        let h = self.header();
+        let (lo, hi) = sid.words();
+        let mask = self.map.geo.index_slots - 1;
+        let mut i = self.home(sid);
+        let mut target = None;
+        for _ in 0..=mask {
+            let s = self.map.slot(i);
+            let st = s.state.load(Ordering::Acquire);
+            match slot_kind(st) {
+                SLOT_LIVE
+                    if s.sid_lo.load(Ordering::Relaxed) == lo
+                        && s.sid_hi.load(Ordering::Relaxed) == hi =>
+                {
+                    return Ok(Err(i));
+                }
+                SLOT_EMPTY => {
+                    target.get_or_insert(i);
+                    break;
+                }
+                SLOT_TOMB if target.is_none() => {
+                    let l = s.lock.load(Ordering::Acquire);
+                    // A remover clears the lock just after marking the
+                    // tombstone; a dead remover's lock is cleared here.
+                    if l == 0 || (!self.owner_alive(l) && lock::steal(&s.lock, l, 0)) {
+                        target = Some(i);
+                        if fresh_sid {
+                            // A fresh random SID cannot be further along.
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            }
+            i = (i + 1) & mask;
+        }
+        if h.live.load(Ordering::Acquire) >= self.map.geo.capacity {
+            return Err(SessionError::Full(h.live.load(Ordering::Relaxed)));
+        }
+        let i = target.ok_or(SessionError::Full(h.live.load(Ordering::Relaxed)))?;
+        let s = self.map.slot(i);
+        let st = s.state.load(Ordering::Acquire);
+        // The queue's seq continues across incarnations of a slot, so a
+        // waiter from an earlier one never misreads this one's progress.
+        let seq = queue::head_seq(s.head.load(Ordering::Acquire));
+        debug_assert!(
+            self.map
+                .block_header::<RecordHeader>(rec)
+                .is_some_and(|rh| rh.applied_seq == 0)
+        );
+        self.set_applied(rec, seq);
+        s.sid_lo.store(lo, Ordering::Relaxed);
+        s.sid_hi.store(hi, Ordering::Relaxed);
+        s.record.store(self.rec_word(rec), Ordering::Relaxed);
+        s.head.store(queue::head(seq, EMPTY), Ordering::Relaxed);
+        s.access_s.store(0, Ordering::Relaxed);
+        s.acked[0].store(0, Ordering::Relaxed);
+        s.acked[1].store(0, Ordering::Relaxed);
+        // The commit point: one store makes the slot live.
+        s.state.store(slot_next(st, SLOT_LIVE), Ordering::Release);
+        h.live.fetch_add(1, Ordering::AcqRel);
+        self.mark_dirty(i);
+        Ok(Ok(i))
+    }
+
+    /// The record word for the unpublished record block `off`: its block
+    /// index and the archive's length, so a reader can fetch every line of
+    /// the record at once instead of one dependent miss after another.
+    pub(super) fn rec_word(&self, off: u64) -> u64 {
+        debug_assert!(self.map.is_block(off) && u32::try_from(off / BLOCK).is_ok());
+        let len = self
+            .map
+            .block_header::<RecordHeader>(off)
+            .expect("record words are made for blocks we allocated")
+            .len;
+        record_word(len, (off / BLOCK) as u32)
+    }
+
+    pub(super) fn set_applied(&self, rec: u64, seq: u32) {
+        let p = self
+            .map
+            .block_header_ptr::<RecordHeader>(rec)
+            .expect("applied_seq is set on blocks we allocated");
+        // SAFETY: `rec` is unpublished and ours: no reader sees it yet; `p`
+        // points at its header, in bounds.
+        unsafe {
+            (*p).applied_seq = seq;
+        }
+    }
+
+    pub(super) fn mark_dirty(&self, slot: u64) {
+        self.map
+            .dirty_word(slot / 64)
+            .fetch_or(1 << (slot % 64), Ordering::SeqCst);
+    }
+
+    /// Turns the tombstone run ending at `i` into empty slots when the slot
+    /// after it is empty: no probe chain passes through them any more.
+    /// Called under the insert lock.
+    pub(super) fn prune_tombstones(&self, i: u64) {
+        let mask = self.map.geo.index_slots - 1;
+        let next = self.map.slot((i + 1) & mask);
+        if slot_kind(next.state.load(Ordering::Acquire)) != SLOT_EMPTY {
+            return;
+        }
+        let mut j = i;
+        for _ in 0..=mask {
+            let s = self.map.slot(j);
+            let st = s.state.load(Ordering::Acquire);
+            if slot_kind(st) != SLOT_TOMB {
+                break;
+            }
+            s.state.store(slot_next(st, SLOT_EMPTY), Ordering::Release);
+            j = j.wrapping_sub(1) & mask;
+        }
+    }
+}
+
+pub(super) struct InsertLock<'a>(&'a Arena);
+
+impl Drop for InsertLock<'_> {
+    fn drop(&mut self) {
+        lock::unlock(&self.0.header().insert_lock, self.0.owner);
+    }
+}

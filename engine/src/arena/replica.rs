@@ -1,0 +1,258 @@
+//! The replicator's view: dirty sessions, deltas since a replica's version,
+//! per-session acks, replica incarnations, and full scans.
+
+use super::{Arena, Delta, Dirty, rec_off};
+use crate::error::SessionError;
+use crate::queue;
+use crate::sid::Sid;
+use crate::sync::Ordering;
+use crate::words::{SLOT_EMPTY, SLOT_LIVE, SLOT_TOMB, ack_unpack, ack_word, slot_kind};
+
+impl Arena {
+    /// Collects up to `max` sessions changed since they were last taken,
+    /// skipping (and keeping marked) those whose queue is not drained yet;
+    /// queues left behind by a dead process are applied here.
+    pub fn take_dirty(&self, max: usize, out: &mut Vec<Dirty>) {
+        out.clear();
+        let words = self.map.geo.index_slots / 64;
+        let mut w = self.dirty_cursor.get() % words;
+        for _ in 0..words {
+            if out.len() >= max {
+                break;
+            }
+            let bits = self.map.dirty_word(w).swap(0, Ordering::SeqCst);
+            let mut rest = bits;
+            while rest != 0 {
+                let b = u64::from(rest.trailing_zeros());
+                rest &= rest - 1;
+                let i = w * 64 + b;
+                if out.len() >= max {
+                    self.mark_dirty(i);
+                    continue;
+                }
+                match self.dirty_entry(i) {
+                    Some(d) => out.push(d),
+                    None => self.mark_dirty(i),
+                }
+            }
+            if out.len() < max {
+                w = (w + 1) % words;
+            }
+        }
+        self.dirty_cursor.set(w);
+    }
+
+    pub(super) fn dirty_entry(&self, i: u64) -> Option<Dirty> {
+        let s = self.map.slot(i);
+        let st = s.state.load(Ordering::Acquire);
+        let sid = Sid::from_words(
+            s.sid_lo.load(Ordering::Relaxed),
+            s.sid_hi.load(Ordering::Relaxed),
+        );
+        match slot_kind(st) {
+            SLOT_LIVE => {}
+            SLOT_TOMB | SLOT_EMPTY if st != 0 => return Some(Dirty::Removed { sid }),
+            _ => return None,
+        }
+        let h = s.head.load(Ordering::Acquire);
+        self.pin();
+        let applied = self
+            .record_at(rec_off(s.record.load(Ordering::Acquire)))
+            .map(|(rh, _)| rh.applied_seq);
+        self.unpin();
+        if applied.ok()? != queue::head_seq(h) {
+            // Not drained. A batch whose pusher died is applied by whoever
+            // finds the lock free (or held by the dead).
+            self.help(i);
+            return None;
+        }
+        self.pin();
+        let entry = self
+            .record_at(rec_off(s.record.load(Ordering::Acquire)))
+            .ok()
+            .map(|(rh, _)| Dirty::Changed {
+                sid,
+                version: rh.version,
+                epoch: rh.epoch,
+                acked: [
+                    ack_unpack(s.acked[0].load(Ordering::Acquire)),
+                    ack_unpack(s.acked[1].load(Ordering::Acquire)),
+                ],
+            });
+        self.unpin();
+        entry
+    }
+
+    /// What to ship to a replica that holds `base`: the op batches since
+    /// then, or the whole record when the log no longer reaches back.
+    pub fn delta_since(&self, sid: Sid, base: u64) -> Result<Delta, SessionError> {
+        let g = self.read_any(sid)?;
+        let version = g.version();
+        let epoch = g.epoch();
+        if base == version {
+            return Ok(Delta::UpToDate);
+        }
+        let log = g.data().log.as_slice();
+        if base != 0 && base < version {
+            let first = log.iter().position(|e| e.version.to_native() == base + 1);
+            if let Some(first) = first
+                && log.len() - first == (version - base) as usize
+            {
+                let batches = log[first..]
+                    .iter()
+                    .map(|e| e.ops.as_slice().to_vec())
+                    .collect();
+                return Ok(Delta::Ops {
+                    version,
+                    epoch,
+                    batches,
+                });
+            }
+        }
+        Ok(Delta::Full {
+            version,
+            epoch,
+            bytes: g.bytes().to_vec(),
+        })
+    }
+
+    /// Records that replica `node` holds `version` of `sid`. Two replicas per
+    /// session are remembered in the arena; a third replaces the one with
+    /// the oldest ack. Acks only move forward.
+    pub fn mark_acked(&self, sid: Sid, node: u16, version: u64) -> Result<(), SessionError> {
+        let (_, s) = self.lookup(sid).ok_or(SessionError::NotFound)?;
+        let new = ack_word(node, version);
+        let (a, b) = (&s.acked[0], &s.acked[1]);
+        // Whether the first of the two ack words is the one to write.
+        let first = |x: u64, y: u64| {
+            let (xn, xv) = ack_unpack(x);
+            let (yn, yv) = ack_unpack(y);
+            if x != 0 && xn == node {
+                true
+            } else if y != 0 && yn == node {
+                false
+            } else {
+                x == 0 || (y != 0 && xv <= yv)
+            }
+        };
+        loop {
+            let (x, y) = (a.load(Ordering::Acquire), b.load(Ordering::Acquire));
+            let (slot, cur) = if first(x, y) { (a, x) } else { (b, y) };
+            let (cn, cv) = ack_unpack(cur);
+            if cur != 0 && cn == node && cv >= version {
+                return Ok(());
+            }
+            if slot
+                .compare_exchange(cur, new, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Forgets replica `node`'s ack of `sid` (it dropped its copy).
+    pub fn forget_ack(&self, sid: Sid, node: u16) -> Result<(), SessionError> {
+        let (_, s) = self.lookup(sid).ok_or(SessionError::NotFound)?;
+        for w in &s.acked {
+            let cur = w.load(Ordering::Acquire);
+            if cur != 0 && ack_unpack(cur).0 == node {
+                let _ = w.compare_exchange(cur, 0, Ordering::AcqRel, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// The acks recorded for `sid` as `(node, version)`; `(0, 0)` = none.
+    pub fn acked(&self, sid: Sid) -> Result<[(u16, u64); 2], SessionError> {
+        let (_, s) = self.lookup(sid).ok_or(SessionError::NotFound)?;
+        Ok([
+            ack_unpack(s.acked[0].load(Ordering::Acquire)),
+            ack_unpack(s.acked[1].load(Ordering::Acquire)),
+        ])
+    }
+
+    /// The incarnation recorded for replica `node` by
+    /// [`set_replica_incarnation`](Self::set_replica_incarnation), if any.
+    /// While it matches what the node announces, the acks recorded for the
+    /// node ([`acked`](Self::acked)) still describe copies the node holds.
+    pub fn replica_incarnation(&self, node: u16) -> Option<u64> {
+        let want = u64::from(node) + 1;
+        self.header()
+            .replicas
+            .iter()
+            .find(|e| e.node.load(Ordering::Acquire) == want)
+            .map(|e| e.incarnation.load(Ordering::Acquire))
+            .filter(|&i| i != 0)
+    }
+
+    /// Records replica `node`'s incarnation (nonzero). The caller first
+    /// forgets the node's acks from any other incarnation
+    /// ([`forget_acks`](Self::forget_acks)). Returns false when the table
+    /// (`Arena::REPLICAS_MAX` nodes) is full: the node's acks are then not
+    /// to be trusted after a restart of the caller.
+    pub fn set_replica_incarnation(&self, node: u16, incarnation: u64) -> bool {
+        let want = u64::from(node) + 1;
+        for e in &self.header().replicas {
+            let cur = e.node.load(Ordering::Acquire);
+            let claimed = cur == want
+                || (cur == 0
+                    && match e
+                        .node
+                        .compare_exchange(0, want, Ordering::AcqRel, Ordering::Acquire)
+                    {
+                        Ok(_) => true,
+                        Err(other) => other == want,
+                    });
+            if claimed {
+                e.incarnation.store(incarnation, Ordering::Release);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Clears every ack recorded for replica `node` (a full scan of the
+    /// index), because the node restarted and lost its copies; returns how
+    /// many were cleared.
+    pub fn forget_acks(&self, node: u16) -> u64 {
+        let mut cleared = 0;
+        for i in 0..self.map.geo.index_slots {
+            for w in &self.map.slot(i).acked {
+                let cur = w.load(Ordering::Acquire);
+                if cur != 0
+                    && ack_unpack(cur).0 == node
+                    && w.compare_exchange(cur, 0, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    cleared += 1;
+                }
+            }
+        }
+        cleared
+    }
+
+    /// Marks every live session dirty, so the replicator ships them all
+    /// (after a replica comes back empty, or a replicator starts fresh).
+    pub fn mark_all_dirty(&self) {
+        for i in 0..self.map.geo.index_slots {
+            if slot_kind(self.map.slot(i).state.load(Ordering::Acquire)) == SLOT_LIVE {
+                self.mark_dirty(i);
+            }
+        }
+    }
+
+    /// Every live session's SID (a full scan; for tools and tests).
+    pub fn sids(&self) -> Vec<Sid> {
+        (0..self.map.geo.index_slots)
+            .map(|i| self.map.slot(i))
+            .filter(|s| slot_kind(s.state.load(Ordering::Acquire)) == SLOT_LIVE)
+            .map(|s| {
+                Sid::from_words(
+                    s.sid_lo.load(Ordering::Relaxed),
+                    s.sid_hi.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+}

@@ -187,10 +187,17 @@ impl Arena {
     /// Applies every queued batch of slot `i` (`queue::combine`). The
     /// caller holds its lock.
     pub(super) fn combine(&self, i: u64) -> Result<(), SessionError> {
+        let s = self.map.slot(i);
+        // The slot's state word before the combine reads its queue head, and
+        // `live` compares it after: a slot ended and reused in between (an
+        // insert takes a tombstone whose lock was free a moment before we
+        // took it) changes the word, so a head of one incarnation is never
+        // taken for the other's.
         let slot = SlotCombine {
             arena: self,
             i,
-            s: self.map.slot(i),
+            s,
+            state0: s.state.load(Ordering::Acquire),
             nodes: HeapNodes(&self.map),
         };
         // The scratch list leaves its cell for the combine, so nothing the
@@ -199,7 +206,7 @@ impl Arena {
         let r = queue::combine(&slot, &mut list, COMBINE_BATCH_MAX);
         self.scratch.replace(list);
         if let Combined::Closed(closed) = r? {
-            self.finish_remove(i, closed);
+            self.finish_remove(i, closed, slot.state0);
         }
         Ok(())
     }
@@ -224,7 +231,7 @@ impl Arena {
 
     /// Finishes removing slot `i`, whose queue is closed at `closed`. The
     /// caller holds the slot's lock; a successor redoes this if we die.
-    pub(super) fn finish_remove(&self, i: u64, closed: u64) {
+    pub(super) fn finish_remove(&self, i: u64, closed: u64, state0: u64) {
         let s = self.map.slot(i);
         let nodes = HeapNodes(&self.map);
         let rec_off = rec_off(s.record.load(Ordering::Acquire));
@@ -251,7 +258,7 @@ impl Arena {
         {
             let _g = self.insert_lock();
             let st = s.state.load(Ordering::Acquire);
-            if slot_kind(st) != SLOT_LIVE {
+            if st != state0 || slot_kind(st) != SLOT_LIVE {
                 return;
             }
             // The commit point of a removal: one store makes it a tombstone.
@@ -338,6 +345,8 @@ struct SlotCombine<'a> {
     arena: &'a Arena,
     i: u64,
     s: &'a IndexSlot,
+    /// The slot's state word when the combine began.
+    state0: u64,
     nodes: HeapNodes<'a>,
 }
 
@@ -368,7 +377,8 @@ impl<'a> Combine for SlotCombine<'a> {
     }
 
     fn live(&self) -> bool {
-        slot_kind(self.s.state.load(Ordering::Acquire)) == SLOT_LIVE
+        let st = self.s.state.load(Ordering::Acquire);
+        st == self.state0 && slot_kind(st) == SLOT_LIVE
     }
 
     fn applied(&self) -> Result<u32, SessionError> {
@@ -583,5 +593,50 @@ mod tests {
         let corrupt = Err(SessionError::Corrupt("unknown op result code"));
         assert_eq!(answer(ResultCode::decode(8), 0, 4096), corrupt);
         assert_eq!(answer(ResultCode::decode(0x5eed), 0, 4096), corrupt);
+    }
+
+    /// A combiner that read the slot of an ended session, then finds it
+    /// reused by a new one (an insert took the tombstone while its lock was
+    /// free), must not end the new session with the old one's closed head.
+    #[test]
+    fn a_slot_reused_under_a_combiner_is_left_alone() {
+        use crate::map::{ArenaConfig, HugePages, Location};
+        let loc = Location::Shm(format!("unit-reuse-{}", std::process::id()));
+        let _ = Arena::remove(&loc);
+        let cfg = ArenaConfig {
+            capacity: 16,
+            heap_bytes: 1 << 20,
+            quota_bytes: 4096,
+            huge_pages: HugePages::Off,
+        };
+        let a = Arena::open(&loc, &cfg).unwrap();
+        let old = a.create(crate::NewSession::default(), &[]).unwrap();
+        let (i, s) = a.lookup(old).unwrap();
+        let state0 = s.state.load(Ordering::Acquire);
+        a.invalidate(old).unwrap();
+        let closed = s.head.load(Ordering::Acquire);
+        assert!(queue::is_closed(closed));
+        // A new session whose probe starts at the same slot takes it.
+        let new = std::iter::repeat_with(Sid::random)
+            .find(|sid| a.home(*sid) == i)
+            .unwrap();
+        a.begin_mut();
+        let rec = a.write_record(new, &SessionData::default(), 1, 1).unwrap();
+        assert_eq!(a.insert(new, rec, true).unwrap(), Ok(i));
+        // The stale combiner: its state word no longer matches, so it
+        // neither sees a live session nor removes one.
+        let stale = SlotCombine {
+            arena: &a,
+            i,
+            s,
+            state0,
+            nodes: HeapNodes(&a.map),
+        };
+        assert!(!stale.live());
+        a.finish_remove(i, closed, state0);
+        a.end_mut();
+        assert!(a.read(new).is_ok(), "the new session was removed");
+        drop(a);
+        let _ = Arena::remove(&loc);
     }
 }

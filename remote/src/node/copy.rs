@@ -71,7 +71,8 @@ impl PendingLog {
     }
 
     /// Appends `ops`, applied at `at_ms`.
-    pub(super) fn push(&mut self, at_ms: u64, ops: &[u8]) {
+    pub(super) fn push(&mut self, at_ms: u64, ops: ValidOps<'_>) {
+        let ops = ops.bytes();
         let len = u32::try_from(ops.len()).expect("a batch is under the frame limit");
         if self.buf.capacity() == 0 {
             // Room for a few of these before the first regrowth.
@@ -94,7 +95,7 @@ impl PendingLog {
     }
 
     /// Each batch with its time, oldest first.
-    pub(super) fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> {
+    pub(super) fn iter(&self) -> impl Iterator<Item = (u64, ValidOps<'_>)> {
         let mut at = 0;
         std::iter::from_fn(move || {
             let head = self.buf.get(at..at + PENDING_HEADER_BYTES)?;
@@ -102,7 +103,8 @@ impl PendingLog {
             let len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) as usize;
             let start = at + PENDING_HEADER_BYTES;
             at = (start + len).next_multiple_of(ALIGN);
-            Some((at_ms, &self.buf[start..start + len]))
+            // Only validated batches are pushed, each at an `ALIGN` boundary.
+            Some((at_ms, ValidOps(&self.buf[start..start + len])))
         })
     }
 }
@@ -114,7 +116,7 @@ impl PendingLog {
 pub struct Copy {
     pub(super) version: u64,
     pub(super) epoch: u64,
-    pub(super) record: Vec<u8>,
+    pub(super) record: ValidRecord,
     pub(super) pending: PendingLog,
     /// Charged against `bytes_max`: the record plus [`pending_charge`] of
     /// each pending batch.
@@ -128,7 +130,7 @@ pub struct Copy {
 impl Copy {
     /// A copy of `record` (validated) at `version`; `attrs` is what
     /// [`attr_measure`] says of it.
-    pub(super) fn new(version: u64, epoch: u64, record: Vec<u8>, attrs: (u64, u64)) -> Copy {
+    pub(super) fn new(version: u64, epoch: u64, record: ValidRecord, attrs: (u64, u64)) -> Copy {
         Copy {
             version,
             epoch,
@@ -159,7 +161,7 @@ impl Copy {
     /// The archived `SessionData` at [`Copy::base_version`]; the session
     /// at [`Copy::version`] once [`Copy::pending_batches`] is 0.
     pub fn record(&self) -> &[u8] {
-        &self.record
+        self.record.bytes()
     }
 
     /// Op batches acknowledged but not folded into the record yet.
@@ -201,6 +203,78 @@ pub(super) fn aligned<'a>(bytes: &'a [u8], scratch: &'a mut AlignedVec<ALIGN>) -
         scratch.clear();
         scratch.extend_from_slice(bytes);
         scratch
+    }
+}
+
+/// A record's bytes that passed `rkyv::access` when they arrived, or that
+/// this node serialized itself. Only [`ValidRecord::validate`] and
+/// [`ValidRecord::serialized`] build one, and its bytes never change after,
+/// so [`ValidRecord::view`] reads them without checking again: the one
+/// unchecked read of a record on a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidRecord(Vec<u8>);
+
+impl ValidRecord {
+    /// `bytes` if they are an archived `SessionData`.
+    pub(super) fn validate(bytes: Vec<u8>, scratch: &mut AlignedVec<ALIGN>) -> Option<ValidRecord> {
+        rkyv::access::<ArchivedSessionData, rancor::Error>(aligned(&bytes, scratch)).ok()?;
+        Some(ValidRecord(bytes))
+    }
+
+    /// Becomes a record this node serialized (`serialize`), reusing its
+    /// memory.
+    pub(super) fn set_serialized(&mut self, ser: &AlignedVec<ALIGN>) {
+        self.0.clear();
+        self.0.extend_from_slice(ser);
+    }
+
+    /// The archived session, at `ALIGN` (in `scratch` if the bytes are not).
+    pub(super) fn view<'a>(
+        &'a self,
+        scratch: &'a mut AlignedVec<ALIGN>,
+    ) -> &'a ArchivedSessionData {
+        let bytes = aligned(&self.0, scratch);
+        // SAFETY: a `ValidRecord` is built only from bytes that passed
+        // `rkyv::access` or that rkyv serialized, and is never changed;
+        // `aligned` put them at `ALIGN`.
+        unsafe { rkyv::access_unchecked::<ArchivedSessionData>(bytes) }
+    }
+
+    pub(super) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// An op batch that passed `rkyv::access`, at `ALIGN`: built by
+/// [`ValidOps::validate`], or by [`PendingLog::iter`] over batches that were
+/// validated when pushed.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ValidOps<'a>(&'a [u8]);
+
+impl<'a> ValidOps<'a> {
+    /// `bytes` (at `ALIGN`) if they are an archived op batch.
+    pub(super) fn validate(bytes: &'a [u8]) -> Option<(ValidOps<'a>, &'a ArchivedVec<ArchivedOp>)> {
+        debug_assert_eq!(bytes.as_ptr().align_offset(ALIGN), 0);
+        let batch = rkyv::access::<ArchivedVec<ArchivedOp>, rancor::Error>(bytes).ok()?;
+        Some((ValidOps(bytes), batch))
+    }
+
+    /// The archived batch.
+    pub(super) fn archived(self) -> &'a ArchivedVec<ArchivedOp> {
+        debug_assert_eq!(self.0.as_ptr().align_offset(ALIGN), 0);
+        // SAFETY: the bytes passed `rkyv::access` (`validate`), at an
+        // `ALIGN` boundary; a pending log copies them byte for byte to
+        // another `ALIGN` boundary, and an archive's pointers are relative,
+        // so they are as valid there.
+        unsafe { rkyv::access_unchecked::<ArchivedVec<ArchivedOp>>(self.0) }
+    }
+
+    pub(super) fn bytes(self) -> &'a [u8] {
+        self.0
     }
 }
 
@@ -254,27 +328,17 @@ pub(super) fn shape(batch: &ArchivedVec<ArchivedOp>) -> Shape {
 /// writes, once. The op log ends as the host's does, with the longest run
 /// of the latest batches that `SessionData::log_batch` keeps.
 pub(super) fn materialize(copy: &Copy, scratch: &mut AlignedVec<ALIGN>) -> Option<SessionData> {
-    let bytes = aligned(&copy.record, scratch);
-    // SAFETY: the record was validated with `rkyv::access` when it arrived
-    // or was serialized by this node (`serialize`), and has not changed
-    // since; `aligned` put it at `ALIGN`.
-    let archived = unsafe { rkyv::access_unchecked::<ArchivedSessionData>(bytes) };
+    let archived = copy.record.view(scratch);
     let mut data = rkyv::deserialize::<SessionData, rancor::Error>(archived).ok()?;
     if copy.pending.is_empty() {
         return Some(data);
     }
-    let mut batches: Vec<(u64, &[u8])> = Vec::with_capacity(copy.pending.len());
+    let mut batches: Vec<(u64, ValidOps<'_>)> = Vec::with_capacity(copy.pending.len());
     batches.extend(copy.pending.iter());
     let mut writes: Vec<OpRef<'_>> = Vec::with_capacity(batches.len());
     let mut slot: HashMap<&str, usize> = HashMap::with_capacity(batches.len());
     for &(_, ops) in &batches {
-        debug_assert_eq!(ops.as_ptr().align_offset(ALIGN), 0);
-        // SAFETY: validated with `rkyv::access` on receipt, at an `ALIGN`
-        // boundary (`Store::append_ops`), then copied here byte for byte,
-        // again at an `ALIGN` boundary (`PendingLog`); an archive's
-        // pointers are relative, so it is as valid here; unchanged since.
-        let batch = unsafe { rkyv::access_unchecked::<ArchivedVec<ArchivedOp>>(ops) };
-        for op in batch.iter().map(ArchivedOp::as_ref) {
+        for op in ops.archived().iter().map(ArchivedOp::as_ref) {
             let key = match op {
                 OpRef::Set { key, .. } | OpRef::Remove { key } => key,
                 OpRef::Touch => continue,
@@ -301,11 +365,11 @@ pub(super) fn materialize(copy: &Copy, scratch: &mut AlignedVec<ALIGN>) -> Optio
     // and dropped again; so would the old log if one of them is.
     let (mut kept, mut kept_bytes) = (0, 0);
     for &(_, ops) in batches.iter().rev() {
-        if kept == LOG_ENTRIES_MAX || kept_bytes + ops.len() > LOG_BYTES_MAX {
+        if kept == LOG_ENTRIES_MAX || kept_bytes + ops.bytes().len() > LOG_BYTES_MAX {
             break;
         }
         kept += 1;
-        kept_bytes += ops.len();
+        kept_bytes += ops.bytes().len();
     }
     let first = batches.len() - kept;
     if first > 0 {
@@ -313,7 +377,7 @@ pub(super) fn materialize(copy: &Copy, scratch: &mut AlignedVec<ALIGN>) -> Optio
     }
     let base = copy.base_version();
     for (i, &(_, ops)) in batches.iter().enumerate().skip(first) {
-        data.log_batch(base + i as u64 + 1, ops);
+        data.log_batch(base + i as u64 + 1, ops.bytes());
     }
     Some(data)
 }

@@ -2,17 +2,16 @@
 //! state machine (messages in, replies out, no I/O).
 
 use hashbrown::HashMap;
-use rkyv::rancor;
 use rkyv::util::AlignedVec;
-use rkyv::vec::ArchivedVec;
-use sessio_engine::session::{ATTRS_MAX, Applied, ArchivedOp, ArchivedSessionData, SessionData};
+use sessio_engine::session::{ATTRS_MAX, Applied, ArchivedOp, SessionData};
 use sessio_net::{
     Ack, AckEntry, AckStatus, Counter, Delta, DeltaBatch, DeltaEntry, Fetch, FetchReply,
     FoundRecord, Invalidate, Message, Pong, Sid, Stats, StatsRequest,
 };
 
 use super::copy::{
-    Copy, PendingLog, aligned, attr_measure, materialize, pending_charge, serialize, shape,
+    Copy, PendingLog, ValidOps, ValidRecord, aligned, attr_measure, materialize, pending_charge,
+    serialize, shape,
 };
 use super::{
     ALIGN, APPLY_QUOTA_BYTES, BYTES_MAX_DEFAULT, PENDING_BATCHES_MAX, PENDING_BYTES_MAX,
@@ -146,9 +145,7 @@ impl Store {
             let Some(c) = self.copies.get(&sid) else {
                 continue;
             };
-            let bytes = aligned(&c.record, &mut self.scratch);
-            // SAFETY: as below.
-            let r = unsafe { rkyv::access_unchecked::<ArchivedSessionData>(bytes) };
+            let r = c.record.view(&mut self.scratch);
             if r.expires_at_ms.to_native() == at {
                 self.remove(&sid);
                 dropped += 1;
@@ -175,11 +172,7 @@ impl Store {
         let mut seen = 0;
         for (sid, c) in self.copies.iter().skip(self.expire_cursor).take(budget) {
             seen += 1;
-            let bytes = aligned(&c.record, &mut self.scratch);
-            // SAFETY: a copy's record was validated with `rkyv::access` when
-            // it arrived, or serialized by this node, and has not changed
-            // since; `aligned` put it at `ALIGN`.
-            let r = unsafe { rkyv::access_unchecked::<ArchivedSessionData>(bytes) };
+            let r = c.record.view(&mut self.scratch);
             let written = c
                 .pending
                 .iter()
@@ -340,10 +333,10 @@ impl Store {
                     // A replay or a reordered older copy: ours is as new.
                     return (AckStatus::Applied, version);
                 }
-                let bytes = aligned(&record, &mut self.scratch);
-                let Ok(archived) = rkyv::access::<ArchivedSessionData, rancor::Error>(bytes) else {
+                let Some(record) = ValidRecord::validate(record, &mut self.scratch) else {
                     return (AckStatus::Refused, self.version_of(&e.sid));
                 };
+                let archived = record.view(&mut self.scratch);
                 let attrs = attr_measure(archived);
                 let expires = archived.expires_at_ms.to_native();
                 let copy = Copy::new(e.new_version, e.epoch, record, attrs);
@@ -388,7 +381,7 @@ impl Store {
         // stores do not hold up what follows.
         let in_place = ops.as_ptr().align_offset(ALIGN) == 0;
         let checked = aligned(ops, scratch);
-        let Ok(batch) = rkyv::access::<ArchivedVec<ArchivedOp>, rancor::Error>(checked) else {
+        let Some((valid, batch)) = ValidOps::validate(checked) else {
             return Some((AckStatus::Refused, copy.version));
         };
         let shape = shape(batch);
@@ -405,7 +398,7 @@ impl Store {
             && copy.bytes - copy.record.len() as u64 + charge <= PENDING_BYTES_MAX
             && *bytes + charge <= limits.bytes_max
         {
-            copy.pending.push(now_ms, ops);
+            copy.pending.push(now_ms, valid);
             copy.version += 1;
             copy.epoch = epoch;
             copy.bytes += charge;
@@ -438,9 +431,12 @@ impl Store {
             // with it this batch's base.
             return AckStatus::NeedFull;
         };
-        // SAFETY: validated with `rkyv::access` by `append_ops`, unchanged
-        // since, in an `AlignedVec` at `ALIGN`.
-        let batch = unsafe { rkyv::access_unchecked::<ArchivedVec<ArchivedOp>>(ops) };
+        // Validated by `append_ops` already; checked again here, on the
+        // slow path that deserializes the whole record anyway, so no
+        // unchecked read depends on the caller.
+        let Some((_, batch)) = ValidOps::validate(ops) else {
+            return AckStatus::Refused;
+        };
         match data.apply_refs(
             batch.iter().map(ArchivedOp::as_ref),
             now_ms,
@@ -518,8 +514,7 @@ impl Store {
         // re-serialize a little larger; it is held all the same (its
         // batches were acknowledged) and counted as it is.
         self.bytes = self.bytes - copy.bytes + new_len;
-        copy.record.clear();
-        copy.record.extend_from_slice(&self.ser);
+        copy.record.set_serialized(&self.ser);
         copy.pending = PendingLog::default();
         copy.bytes = new_len;
         copy.attrs_bound = data.attrs.len() as u64;
@@ -551,7 +546,7 @@ impl Store {
         let found = self.folded(&f.sid).map(|c| FoundRecord {
             version: c.version,
             epoch: c.epoch,
-            record: c.record.clone(),
+            record: c.record.bytes().to_vec(),
         });
         if found.is_some() {
             self.counters.fetch_hits += 1;

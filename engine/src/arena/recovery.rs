@@ -130,7 +130,17 @@ impl Arena {
                 .block_header::<RecordHeader>(rec)
                 .expect("validated just above")
                 .applied_seq;
-            let w = s.head.load(Ordering::Relaxed);
+            let mut w = s.head.load(Ordering::Relaxed);
+            if queue::seq_after(applied, queue::head_seq(w)) {
+                // The record includes ops the queue never numbered: no crash
+                // does this (seqs only grow), the head word is damaged. Left
+                // so, every later push would get a seq the record already
+                // covers and its update would wait forever. Cut the queue
+                // back to the record.
+                report.broken_queues += 1;
+                w = queue::head(applied, EMPTY) | (w & u64::from(queue::CLOSED));
+                s.head.store(w, Ordering::Relaxed);
+            }
             // Keep the whole chain reachable: applied nodes still linked are
             // retired by the next combine, pending ones get applied.
             let mut n = queue::head_node(w);

@@ -427,53 +427,52 @@ impl Map {
         unsafe { &*self.base().cast::<Header>() }
     }
 
+    /// The shared `T` at byte `off` of a table laid out by [`Geometry`].
+    ///
+    /// # Safety
+    /// `off .. off + size_of::<T>()` must lie inside one of the mapping's
+    /// tables of `T`s (participants, index slots, dirty bitmap, chunk map)
+    /// at an offset aligned for `T`; those tables hold only atomics and
+    /// zero-valid integers, so any bytes there are a valid `T`.
+    #[inline]
+    unsafe fn table<T>(&self, off: u64) -> &T {
+        debug_assert!(off as usize + std::mem::size_of::<T>() <= self.raw.len());
+        debug_assert!((off as usize).is_multiple_of(std::mem::align_of::<T>()));
+        // SAFETY: by the caller's contract.
+        unsafe { &*self.base().add(off as usize).cast::<T>() }
+    }
+
     #[inline]
     pub(crate) fn participant(&self, i: u32) -> &Participant {
-        debug_assert!(i < PARTICIPANTS_MAX);
+        assert!(i < PARTICIPANTS_MAX, "participant {i} out of range");
         let off =
             self.geo.participants_off + u64::from(i) * std::mem::size_of::<Participant>() as u64;
-        // SAFETY: i < PARTICIPANTS_MAX and the participant table lies inside
-        // the mapping (Geometry); its bytes are atomics or zero-valid ints.
-        unsafe { &*self.base().add(off as usize).cast::<Participant>() }
+        // SAFETY: i < PARTICIPANTS_MAX: inside the participant table.
+        unsafe { self.table(off) }
     }
 
     #[inline]
     pub(crate) fn slot(&self, i: u64) -> &IndexSlot {
-        debug_assert!(i < self.geo.index_slots);
-        // SAFETY: i < index_slots; the index lies inside the mapping and is
-        // 64-byte aligned (index_off is a multiple of 4096).
-        unsafe {
-            &*self
-                .base()
-                .add((self.geo.index_off + i * 64) as usize)
-                .cast::<IndexSlot>()
-        }
+        assert!(i < self.geo.index_slots, "index slot {i} out of range");
+        // SAFETY: i < index_slots: inside the index, whose slots are 64
+        // bytes at a multiple of 4096.
+        unsafe { self.table(self.geo.index_off + i * 64) }
     }
 
     /// The dirty bitmap word `w` (64 slots).
     #[inline]
     pub(crate) fn dirty_word(&self, w: u64) -> &AtomicU64 {
-        debug_assert!(w < self.geo.index_slots / 64);
-        // SAFETY: the bitmap lies inside the mapping, 8-byte aligned.
-        unsafe {
-            &*self
-                .base()
-                .add((self.geo.dirty_off + w * 8) as usize)
-                .cast()
-        }
+        assert!(w < self.geo.index_slots / 64, "dirty word {w} out of range");
+        // SAFETY: inside the bitmap, which starts 64-byte aligned.
+        unsafe { self.table(self.geo.dirty_off + w * 8) }
     }
 
     /// The chunk map entry of chunk `c`.
     #[inline]
     pub(crate) fn chunk_class(&self, c: u64) -> &AtomicU8 {
-        debug_assert!(c < self.geo.chunks);
-        // SAFETY: the chunk map lies inside the mapping.
-        unsafe {
-            &*self
-                .base()
-                .add((self.geo.chunk_map_off + c) as usize)
-                .cast()
-        }
+        assert!(c < self.geo.chunks, "chunk {c} out of range");
+        // SAFETY: inside the chunk map (one byte per chunk).
+        unsafe { self.table(self.geo.chunk_map_off + c) }
     }
 
     /// Whether `off` is the start of a block in the heap.

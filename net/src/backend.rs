@@ -107,6 +107,28 @@ pub trait Backend: sealed::Sealed + 'static {
     }
 }
 
+/// The socket half of [`Backend`]: the same text for both engines, whose
+/// `TcpStream` and `TcpListener` (compio's, tokio's) have the same API.
+macro_rules! socket_methods {
+    () => {
+        async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+            TcpStream::connect(addr).await
+        }
+
+        fn listen(addr: SocketAddr, opts: &SocketOptions) -> io::Result<TcpListener> {
+            TcpListener::from_std(super::std_listener(addr, opts)?)
+        }
+
+        async fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+            listener.accept().await
+        }
+
+        fn local_addr(listener: &TcpListener) -> io::Result<SocketAddr> {
+            listener.local_addr()
+        }
+    };
+}
+
 mod sealed {
     pub trait Sealed {}
     impl Sealed for super::IoUring {}
@@ -230,21 +252,7 @@ mod uring {
         type Listener = TcpListener;
         const NAME: &'static str = "io_uring";
 
-        async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
-            TcpStream::connect(addr).await
-        }
-
-        fn listen(addr: SocketAddr, opts: &SocketOptions) -> io::Result<TcpListener> {
-            TcpListener::from_std(super::std_listener(addr, opts)?)
-        }
-
-        async fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
-            listener.accept().await
-        }
-
-        fn local_addr(listener: &TcpListener) -> io::Result<SocketAddr> {
-            listener.local_addr()
-        }
+        socket_methods!();
 
         async fn timeout<F: Future>(after: Duration, f: F) -> Result<F::Output, Elapsed> {
             compio::time::timeout(after, f).await.map_err(|_| Elapsed)
@@ -344,21 +352,7 @@ mod epoll {
         type Listener = TcpListener;
         const NAME: &'static str = "epoll";
 
-        async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
-            TcpStream::connect(addr).await
-        }
-
-        fn listen(addr: SocketAddr, opts: &SocketOptions) -> io::Result<TcpListener> {
-            TcpListener::from_std(super::std_listener(addr, opts)?)
-        }
-
-        async fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
-            listener.accept().await
-        }
-
-        fn local_addr(listener: &TcpListener) -> io::Result<SocketAddr> {
-            listener.local_addr()
-        }
+        socket_methods!();
 
         async fn timeout<F: Future>(after: Duration, f: F) -> Result<F::Output, Elapsed> {
             tokio::time::timeout(after, f).await.map_err(|_| Elapsed)

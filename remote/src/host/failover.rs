@@ -336,19 +336,24 @@ pub fn fetch_and_install<B: Rt>(
     r
 }
 
+/// The session as this host holds it already (`from` 0: no node asked).
+fn held_here(arena: &Arena, sid: Sid) -> Option<Fetched> {
+    arena.read(sid).ok().map(|g| Fetched {
+        version: g.version(),
+        epoch: g.epoch(),
+        from: 0,
+        fenced: 0,
+    })
+}
+
 fn fetch_once<B: Rt>(
     arena: &Arena,
     sid: Sid,
     placement: &Placement,
     clients: &mut NodeClients<B>,
 ) -> Result<Fetched, FailoverError> {
-    if let Ok(g) = arena.read(sid) {
-        return Ok(Fetched {
-            version: g.version(),
-            epoch: g.epoch(),
-            from: 0,
-            fenced: 0,
-        });
+    if let Some(held) = held_here(arena, sid) {
+        return Ok(held);
     }
     let started = Instant::now();
     let owners = placement.owners(&sid.0);
@@ -373,13 +378,8 @@ fn fetch_once<B: Rt>(
         Ok(_) => {}
         // Another process of this host installed it (or a newer copy) first.
         Err(SessionError::StaleEpoch { .. }) => {
-            if let Ok(g) = arena.read(sid) {
-                return Ok(Fetched {
-                    version: g.version(),
-                    epoch: g.epoch(),
-                    from: 0,
-                    fenced: 0,
-                });
+            if let Some(held) = held_here(arena, sid) {
+                return Ok(held);
             }
             return Err(FailoverError::Install(
                 "a newer copy is installed but unreadable".into(),

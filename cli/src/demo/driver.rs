@@ -179,7 +179,9 @@ struct Client {
     sid: Option<String>,
     exp: Expected,
     created_at: Instant,
-    rng: u64,
+    /// The client's own workload, seeded from its id: the same clients
+    /// make the same choices in every run.
+    rng: fastrand::Rng,
     inflight: Option<InFlight>,
     orphan: Option<Orphan>,
     retry_at: Option<Instant>,
@@ -189,29 +191,20 @@ struct Client {
 }
 
 impl Client {
-    fn next_rand(&mut self) -> u64 {
-        // xorshift64*: plenty for a workload.
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
     fn next_kind(&mut self) -> Kind {
         if self.sid.is_none() {
             return Kind::New;
         }
-        let r = self.next_rand();
-        let item = ((r >> 8) % CATALOG.len() as u64) as u8;
-        let qty = ((r >> 16) % 9 + 1) as u8;
-        match r % 100 {
+        let item = self.rng.u8(..CATALOG.len() as u8);
+        let qty = self.rng.u8(1..=9);
+        match self.rng.u8(..100) {
             0..45 => Kind::Update(CartOp::Add { item, qty }),
             45..65 => {
                 let items: Vec<u8> = self.exp.now.items.keys().copied().collect();
                 if items.is_empty() {
                     Kind::Update(CartOp::Add { item, qty })
                 } else {
-                    let item = items[(r >> 24) as usize % items.len()];
+                    let item = items[self.rng.usize(..items.len())];
                     Kind::Update(CartOp::Del { item })
                 }
             }
@@ -279,44 +272,34 @@ enum Pending {
     Stats(usize),
 }
 
-/// A removed-on-drop directory holding the bank's secret.
+/// The bank's secret, in a private directory removed on drop.
 struct SecretDir {
-    dir: PathBuf,
     file: PathBuf,
+    _dir: tempfile::TempDir,
 }
 
 impl SecretDir {
     fn new() -> Result<SecretDir, String> {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!("sessio-demo-{}-{nanos}", std::process::id()));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let guard = SecretDir {
-            file: dir.join("bank.key"),
-            dir,
-        };
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        // The prefix names this run: the nodes' command lines carry the
+        // path, and the demo's own test looks for leftovers by it.
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("sessio-demo-{}-", std::process::id()))
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir()
+            .map_err(|e| format!("creating the secret's directory: {e}"))?;
+        let file = dir.path().join("bank.key");
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|e| format!("random secret: {e}"))?;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&guard.file)
+            .open(&file)
             .map_err(|e| format!("writing the secret: {e}"))?;
         f.write_all(&key)
             .map_err(|e| format!("writing the secret: {e}"))?;
-        Ok(guard)
-    }
-}
-
-impl Drop for SecretDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(SecretDir { file, _dir: dir })
     }
 }
 
@@ -415,7 +398,7 @@ impl Demo {
                     sid: None,
                     exp: Expected::new(false),
                     created_at: now,
-                    rng: h | 1,
+                    rng: fastrand::Rng::with_seed(h),
                     inflight: None,
                     orphan: None,
                     retry_at: None,

@@ -229,72 +229,57 @@ impl Given<'_> {
     }
 }
 
-impl Layered for NodeSettings {
-    fn config(&self) -> Option<&Path> {
-        self.config.as_deref()
-    }
+/// Implements [`Layered`] for a settings struct: `$fields` are every
+/// field but `config`, and they make a struct literal (no `..`), so a new
+/// setting does not compile until it is listed here. Each field's name is
+/// its clap id.
+macro_rules! layered {
+    ($ty:ident { $($field:ident),* $(,)? }) => {
+        impl Layered for $ty {
+            fn config(&self) -> Option<&Path> {
+                self.config.as_deref()
+            }
 
-    fn relative_to(&mut self, dir: &Path) {
-        relative_to(&mut self.secret_file, dir);
-    }
+            fn relative_to(&mut self, dir: &Path) {
+                relative_to(&mut self.secret_file, dir);
+            }
 
-    // A struct literal, not `..`: a new setting does not compile until it
-    // is layered here too.
-    fn over(self, f: Self, g: &Given<'_>) -> Self {
-        NodeSettings {
-            config: self.config,
-            listen: g.pick("listen", self.listen, f.listen),
-            node_id: g.pick("node_id", self.node_id, f.node_id),
-            secret_file: g.pick("secret_file", self.secret_file, f.secret_file),
-            sessions_max: g.pick("sessions_max", self.sessions_max, f.sessions_max),
-            bytes_max: g.pick("bytes_max", self.bytes_max, f.bytes_max),
-            connections_max: g.pick("connections_max", self.connections_max, f.connections_max),
-            threads: g.pick("threads", self.threads, f.threads),
-            expiry_grace_ms: g.pick("expiry_grace_ms", self.expiry_grace_ms, f.expiry_grace_ms),
-            copy_idle_max_ms: g.pick(
-                "copy_idle_max_ms",
-                self.copy_idle_max_ms,
-                f.copy_idle_max_ms,
-            ),
-            epoll: g.pick("epoll", self.epoll, f.epoll),
-            metrics_addr: g.pick("metrics_addr", self.metrics_addr, f.metrics_addr),
+            fn over(self, file: Self, given: &Given<'_>) -> Self {
+                $ty {
+                    config: self.config,
+                    $($field: given.pick(stringify!($field), self.$field, file.$field),)*
+                }
+            }
         }
-    }
+    };
 }
 
-impl Layered for AgentSettings {
-    fn config(&self) -> Option<&Path> {
-        self.config.as_deref()
-    }
+layered!(NodeSettings {
+    listen,
+    node_id,
+    secret_file,
+    sessions_max,
+    bytes_max,
+    connections_max,
+    threads,
+    expiry_grace_ms,
+    copy_idle_max_ms,
+    epoll,
+    metrics_addr,
+});
 
-    fn relative_to(&mut self, dir: &Path) {
-        relative_to(&mut self.secret_file, dir);
-    }
-
-    fn over(self, f: Self, g: &Given<'_>) -> Self {
-        AgentSettings {
-            config: self.config,
-            arena: g.pick("arena", self.arena, f.arena),
-            file: g.pick("file", self.file, f.file),
-            nodes: g.pick("nodes", self.nodes, f.nodes),
-            secret_file: g.pick("secret_file", self.secret_file, f.secret_file),
-            replicas: g.pick("replicas", self.replicas, f.replicas),
-            host_id: g.pick("host_id", self.host_id, f.host_id),
-            flush_interval_us: g.pick(
-                "flush_interval_us",
-                self.flush_interval_us,
-                f.flush_interval_us,
-            ),
-            epoll: g.pick("epoll", self.epoll, f.epoll),
-            stats_interval_ms: g.pick(
-                "stats_interval_ms",
-                self.stats_interval_ms,
-                f.stats_interval_ms,
-            ),
-            metrics_addr: g.pick("metrics_addr", self.metrics_addr, f.metrics_addr),
-        }
-    }
-}
+layered!(AgentSettings {
+    arena,
+    file,
+    nodes,
+    secret_file,
+    replicas,
+    host_id,
+    flush_interval_us,
+    epoll,
+    stats_interval_ms,
+    metrics_addr,
+});
 
 fn relative_to(p: &mut Option<PathBuf>, dir: &Path) {
     if let Some(p) = p.as_mut().filter(|p| p.is_relative()) {

@@ -54,54 +54,21 @@ const HUGE_PAGE: u64 = 2 << 20;
 
 type BoxError = Box<dyn Error + Send + Sync>;
 
-/// `SplitMix64`: a tiny, good-enough generator for bench inputs (the inputs
-/// only need to defeat caches and prefetchers, not to be unpredictable).
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    /// A generator from `seed`.
-    pub fn new(seed: u64) -> SplitMix64 {
-        SplitMix64(seed)
-    }
-
-    /// The next 64 bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A value in `0..n` (n > 0), with negligible bias for bench purposes.
-    pub fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
-    }
-}
-
 /// `count` random `(item, attribute index)` pairs drawn from `items`, with
 /// replacement: the order in which a bench looks things up.
 pub fn picks<T: Copy>(items: &[T], count: usize, seed: u64) -> Vec<(T, u8)> {
     assert!(!items.is_empty(), "nothing to pick from");
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = fastrand::Rng::with_seed(seed);
     (0..count)
-        .map(|_| {
-            let i = rng.below(items.len() as u64) as usize;
-            (items[i], rng.below(ATTRS as u64) as u8)
-        })
+        .map(|_| (items[rng.usize(..items.len())], rng.u8(..ATTRS as u8)))
         .collect()
 }
 
 /// The attributes of a benchmark session: 8 keys of [`KEYS`], 100 B each.
 pub fn session_values(seed: u64) -> Vec<Vec<u8>> {
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = fastrand::Rng::with_seed(seed);
     (0..ATTRS)
-        .map(|_| {
-            (0..VALUE_BYTES)
-                .map(|_| b'a' + rng.below(26) as u8)
-                .collect()
-        })
+        .map(|_| (0..VALUE_BYTES).map(|_| rng.u8(b'a'..=b'z')).collect())
         .collect()
 }
 
@@ -320,16 +287,12 @@ impl Floor {
         let need = index_bytes + records * FLOOR_RECORD_BYTES;
         let len = total_bytes.max(need).next_multiple_of(HUGE_PAGE);
         let (mut map, huge) = Self::map(len, huge)?;
-        let mut rng = SplitMix64::new(0xF100_5EED);
+        let mut rng = fastrand::Rng::with_seed(0xF100_5EED);
         let mut keys = Vec::with_capacity(records as usize);
         let bytes = &mut map[..];
         for r in 0..records {
-            let key = loop {
-                let k = rng.next_u64();
-                if k != 0 {
-                    break k;
-                }
-            };
+            // 0 marks an empty slot.
+            let key = rng.u64(1..);
             let off = index_bytes + r * FLOOR_RECORD_BYTES;
             let rec = &mut bytes[off as usize..(off + FLOOR_RECORD_BYTES) as usize];
             for f in 0..ATTRS {

@@ -153,7 +153,7 @@ fn session(arena: &Arena, name: &str, sid: &str, json: bool) -> Result<String, S
                 let mut v = json!({
                     "key": a.key,
                     "bytes": a.value.len(),
-                    "hex": hex(&a.value),
+                    "hex": hex::encode(&a.value),
                 });
                 if let Ok(s) = std::str::from_utf8(&a.value) {
                     v["utf8"] = json!(s);
@@ -271,14 +271,6 @@ pub fn stats(a: &StatsArgs) -> Result<String, String> {
     Ok(out)
 }
 
-fn hex(v: &[u8]) -> String {
-    v.iter()
-        .fold(String::with_capacity(v.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
-
 /// A value for humans: quoted text, an append list's items, or hex.
 fn show(v: &[u8]) -> String {
     let clip = |s: String| {
@@ -305,5 +297,5 @@ fn show(v: &[u8]) -> String {
             .collect();
         return clip(format!("list [{}]", items.join(", ")));
     }
-    clip(format!("0x{}", hex(v)))
+    clip(format!("0x{}", hex::encode(v)))
 }

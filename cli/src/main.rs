@@ -7,7 +7,8 @@
 //! The libraries do the work; this crate holds what only a binary needs:
 //!
 //! - [`arena`]: `sessio inspect` and `sessio stats`, with `--json`;
-//! - [`config`]: TOML config files for `sessio node` and `sessio agent`;
+//! - [`config`]: the settings of `sessio node` and `sessio agent`, as flags
+//!   and TOML config files from one struct per command;
 //! - [`metrics`]: the Prometheus exporter (`--metrics-addr`) for both;
 //! - [`demo`]: `sessio demo`, the end-to-end run, and its worker processes;
 //! - [`signals`]: SIGTERM and SIGINT as a stop flag.
@@ -24,13 +25,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Args, Parser, Subcommand};
-use config::{AgentFile, NodeFile};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use config::{AgentSettings, Layered, NodeSettings, required};
 use sessio_engine::{Arena, ArenaConfig, Location, NewSession, Op, Sid};
 use sessio_net::{Epoll, IoUring, Secret};
 use sessio_remote::node::{self, NodeConfig, NodeLimits};
-use sessio_remote::placement::{Placement, REPLICAS_DEFAULT};
-use sessio_remote::replicator::{FLUSH_INTERVAL_US_DEFAULT, Replicator, ReplicatorConfig};
+use sessio_remote::placement::Placement;
+use sessio_remote::replicator::{Replicator, ReplicatorConfig};
 use sessio_remote::runtime::Rt;
 use signals::{install_stop_signals, stop_requested, stopped};
 
@@ -48,9 +49,9 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a replica node of the bank.
-    Node(NodeArgs),
+    Node(NodeSettings),
     /// Replicate a host's arena to the bank (one per host).
-    Agent(AgentArgs),
+    Agent(AgentSettings),
     /// Run the whole system on loopback and check every session.
     ///
     /// 3 replica nodes, 2 web hosts of 2 worker processes each, simulated
@@ -72,101 +73,11 @@ enum Command {
 }
 
 #[derive(Args, Debug)]
-struct NodeArgs {
-    /// TOML file with any of these settings (keys named like the flags,
-    /// `_` for `-`); flags win over the file.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Address to listen on (port 0 picks one; the bound address is printed).
-    #[arg(long)]
-    listen: Option<SocketAddr>,
-    /// This node's id in the bank (1-65535).
-    #[arg(long)]
-    node_id: Option<u16>,
-    /// File holding the bank's 32-byte secret (raw, or 64 hex digits).
-    #[arg(long)]
-    secret_file: Option<PathBuf>,
-    /// Most sessions held; more are refused [default: 10000000].
-    #[arg(long)]
-    sessions_max: Option<u64>,
-    /// Most record bytes held; more are refused [default: 4 GiB].
-    #[arg(long)]
-    bytes_max: Option<u64>,
-    /// Most open connections [default: the server's].
-    #[arg(long)]
-    connections_max: Option<u32>,
-    /// Threads serving connections, sharing the port and the store (1-64)
-    /// [default: 1].
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Drop a copy once its session's absolute expiry passed this long ago,
-    /// in ms [default: 60000].
-    #[arg(long)]
-    expiry_grace_ms: Option<u64>,
-    /// Drop a copy not written for this long, in ms; host reads do not
-    /// reach the node, so keep it well above the longest idle TTL
-    /// [default: 0, never].
-    #[arg(long)]
-    copy_idle_max_ms: Option<u64>,
-    /// Use the epoll engine instead of `io_uring`.
-    #[arg(long)]
-    epoll: bool,
-    /// Serve Prometheus text metrics on this address (GET /metrics).
-    #[arg(long)]
-    metrics_addr: Option<SocketAddr>,
-}
-
-#[derive(Args, Debug)]
-struct BankArgs {
-    /// The bank: id=ip:port,id=ip:port,...
-    #[arg(long)]
-    nodes: Option<String>,
-    /// File holding the bank's 32-byte secret.
-    #[arg(long)]
-    secret_file: Option<PathBuf>,
-    /// Copies kept per session [default: 2].
-    #[arg(long)]
-    replicas: Option<usize>,
-    /// This host's id [default: 1].
-    #[arg(long)]
-    host_id: Option<u64>,
-    /// How often dirty sessions are shipped, in microseconds [default: 500].
-    #[arg(long)]
-    flush_interval_us: Option<u64>,
-    /// Use the epoll engine instead of `io_uring`.
-    #[arg(long)]
-    epoll: bool,
-}
-
-#[derive(Args, Debug)]
-struct AgentArgs {
-    /// TOML file with any of these settings (keys named like the flags,
-    /// `_` for `-`); flags win over the file.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Shared-memory arena name (or a path, with --file).
-    #[arg(long)]
-    arena: Option<String>,
-    /// Treat --arena as a file path (file-backed arena).
-    #[arg(long)]
-    file: bool,
-    #[command(flatten)]
-    bank: BankArgs,
-    /// Print stats this often, in ms (0: never) [default: 5000].
-    #[arg(long)]
-    stats_interval_ms: Option<u64>,
-    /// Serve Prometheus text metrics on this address (GET /metrics).
-    #[arg(long)]
-    metrics_addr: Option<SocketAddr>,
-}
-
-#[derive(Args, Debug)]
 struct TestHostArgs {
-    /// Shared-memory arena name (created).
-    #[arg(long)]
-    arena: String,
+    /// The agent's settings: the bank, and the arena, which this host
+    /// creates (it prints no stats and serves no metrics).
     #[command(flatten)]
-    bank: BankArgs,
+    agent: AgentSettings,
     /// Sessions to create.
     #[arg(long)]
     sessions: u64,
@@ -192,11 +103,15 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    // The matches say which settings were given as flags, so that those
+    // alone win over a config file.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let given = matches.subcommand().map_or(&matches, |(_, m)| m);
     let r = match cli.command {
-        Command::Node(a) => run_node(&a),
-        Command::Agent(a) => run_agent(&a),
-        Command::TestHost(a) => run_test_host(&a),
+        Command::Node(a) => run_node(a, given),
+        Command::Agent(a) => run_agent(a, given),
+        Command::TestHost(a) => run_test_host(a, given),
         Command::Inspect(a) => print_or_fail(arena::inspect(&a)),
         Command::Stats(a) => print_or_fail(arena::stats(&a)),
         Command::DemoWorker(a) => demo::run_worker(&a),
@@ -232,40 +147,24 @@ fn load_secret(path: &PathBuf) -> Result<Secret, Box<dyn std::error::Error>> {
     Ok(secret)
 }
 
-fn run_node(a: &NodeArgs) -> Res {
-    let f: NodeFile = match &a.config {
-        Some(p) => config::load(p)?,
-        None => NodeFile::default(),
-    };
-    let node_id = config::required(a.node_id, f.node_id, "node_id")?;
+fn run_node(a: NodeSettings, given: &ArgMatches) -> Res {
+    let a = a.resolve(given)?;
+    let node_id = required(a.node_id, "node_id")?;
     if node_id == 0 {
         return Err("node_id 0 is reserved; use 1-65535".into());
     }
-    let listen = config::required(a.listen, f.listen, "listen")?;
-    let secret_file = config::required(a.secret_file.clone(), f.secret_file, "secret_file")?;
-    let secret = load_secret(&secret_file)?;
+    let listen = required(a.listen, "listen")?;
+    let secret = load_secret(&required(a.secret_file.clone(), "secret_file")?)?;
     let mut config = NodeConfig::new(listen, node_id);
     config.limits = NodeLimits {
-        sessions_max: a
-            .sessions_max
-            .or(f.sessions_max)
-            .unwrap_or(node::SESSIONS_MAX_DEFAULT),
-        bytes_max: a
-            .bytes_max
-            .or(f.bytes_max)
-            .unwrap_or(node::BYTES_MAX_DEFAULT),
+        sessions_max: a.sessions_max,
+        bytes_max: a.bytes_max,
     };
-    config.connections_max = a
-        .connections_max
-        .or(f.connections_max)
-        .unwrap_or(sessio_net::server::CONNECTIONS_MAX_DEFAULT);
-    config.threads = a.threads.or(f.threads).unwrap_or(1);
+    config.connections_max = a.connections_max;
+    config.threads = a.threads;
     config.expiry = node::ExpiryRule {
-        grace_ms: a
-            .expiry_grace_ms
-            .or(f.expiry_grace_ms)
-            .unwrap_or(node::EXPIRY_GRACE_MS_DEFAULT),
-        idle_max_ms: a.copy_idle_max_ms.or(f.copy_idle_max_ms).unwrap_or(0),
+        grace_ms: a.expiry_grace_ms,
+        idle_max_ms: a.copy_idle_max_ms,
     };
     if !(1..=sessio_remote::node::SHARDS_MAX).contains(&config.threads) {
         return Err(format!(
@@ -275,9 +174,8 @@ fn run_node(a: &NodeArgs) -> Res {
         )
         .into());
     }
-    let epoll = a.epoll || f.epoll.unwrap_or(false);
     install_stop_signals();
-    let metrics_addr = a.metrics_addr.or(f.metrics_addr);
+    let metrics_addr = a.metrics_addr;
     // Started once the node's address is known; stopped when it returns.
     let metrics = std::cell::RefCell::new(None);
     let on_bound = |addr: SocketAddr, incarnation: u64| {
@@ -293,7 +191,7 @@ fn run_node(a: &NodeArgs) -> Res {
         println!("listening {addr} node {node_id} incarnation {incarnation:016x}");
         let _ = std::io::stdout().flush();
     };
-    if epoll || !IoUring::available() {
+    if a.epoll || !IoUring::available() {
         node::serve::<Epoll>(&config, secret.clone(), on_bound, stopped())?;
     } else {
         node::serve::<IoUring>(&config, secret.clone(), on_bound, stopped())?;
@@ -303,46 +201,34 @@ fn run_node(a: &NodeArgs) -> Res {
     Ok(())
 }
 
-fn replicator_config(
-    b: &BankArgs,
-    f: &AgentFile,
-) -> Result<ReplicatorConfig, Box<dyn std::error::Error>> {
-    let nodes = config::required(
-        b.nodes.clone(),
-        f.nodes.as_ref().map(config::Nodes::joined),
-        "nodes",
-    )?;
-    let members = Placement::parse_members(&nodes)?;
-    let replicas = b.replicas.or(f.replicas).unwrap_or(REPLICAS_DEFAULT);
-    let placement = Placement::new(members, replicas)?;
-    let secret_file =
-        config::required(b.secret_file.clone(), f.secret_file.clone(), "secret_file")?;
-    let host_id = b.host_id.or(f.host_id).unwrap_or(1);
-    let mut config = ReplicatorConfig::new(placement, load_secret(&secret_file)?, host_id);
-    config.flush_interval_us = b
-        .flush_interval_us
-        .or(f.flush_interval_us)
-        .unwrap_or(FLUSH_INTERVAL_US_DEFAULT);
-    config.force_epoll = b.epoll || f.epoll.unwrap_or(false);
+fn replicator_config(a: &AgentSettings) -> Result<ReplicatorConfig, Box<dyn std::error::Error>> {
+    let nodes = required(a.nodes.as_ref(), "nodes")?.joined();
+    let placement = Placement::new(Placement::parse_members(&nodes)?, a.replicas)?;
+    let secret = load_secret(&required(a.secret_file.clone(), "secret_file")?)?;
+    let mut config = ReplicatorConfig::new(placement, secret, a.host_id);
+    config.flush_interval_us = a.flush_interval_us;
+    config.force_epoll = a.epoll;
     Ok(config)
 }
 
-fn run_agent(a: &AgentArgs) -> Res {
-    let f: AgentFile = match &a.config {
-        Some(p) => config::load(p)?,
-        None => AgentFile::default(),
-    };
-    let config = replicator_config(&a.bank, &f)?;
-    let arena = config::required(a.arena.clone(), f.arena.clone(), "arena")?;
-    let loc = if a.file || f.file.unwrap_or(false) {
+/// Where the agent's (or test host's) arena lives.
+fn arena_location(a: &AgentSettings) -> Result<Location, String> {
+    let arena = required(a.arena.clone(), "arena")?;
+    Ok(if a.file {
         Location::File(arena.into())
     } else {
         Location::Shm(arena)
-    };
-    let stats_interval_ms = a.stats_interval_ms.or(f.stats_interval_ms).unwrap_or(5000);
+    })
+}
+
+fn run_agent(a: AgentSettings, given: &ArgMatches) -> Res {
+    let a = a.resolve(given)?;
+    let config = replicator_config(&a)?;
+    let loc = arena_location(&a)?;
+    let stats_interval_ms = a.stats_interval_ms;
     install_stop_signals();
     let repl = std::sync::Arc::new(Replicator::spawn(&loc, config)?);
-    let metrics = match a.metrics_addr.or(f.metrics_addr) {
+    let metrics = match a.metrics_addr {
         Some(m) => {
             let server = metrics::serve_agent(m, std::sync::Arc::clone(&repl))?;
             println!("metrics {}", server.addr());
@@ -377,9 +263,10 @@ fn run_agent(a: &AgentArgs) -> Res {
     Ok(())
 }
 
-fn run_test_host(a: &TestHostArgs) -> Res {
-    let config = replicator_config(&a.bank, &AgentFile::default())?;
-    let loc = Location::Shm(a.arena.clone());
+fn run_test_host(mut a: TestHostArgs, given: &ArgMatches) -> Res {
+    a.agent = a.agent.resolve(given)?;
+    let config = replicator_config(&a.agent)?;
+    let loc = arena_location(&a.agent)?;
     let arena = Arena::open(&loc, &ArenaConfig::for_sessions(a.sessions * 2 + 16, 1024))?;
     let repl = Replicator::spawn(&loc, config)?;
     let sids: Vec<Sid> = (0..a.sessions)
@@ -421,7 +308,7 @@ fn run_test_host(a: &TestHostArgs) -> Res {
         }
         if written.is_none_or(|w| w.elapsed() >= Duration::from_millis(20)) {
             written = Some(Instant::now());
-            write_status(a, &arena, &sids, &last, &repl, updating)?;
+            write_status(&a, &arena, &sids, &last, &repl, updating)?;
         }
     }
 }

@@ -1,36 +1,55 @@
 //! Prometheus text metrics for `sessio node` and `sessio agent`
 //! (`--metrics-addr ADDR`, `GET /metrics`).
 //!
-//! A small blocking HTTP/1.1 server on its own thread, one connection at a
-//! time (a scraper is one client; each request is bounded in bytes and
-//! time). The agent renders its replicator's stats. The node renders the
-//! counters it answers to a `StatsRequest`: on each scrape the thread
-//! connects to its own node over the authenticated protocol, so the node's
-//! single-threaded store is never shared with another thread.
+//! The text is written by `prometheus-client`'s encoder of the Prometheus
+//! text format (version 0.0.4), from a collector that reads the counters on
+//! each scrape. The agent renders its replicator's stats. The node renders
+//! the counters it answers to a `StatsRequest`: on each scrape the
+//! collector connects to its own node over the authenticated protocol, so
+//! the node's single-threaded store is never shared with another thread.
+//!
+//! The HTTP side is a small blocking HTTP/1.1 server: one thread accepts,
+//! and one thread per connection answers, at most [`CONNECTIONS_MAX`] at
+//! once. A connection has [`REQUEST_DEADLINE_MS`] in all to send its
+//! request head of at most [`REQUEST_BYTES_MAX`], however it paces its
+//! bytes: a client that trickles a byte at a time is cut off at the
+//! deadline and never delays the others.
 
-use std::fmt::Write as _;
+use std::fmt;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeLabelSet, MetricEncoder,
+    NoLabelSet, prometheus_text,
+};
+use prometheus_client::metrics::MetricType::{self, Counter, Gauge};
+use prometheus_client::registry::Registry;
 use sessio_net::{Client, ClientConfig, Epoll, Identity, IoUring, Message, Secret, StatsRequest};
 
-use sessio_remote::replicator::{Replicator, ReplicatorStats};
+use sessio_remote::replicator::{NodeStats, Replicator, ReplicatorStats};
 use sessio_remote::runtime::Rt;
 
 /// Largest request head read.
 const REQUEST_BYTES_MAX: usize = 8 * 1024;
-/// Time a scraper has to send its request, and to read the answer.
-const IO_TIMEOUT_MS: u64 = 2000;
+/// Time a client has to send its whole request head, from its accept.
+const REQUEST_DEADLINE_MS: u64 = 2000;
+/// Time each write of an answer may block on a client that does not read.
+const WRITE_TIMEOUT_MS: u64 = 2000;
+/// Connections answered at once; one more is closed at once.
+const CONNECTIONS_MAX: usize = 16;
 /// How often the accept loop checks for stop.
 const ACCEPT_POLL_MS: u64 = 50;
 /// Time allowed to fetch a node's counters.
 const NODE_STATS_TIMEOUT_MS: u64 = 1000;
 
-/// A running metrics endpoint; stopped and joined on drop.
+/// A running metrics endpoint; stopped and joined on drop (connections
+/// still open end within their deadline).
 #[derive(Debug)]
 pub struct MetricsServer {
     addr: SocketAddr,
@@ -44,10 +63,7 @@ impl MetricsServer {
         self.addr
     }
 
-    fn spawn(
-        addr: SocketAddr,
-        render: impl Fn() -> String + Send + 'static,
-    ) -> std::io::Result<MetricsServer> {
+    fn spawn(addr: SocketAddr, registry: Registry) -> std::io::Result<MetricsServer> {
         let listener = TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -56,20 +72,7 @@ impl MetricsServer {
             .name("sessio-metrics".into())
             .spawn({
                 let stop = Arc::clone(&stop);
-                move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        match listener.accept() {
-                            Ok((conn, _)) => {
-                                // A broken scrape affects only itself.
-                                let _ = answer(conn, &render);
-                            }
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                                std::thread::sleep(Duration::from_millis(ACCEPT_POLL_MS));
-                            }
-                            Err(_) => std::thread::sleep(Duration::from_millis(ACCEPT_POLL_MS)),
-                        }
-                    }
-                }
+                move || accept_loop(&listener, &Arc::new(registry), &stop)
             })?;
         Ok(MetricsServer {
             addr,
@@ -88,28 +91,115 @@ impl Drop for MetricsServer {
     }
 }
 
-fn answer(mut conn: TcpStream, render: &impl Fn() -> String) -> std::io::Result<()> {
-    conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(Duration::from_millis(IO_TIMEOUT_MS)))?;
-    conn.set_write_timeout(Some(Duration::from_millis(IO_TIMEOUT_MS)))?;
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = conn.read(&mut buf)?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-        if head.len() > REQUEST_BYTES_MAX {
-            return respond(&mut conn, "431 Request Header Fields Too Large", "");
+fn accept_loop(listener: &TcpListener, registry: &Arc<Registry>, stop: &AtomicBool) {
+    let mut conns: Vec<JoinHandle<()>> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                conns.retain(|c| !c.is_finished());
+                if conns.len() >= CONNECTIONS_MAX {
+                    // Closed at once, unread: an answer could be lost to
+                    // the reset that closing with unread bytes sends, and
+                    // reading first would hold this loop. A scraper sees
+                    // a failed scrape and retries.
+                    drop(conn);
+                    continue;
+                }
+                let registry = Arc::clone(registry);
+                // A broken scrape affects only itself; a failed spawn drops
+                // (closes) the connection.
+                if let Ok(t) = std::thread::Builder::new()
+                    .name("sessio-metrics-conn".into())
+                    .spawn(move || {
+                        let _ = answer(conn, &registry);
+                    })
+                {
+                    conns.push(t);
+                }
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(ACCEPT_POLL_MS)),
         }
     }
+    // Each ends within its request deadline and write timeouts; joining
+    // them lets the owner of what the registry reads (the agent's
+    // replicator) be the last one holding it.
+    for c in conns {
+        let _ = c.join();
+    }
+}
+
+/// How reading a request head ended.
+enum Head {
+    /// The head, up to its blank line.
+    Complete(Vec<u8>),
+    /// The client closed before finishing it.
+    Closed,
+    /// More than [`REQUEST_BYTES_MAX`].
+    TooLarge,
+    /// Not finished within [`REQUEST_DEADLINE_MS`].
+    Late,
+}
+
+/// Reads a request head within the deadline. The read timeout is set to
+/// the time left before each read: a timeout alone restarts with every
+/// byte, so a client sending one byte just before each timeout would
+/// hold the connection forever.
+fn read_head(conn: &mut TcpStream) -> std::io::Result<Head> {
+    let deadline = Instant::now() + Duration::from_millis(REQUEST_DEADLINE_MS);
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(Head::Late);
+        }
+        conn.set_read_timeout(Some(left))?;
+        let n = match conn.read(&mut buf) {
+            Ok(0) => return Ok(Head::Closed),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(Head::Late);
+            }
+            Err(e) => return Err(e),
+        };
+        // The blank line may straddle two reads.
+        let from = head.len().saturating_sub(3);
+        head.extend_from_slice(&buf[..n]);
+        if head[from..].windows(4).any(|w| w == b"\r\n\r\n") {
+            return Ok(Head::Complete(head));
+        }
+        if head.len() > REQUEST_BYTES_MAX {
+            return Ok(Head::TooLarge);
+        }
+    }
+}
+
+fn answer(mut conn: TcpStream, registry: &Registry) -> std::io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS)))?;
+    let head = match read_head(&mut conn)? {
+        Head::Complete(head) => head,
+        Head::Closed => return Ok(()),
+        Head::TooLarge => {
+            return respond(&mut conn, "431 Request Header Fields Too Large", "");
+        }
+        Head::Late => return respond(&mut conn, "408 Request Timeout", ""),
+    };
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let mut parts = line.split(' ');
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     match (method, path.split('?').next().unwrap_or("")) {
-        ("GET", "/metrics") => respond(&mut conn, "200 OK", &render()),
+        ("GET", "/metrics") => match text(registry) {
+            Ok(body) => respond(&mut conn, "200 OK", &body),
+            Err(fmt::Error) => respond(&mut conn, "500 Internal Server Error", ""),
+        },
         ("GET", _) => respond(&mut conn, "404 Not Found", "try /metrics\n"),
         _ => respond(&mut conn, "405 Method Not Allowed", ""),
     }
@@ -118,269 +208,318 @@ fn answer(mut conn: TcpStream, render: &impl Fn() -> String) -> std::io::Result<
 fn respond(conn: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
     write!(
         conn,
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        prometheus_text::CONTENT_TYPE,
         body.len()
     )?;
     conn.flush()
+}
+
+/// The registry's metrics as Prometheus text.
+fn text(registry: &Registry) -> Result<String, fmt::Error> {
+    let mut out = String::new();
+    prometheus_text::encode(&mut out, registry)?;
+    Ok(out)
+}
+
+/// A registry of one collector that writes its families on each scrape.
+fn registry(
+    families: impl Fn(&mut Families<'_>) -> fmt::Result + Send + Sync + 'static,
+) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(OnScrape(families)));
+    r
+}
+
+/// The crate's hook for counters kept elsewhere: called on each scrape.
+struct OnScrape<F>(F);
+
+impl<F> fmt::Debug for OnScrape<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OnScrape")
+    }
+}
+
+impl<F> Collector for OnScrape<F>
+where
+    F: Fn(&mut Families<'_>) -> fmt::Result + Send + Sync + 'static,
+{
+    fn encode(&self, encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        (self.0)(&mut Families(encoder))
+    }
+}
+
+/// Writes metric families. Names are the exported ones: the encoder adds
+/// `_total` to a counter's name itself, so it is taken off here first.
+struct Families<'a>(DescriptorEncoder<'a>);
+
+impl Families<'_> {
+    fn descriptor<'s>(
+        &'s mut self,
+        name: &'s str,
+        kind: MetricType,
+        help: &str,
+    ) -> Result<MetricEncoder<'s>, fmt::Error> {
+        let name = match kind {
+            MetricType::Counter => name.strip_suffix("_total").unwrap_or(name),
+            _ => name,
+        };
+        self.0.encode_descriptor(name, help, None, kind)
+    }
+
+    /// A family of one unlabelled sample.
+    fn one<V>(&mut self, name: &str, kind: MetricType, help: &str, v: V) -> fmt::Result
+    where
+        V: EncodeGaugeValue + EncodeCounterValue + Copy,
+    {
+        sample(&mut self.descriptor(name, kind, help)?, kind, &v)
+    }
+
+    /// A family of labelled samples.
+    fn labelled<L, V>(
+        &mut self,
+        name: &str,
+        kind: MetricType,
+        help: &str,
+        samples: &[(L, V)],
+    ) -> fmt::Result
+    where
+        L: EncodeLabelSet,
+        V: EncodeGaugeValue + EncodeCounterValue,
+    {
+        let mut m = self.descriptor(name, kind, help)?;
+        for (labels, v) in samples {
+            sample(&mut m.encode_family(labels)?, kind, v)?;
+        }
+        Ok(())
+    }
+}
+
+fn sample<V>(m: &mut MetricEncoder<'_>, kind: MetricType, v: &V) -> fmt::Result
+where
+    V: EncodeGaugeValue + EncodeCounterValue,
+{
+    match kind {
+        MetricType::Counter => m.encode_counter::<NoLabelSet, V, u64>(v, None),
+        _ => m.encode_gauge(v),
+    }
 }
 
 /// A node's answer to a stats request: its incarnation and named counters.
 pub type NodeCounters = (u64, Vec<(String, u64)>);
 
 /// One per-node family of the replicator: name suffix, type, help, value.
-type NodeFamily<'a> = (
-    &'a str,
-    &'a str,
-    &'a str,
-    &'a dyn Fn(&sessio_remote::replicator::NodeStats) -> u64,
-);
-
-/// Prometheus text exposition, one family at a time.
-#[derive(Default)]
-struct Exposition(String);
-
-impl Exposition {
-    fn family(&mut self, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
-        let _ = writeln!(self.0, "# HELP {name} {help}");
-        let _ = writeln!(self.0, "# TYPE {name} {kind}");
-        for (labels, v) in samples {
-            if labels.is_empty() {
-                let _ = writeln!(self.0, "{name} {v}");
-            } else {
-                let _ = writeln!(self.0, "{name}{{{labels}}} {v}");
-            }
-        }
-    }
-
-    /// The lag histogram, cumulative as Prometheus wants it, so quantiles
-    /// over any window can be computed from two scrapes.
-    #[allow(clippy::cast_precision_loss)] // seconds for display
-    fn lag_histogram(&mut self, s: &ReplicatorStats) {
-        let name = "sessio_replicator_lag_histogram_seconds";
-        let _ = writeln!(
-            self.0,
-            "# HELP {name} Update-to-acknowledgement lag by R nodes, in power-of-two buckets of microseconds."
-        );
-        let _ = writeln!(self.0, "# TYPE {name} histogram");
-        let mut seen = 0u64;
-        let last = s.lag_buckets.len() - 1;
-        for (b, n) in s.lag_buckets.iter().enumerate().take(last) {
-            seen += n;
-            let le = (1u64 << b) as f64 / 1e6;
-            let _ = writeln!(self.0, "{name}_bucket{{le=\"{le}\"}} {seen}");
-        }
-        seen += s.lag_buckets[last];
-        let _ = writeln!(self.0, "{name}_bucket{{le=\"+Inf\"}} {seen}");
-        let _ = writeln!(self.0, "{name}_sum {}", s.lag_sum_us as f64 / 1e6);
-        let _ = writeln!(self.0, "{name}_count {seen}");
-    }
-
-    fn one(&mut self, name: &str, kind: &str, help: &str, v: u64) {
-        #[allow(clippy::cast_precision_loss)]
-        self.family(name, kind, help, &[(String::new(), v as f64)]);
-    }
-}
+type NodeFamily<'a> = (&'a str, MetricType, &'a str, fn(&NodeStats) -> u64);
 
 /// Serves the agent's replicator stats.
 pub fn serve_agent(addr: SocketAddr, repl: Arc<Replicator>) -> std::io::Result<MetricsServer> {
-    MetricsServer::spawn(addr, move || render_agent(&repl.stats()))
+    MetricsServer::spawn(addr, registry(move |f| agent_families(f, &repl.stats())))
 }
 
-/// The replicator's stats as Prometheus text.
-#[allow(clippy::cast_precision_loss)]
-pub fn render_agent(s: &ReplicatorStats) -> String {
-    let mut e = Exposition::default();
+#[allow(clippy::cast_precision_loss)] // seconds for display
+fn secs(us: u64) -> f64 {
+    us as f64 / 1e6
+}
+
+/// The replicator's stats.
+fn agent_families(e: &mut Families<'_>, s: &ReplicatorStats) -> fmt::Result {
     e.one(
         "sessio_replicator_dirty_sessions",
-        "gauge",
+        Gauge,
         "Sessions whose current version is not yet acknowledged by R nodes.",
         s.dirty,
-    );
+    )?;
     e.one(
         "sessio_replicator_bytes_sent_total",
-        "counter",
+        Counter,
         "Bytes of batches sent, all nodes.",
         s.bytes_sent,
-    );
+    )?;
     e.one(
         "sessio_replicator_bytes_per_second",
-        "gauge",
+        Gauge,
         "Bytes sent per second over the last full second.",
         s.bytes_per_sec,
-    );
+    )?;
     e.one(
         "sessio_replicator_ticks_total",
-        "counter",
+        Counter,
         "Dispatcher ticks run.",
         s.ticks,
-    );
+    )?;
     e.one(
         "sessio_replicator_lag_samples_total",
-        "counter",
+        Counter,
         "Sessions that reached R acknowledgements (lag samples).",
         s.lag_samples,
-    );
-    let secs = |us: u64| us as f64 / 1e6;
-    e.family(
+    )?;
+    e.labelled(
         "sessio_replicator_lag_seconds",
-        "gauge",
+        Gauge,
         "Update-to-acknowledgement lag by R nodes (upper bound of a power-of-two bucket; max is exact).",
         &[
-            ("quantile=\"0.5\"".into(), secs(s.lag_p50_us)),
-            ("quantile=\"0.99\"".into(), secs(s.lag_p99_us)),
-            ("quantile=\"1\"".into(), secs(s.lag_max_us)),
+            ([("quantile", "0.5")], secs(s.lag_p50_us)),
+            ([("quantile", "0.99")], secs(s.lag_p99_us)),
+            ([("quantile", "1")], secs(s.lag_max_us)),
         ],
-    );
-    e.lag_histogram(s);
-    let per_node =
-        |f: &dyn Fn(&sessio_remote::replicator::NodeStats) -> u64| -> Vec<(String, f64)> {
-            s.nodes
-                .iter()
-                .map(|n| (format!("node=\"{}\"", n.id), f(n) as f64))
-                .collect()
-        };
+    )?;
+    lag_histogram(e, s)?;
     let families: [NodeFamily<'_>; 11] = [
-        ("up", "gauge", "Whether the link to the node is up.", &|n| {
+        ("up", Gauge, "Whether the link to the node is up.", |n| {
             u64::from(n.up)
         }),
         (
             "pending_sessions",
-            "gauge",
+            Gauge,
             "Sessions waiting to be sent to the node.",
-            &|n| n.pending,
+            |n| n.pending,
         ),
         (
             "in_flight_entries",
-            "gauge",
+            Gauge,
             "Entries sent, not yet acknowledged.",
-            &|n| n.in_flight,
+            |n| n.in_flight,
         ),
         (
             "owed_sessions",
-            "gauge",
+            Gauge,
             "Sessions owed to the node while it is down.",
-            &|n| n.owed,
+            |n| n.owed,
         ),
-        (
-            "applied_total",
-            "counter",
-            "Entries the node applied.",
-            &|n| n.applied,
-        ),
+        ("applied_total", Counter, "Entries the node applied.", |n| {
+            n.applied
+        }),
         (
             "need_full_total",
-            "counter",
+            Counter,
             "Entries the node answered NeedFull.",
-            &|n| n.need_full,
+            |n| n.need_full,
         ),
         (
             "fenced_total",
-            "counter",
+            Counter,
             "Entries the node fenced (a newer owner holds them).",
-            &|n| n.fenced,
+            |n| n.fenced,
         ),
-        (
-            "refused_total",
-            "counter",
-            "Entries the node refused.",
-            &|n| n.refused,
-        ),
+        ("refused_total", Counter, "Entries the node refused.", |n| {
+            n.refused
+        }),
         (
             "bytes_sent_total",
-            "counter",
+            Counter,
             "Bytes of batches sent to the node.",
-            &|n| n.bytes_sent,
+            |n| n.bytes_sent,
         ),
         (
             "connects_total",
-            "counter",
+            Counter,
             "Successful handshakes with the node.",
-            &|n| n.connects,
+            |n| n.connects,
         ),
         (
             "new_incarnations_total",
-            "counter",
+            Counter,
             "Handshakes that showed a restarted node.",
-            &|n| n.new_incarnations,
+            |n| n.new_incarnations,
         ),
     ];
     for (name, kind, help, f) in families {
-        e.family(
+        let samples: Vec<_> = s.nodes.iter().map(|n| ([("node", n.id)], f(n))).collect();
+        e.labelled(
             &format!("sessio_replicator_node_{name}"),
             kind,
             help,
-            &per_node(f),
-        );
+            &samples,
+        )?;
     }
     if let Some(a) = &s.arena {
-        render_arena(&mut e, a);
+        arena_families(e, a)?;
     }
-    e.0
+    Ok(())
+}
+
+/// The lag histogram, cumulative as Prometheus wants it, so quantiles over
+/// any window can be computed from two scrapes. The last bucket is the
+/// overflow: it counts only towards `+Inf`.
+#[allow(clippy::cast_precision_loss)] // seconds for display
+fn lag_histogram(e: &mut Families<'_>, s: &ReplicatorStats) -> fmt::Result {
+    let last = s.lag_buckets.len() - 1;
+    let buckets: Vec<(f64, u64)> = s.lag_buckets[..last]
+        .iter()
+        .enumerate()
+        .map(|(b, n)| (secs(1u64 << b), *n))
+        .collect();
+    let count = s.lag_buckets.iter().sum();
+    e.descriptor(
+        "sessio_replicator_lag_histogram_seconds",
+        MetricType::Histogram,
+        "Update-to-acknowledgement lag by R nodes, in power-of-two buckets of microseconds.",
+    )?
+    .encode_histogram::<NoLabelSet>(secs(s.lag_sum_us), count, &buckets, None)
 }
 
 /// The host arena's counters, as the agent last read them.
-fn render_arena(e: &mut Exposition, a: &sessio_engine::ArenaStats) {
-    let rows: [(&str, &str, &str, u64); 9] = [
+fn arena_families(e: &mut Families<'_>, a: &sessio_engine::ArenaStats) -> fmt::Result {
+    let rows: [(&str, MetricType, &str, u64); 9] = [
         (
             "live_sessions",
-            "gauge",
+            Gauge,
             "Live sessions in the arena.",
             a.live,
         ),
         (
             "capacity_sessions",
-            "gauge",
+            Gauge,
             "Session capacity of the arena.",
             a.capacity,
         ),
         (
             "heap_chunks_used",
-            "gauge",
+            Gauge,
             "Heap chunks ever handed to size classes (high-water mark).",
             a.chunks_used,
         ),
-        ("heap_chunks", "gauge", "Heap chunks in all.", a.chunks),
+        ("heap_chunks", Gauge, "Heap chunks in all.", a.chunks),
         (
             "handles",
-            "gauge",
+            Gauge,
             "Arena handles open now, all processes.",
             u64::from(a.handles),
         ),
         (
             "collections_total",
-            "counter",
+            Counter,
             "Online collections run.",
             a.collections,
         ),
         (
             "leaked_blocks_returned_total",
-            "counter",
+            Counter,
             "Heap blocks lost by killed processes that collections found and gave back.",
             a.leaked_blocks_returned,
         ),
         (
             "chunks_returned_total",
-            "counter",
+            Counter,
             "Wholly free heap chunks collections gave back to the pool.",
             a.chunks_returned,
         ),
         (
             "collect_suspects",
-            "gauge",
+            Gauge,
             "Processes found dead inside an update since the last collection.",
             a.suspects,
         ),
     ];
     for (name, kind, help, v) in rows {
-        e.one(&format!("sessio_arena_{name}"), kind, help, v);
+        e.one(&format!("sessio_arena_{name}"), kind, help, v)?;
     }
-    #[allow(clippy::cast_precision_loss)]
-    e.family(
+    e.one(
         "sessio_arena_last_collect_pause_seconds",
-        "gauge",
+        Gauge,
         "How long the last collection held updates (reads never wait).",
-        &[(String::new(), a.last_collect_pause_us as f64 / 1e6)],
-    );
+        secs(a.last_collect_pause_us),
+    )
 }
 
 /// Serves the counters of the node `node_id` listening on `node`.
@@ -390,14 +529,17 @@ pub fn serve_node(
     node_id: u16,
     secret: Secret,
 ) -> std::io::Result<MetricsServer> {
-    MetricsServer::spawn(addr, move || {
-        let stats = if IoUring::available() {
-            node_stats::<IoUring>(node, node_id, &secret)
-        } else {
-            node_stats::<Epoll>(node, node_id, &secret)
-        };
-        render_node(node_id, stats.as_ref().map_err(String::as_str))
-    })
+    MetricsServer::spawn(
+        addr,
+        registry(move |f| {
+            let stats = if IoUring::available() {
+                node_stats::<IoUring>(node, node_id, &secret)
+            } else {
+                node_stats::<Epoll>(node, node_id, &secret)
+            };
+            node_families(f, node_id, stats.as_ref().map_err(String::as_str))
+        }),
+    )
 }
 
 /// The node's `(incarnation, counters)`, asked over the protocol.
@@ -432,27 +574,31 @@ fn node_stats<B: Rt>(
     })
 }
 
-/// A node's counters as Prometheus text; `Err` renders `up 0`.
-#[allow(clippy::cast_precision_loss)]
-pub fn render_node(node_id: u16, stats: Result<&NodeCounters, &str>) -> String {
-    let mut e = Exposition::default();
-    let label = format!("node=\"{node_id}\"");
-    let up = stats.is_ok();
-    e.family(
+/// A node's counters; `Err` writes `up 0` only.
+fn node_families(
+    e: &mut Families<'_>,
+    node_id: u16,
+    stats: Result<&NodeCounters, &str>,
+) -> fmt::Result {
+    let node = ("node", node_id);
+    e.labelled(
         "sessio_node_up",
-        "gauge",
+        Gauge,
         "Whether the node answered this scrape's stats request.",
-        &[(label.clone(), if up { 1.0 } else { 0.0 })],
-    );
+        &[([node], u64::from(stats.is_ok()))],
+    )?;
     let Ok((incarnation, counters)) = stats else {
-        return e.0;
+        return Ok(());
     };
-    e.family(
+    e.labelled(
         "sessio_node_info",
-        "gauge",
+        Gauge,
         "The node's current incarnation (random per start).",
-        &[(format!("{label},incarnation=\"{incarnation:016x}\""), 1.0)],
-    );
+        &[(
+            ([node], [("incarnation", format!("{incarnation:016x}"))]),
+            1u64,
+        )],
+    )?;
     for (name, value) in counters {
         let name: String = name
             .chars()
@@ -466,23 +612,36 @@ pub fn render_node(node_id: u16, stats: Result<&NodeCounters, &str>) -> String {
             .collect();
         // The store's sizes are gauges; everything else only grows.
         let (family, kind) = if name == "sessions" || name == "bytes" {
-            (format!("sessio_node_{name}"), "gauge")
+            (format!("sessio_node_{name}"), Gauge)
         } else {
-            (format!("sessio_node_{name}_total"), "counter")
+            (format!("sessio_node_{name}_total"), Counter)
         };
-        e.family(
+        e.labelled(
             &family,
             kind,
             &format!("The node's {name} counter."),
-            &[(label.clone(), *value as f64)],
-        );
+            &[([node], *value)],
+        )?;
     }
-    e.0
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn render_agent(s: &ReplicatorStats) -> String {
+        let s = s.clone();
+        text(&registry(move |f| agent_families(f, &s))).unwrap()
+    }
+
+    fn render_node(node_id: u16, stats: Result<&NodeCounters, &str>) -> String {
+        let stats = stats.cloned().map_err(str::to_string);
+        text(&registry(move |f| {
+            node_families(f, node_id, stats.as_ref().map_err(String::as_str))
+        }))
+        .unwrap()
+    }
 
     #[test]
     fn node_text_has_gauges_and_counters() {
@@ -542,7 +701,7 @@ mod tests {
         );
         for line in [
             "# TYPE sessio_replicator_lag_histogram_seconds histogram\n",
-            "sessio_replicator_lag_histogram_seconds_bucket{le=\"0.000001\"} 1\n",
+            "sessio_replicator_lag_histogram_seconds_bucket{le=\"1e-06\"} 1\n",
             "sessio_replicator_lag_histogram_seconds_bucket{le=\"0.000512\"} 1\n",
             "sessio_replicator_lag_histogram_seconds_bucket{le=\"0.001024\"} 3\n",
             "sessio_replicator_lag_histogram_seconds_bucket{le=\"1073.741824\"} 3\n",
@@ -596,5 +755,103 @@ mod tests {
         ] {
             assert!(t.contains(line), "{line} in {t}");
         }
+    }
+
+    /// A server whose registry has one sample.
+    fn test_server() -> MetricsServer {
+        let r = registry(|f| f.one("sessio_test_up", Gauge, "Test.", 1u64));
+        MetricsServer::spawn("127.0.0.1:0".parse().unwrap(), r).unwrap()
+    }
+
+    /// `GET path`: the whole answer, and how long it took.
+    fn get(addr: SocketAddr, path: &str) -> (String, Duration) {
+        let t = Instant::now();
+        let out = try_get(addr, path).unwrap();
+        (out, t.elapsed())
+    }
+
+    fn try_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+        let mut c = TcpStream::connect(addr)?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        let mut out = String::new();
+        c.read_to_string(&mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn a_slow_client_is_cut_off_and_delays_no_other() {
+        let server = test_server();
+        let addr = server.addr();
+        let started = Instant::now();
+        // One byte every 300 ms: each read finishes well within a read
+        // timeout, only the whole-request deadline stops it.
+        let slow = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let mut got = Vec::new();
+            for b in b"GET /metrics HTTP/1.1\r\nHost: a-slow-client\r\n\r\n" {
+                // Once the server closed, a write may fail; the read tells.
+                let _ = c.write_all(&[*b]);
+                let mut buf = [0u8; 256];
+                match c.read(&mut buf) {
+                    Ok(0) => return Some((started.elapsed(), got)),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    // Reset: closed with our last byte unread.
+                    Err(_) => return Some((started.elapsed(), got)),
+                }
+            }
+            None
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        for _ in 0..3 {
+            let (answer, took) = get(addr, "/metrics");
+            assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+            assert!(answer.ends_with("\nsessio_test_up 1\n"), "{answer}");
+            assert!(took < Duration::from_secs(1), "a scrape took {took:?}");
+        }
+        let (cut, got) = slow
+            .join()
+            .unwrap()
+            .expect("the slow client was never cut off");
+        let deadline = Duration::from_millis(REQUEST_DEADLINE_MS);
+        assert!(
+            cut >= deadline && cut < deadline + Duration::from_millis(1500),
+            "cut off after {cut:?}"
+        );
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.is_empty() || got.starts_with("HTTP/1.1 408 "), "{got}");
+    }
+
+    #[test]
+    fn connections_beyond_the_cap_are_refused_and_the_rest_answered() {
+        let server = test_server();
+        let addr = server.addr();
+        let idle: Vec<TcpStream> = (0..CONNECTIONS_MAX)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        // Accepted in order: wait until all of them hold their slot.
+        std::thread::sleep(Duration::from_millis(4 * ACCEPT_POLL_MS));
+        let t = Instant::now();
+        let refused = try_get(addr, "/metrics");
+        let took = t.elapsed();
+        assert!(
+            refused.as_ref().is_err() || refused.as_ref().is_ok_and(String::is_empty),
+            "{refused:?}"
+        );
+        assert!(took < Duration::from_secs(1), "a refusal took {took:?}");
+        // The idle ones are cut at the deadline and free their slots.
+        std::thread::sleep(Duration::from_millis(REQUEST_DEADLINE_MS + 500));
+        let (answer, _) = get(addr, "/metrics");
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        let (answer, _) = get(addr, "/other");
+        assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "{answer}");
+        drop(idle);
     }
 }

@@ -189,30 +189,14 @@ fn missing_arena_or_session_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("bad SID \"nope\""));
 }
 
-/// A temporary directory, removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("sessio-cli-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir(&p).unwrap();
-        TempDir(p)
-    }
-
-    fn write(&self, name: &str, text: &str) -> std::path::PathBuf {
-        use std::os::unix::fs::PermissionsExt;
-        let p = self.0.join(name);
-        std::fs::write(&p, text).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// Writes `text` to `dir/name`, readable by its owner only (as a secret
+/// must be).
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
 }
 
 /// A child killed and reaped on drop.
@@ -288,9 +272,10 @@ fn scrape_until(addr: &str, what: &[&str]) -> String {
 
 #[test]
 fn node_and_agent_run_from_config_files_and_serve_metrics() {
-    let dir = TempDir::new("cfg");
-    dir.write("bank.key", &"42".repeat(32));
-    let node_cfg = dir.write(
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "bank.key", &"42".repeat(32));
+    let node_cfg = write(
+        &dir,
         "node.toml",
         "listen = \"127.0.0.1:0\"\nnode_id = 1\nsecret_file = \"bank.key\"\nmetrics_addr = \"127.0.0.1:0\"\n",
     );
@@ -313,7 +298,8 @@ fn node_and_agent_run_from_config_files_and_serve_metrics() {
 
     let a = TestArena::new("cli-agent", 64);
     shop(&a);
-    let agent_cfg = dir.write(
+    let agent_cfg = write(
+        &dir,
         "agent.toml",
         &format!(
             "arena = \"{}\"\nnodes = [\"1={node_addr}\"]\nsecret_file = \"bank.key\"\nreplicas = 1\nhost_id = 9\nstats_interval_ms = 0\nmetrics_addr = \"127.0.0.1:0\"\n",
@@ -341,8 +327,8 @@ fn node_and_agent_run_from_config_files_and_serve_metrics() {
 
 #[test]
 fn config_errors_name_the_bad_field() {
-    let dir = TempDir::new("badcfg");
-    dir.write("bank.key", &"42".repeat(32));
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "bank.key", &"42".repeat(32));
     let cases: [(&str, &str, &str, &[&str]); 5] = [
         (
             "node",
@@ -376,7 +362,7 @@ fn config_errors_name_the_bad_field() {
         ),
     ];
     for (cmd, name, text, want) in cases {
-        let path = dir.write(name, text);
+        let path = write(&dir, name, text);
         let o = sessio(&[cmd, "--config", path.to_str().unwrap()]);
         assert!(!o.status.success(), "{cmd} {text:?} succeeded");
         let err = String::from_utf8_lossy(&o.stderr);

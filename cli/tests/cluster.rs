@@ -45,28 +45,18 @@ fn uring() -> bool {
     }
 }
 
-/// A secret file, removed on drop.
-struct SecretFile(PathBuf);
+/// A secret file (owner-only, as tempfile makes it), removed on drop.
+struct SecretFile(tempfile::NamedTempFile);
 
 impl SecretFile {
     fn new() -> SecretFile {
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = std::env::temp_dir().join(format!("{}.key", unique("secret")));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .unwrap();
+        let mut f = tempfile::NamedTempFile::new().unwrap();
         std::io::Write::write_all(&mut f, &*SECRET).unwrap();
-        SecretFile(path)
+        SecretFile(f)
     }
-}
 
-impl Drop for SecretFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+    fn path(&self) -> &std::path::Path {
+        self.0.path()
     }
 }
 
@@ -111,7 +101,7 @@ impl Node {
             .args(["node", "--listen", &listen.to_string(), "--node-id"])
             .arg(id.to_string())
             .arg("--secret-file")
-            .arg(&secret.0)
+            .arg(secret.path())
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -328,6 +318,8 @@ fn stat(stats: &[(String, u64)], name: &str) -> u64 {
 struct TestHost {
     proc: Proc,
     status: PathBuf,
+    /// Holds the status file and its temporary twin; removed on drop.
+    _dir: tempfile::TempDir,
     _arena: TestArena,
 }
 
@@ -340,11 +332,12 @@ impl TestHost {
         owner: &str,
     ) -> TestHost {
         let name = unique("host");
-        let status = std::env::temp_dir().join(format!("{name}.status"));
+        let dir = tempfile::tempdir().unwrap();
+        let status = dir.path().join("status");
         let child = Command::new(BIN)
             .args(["test-host", "--arena", &name, "--nodes", &nodes_flag(nodes)])
             .arg("--secret-file")
-            .arg(&secret.0)
+            .arg(secret.path())
             .args(["--sessions", &sessions.to_string()])
             .arg("--status")
             .arg(&status)
@@ -356,6 +349,7 @@ impl TestHost {
         TestHost {
             proc: Proc(child),
             status,
+            _dir: dir,
             _arena: TestArena::foreign(&name),
         }
     }
@@ -369,8 +363,6 @@ impl Drop for TestHost {
     fn drop(&mut self) {
         self.proc.signal(libc::SIGCONT);
         self.proc.kill9();
-        let _ = std::fs::remove_file(&self.status);
-        let _ = std::fs::remove_file(self.status.with_extension("tmp"));
     }
 }
 
@@ -733,7 +725,7 @@ fn agent(arena: &str, nodes: &[Node], secret: &SecretFile) -> Proc {
     let child = Command::new(BIN)
         .args(["agent", "--arena", arena, "--nodes", &nodes_flag(nodes)])
         .arg("--secret-file")
-        .arg(&secret.0)
+        .arg(secret.path())
         .args([
             "--replicas",
             "2",

@@ -46,6 +46,27 @@ fn leftover_files(demo_pid: u32) -> Vec<String> {
     found
 }
 
+/// Runs `sessio demo ARGS` (stderr dropped) and returns the last line of
+/// its report, checked to be a failure.
+fn failing_demo(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .arg("demo")
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .expect("run sessio demo");
+    failed_verdict(&out)
+}
+
+/// The last line of a run that must have failed, checked to say so.
+fn failed_verdict(out: &std::process::Output) -> String {
+    assert!(!out.status.success(), "exit status {:?}", out.status);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default().to_string();
+    assert!(last.starts_with("demo: FAILED"), "last line: {last:?}");
+    last
+}
+
 #[test]
 fn quick_demo_passes_its_end_to_end_check() {
     let _g = serial();
@@ -107,12 +128,8 @@ fn interrupted_demo_fails_and_cleans_up() {
     unsafe {
         libc::kill(pid as libc::pid_t, libc::SIGINT);
     }
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    assert!(last.starts_with("demo: FAILED"), "last line: {last:?}");
+    let last = failed_verdict(&child.wait_with_output().unwrap());
     assert!(last.contains("interrupted"), "last line: {last:?}");
-    assert!(!out.status.success());
     assert_eq!(leftover_processes(pid), Vec::<String>::new());
     assert_eq!(leftover_files(pid), Vec::<String>::new());
 }
@@ -122,27 +139,12 @@ fn demo_check_catches_a_host_that_stores_wrong_values() {
     let _g = serial();
     // Host 2's workers store a wrong quantity on every 500th cart addition
     // while answering as if all were well: the run must fail.
-    let out = Command::new(BIN)
-        .args([
-            "demo",
-            "--quick",
-            "--duration-s",
-            "5",
-            "--fault-every",
-            "500",
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .expect("run sessio demo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    assert!(last.starts_with("demo: FAILED"), "last line: {last:?}");
+    let last = failing_demo(&["--quick", "--duration-s", "5", "--fault-every", "500"]);
     assert!(last.contains("sessions differ"), "last line: {last:?}");
     assert!(
         !last.contains("mismatched_sessions=0 "),
         "last line: {last:?}"
     );
-    assert!(!out.status.success());
 }
 
 #[test]
@@ -150,14 +152,7 @@ fn demo_counts_acknowledged_updates_a_wiped_bank_lost() {
     let _g = serial();
     // Every node restarts empty right after host 1 dies: host 1's sessions,
     // acknowledged by the bank, are gone, and the run must say so.
-    let out = Command::new(BIN)
-        .args(["demo", "--quick", "--duration-s", "5", "--fault-wipe-bank"])
-        .stderr(Stdio::null())
-        .output()
-        .expect("run sessio demo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    assert!(last.starts_with("demo: FAILED"), "last line: {last:?}");
+    let last = failing_demo(&["--quick", "--duration-s", "5", "--fault-wipe-bank"]);
     assert!(
         last.contains("acknowledged updates lost"),
         "last line: {last:?}"
@@ -166,5 +161,4 @@ fn demo_counts_acknowledged_updates_a_wiped_bank_lost() {
         !last.contains("lost_acked_updates=0 "),
         "last line: {last:?}"
     );
-    assert!(!out.status.success());
 }

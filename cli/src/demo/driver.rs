@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
-use std::io::{IsTerminal, Write as _};
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
@@ -12,6 +12,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sessio_engine::{Arena, Location, Sid};
 
 use super::model::{CATALOG, CartOp, Expected, quantile};
@@ -41,6 +42,10 @@ const CHECK_TIMEOUT_MS: u64 = 15_000;
 const RETRY_MS: u64 = 50;
 /// Replicator stats are polled this often.
 const STATS_INTERVAL_MS: u64 = 500;
+/// How often the progress bar's counters are updated, on a terminal.
+const PROGRESS_TICK_MS: u64 = 250;
+/// How often a progress line is written when stderr is not a terminal.
+const PROGRESS_LOG_MS: u64 = 5000;
 
 /// Arguments of `sessio demo`.
 #[derive(Args, Debug, Clone)]
@@ -125,7 +130,6 @@ pub fn run(a: &DemoArgs) -> bool {
             ok
         }
         Err(why) => {
-            eprintln!();
             println!("demo: FAILED {why} total_s={total_s:.1}");
             false
         }
@@ -179,7 +183,9 @@ struct Client {
     sid: Option<String>,
     exp: Expected,
     created_at: Instant,
-    rng: u64,
+    /// The client's own workload, seeded from its id: the same clients
+    /// make the same choices in every run.
+    rng: fastrand::Rng,
     inflight: Option<InFlight>,
     orphan: Option<Orphan>,
     retry_at: Option<Instant>,
@@ -189,29 +195,20 @@ struct Client {
 }
 
 impl Client {
-    fn next_rand(&mut self) -> u64 {
-        // xorshift64*: plenty for a workload.
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
     fn next_kind(&mut self) -> Kind {
         if self.sid.is_none() {
             return Kind::New;
         }
-        let r = self.next_rand();
-        let item = ((r >> 8) % CATALOG.len() as u64) as u8;
-        let qty = ((r >> 16) % 9 + 1) as u8;
-        match r % 100 {
+        let item = self.rng.u8(..CATALOG.len() as u8);
+        let qty = self.rng.u8(1..=9);
+        match self.rng.u8(..100) {
             0..45 => Kind::Update(CartOp::Add { item, qty }),
             45..65 => {
                 let items: Vec<u8> = self.exp.now.items.keys().copied().collect();
                 if items.is_empty() {
                     Kind::Update(CartOp::Add { item, qty })
                 } else {
-                    let item = items[(r >> 24) as usize % items.len()];
+                    let item = items[self.rng.usize(..items.len())];
                     Kind::Update(CartOp::Del { item })
                 }
             }
@@ -279,44 +276,34 @@ enum Pending {
     Stats(usize),
 }
 
-/// A removed-on-drop directory holding the bank's secret.
+/// The bank's secret, in a private directory removed on drop.
 struct SecretDir {
-    dir: PathBuf,
     file: PathBuf,
+    _dir: tempfile::TempDir,
 }
 
 impl SecretDir {
     fn new() -> Result<SecretDir, String> {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!("sessio-demo-{}-{nanos}", std::process::id()));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let guard = SecretDir {
-            file: dir.join("bank.key"),
-            dir,
-        };
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        // The prefix names this run: the nodes' command lines carry the
+        // path, and the demo's own test looks for leftovers by it.
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("sessio-demo-{}-", std::process::id()))
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir()
+            .map_err(|e| format!("creating the secret's directory: {e}"))?;
+        let file = dir.path().join("bank.key");
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|e| format!("random secret: {e}"))?;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&guard.file)
+            .open(&file)
             .map_err(|e| format!("writing the secret: {e}"))?;
         f.write_all(&key)
             .map_err(|e| format!("writing the secret: {e}"))?;
-        Ok(guard)
-    }
-}
-
-impl Drop for SecretDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(SecretDir { file, _dir: dir })
     }
 }
 
@@ -415,7 +402,7 @@ impl Demo {
                     sid: None,
                     exp: Expected::new(false),
                     created_at: now,
-                    rng: h | 1,
+                    rng: fastrand::Rng::with_seed(h),
                     inflight: None,
                     orphan: None,
                     retry_at: None,
@@ -464,6 +451,20 @@ impl Drop for Demo {
     }
 }
 
+/// The bar over the load phase, `load_s` long, on stderr; it draws
+/// nothing when stderr is not a terminal.
+#[allow(clippy::cast_sign_loss)]
+fn progress_bar(load_s: f64) -> ProgressBar {
+    let bar =
+        ProgressBar::with_draw_target(Some((load_s * 1000.0) as u64), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("demo [{prefix:>22}] {bar:20} {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
 /// One run's moving state.
 struct Run<'a> {
     d: &'a mut Demo,
@@ -487,7 +488,8 @@ struct Run<'a> {
     progress_at: Instant,
     progress_requests: u64,
     ops_per_s: u64,
-    tty: bool,
+    /// Progress on a terminal; its position is the load time done, in ms.
+    bar: ProgressBar,
 }
 
 impl<'a> Run<'a> {
@@ -516,7 +518,7 @@ impl<'a> Run<'a> {
             progress_at: Instant::now(),
             progress_requests: 0,
             ops_per_s: 0,
-            tty: std::io::stderr().is_terminal(),
+            bar: progress_bar(plan.end),
         }
     }
 
@@ -597,9 +599,7 @@ impl<'a> Run<'a> {
         self.drain(Duration::from_millis(DRAIN_TIMEOUT_MS))?;
         self.event("checking");
         self.check()?;
-        if self.tty {
-            eprintln!();
-        }
+        self.bar.finish();
         Ok(self.report())
     }
 
@@ -1073,12 +1073,21 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// The live counters on stderr: on a terminal, the bar's message,
+    /// redrawn every [`PROGRESS_TICK_MS`]; elsewhere (the bar hides itself
+    /// there) a line per event and every [`PROGRESS_LOG_MS`], for logs.
     fn progress(&mut self, force: bool) {
+        let logging = self.bar.is_hidden();
+        let every = if logging {
+            PROGRESS_LOG_MS
+        } else {
+            PROGRESS_TICK_MS
+        };
         let since = self.progress_at.elapsed();
-        if !force && since < Duration::from_millis(if self.tty { 250 } else { 5000 }) {
+        if !force && since < Duration::from_millis(every) {
             return;
         }
-        if since >= Duration::from_millis(250) {
+        if since >= Duration::from_millis(PROGRESS_TICK_MS) {
             let done = self.tally.requests - self.progress_requests;
             #[allow(clippy::cast_precision_loss, clippy::cast_sign_loss)]
             {
@@ -1095,9 +1104,8 @@ impl<'a> Run<'a> {
             .filter(|(_, d)| !**d)
             .map(|(r, _)| r.dirty)
             .sum();
-        let line = format!(
-            "demo [{:>22}] {:5.1}s  {:>6} req/s  requests {:>8}  failovers {:>4}  dirty {:>5}  lag p99 {:>7} us",
-            self.phase,
+        let counters = format!(
+            "{:5.1}s  {:>6} req/s  requests {:>8}  failovers {:>4}  dirty {:>5}  lag p99 {:>7} us",
             self.t(),
             self.ops_per_s,
             self.tally.requests,
@@ -1105,12 +1113,14 @@ impl<'a> Run<'a> {
             dirty,
             lag
         );
-        if self.tty {
-            eprint!("\r\x1b[K{line}");
+        if logging {
+            eprintln!("demo [{:>22}] {counters}", self.phase);
         } else {
-            eprintln!("{line}");
+            #[allow(clippy::cast_sign_loss)]
+            self.bar.set_position((self.t() * 1000.0) as u64);
+            self.bar.set_prefix(self.phase);
+            self.bar.set_message(counters);
         }
-        let _ = std::io::stderr().flush();
     }
 
     fn report(mut self) -> Report {

@@ -19,7 +19,6 @@
 //! (with `why`), `stats`.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 /// Attributes as `key=hex` joined by `,` (keys hold neither).
 pub fn encode_attrs<'a>(attrs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> String {
@@ -30,9 +29,7 @@ pub fn encode_attrs<'a>(attrs: impl IntoIterator<Item = (&'a str, &'a [u8])>) ->
         }
         out.push_str(k);
         out.push('=');
-        for b in v {
-            let _ = write!(out, "{b:02x}");
-        }
+        out.push_str(&hex::encode(v));
     }
     if out.is_empty() {
         out.push('-');
@@ -53,15 +50,8 @@ pub fn decode_attrs(s: &str) -> Option<BTreeMap<String, Vec<u8>>> {
         return Some(out);
     }
     for kv in s.split(',') {
-        let (k, hex) = kv.split_once('=')?;
-        if hex.len() % 2 != 0 {
-            return None;
-        }
-        let v = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-            .collect::<Option<Vec<u8>>>()?;
-        out.insert(k.to_string(), v);
+        let (k, v) = kv.split_once('=')?;
+        out.insert(k.to_string(), hex::decode(v).ok()?);
     }
     Some(out)
 }

@@ -44,7 +44,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use sessio_benches::{
-    ArenaFixture, Floor, KEYS, SplitMix64, VALUE_BYTES, arena_config, picks, session_values,
+    ArenaFixture, Floor, KEYS, VALUE_BYTES, arena_config, picks, session_values,
     updated_arena_config,
 };
 use sessio_engine::{Arena, HugePages, Location, Sid};
@@ -568,15 +568,8 @@ fn update(run: &Run, rep: &mut Report, redis: &PeerProcess) -> Result<(), BoxErr
 }
 
 fn random_sids(n: usize, seed: u64) -> Vec<[u8; 16]> {
-    let mut rng = SplitMix64::new(seed);
-    (0..n)
-        .map(|_| {
-            let mut s = [0u8; 16];
-            s[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
-            s[8..].copy_from_slice(&rng.next_u64().to_le_bytes());
-            s
-        })
-        .collect()
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..n).map(|_| rng.u128(..).to_le_bytes()).collect()
 }
 
 /// A node on backend `B` and a client pipelining batches to it.
@@ -827,13 +820,13 @@ fn failover_fetch(run: &Run, rep: &mut Report, redis: &PeerProcess) -> Result<()
         Ok(mean(&t.total_ns))
     };
     let keys: Vec<Vec<u8>> = (0..PEER_SESSIONS).map(blob_key).collect();
-    let mut rng = SplitMix64::new(0xFA11);
+    let mut rng = fastrand::Rng::with_seed(0xFA11);
     let mut r = Resp::connect(redis.addr)?;
     let mut redis_all = Vec::new();
     let mut get = || {
         timed(SYNC_OPS_MAX, run.round, |_| {
             let t0 = Instant::now();
-            let reply = r.call(&[b"GET", &keys[rng.below(PEER_SESSIONS) as usize]])?;
+            let reply = r.call(&[b"GET", &keys[rng.usize(..keys.len())]])?;
             redis_all.push(t0.elapsed().as_nanos() as f64);
             match reply {
                 Reply::Bulk(BLOB_BYTES) => Ok(()),

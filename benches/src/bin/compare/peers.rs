@@ -8,7 +8,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -38,21 +37,18 @@ pub fn installed(program: &str) -> bool {
 }
 
 /// A peer server process, killed and reaped when dropped; its scratch
-/// directory is removed too.
+/// directory is removed after it (fields drop after `drop` runs).
 pub struct PeerProcess {
     child: Child,
     /// Where it listens.
     pub addr: SocketAddr,
-    dir: Option<PathBuf>,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Drop for PeerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if let Some(dir) = self.dir.take() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
     }
 }
 
@@ -61,21 +57,22 @@ impl PeerProcess {
     /// and waits until it answers `PING`.
     pub fn redis() -> Result<PeerProcess, BoxError> {
         let port = free_port()?;
-        let dir = std::env::temp_dir().join(format!("sessio-compare-redis-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
+        let dir = tempfile::Builder::new()
+            .prefix("sessio-compare-redis-")
+            .tempdir()?;
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--protected-mode", "yes", "--daemonize", "no"])
             .arg("--dir")
-            .arg(&dir)
+            .arg(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
         let mut p = PeerProcess {
             child,
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-            dir: Some(dir),
+            _dir: Some(dir),
         };
         p.wait_ready(|addr| {
             let mut c = Resp::connect(addr)?;
@@ -103,7 +100,7 @@ impl PeerProcess {
         let mut p = PeerProcess {
             child,
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-            dir: None,
+            _dir: None,
         };
         p.wait_ready(|addr| {
             let mut c = Memcache::connect(addr)?;

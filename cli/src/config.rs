@@ -291,19 +291,44 @@ fn relative_to(p: &mut Option<PathBuf>, dir: &Path) {
 /// key at fault.
 pub fn load<T: Layered>(path: &Path) -> Result<T, String> {
     let shown = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| format!("config {shown}: {e}"))?;
-    if meta.len() > CONFIG_BYTES_MAX {
-        return Err(format!(
-            "config {shown}: {} bytes, more than the {CONFIG_BYTES_MAX} read",
-            meta.len()
-        ));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("config {shown}: {e}"))?;
+    let text = read_bounded(path).map_err(|e| format!("config {shown}: {e}"))?;
     let mut t: T = parse(&text).map_err(|e| format!("config {shown}: {e}"))?;
     if let Some(dir) = path.parent() {
         t.relative_to(dir);
     }
     Ok(t)
+}
+
+/// The text of a regular file of at most [`CONFIG_BYTES_MAX`] bytes. The
+/// file is opened without blocking and checked on the open descriptor, so
+/// a FIFO cannot hang the process and a device such as `/dev/zero` cannot
+/// grow it without bound (the read itself stops at the limit too).
+fn read_bounded(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > CONFIG_BYTES_MAX {
+        return Err(format!(
+            "{} bytes, more than the {CONFIG_BYTES_MAX} read",
+            meta.len()
+        ));
+    }
+    let mut text = String::new();
+    file.take(CONFIG_BYTES_MAX + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > CONFIG_BYTES_MAX {
+        return Err(format!("more than the {CONFIG_BYTES_MAX} bytes read"));
+    }
+    Ok(text)
 }
 
 /// Parses config text.

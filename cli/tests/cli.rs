@@ -374,3 +374,38 @@ fn config_errors_name_the_bad_field() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("config /nonexistent/node.toml"));
 }
+
+/// A config path that is a device or a FIFO is refused at once: `/dev/zero`
+/// used to grow the process without bound, and a FIFO with no writer to
+/// hang it.
+#[test]
+fn a_config_that_is_not_a_regular_file_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("node.toml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for path in ["/dev/zero", fifo.to_str().unwrap()] {
+        let mut child = std::process::Command::new(BIN)
+            .args(["node", "--config", path])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("sessio node --config {path} did not return within 10 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "{path}: {err}");
+        assert!(err.contains("not a regular file"), "{path}: {err}");
+    }
+}

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::{Value, json};
 use sessio_engine::session::append_items;
-use sessio_engine::{Arena, Location, Sid};
+use sessio_engine::{Arena, Location, OpenError, Sid};
 
 /// Sessions listed when `--limit` is not given.
 pub const LIST_LIMIT_DEFAULT: usize = 1000;
@@ -36,7 +36,21 @@ impl ArenaArg {
         } else {
             Location::Shm(self.arena.clone())
         };
-        Arena::open_existing(&loc).map_err(|e| format!("cannot open arena {:?}: {e}", self.arena))
+        match Arena::open_existing(&loc) {
+            // Looking is allowed, with a warning: the arena is not ours, so
+            // its sessions may not be what they seem, and others can read it.
+            Err(OpenError::Untrusted { why, .. })
+                if why.starts_with("it is owned by") || why.starts_with("its mode") =>
+            {
+                eprintln!(
+                    "sessio: warning: arena {:?} is not this user's alone ({why}); reading it anyway",
+                    self.arena
+                );
+                Arena::open_foreign(&loc)
+            }
+            r => r,
+        }
+        .map_err(|e| format!("cannot open arena {:?}: {e}", self.arena))
     }
 }
 

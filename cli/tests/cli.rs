@@ -157,6 +157,29 @@ fn stats_reports_the_arena_counters() {
     assert_eq!(json["handles"], 2);
 }
 
+/// The tools read an arena another user owns, and say so on stderr.
+#[test]
+fn stats_of_an_arena_another_user_owns_warns() {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test needs root to create a file another user owns (CI runs as root)"
+    );
+    let a = TestArena::new("cli-foreign", 64);
+    shop(&a);
+    let path = std::path::PathBuf::from(format!("/dev/shm/sessio-{}", a.name));
+    std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+    let o = sessio(&["stats", "--arena", &a.name]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(stdout(&o).contains("live sessions      2 of 64"), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("warning") && err.contains("owned by uid 65534"),
+        "{err}"
+    );
+}
+
 #[test]
 fn missing_arena_or_session_is_a_clear_error() {
     let name = format!("cli-missing-{}", std::process::id());

@@ -72,6 +72,19 @@ pub enum OpenError {
         /// What was found.
         why: String,
     },
+    /// The arena file is not one this process may trust: another user owns
+    /// it, it grants group or other access, it is a symbolic link, or it is
+    /// not a regular file. Someone who can write it can forge sessions;
+    /// someone who can read it can read them.
+    #[error(
+        "refusing arena {path}: {why} (it must be a regular file owned by this user, mode 0600; remove it if unsure)"
+    )]
+    Untrusted {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
     /// The operating system refused.
     #[error("{path}: {source}")]
     Io {

@@ -12,7 +12,7 @@ use memmap2::{MmapOptions, MmapRaw};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Where an arena's bytes live.
@@ -328,16 +328,23 @@ impl Map {
         Ok(())
     }
 
-    /// Opens and validates an existing arena.
+    /// Opens and validates an existing arena that this user owns alone.
     pub(crate) fn open_path(path: &Path) -> Result<Map, OpenError> {
-        let file = match OpenOptions::new().read(true).write(true).open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(OpenError::NotFound(path.to_path_buf()));
-            }
-            Err(e) => return Err(OpenError::io(path, e)),
-        };
-        let len = file.metadata().map_err(|e| OpenError::io(path, e))?.len();
+        Self::open_checked(path, Trust::Owner)
+    }
+
+    /// Opens an existing arena whoever owns it: for operator tools that look
+    /// into another user's arena (they warn). Symbolic links and files that
+    /// are not regular are refused all the same.
+    pub(crate) fn open_foreign(path: &Path) -> Result<Map, OpenError> {
+        Self::open_checked(path, Trust::Any)
+    }
+
+    fn open_checked(path: &Path, trust: Trust) -> Result<Map, OpenError> {
+        let file = Self::open_file(path)?;
+        let meta = file.metadata().map_err(|e| OpenError::io(path, e))?;
+        check_trusted(path, &meta, trust)?;
+        let len = meta.len();
         if len < HEADER_BYTES {
             return Err(OpenError::NotAnArena {
                 path: path.to_path_buf(),
@@ -575,12 +582,83 @@ impl Map {
     /// Opens another file description of the arena (each handle has its own,
     /// so its locks are its own).
     pub(crate) fn reopen(&self) -> Result<File, OpenError> {
-        OpenOptions::new()
+        let file = Self::open_file(&self.path)?;
+        // The same file as the mapping, not one put in its place since.
+        let (now, first) = (
+            file.metadata().map_err(|e| OpenError::io(&self.path, e))?,
+            self.probe
+                .metadata()
+                .map_err(|e| OpenError::io(&self.path, e))?,
+        );
+        if (now.dev(), now.ino()) != (first.dev(), first.ino()) {
+            return Err(OpenError::Untrusted {
+                path: self.path.clone(),
+                why: "the file was replaced since it was mapped".into(),
+            });
+        }
+        Ok(file)
+    }
+
+    /// Opens an arena file read-write, never through a symbolic link and
+    /// never blocking (a FIFO put at the path cannot hang the open).
+    fn open_file(path: &Path) -> Result<File, OpenError> {
+        match OpenOptions::new()
             .read(true)
             .write(true)
-            .open(&self.path)
-            .map_err(|e| OpenError::io(&self.path, e))
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(f) => Ok(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(OpenError::NotFound(path.to_path_buf()))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Err(OpenError::Untrusted {
+                path: path.to_path_buf(),
+                why: "it is a symbolic link".into(),
+            }),
+            Err(e) => Err(OpenError::io(path, e)),
+        }
     }
+}
+
+/// Whose arena files a process opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trust {
+    /// Only its own, with no group or other access.
+    Owner,
+    /// Anyone's (operator tools), but still only regular files.
+    Any,
+}
+
+/// Refuses a file that is not regular, or (for [`Trust::Owner`]) one another
+/// user owns or that grants group or other access: such a file can be read
+/// or forged by someone else.
+fn check_trusted(path: &Path, meta: &std::fs::Metadata, trust: Trust) -> Result<(), OpenError> {
+    let refuse = |why: String| {
+        Err(OpenError::Untrusted {
+            path: path.to_path_buf(),
+            why,
+        })
+    };
+    if !meta.is_file() {
+        return refuse("it is not a regular file".into());
+    }
+    if trust == Trust::Any {
+        return Ok(());
+    }
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return refuse(format!(
+            "it is owned by uid {}, not by this user (uid {me})",
+            meta.uid()
+        ));
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return refuse(format!("its mode {mode:04o} lets other users in"));
+    }
+    Ok(())
 }
 
 /// 64 random bits from the OS CSPRNG.

@@ -402,22 +402,34 @@ fn reopen_finds_sessions_and_rejects_bad_files() {
         assert!(a.recovery_report().is_some());
         assert_eq!(a.read(sid).unwrap().get("k2"), Some(&b"v2"[..]));
     }
-    // Garbage, truncation and another layout are clear errors.
+    // Garbage, truncation and another layout are clear errors. (Written
+    // mode 0600: a file others may read is refused before it is read.)
+    let write = |p: &std::path::Path, bytes: &[u8]| {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(p)
+            .and_then(|mut f| f.write_all(bytes))
+            .unwrap();
+    };
     let garbage = dir.join("garbage");
-    std::fs::write(&garbage, vec![0xab; 10_000]).unwrap();
+    write(&garbage, &[0xab; 10_000]);
     assert!(matches!(
         Arena::open_existing(&Location::File(garbage)),
         Err(OpenError::NotAnArena { .. })
     ));
     let short = dir.join("short");
-    std::fs::write(&short, b"SESS").unwrap();
+    write(&short, b"SESS");
     assert!(matches!(
         Arena::open_existing(&Location::File(short)),
         Err(OpenError::NotAnArena { .. })
     ));
     let bytes = std::fs::read(&path).unwrap();
     let trunc = dir.join("trunc");
-    std::fs::write(&trunc, &bytes[..bytes.len() / 2]).unwrap();
+    write(&trunc, &bytes[..bytes.len() / 2]);
     assert!(matches!(
         Arena::open_existing(&Location::File(trunc)),
         Err(OpenError::Truncated { .. })
@@ -425,7 +437,7 @@ fn reopen_finds_sessions_and_rejects_bad_files() {
     let mut other = bytes.clone();
     other[12] ^= 0xff; // participants count: a different layout
     let other_path = dir.join("other");
-    std::fs::write(&other_path, &other).unwrap();
+    write(&other_path, &other);
     assert!(matches!(
         Arena::open_existing(&Location::File(other_path)),
         Err(OpenError::Layout { .. })
@@ -433,7 +445,7 @@ fn reopen_finds_sessions_and_rejects_bad_files() {
     let mut fmt = bytes;
     fmt[8] = 99;
     let fmt_path = dir.join("fmt");
-    std::fs::write(&fmt_path, &fmt).unwrap();
+    write(&fmt_path, &fmt);
     assert!(matches!(
         Arena::open_existing(&Location::File(fmt_path)),
         Err(OpenError::Format { found: 99, .. })

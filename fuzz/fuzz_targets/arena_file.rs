@@ -135,7 +135,20 @@ fuzz_target!(
     |data: &[u8]| {
         let path = scratch();
         let loc = Location::File(path.to_path_buf());
-        std::fs::write(path, data).expect("write the scratch arena");
+        // Mode 0600, as the engine requires of an arena it opens: a
+        // world-readable file would be refused before any byte is read.
+        let _ = std::fs::remove_file(path);
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .and_then(|mut f| f.write_all(data))
+                .expect("write the scratch arena");
+        }
         if let Ok(a) = Arena::open_existing(&loc) {
             exercise(&a);
             drop(a);

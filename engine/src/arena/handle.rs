@@ -24,11 +24,24 @@ impl Arena {
         Self::attach(Arc::new(map))
     }
 
-    /// Opens an existing arena; never creates one.
+    /// Opens an existing arena; never creates one. Like [`Arena::open`], it
+    /// refuses a file another user owns, one that grants group or other
+    /// access, and a symbolic link ([`OpenError::Untrusted`]).
     pub fn open_existing(loc: &Location) -> Result<Arena, OpenError> {
         let path = Map::existing(loc)?
             .ok_or_else(|| OpenError::NotFound(loc.path().unwrap_or_default()))?;
         let map = Map::open_path(&path)?;
+        Self::attach(Arc::new(map))
+    }
+
+    /// Opens an existing arena whoever owns it and whatever its mode: for
+    /// operator tools that look into another user's arena, and should say
+    /// so. Symbolic links and files that are not regular are still refused.
+    /// Never use it for an arena a web host serves from.
+    pub fn open_foreign(loc: &Location) -> Result<Arena, OpenError> {
+        let path = Map::existing(loc)?
+            .ok_or_else(|| OpenError::NotFound(loc.path().unwrap_or_default()))?;
+        let map = Map::open_foreign(&path)?;
         Self::attach(Arc::new(map))
     }
 

@@ -78,3 +78,50 @@ fn more_queued_batches_than_a_batch_holds_are_shipped() {
     drop(arena);
     Arena::remove(&loc).unwrap();
 }
+
+/// A node whose handshake proves another id than the one the host was
+/// configured with for its address is refused: it is never marked up and
+/// gets nothing, and the error says what is wrong.
+#[test]
+fn a_node_proving_another_id_is_refused() {
+    assert!(IoUring::available(), "io_uring is required here");
+    let secret = Secret::from_bytes([9; 32]);
+    // Node 2 answers at the address the host believes is node 1's.
+    let node = LocalNode::start::<IoUring>(
+        NodeConfig::new("127.0.0.1:0".parse().unwrap(), 2),
+        secret.clone(),
+    )
+    .expect("node serves");
+    let placement = Placement::new(
+        vec![Member {
+            id: 1,
+            addr: node.addr,
+        }],
+        1,
+    )
+    .unwrap();
+    let loc = Location::Shm(format!("test-repl-identity-{}", std::process::id()));
+    let arena = Arena::open(&loc, &ArenaConfig::for_sessions(16, 1024)).unwrap();
+    let sid = arena.create(NewSession::default(), &[("n", b"0")]).unwrap();
+    let repl = Replicator::spawn(&loc, ReplicatorConfig::new(placement, secret, 1)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let error = loop {
+        let s = repl.stats();
+        if let Some(n) = s.nodes.first() {
+            assert!(!n.up, "a node with the wrong id was taken as up");
+            if let Some(e) = n.last_error.clone() {
+                break e;
+            }
+        }
+        assert!(Instant::now() < deadline, "no error after 10 s: {s:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(error.contains("proved id 2"), "{error}");
+    // A moment more: still nothing acknowledged.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(acked(&arena, sid), 0);
+    assert!(!repl.stats().nodes[0].up);
+    drop(repl);
+    drop(arena);
+    let _ = Arena::remove(&loc);
+}

@@ -260,6 +260,16 @@ impl<B: Rt> NodeClients<B> {
                             Some(c) => c,
                             None => Client::<B>::connect(addr, cc, secret.clone()).await.ok()?,
                         };
+                        // Only the node configured at this address counts
+                        // (the replicator refuses the others the same way).
+                        if c.peer().identity.id != u64::from(id) {
+                            tracing::warn!(
+                                node = id,
+                                proved = c.peer().identity.id,
+                                "refusing a node that proved another id than configured"
+                            );
+                            return None;
+                        }
                         let reply = c.call(&msg).await.ok()?;
                         Some((c, reply))
                     };

@@ -256,9 +256,13 @@ impl ValidRecord {
 pub(super) struct ValidOps<'a>(&'a [u8]);
 
 impl<'a> ValidOps<'a> {
-    /// `bytes` (at `ALIGN`) if they are an archived op batch.
+    /// `bytes` if they are an archived op batch at `ALIGN`. Misaligned
+    /// bytes are refused like any other invalid input (an empty body from
+    /// the network may sit at any address).
     pub(super) fn validate(bytes: &'a [u8]) -> Option<(ValidOps<'a>, &'a ArchivedVec<ArchivedOp>)> {
-        debug_assert_eq!(bytes.as_ptr().align_offset(ALIGN), 0);
+        if bytes.as_ptr().align_offset(ALIGN) != 0 {
+            return None;
+        }
         let batch = rkyv::access::<ArchivedVec<ArchivedOp>, rancor::Error>(bytes).ok()?;
         Some((ValidOps(bytes), batch))
     }

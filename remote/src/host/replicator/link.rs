@@ -177,6 +177,26 @@ pub(super) async fn node_link<B: Rt>(ctx: &Ctx<'_>, id: u16, addr: std::net::Soc
                 continue;
             }
             match Client::<B>::connect(addr, cc.clone(), cfg.secret.clone()).await {
+                // The handshake proved who answers: a node that is not the
+                // one configured at this address (a swapped `--nodes`
+                // mapping, a stranger on the port) is not sent its share.
+                Ok(c) if c.peer().identity.id != u64::from(id) => {
+                    let error = format!(
+                        "the node at {addr} proved id {}, but it is configured as node {id}: refusing it (check the node list)",
+                        c.peer().identity.id
+                    );
+                    let first = ctx
+                        .state
+                        .borrow_mut()
+                        .link(id)
+                        .is_none_or(|l| l.stats.last_error.as_deref() != Some(error.as_str()));
+                    if first {
+                        tracing::error!(node = id, "{error}");
+                    }
+                    drop(c);
+                    on_down(ctx, id, &mut in_flight, &error);
+                    next_attempt = Instant::now() + backoff.next_delay();
+                }
                 Ok(c) => {
                     backoff = Backoff::new(
                         Duration::from_millis(cfg.backoff_min_ms),

@@ -133,6 +133,12 @@ fn bad_records_and_full_stores_are_refused() {
         one(&mut s, entry(1, 2, 1, Delta::Ops(vec![1, 2, 3]))).status,
         AckStatus::Refused
     );
+    // An empty body sits at no particular address: refused, not a failed
+    // alignment assertion (found by fuzzing).
+    assert_eq!(
+        one(&mut s, entry(1, 2, 1, Delta::Ops(Vec::new()))).status,
+        AckStatus::Refused
+    );
     let other = DeltaEntry {
         sid: [8; 16],
         ..entry(0, 1, 1, Delta::Full(record(&[])))

@@ -170,7 +170,7 @@ fn lag(secret: &Secret) {
         let arena = fx.arena().try_clone().expect("second handle");
         std::thread::spawn(move || {
             let mut open: Vec<(sessio_engine::Sid, u64, Instant)> = Vec::new();
-            let mut lags: Vec<Duration> = Vec::new();
+            let mut lags = sessio_remote::replicator::Lag::default();
             let mut done = false;
             while !done || !open.is_empty() {
                 loop {
@@ -186,7 +186,7 @@ fn lag(secret: &Secret) {
                 open.retain(|&(sid, v, at)| {
                     let acked = arena.acked(sid).map_or(0, |a| a[0].1.max(a[1].1));
                     if acked >= v {
-                        lags.push(at.elapsed());
+                        lags.record(at.elapsed());
                         false
                     } else {
                         at.elapsed() < Duration::from_secs(10)
@@ -223,23 +223,19 @@ fn lag(secret: &Secret) {
     );
     std::thread::sleep(Duration::from_millis(50));
     let s = repl.stats();
-    let mut lags = sampler.join().expect("sampler");
-    lags.sort();
-    let q = |q: f64| {
-        lags.get(((lags.len() as f64 - 1.0) * q).round() as usize)
-            .map_or(0, Duration::as_micros)
-    };
+    let lags = sampler.join().expect("sampler");
+    let q = |q: f64| lags.quantile_us(q);
     println!(
         "| offered/s | achieved/s | updates > 1 ms late | replicator: samples, p50, p99, p99.9 | end to end: samples, p50, p99, p99.9, max |"
     );
     println!("| --: | --: | --: | --: | --: |");
     println!(
-        "| {RATE} | {achieved:.0} | {behind} | {}, ≤ {} µs, ≤ {} µs, ≤ {} µs | {}, {} µs, {} µs, {} µs, {} µs |",
+        "| {RATE} | {achieved:.0} | {behind} | {}, {} µs, {} µs, {} µs | {}, {} µs, {} µs, {} µs, {} µs |",
         s.lag_samples - before.lag_samples,
         s.lag_quantile_since(&before, 0.5),
         s.lag_quantile_since(&before, 0.99),
         s.lag_quantile_since(&before, 0.999),
-        lags.len(),
+        lags.count(),
         q(0.5),
         q(0.99),
         q(0.999),

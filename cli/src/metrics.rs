@@ -32,7 +32,7 @@ use prometheus_client::metrics::MetricType::{self, Counter, Gauge};
 use prometheus_client::registry::Registry;
 use sessio_net::{Client, ClientConfig, Epoll, Identity, IoUring, Message, Secret, StatsRequest};
 
-use sessio_remote::replicator::{NodeStats, Replicator, ReplicatorStats};
+use sessio_remote::replicator::{LAG_BUCKETS, NodeStats, Replicator, ReplicatorStats};
 use sessio_remote::runtime::Rt;
 
 /// Largest request head read.
@@ -356,7 +356,7 @@ fn agent_families(e: &mut Families<'_>, s: &ReplicatorStats) -> fmt::Result {
     e.labelled(
         "sessio_replicator_lag_seconds",
         Gauge,
-        "Update-to-acknowledgement lag by R nodes (upper bound of a power-of-two bucket; max is exact).",
+        "Update-to-acknowledgement lag by R nodes (from an HDR histogram, to 2 significant digits).",
         &[
             ([("quantile", "0.5")], secs(s.lag_p50_us)),
             ([("quantile", "0.99")], secs(s.lag_p99_us)),
@@ -443,19 +443,24 @@ fn agent_families(e: &mut Families<'_>, s: &ReplicatorStats) -> fmt::Result {
 /// overflow: it counts only towards `+Inf`.
 #[allow(clippy::cast_precision_loss)] // seconds for display
 fn lag_histogram(e: &mut Families<'_>, s: &ReplicatorStats) -> fmt::Result {
-    let last = s.lag_buckets.len() - 1;
-    let buckets: Vec<(f64, u64)> = s.lag_buckets[..last]
-        .iter()
-        .enumerate()
-        .map(|(b, n)| (secs(1u64 << b), *n))
+    // The encoder sums bucket counts itself: give each bucket its own, the
+    // samples below 2^b µs and not below 2^(b-1).
+    let below = |b: usize| {
+        if b == 0 {
+            0
+        } else {
+            s.lag.count_at_most_us((1u64 << b) - 1)
+        }
+    };
+    let buckets: Vec<(f64, u64)> = (0..LAG_BUCKETS - 1)
+        .map(|b| (secs(1u64 << b), below(b) - below(b.saturating_sub(1))))
         .collect();
-    let count = s.lag_buckets.iter().sum();
     e.descriptor(
         "sessio_replicator_lag_histogram_seconds",
         MetricType::Histogram,
         "Update-to-acknowledgement lag by R nodes, in power-of-two buckets of microseconds.",
     )?
-    .encode_histogram::<NoLabelSet>(secs(s.lag_sum_us), count, &buckets, None)
+    .encode_histogram::<NoLabelSet>(secs(s.lag.sum_us()), s.lag.count(), &buckets, None)
 }
 
 /// The host arena's counters, as the agent last read them.
@@ -672,14 +677,13 @@ mod tests {
         let s = ReplicatorStats {
             dirty: 4,
             lag_p99_us: 1500,
-            lag_buckets: {
-                let mut b = [0; sessio_remote::replicator::LAG_BUCKETS];
-                b[0] = 1;
-                b[10] = 2;
-                b[31] = 1;
-                b
+            lag: {
+                let mut lag = sessio_remote::replicator::Lag::default();
+                for us in [1, 600, 700, 7_200_000_000] {
+                    lag.record(std::time::Duration::from_micros(us));
+                }
+                lag
             },
-            lag_sum_us: 2500,
             nodes: vec![
                 sessio_remote::replicator::NodeStats {
                     id: 1,
@@ -701,12 +705,15 @@ mod tests {
         );
         for line in [
             "# TYPE sessio_replicator_lag_histogram_seconds histogram\n",
-            "sessio_replicator_lag_histogram_seconds_bucket{le=\"1e-06\"} 1\n",
+            "sessio_replicator_lag_histogram_seconds_bucket{le=\"1e-06\"} 0\n",
+            "sessio_replicator_lag_histogram_seconds_bucket{le=\"2e-06\"} 1\n",
             "sessio_replicator_lag_histogram_seconds_bucket{le=\"0.000512\"} 1\n",
             "sessio_replicator_lag_histogram_seconds_bucket{le=\"0.001024\"} 3\n",
             "sessio_replicator_lag_histogram_seconds_bucket{le=\"1073.741824\"} 3\n",
             "sessio_replicator_lag_histogram_seconds_bucket{le=\"+Inf\"} 4\n",
-            "sessio_replicator_lag_histogram_seconds_sum 0.0025\n",
+            // An hour (the histogram's ceiling) plus 1.3 ms, to its two
+            // significant digits.
+            "sessio_replicator_lag_histogram_seconds_sum 359",
             "sessio_replicator_lag_histogram_seconds_count 4\n",
         ] {
             assert!(t.contains(line), "{line} in {t}");

@@ -277,13 +277,6 @@ fn assert_owners_match(arena: &Arena, p: &Placement, nodes: &[Node], sids: &[Sid
     }
 }
 
-fn percentile(v: &mut [Duration], q: f64) -> Duration {
-    v.sort();
-    #[allow(clippy::cast_precision_loss, clippy::cast_sign_loss)]
-    let i = ((v.len() as f64 - 1.0) * q).round() as usize;
-    v[i]
-}
-
 /// A test host's progress: per session, and its replicator's counters.
 type Status = (Vec<(Sid, u64, u64)>, Vec<(String, u64)>);
 
@@ -425,12 +418,12 @@ fn host_killed_failover_serves_every_acked_update() {
 
     let b = TestArena::new("b", 1000);
     let mut cl = clients(2);
-    let mut lat = Vec::new();
+    let mut lat = sessio_remote::replicator::Lag::default();
     let (mut lost, mut worst) = (0u64, 0u64);
     for &(sid, last, acked) in &rows {
         let t = Instant::now();
         let f = fetch_and_install(b.get(), sid, &p, &mut cl).unwrap();
-        lat.push(t.elapsed());
+        lat.record(t.elapsed());
         assert!(
             f.version >= acked,
             "{sid}: fetched v{} < acked v{acked}",
@@ -451,13 +444,13 @@ fn host_killed_failover_serves_every_acked_update() {
     }
     eprintln!(
         "host kill: {} sessions; unacked updates lost: {lost} in all, at most {worst} per session \
-         (A's replication lag p50 {} us, p99 {} us, max {} us); failover fetch p50 {:?} p99 {:?}",
+         (A's replication lag p50 {} us, p99 {} us, max {} us); failover fetch p50 {} us p99 {} us",
         rows.len(),
         stat(&stats, "lag_p50_us"),
         stat(&stats, "lag_p99_us"),
         stat(&stats, "lag_max_us"),
-        percentile(&mut lat, 0.5),
-        percentile(&mut lat, 0.99),
+        lat.quantile_us(0.5),
+        lat.quantile_us(0.99),
     );
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use sessio_engine::{Arena, Location};
 
-use super::model::{CATALOG, CartOp, Expected};
+use super::model::{CATALOG, CartOp, Expected, Samples};
 use super::procs::{Line, NodeProc, WorkerProc};
 use crate::signals::install_stop_signals;
 
@@ -220,8 +220,8 @@ struct Tally {
     updates: u64,
     errors: u64,
     last_error: String,
-    read_ns: Vec<u64>,
-    fetch_us: Vec<u64>,
+    read_ns: Samples,
+    fetch_us: Samples,
     gone: u64,
     /// Updates at or below the bank's ack that host 2 did not get back.
     lost_acked: u64,

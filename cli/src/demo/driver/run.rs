@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sessio_engine::{Arena, Sid};
 
 use super::*;
-use crate::demo::model::{Expected, quantile};
+use crate::demo::model::Expected;
 use crate::demo::procs::NodeProc;
 use crate::demo::protocol::{Answer, decode_attrs, digest};
 use crate::signals::stop_requested;
@@ -298,7 +298,7 @@ impl<'a> Run<'a> {
         match a.status.as_str() {
             "ok" => {
                 self.tally.requests += 1;
-                self.tally.read_ns.push(a.num("read_ns"));
+                self.tally.read_ns.record(a.num("read_ns"));
                 if let Some(state) = a.get("fetched") {
                     self.fetched(ci, a.num("fetched_v"), state, a.num("fetch_us"));
                 }
@@ -387,7 +387,7 @@ impl<'a> Run<'a> {
     /// A host-2 worker fetched the session from the bank (failover): account
     /// for what the bank returned against what the client saw.
     fn fetched(&mut self, ci: usize, f: u64, state: &str, fetch_us: u64) {
-        self.tally.fetch_us.push(fetch_us);
+        self.tally.fetch_us.record(fetch_us);
         let kill_at = self.host_kill_at.unwrap_or_else(Instant::now);
         let now = Instant::now();
         let c = &mut self.d.clients[ci];
@@ -688,19 +688,19 @@ impl<'a> Run<'a> {
         }
     }
 
-    fn report(mut self) -> Report {
+    fn report(self) -> Report {
         let secs = self.plan.end;
         #[allow(clippy::cast_precision_loss, clippy::cast_sign_loss)]
         let ops_per_s = (self.tally.requests as f64 / secs) as u64;
-        let read_p50 = quantile(&mut self.tally.read_ns, 0.5);
-        let read_p99 = quantile(&mut self.tally.read_ns, 0.99);
-        let fetch_p50 = quantile(&mut self.tally.fetch_us, 0.5);
-        let fetch_p99 = quantile(&mut self.tally.fetch_us, 0.99);
+        let read_p50 = self.tally.read_ns.quantile(0.5);
+        let read_p99 = self.tally.read_ns.quantile(0.99);
+        let fetch_p50 = self.tally.fetch_us.quantile(0.5);
+        let fetch_p99 = self.tally.fetch_us.quantile(0.99);
         let lag_p50 = self.repl.iter().map(|r| r.lag_p50_us).max().unwrap_or(0);
         let lag_p99 = self.repl.iter().map(|r| r.lag_p99_us).max().unwrap_or(0);
         let sessions = self.d.clients.len();
         let checked = self.d.clients.iter().filter(|c| c.checked).count();
-        let moved = self.tally.fetch_us.len() as u64 + self.tally.gone;
+        let moved = self.tally.fetch_us.len() + self.tally.gone;
         let t = &self.tally;
         let mut text = String::new();
         let _ = writeln!(

@@ -49,14 +49,14 @@ use sessio_net::{Epoll, IoUring, Secret};
 use crate::placement::Placement;
 use crate::runtime::Rt;
 use link::{dispatcher, node_link};
-use state::{LagHistogram, NodeLink, SidState, State};
+use state::{NodeLink, SidState, State};
 
 mod link;
 mod state;
 #[cfg(test)]
 mod tests;
 
-pub use state::LAG_BUCKETS;
+pub use state::{LAG_BUCKETS, Lag};
 
 /// Default for [`ReplicatorConfig::flush_interval_us`].
 pub const FLUSH_INTERVAL_US_DEFAULT: u64 = 500;
@@ -186,19 +186,16 @@ pub struct ReplicatorStats {
     pub bytes_per_sec: u64,
     /// Update-to-ack lag samples (a session reaching `R` acks).
     pub lag_samples: u64,
-    /// Median lag, µs (upper bound of its power-of-two bucket).
+    /// Median lag, µs (to 2 significant digits).
     pub lag_p50_us: u64,
-    /// 99th percentile lag, µs (upper bound of its power-of-two bucket).
+    /// 99th percentile lag, µs (to 2 significant digits).
     pub lag_p99_us: u64,
     /// Largest lag seen, µs.
     pub lag_max_us: u64,
-    /// The lag histogram since start: `lag_buckets[b]` samples took less
-    /// than `2^b` µs (and at least `2^(b-1)`); the last bucket holds the
-    /// rest. Subtract an earlier snapshot's to see one interval
+    /// The lag histogram since start (read anew at most every 100 ms).
+    /// Subtract an earlier snapshot's to see one interval
     /// ([`lag_quantile_since`](Self::lag_quantile_since)).
-    pub lag_buckets: [u64; LAG_BUCKETS],
-    /// Sum of all lag samples, µs.
-    pub lag_sum_us: u64,
+    pub lag: Lag,
     /// Dispatcher ticks run.
     pub ticks: u64,
     /// Which engine runs the connections.
@@ -210,21 +207,9 @@ pub struct ReplicatorStats {
 
 impl ReplicatorStats {
     /// The `q` quantile of the lag samples taken after `earlier` (a
-    /// snapshot of the same replicator), in µs: the upper bound of its
-    /// power-of-two bucket, 0 without samples.
+    /// snapshot of the same replicator), in µs; 0 without samples.
     pub fn lag_quantile_since(&self, earlier: &ReplicatorStats, q: f64) -> u64 {
-        let mut h = LagHistogram::default();
-        for (b, (now, then)) in self
-            .lag_buckets
-            .iter()
-            .zip(&earlier.lag_buckets)
-            .enumerate()
-        {
-            h.buckets[b] = now.saturating_sub(*then);
-            h.count += h.buckets[b];
-        }
-        h.max_us = u64::MAX;
-        h.quantile(q)
+        self.lag.since(&earlier.lag).quantile_us(q)
     }
 }
 
@@ -338,7 +323,8 @@ fn run<B: Rt>(
         placement,
         sids: HashMap::new(),
         nodes,
-        lag: LagHistogram::default(),
+        lag: Lag::default(),
+        lag_snapshot: None,
         ticks: 0,
         rate_mark: (Instant::now(), 0),
         bytes_per_sec: 0,

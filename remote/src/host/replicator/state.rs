@@ -55,47 +55,96 @@ pub(super) struct NodeLink {
     pub(super) wake: Wake,
 }
 
-/// Buckets of the lag histogram (powers of two of microseconds).
+/// Power-of-two buckets of microseconds the lag histogram is exported in
+/// (Prometheus `le` bounds `2^b` µs for `b < LAG_BUCKETS - 1`, then `+Inf`).
 pub const LAG_BUCKETS: usize = 32;
 
-/// Power-of-two buckets of microseconds.
-#[derive(Debug, Default)]
-pub(super) struct LagHistogram {
-    pub(super) buckets: [u64; LAG_BUCKETS],
-    pub(super) count: u64,
-    pub(super) sum_us: u64,
-    pub(super) max_us: u64,
+/// Update-to-ack lag samples, in µs: an HDR histogram (2 significant
+/// digits, 1 µs to an hour; longer ones count as an hour).
+#[derive(Debug, Clone)]
+pub struct Lag(hdrhistogram::Histogram<u64>);
+
+/// How often a snapshot reads the lag histogram anew, ms (its quantiles
+/// walk the histogram; every tick would be waste).
+const LAG_SNAPSHOT_MS: u64 = 100;
+
+/// The lag histogram as of a snapshot, with the quantiles read off it.
+#[derive(Debug, Clone, Default)]
+pub(super) struct LagFigures {
+    pub(super) lag: Lag,
+    pub(super) p50_us: u64,
+    pub(super) p99_us: u64,
 }
 
-impl LagHistogram {
-    pub(super) fn record(&mut self, d: Duration) {
-        let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
-        let b = (64 - us.leading_zeros()) as usize;
-        self.buckets[b.min(LAG_BUCKETS - 1)] += 1;
-        self.count += 1;
-        self.sum_us = self.sum_us.saturating_add(us);
-        self.max_us = self.max_us.max(us);
+/// Longest lag the histogram tells apart, µs.
+const LAG_US_MAX: u64 = 3_600_000_000;
+
+impl Default for Lag {
+    fn default() -> Self {
+        Lag(hdrhistogram::Histogram::new_with_bounds(1, LAG_US_MAX, 2)
+            .expect("valid histogram bounds"))
+    }
+}
+
+impl PartialEq for Lag {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl Eq for Lag {}
+
+impl Lag {
+    /// Records one sample.
+    pub fn record(&mut self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.0.saturating_record(us.clamp(1, LAG_US_MAX));
     }
 
-    pub(super) fn quantile(&self, q: f64) -> u64 {
-        if self.count == 0 {
-            return 0;
+    /// Samples recorded.
+    pub fn count(&self) -> u64 {
+        self.0.len()
+    }
+
+    /// The `q` quantile, µs (0 without samples).
+    pub fn quantile_us(&self, q: f64) -> u64 {
+        if self.0.is_empty() {
+            0
+        } else {
+            self.0.value_at_quantile(q)
         }
-        // Counts stay far below 2^52: the cast is exact.
-        #[allow(clippy::cast_precision_loss)]
-        let want = ((self.count as f64) * q).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (b, &n) in self.buckets.iter().enumerate() {
-            seen += n;
-            if seen >= want {
-                return if b == 0 {
-                    0
-                } else {
-                    ((1u64 << b) - 1).min(self.max_us)
-                };
-            }
+    }
+
+    /// The largest sample, µs (to the histogram's resolution).
+    pub fn max_us(&self) -> u64 {
+        self.0.max()
+    }
+
+    /// Samples at or below `us` (to the histogram's resolution).
+    pub fn count_at_most_us(&self, us: u64) -> u64 {
+        self.0.count_between(0, us)
+    }
+
+    /// The sum of the samples, µs (from the mean, to the resolution).
+    pub fn sum_us(&self) -> u64 {
+        // The mean of values below 2^32 µs, times a count far below 2^52:
+        // well within f64's exact range at this resolution.
+        #[allow(clippy::cast_precision_loss, clippy::cast_sign_loss)]
+        let sum = (self.0.mean() * self.0.len() as f64) as u64;
+        sum
+    }
+
+    /// The samples recorded after `earlier`, a copy of this histogram taken
+    /// before (counts only grow).
+    #[must_use]
+    pub fn since(&self, earlier: &Lag) -> Lag {
+        let mut d = self.clone();
+        // `earlier` is this histogram's past: subtraction cannot underflow;
+        // if a caller mixes histograms, the whole is the honest answer.
+        if d.0.subtract(&earlier.0).is_err() {
+            return self.clone();
         }
-        self.max_us
+        d
     }
 }
 
@@ -103,7 +152,10 @@ pub(super) struct State {
     pub(super) placement: Placement,
     pub(super) sids: HashMap<Sid, SidState>,
     pub(super) nodes: Vec<NodeLink>,
-    pub(super) lag: LagHistogram,
+    pub(super) lag: Lag,
+    /// The lag figures of the last snapshot and when they were taken
+    /// (reading quantiles walks the histogram: not at every tick).
+    pub(super) lag_snapshot: Option<(Instant, LagFigures)>,
     pub(super) ticks: u64,
     pub(super) rate_mark: (Instant, u64),
     pub(super) bytes_per_sec: u64,
@@ -166,6 +218,23 @@ impl State {
             self.bytes_per_sec = rate as u64;
             self.rate_mark = (Instant::now(), bytes_sent);
         }
+        let fresh = self
+            .lag_snapshot
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < Duration::from_millis(LAG_SNAPSHOT_MS));
+        if !fresh {
+            let figures = LagFigures {
+                lag: self.lag.clone(),
+                p50_us: self.lag.quantile_us(0.5),
+                p99_us: self.lag.quantile_us(0.99),
+            };
+            self.lag_snapshot = Some((Instant::now(), figures));
+        }
+        let lag = self
+            .lag_snapshot
+            .as_ref()
+            .map(|(_, f)| f.clone())
+            .unwrap_or_default();
         ReplicatorStats {
             dirty: self.sids.values().filter(|s| s.since.is_some()).count() as u64,
             nodes: self
@@ -179,12 +248,11 @@ impl State {
                 .collect(),
             bytes_sent,
             bytes_per_sec: self.bytes_per_sec,
-            lag_samples: self.lag.count,
-            lag_p50_us: self.lag.quantile(0.5),
-            lag_p99_us: self.lag.quantile(0.99),
-            lag_max_us: self.lag.max_us,
-            lag_buckets: self.lag.buckets,
-            lag_sum_us: self.lag.sum_us,
+            lag_samples: lag.lag.count(),
+            lag_p50_us: lag.p50_us,
+            lag_p99_us: lag.p99_us,
+            lag_max_us: lag.lag.max_us(),
+            lag: lag.lag,
             ticks: self.ticks,
             backend,
             arena: None,

@@ -85,6 +85,19 @@ pub enum OpenError {
         /// What is wrong with it.
         why: String,
     },
+    /// An arena exists at the name with another configuration than the one
+    /// asked for (see [`Arena::open_adopting`](crate::Arena::open_adopting)).
+    #[error(
+        "arena {path} exists with {found}, but {asked} was asked for: open it with its own configuration, adopt it as it is, or remove it"
+    )]
+    ConfigMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The existing arena's configuration.
+        found: String,
+        /// The one asked for.
+        asked: String,
+    },
     /// The operating system refused.
     #[error("{path}: {source}")]
     Io {

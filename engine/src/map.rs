@@ -191,7 +191,46 @@ const HUGE: u64 = 2 << 20;
 
 impl Map {
     /// Creates the arena at `path` unless it exists; opens it either way.
-    pub(crate) fn create_or_open(loc: &Location, cfg: &ArenaConfig) -> Result<Map, OpenError> {
+    /// An existing arena made with another configuration is refused unless
+    /// `adopt`: a host that asked for a million sessions must not run on
+    /// one made for a thousand without being told.
+    pub(crate) fn create_or_open(
+        loc: &Location,
+        cfg: &ArenaConfig,
+        adopt: bool,
+    ) -> Result<Map, OpenError> {
+        let map = Self::create_or_open_any(loc, cfg)?;
+        if !adopt {
+            map.check_config(cfg)?;
+        }
+        Ok(map)
+    }
+
+    /// Refuses this arena if it was made with another capacity, heap or
+    /// quota than `cfg` asks for (page size aside: an arena lives on the
+    /// pages it was made on).
+    fn check_config(&self, cfg: &ArenaConfig) -> Result<(), OpenError> {
+        let align = if self.huge { HUGE } else { 4096 };
+        let asked = Geometry::new(cfg.capacity, cfg.heap_bytes, cfg.quota_bytes, align);
+        let g = &self.geo;
+        let key = |g: &Geometry| (g.capacity, g.heap_bytes, g.quota_bytes);
+        if key(&asked) == key(g) {
+            return Ok(());
+        }
+        let show = |g: &Geometry| {
+            format!(
+                "capacity {} sessions, heap {} bytes, quota {} bytes",
+                g.capacity, g.heap_bytes, g.quota_bytes
+            )
+        };
+        Err(OpenError::ConfigMismatch {
+            path: self.path.clone(),
+            found: show(g),
+            asked: show(&asked),
+        })
+    }
+
+    fn create_or_open_any(loc: &Location, cfg: &ArenaConfig) -> Result<Map, OpenError> {
         cfg.check()?;
         let path = Self::resolve(loc, cfg)?;
         match Self::open_path(&path) {

@@ -537,3 +537,29 @@ fn handles_on_threads_share_sessions() {
         );
     }
 }
+
+/// An arena that exists with another configuration is not silently used
+/// for the one asked for; adopting it is a choice the caller makes.
+#[test]
+fn an_existing_arena_of_another_configuration_is_refused_unless_adopted() {
+    let t = TempArena::new("mismatch");
+    let made = ArenaConfig::for_sessions(1000, 1024);
+    let sid = t
+        .open(&made)
+        .create(NewSession::default(), &[("k", b"v")])
+        .unwrap();
+    let bigger = ArenaConfig::for_sessions(2000, 1024);
+    match Arena::open(&t.loc, &bigger) {
+        Err(OpenError::ConfigMismatch { found, asked, .. }) => {
+            assert!(found.contains("capacity 1000 sessions"), "{found}");
+            assert!(asked.contains("capacity 2000 sessions"), "{asked}");
+        }
+        Err(e) => panic!("another error: {e}"),
+        Ok(_) => panic!("opened an arena made for 1000 sessions as one for 2000"),
+    }
+    // Its own configuration opens it; adopting takes it as it is.
+    assert!(Arena::open(&t.loc, &made).unwrap().read(sid).is_ok());
+    let adopted = Arena::open_adopting(&t.loc, &bigger).unwrap();
+    assert_eq!(adopted.stats().capacity, 1000);
+    assert!(adopted.read(sid).is_ok());
+}

@@ -18,9 +18,17 @@ impl Arena {
     pub const REPLICAS_MAX: usize = crate::layout::REPLICAS_MAX;
 
     /// Opens the arena at `loc`, creating it with `cfg` if it does not exist.
-    /// An existing arena keeps the configuration it was created with.
+    /// An existing arena made with another capacity, heap or quota is
+    /// refused ([`OpenError::ConfigMismatch`]); see [`Arena::open_adopting`].
     pub fn open(loc: &Location, cfg: &ArenaConfig) -> Result<Arena, OpenError> {
-        let map = Map::create_or_open(loc, cfg)?;
+        let map = Map::create_or_open(loc, cfg, false)?;
+        Self::attach(Arc::new(map))
+    }
+
+    /// Like [`Arena::open`], but an existing arena is adopted as it is,
+    /// whatever configuration it was made with (`cfg` only creates).
+    pub fn open_adopting(loc: &Location, cfg: &ArenaConfig) -> Result<Arena, OpenError> {
+        let map = Map::create_or_open(loc, cfg, true)?;
         Self::attach(Arc::new(map))
     }
 

@@ -63,6 +63,10 @@ pub trait Backend: sealed::Sealed + 'static {
     async fn connect(addr: SocketAddr) -> io::Result<Self::Stream>;
     #[doc(hidden)]
     fn listen(addr: SocketAddr, opts: &SocketOptions) -> io::Result<Self::Listener>;
+    /// Takes a bound, listening, non-blocking socket (see [`bind_listener`])
+    /// into this engine; call inside its runtime.
+    #[doc(hidden)]
+    fn listener_from_std(listener: std::net::TcpListener) -> io::Result<Self::Listener>;
     #[doc(hidden)]
     async fn accept(listener: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)>;
     #[doc(hidden)]
@@ -116,7 +120,11 @@ macro_rules! socket_methods {
         }
 
         fn listen(addr: SocketAddr, opts: &SocketOptions) -> io::Result<TcpListener> {
-            TcpListener::from_std(super::std_listener(addr, opts)?)
+            TcpListener::from_std(super::bind_listener(addr, opts)?)
+        }
+
+        fn listener_from_std(listener: std::net::TcpListener) -> io::Result<TcpListener> {
+            TcpListener::from_std(listener)
         }
 
         async fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
@@ -174,7 +182,18 @@ pub struct Epoll;
 
 /// A listening socket configured through socket2 (reuse-port, backlog), so
 /// both engines bind the same way.
-fn std_listener(addr: SocketAddr, opts: &SocketOptions) -> io::Result<std::net::TcpListener> {
+/// A bound, listening, non-blocking TCP socket configured by `opts`. One
+/// such socket can be shared by several threads, each taking a clone
+/// (`try_clone`) into its own runtime with
+/// [`Server::from_listener`](crate::Server::from_listener): they then
+/// accept from one queue, and no
+/// other process can bind the port unless `opts.reuse_port` says so.
+///
+/// # Errors
+///
+/// When the socket cannot be made or bound (`AddrInUse` if the port is
+/// taken).
+pub fn bind_listener(addr: SocketAddr, opts: &SocketOptions) -> io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,

@@ -80,7 +80,7 @@ pub mod server;
 pub mod shutdown;
 pub mod transport;
 
-pub use backend::{Backend, Epoll, IoUring};
+pub use backend::{Backend, Epoll, IoUring, bind_listener};
 pub use client::{Client, ClientConfig};
 pub use frame::{Frame, FrameError, FrameKind};
 pub use handshake::{Handshake, HandshakeError, Identity, Secret, SecretError};

@@ -133,13 +133,38 @@ impl Drop for HandshakeSlot {
 impl<B: Backend> Server<B> {
     /// Binds `addr` (port 0 picks a free port). Call inside a runtime of `B`.
     pub fn bind(addr: SocketAddr, config: ServerConfig, secret: Secret) -> io::Result<Server<B>> {
+        Self::check(&config)?;
+        let listener = B::listen(addr, &config.socket)?;
+        Self::with_listener(listener, config, secret)
+    }
+
+    /// Serves on an already bound socket ([`crate::bind_listener`]), such as
+    /// one clone of a listener several threads share. Call inside a runtime
+    /// of `B`.
+    pub fn from_listener(
+        listener: std::net::TcpListener,
+        config: ServerConfig,
+        secret: Secret,
+    ) -> io::Result<Server<B>> {
+        Self::check(&config)?;
+        Self::with_listener(B::listener_from_std(listener)?, config, secret)
+    }
+
+    fn check(config: &ServerConfig) -> io::Result<()> {
         if config.limits.frame_bytes_max < crate::frame::FRAME_BYTES_MIN {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "frame_bytes_max below FRAME_BYTES_MIN",
             ));
         }
-        let listener = B::listen(addr, &config.socket)?;
+        Ok(())
+    }
+
+    fn with_listener(
+        listener: B::Listener,
+        config: ServerConfig,
+        secret: Secret,
+    ) -> io::Result<Server<B>> {
         let local_addr = B::local_addr(&listener)?;
         Ok(Server {
             listener,

@@ -71,7 +71,10 @@ pub fn serve<B: Rt>(
         .div_ceil(u32::try_from(threads).unwrap_or(1))
         .max(1);
     sc.idle_timeout_ms = config.idle_timeout_ms;
-    sc.socket.reuse_port = threads > 1;
+    // One listening socket, shared by every serving thread (each takes a
+    // clone of it): no SO_REUSEPORT, so no other process can bind the
+    // port and take a share of the connections.
+    sc.socket.reuse_port = false;
     let shards = Arc::new(super::shards::Shards::new(
         config.limits,
         identity.incarnation,
@@ -90,8 +93,8 @@ pub fn serve<B: Rt>(
         // tears a dead process's ring down asynchronously, and a pending
         // accept keeps the old listener alive for a moment.
         let deadline = std::time::Instant::now() + std::time::Duration::from_millis(BIND_RETRY_MS);
-        let server: Server<B> = loop {
-            match Server::bind(listen, sc.clone(), secret.clone()) {
+        let listener = loop {
+            match sessio_net::bind_listener(listen, &sc.socket) {
                 Err(e)
                     if e.kind() == io::ErrorKind::AddrInUse
                         && std::time::Instant::now() < deadline =>
@@ -101,6 +104,8 @@ pub fn serve<B: Rt>(
                 r => break r?,
             }
         };
+        let server: Server<B> =
+            Server::from_listener(listener.try_clone()?, sc.clone(), secret.clone())?;
         let addr = server.local_addr();
         let mut others = Vec::with_capacity(threads - 1);
         let mut failed = None;
@@ -108,17 +113,19 @@ pub fn serve<B: Rt>(
             let (tx, rx) = std::sync::mpsc::channel();
             let (shards, stop) = (Arc::clone(&shards), stop.clone());
             let (sc, secret) = (sc.clone(), secret.clone());
+            let shared = listener.try_clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("node-{node_id}-{t}"))
                 .spawn(move || {
                     B::block_on(async move {
-                        let server = match Server::<B>::bind(addr, sc, secret) {
-                            Ok(s) => s,
-                            Err(e) => {
-                                let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
-                                return Err(e);
-                            }
-                        };
+                        let server =
+                            match shared.and_then(|l| Server::<B>::from_listener(l, sc, secret)) {
+                                Ok(s) => s,
+                                Err(e) => {
+                                    let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                                    return Err(e);
+                                }
+                            };
                         let _ = tx.send(Ok(()));
                         let handler = move |_peer: PeerInfo, msg: Message| shards.handle(msg);
                         server.serve_until(handler, stop.wait()).await

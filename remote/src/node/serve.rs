@@ -64,12 +64,19 @@ pub fn serve<B: Rt>(
     let identity = Identity::with_random_incarnation(u64::from(config.node_id))
         .map_err(|e| io::Error::other(e.to_string()))?;
     let threads = config.threads.clamp(1, super::shards::SHARDS_MAX);
+    let threads_u32 = u32::try_from(threads).unwrap_or(u32::MAX);
+    if config.connections_max < threads_u32 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "connections_max {} cannot be split among {threads} threads: give at least one per thread",
+                config.connections_max
+            ),
+        ));
+    }
+    let share = |t: usize| connection_share(config.connections_max, threads_u32, t);
     let mut sc = ServerConfig::new(identity);
-    // The cap is the node's: each thread takes its part.
-    sc.connections_max = config
-        .connections_max
-        .div_ceil(u32::try_from(threads).unwrap_or(1))
-        .max(1);
+    sc.connections_max = share(0);
     sc.idle_timeout_ms = config.idle_timeout_ms;
     // One listening socket, shared by every serving thread (each takes a
     // clone of it): no SO_REUSEPORT, so no other process can bind the
@@ -101,7 +108,8 @@ pub fn serve<B: Rt>(
                 {
                     B::sleep(std::time::Duration::from_millis(20)).await;
                 }
-                r => break r?,
+                Err(e) => return Err(io::Error::new(e.kind(), format!("bind {listen}: {e}"))),
+                Ok(l) => break l,
             }
         };
         let server: Server<B> =
@@ -112,7 +120,8 @@ pub fn serve<B: Rt>(
         for t in 1..threads {
             let (tx, rx) = std::sync::mpsc::channel();
             let (shards, stop) = (Arc::clone(&shards), stop.clone());
-            let (sc, secret) = (sc.clone(), secret.clone());
+            let (mut sc, secret) = (sc.clone(), secret.clone());
+            sc.connections_max = share(t);
             let shared = listener.try_clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("node-{node_id}-{t}"))
@@ -185,6 +194,13 @@ pub fn serve<B: Rt>(
     })
 }
 
+/// Thread `t`'s part of a node's connection cap `total` over `threads`:
+/// the parts add up to `total` exactly (the first `total % threads`
+/// threads take one more).
+fn connection_share(total: u32, threads: u32, t: usize) -> u32 {
+    total / threads + u32::from((t as u32) < total % threads)
+}
+
 /// A node served on a thread of this process: for embedding a node in
 /// another program, and for tests and benchmarks on loopback. Stopped (and
 /// its thread joined) when dropped.
@@ -241,6 +257,22 @@ impl Drop for LocalNode {
         self.stop.fire();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connection_share;
+
+    #[test]
+    fn connection_shares_add_up_to_the_cap() {
+        for (total, threads) in [(1024, 1), (1024, 3), (5, 2), (3, 3), (7, 4)] {
+            let parts: Vec<u32> = (0..threads as usize)
+                .map(|t| connection_share(total, threads, t))
+                .collect();
+            assert_eq!(parts.iter().sum::<u32>(), total, "{parts:?}");
+            assert!(parts.iter().all(|&p| p >= 1), "{parts:?}");
         }
     }
 }

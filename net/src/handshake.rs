@@ -78,6 +78,14 @@ pub enum SecretError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The path is not a regular file (a device, a FIFO, a directory).
+    #[error(
+        "secret file {path} is not a regular file; it must hold 32 random bytes, or 64 hex digits"
+    )]
+    NotAFile {
+        /// The path tried.
+        path: PathBuf,
+    },
     /// The file holds neither 32 raw bytes nor 64 hex digits.
     #[error(
         "secret file {path} holds {found} bytes; expected exactly 32 raw bytes, or 64 hex digits (a trailing newline is fine)"
@@ -101,6 +109,12 @@ pub enum SecretWarning {
         /// Its permission bits.
         mode: u32,
     },
+    /// The key is all zeros (a placeholder, or a file of zeros): anyone can
+    /// guess it.
+    ZeroKey {
+        /// The file.
+        path: PathBuf,
+    },
 }
 
 impl fmt::Display for SecretWarning {
@@ -109,6 +123,11 @@ impl fmt::Display for SecretWarning {
             SecretWarning::WorldReadable { path, mode } => write!(
                 f,
                 "secret file {} is readable by every user (mode {mode:o}); chmod 600 it",
+                path.display()
+            ),
+            SecretWarning::ZeroKey { path } => write!(
+                f,
+                "secret file {} holds an all-zero key, which anyone can guess; replace it with 32 random bytes",
                 path.display()
             ),
         }
@@ -136,7 +155,18 @@ impl Secret {
     /// Like [`Secret::from_file`], returning the warnings instead of logging.
     pub fn load(path: impl AsRef<Path>) -> Result<(Secret, Vec<SecretWarning>), SecretError> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path).map_err(|source| {
+        // Without blocking: a FIFO at the path must not hang the open.
+        #[cfg(unix)]
+        let opened = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(path)
+        };
+        #[cfg(not(unix))]
+        let opened = std::fs::File::open(path);
+        let file = opened.map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
                 SecretError::Missing { path: path.into() }
             } else {
@@ -150,6 +180,9 @@ impl Secret {
             path: path.into(),
             source,
         };
+        if !file.metadata().map_err(io)?.is_file() {
+            return Err(SecretError::NotAFile { path: path.into() });
+        }
         let mut warnings = Vec::new();
         #[cfg(unix)]
         {
@@ -179,9 +212,15 @@ impl Secret {
             path: path.into(),
             found,
         };
+        let zero = |key: &[u8; SECRET_LEN], warnings: &mut Vec<SecretWarning>| {
+            if key.iter().all(|&b| b == 0) {
+                warnings.push(SecretWarning::ZeroKey { path: path.into() });
+            }
+        };
         if found == SECRET_LEN {
             let mut key = [0u8; SECRET_LEN];
             key.copy_from_slice(content);
+            zero(&key, &mut warnings);
             return Ok((Secret(key), warnings));
         }
         let trimmed = content.trim_ascii_end();
@@ -194,6 +233,7 @@ impl Secret {
             let lo = hex_digit(pair[1]).ok_or_else(wrong)?;
             key[i] = hi << 4 | lo;
         }
+        zero(&key, &mut warnings);
         Ok((Secret(key), warnings))
     }
 }
@@ -941,6 +981,27 @@ mod tests {
             ));
             std::fs::set_permissions(&hex, std::fs::Permissions::from_mode(0o600)).unwrap();
             assert!(Secret::load(&hex).unwrap().1.is_empty());
+            // A device is not a secret file, and says so (it used to be
+            // read as "128 bytes").
+            let err = Secret::from_file("/dev/zero").unwrap_err();
+            assert!(matches!(err, SecretError::NotAFile { .. }), "{err}");
+            assert!(err.to_string().contains("not a regular file"), "{err}");
+            // An all-zero key works, with a warning, raw or in hex.
+            let zeros = dir.join("zeros");
+            std::fs::write(&zeros, [0u8; 32]).unwrap();
+            std::fs::set_permissions(&zeros, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let (_, warnings) = Secret::load(&zeros).unwrap();
+            assert!(
+                matches!(warnings[..], [SecretWarning::ZeroKey { .. }]),
+                "{warnings:?}"
+            );
+            std::fs::write(&zeros, "00".repeat(32)).unwrap();
+            let (_, warnings) = Secret::load(&zeros).unwrap();
+            assert!(
+                matches!(warnings[..], [SecretWarning::ZeroKey { .. }]),
+                "{warnings:?}"
+            );
+            assert!(warnings[0].to_string().contains("all-zero key"));
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

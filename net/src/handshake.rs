@@ -588,7 +588,17 @@ impl Handshake {
             return 0;
         }
         if self.have < HEADER_LEN {
-            return HEADER_LEN - self.have;
+            // The header in steps that end where `FrameHeader::parse` can
+            // check a field (magic; version and kind; length): a peer that
+            // is not one of ours is refused at its first bytes, not after
+            // the handshake timeout waiting for a whole header.
+            const STEPS: [usize; 4] = [2, 4, 8, HEADER_LEN];
+            let next = STEPS
+                .iter()
+                .copied()
+                .find(|&s| s > self.have)
+                .unwrap_or(HEADER_LEN);
+            return next - self.have;
         }
         match FrameHeader::parse(&self.input[..self.have], HANDSHAKE_FRAME_BYTES_MAX as u32) {
             Ok(Some(h)) => h.frame_len().saturating_sub(self.have),

@@ -376,6 +376,29 @@ fn wrong_protocol_version_is_refused_with_a_reason() {
     server.stop();
 }
 
+/// A peer whose first two bytes are not the magic is dropped at once, not
+/// after the handshake timeout spent waiting for a whole header.
+#[test]
+fn bad_magic_is_refused_at_its_first_bytes() {
+    assert!(uring(), "io_uring is required here");
+    let mut config = ServerConfig::new(Identity {
+        id: 1,
+        incarnation: 1,
+    });
+    config.handshake_timeout_ms = 5_000;
+    let server = TestServer::start::<IoUring>(config);
+    let mut sock = raw(server.addr);
+    let started = Instant::now();
+    sock.write_all(b"GE").unwrap();
+    let _ = read_to_close(&mut sock);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(2_500),
+        "closed after {took:?}: it waited for a whole header"
+    );
+    assert_eq!(server.stop().handshakes_failed, 1);
+}
+
 #[test]
 fn pipelined_batches_are_acked_in_order_under_the_in_flight_cap() {
     if !uring() {

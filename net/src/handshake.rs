@@ -646,9 +646,11 @@ impl Handshake {
             HandshakeError::AuthFailed => (RejectReason::AuthFailed, 0),
             HandshakeError::Unexpected { .. }
             | HandshakeError::BadLength { .. }
-            | HandshakeError::Frame(FrameError::Checksum { .. } | FrameError::TooLarge { .. }) => {
-                (RejectReason::Malformed, 0)
-            }
+            | HandshakeError::Frame(
+                FrameError::Checksum { .. }
+                | FrameError::TooLarge { .. }
+                | FrameError::UnknownKind { .. },
+            ) => (RejectReason::Malformed, 0),
             // Not a sessio peer, or our own failure: just close.
             _ => return,
         };

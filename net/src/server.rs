@@ -314,6 +314,13 @@ where
     ) {
         stats.protocol_errors.set(stats.protocol_errors.get() + 1);
     }
+    if let Err(TransportError::Frame(crate::frame::FrameError::UnknownKind { found })) = &result {
+        // Say why before closing: the peer may be a newer build that sent
+        // something this one does not know (detail: the kind).
+        let (bytes, len) = reject_frame(RejectReason::Malformed, u32::from(*found)).into_parts();
+        let wait = ms(cfg.handshake_timeout_ms).min(Duration::from_secs(1));
+        let _ = B::timeout(wait, stream.write_small(bytes, len)).await;
+    }
     result
 }
 

@@ -399,6 +399,38 @@ fn bad_magic_is_refused_at_its_first_bytes() {
     assert_eq!(server.stop().handshakes_failed, 1);
 }
 
+/// An authenticated peer that sends a frame kind this build does not know
+/// is told why (a `Reject` naming the kind) before the connection closes.
+#[test]
+fn an_unknown_frame_kind_gets_a_reject() {
+    assert!(uring(), "io_uring is required here");
+    let server = TestServer::start::<IoUring>(fast_server());
+    let mut sock = raw(server.addr);
+    let mut hs = Handshake::initiator(&Secret::from_bytes(SECRET), HOST).unwrap();
+    while hs.established().is_none() {
+        if let Some(out) = hs.take_output() {
+            sock.write_all(out.as_bytes()).unwrap();
+        }
+        let mut buf = vec![0u8; hs.wanted()];
+        sock.read_exact(&mut buf).unwrap();
+        hs.receive(&buf).unwrap();
+    }
+    if let Some(out) = hs.take_output() {
+        sock.write_all(out.as_bytes()).unwrap();
+    }
+    let mut unknown = [0u8; HEADER_LEN];
+    unknown[..2].copy_from_slice(&frame::MAGIC.to_le_bytes());
+    unknown[2] = frame::PROTOCOL_VERSION;
+    unknown[3] = 0xEE;
+    sock.write_all(&unknown).unwrap();
+    let reply = read_to_close(&mut sock);
+    let (frame, _) = frame::Frame::decode(&reply, 1024)
+        .unwrap()
+        .expect("a whole Reject frame before the close");
+    assert_eq!(frame.kind, FrameKind::Reject);
+    assert_eq!(server.stop().protocol_errors, 1);
+}
+
 #[test]
 fn pipelined_batches_are_acked_in_order_under_the_in_flight_cap() {
     if !uring() {

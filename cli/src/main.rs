@@ -147,6 +147,47 @@ fn load_secret(path: &PathBuf) -> Result<Secret, Box<dyn std::error::Error>> {
     Ok(secret)
 }
 
+/// Descriptors a node needs beyond one per connection: listeners, the
+/// metrics server, files, the runtime's own.
+const DESCRIPTORS_SPARE: u64 = 64;
+
+/// Raises the soft limit on open files to fit `connections_max`
+/// connections, or refuses to start, naming the limit, if the hard limit is
+/// below it: a node must not discover at its thousandth connection that it
+/// cannot accept one more.
+fn fit_descriptors(connections_max: u32) -> Result<(), String> {
+    let need = u64::from(connections_max) + DESCRIPTORS_SPARE;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
+        return Err(format!(
+            "cannot read the open-file limit: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if lim.rlim_cur >= need {
+        return Ok(());
+    }
+    if lim.rlim_max < need {
+        return Err(format!(
+            "--connections-max {connections_max} needs {need} open files, but the hard limit is {}: raise it (ulimit -Hn, or LimitNOFILE= in a unit) or lower --connections-max",
+            lim.rlim_max
+        ));
+    }
+    lim.rlim_cur = need;
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) } != 0 {
+        return Err(format!(
+            "cannot raise the open-file limit to {need}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
 fn run_node(a: NodeSettings, given: &ArgMatches) -> Res {
     let a = a.resolve(given)?;
     let node_id = required(a.node_id, "node_id")?;
@@ -174,6 +215,7 @@ fn run_node(a: NodeSettings, given: &ArgMatches) -> Res {
         )
         .into());
     }
+    fit_descriptors(config.connections_max)?;
     install_stop_signals();
     let metrics_addr = a.metrics_addr;
     // Started once the node's address is known; stopped when it returns.

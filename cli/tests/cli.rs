@@ -432,3 +432,59 @@ fn a_config_that_is_not_a_regular_file_is_refused_at_once() {
         assert!(err.contains("not a regular file"), "{path}: {err}");
     }
 }
+
+/// A node whose connection cap cannot fit the hard limit on open files
+/// refuses to start and says which limit; one that fits after raising its
+/// soft limit starts.
+#[test]
+fn a_node_fits_its_connection_cap_to_the_open_file_limit() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = write(&dir, "bank.key", &"42".repeat(32));
+    let run = |cap: &str, soft: u64, hard: u64| {
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "node",
+            "--listen",
+            "127.0.0.1:0",
+            "--node-id",
+            "1",
+            "--secret-file",
+            key.to_str().unwrap(),
+            "--connections-max",
+            cap,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        // SAFETY: setrlimit is async-signal-safe; it runs in the child
+        // between fork and exec and touches only the struct given.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.spawn().unwrap()
+    };
+    let out = run("1024", 512, 512).wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("hard limit is 512"), "{err}");
+    // Fits once the soft limit is raised to the hard one: it serves.
+    let mut child = run("1024", 256, 4096);
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.starts_with("listening "), "{line:?}");
+}

@@ -300,16 +300,46 @@ where
         scratch.extend_from_slice(body);
         scratch
     };
+    let base = bytes.as_ptr() as usize;
     let archived =
         rkyv::access::<T::Archived, rancor::Error>(bytes).map_err(|e| MessageError::Invalid {
             kind,
-            reason: e.to_string(),
+            reason: readable(&e.to_string(), base),
         })?;
     archived.check_limits(limits)?;
     rkyv::deserialize::<T, rancor::Error>(archived).map_err(|e| MessageError::Invalid {
         kind,
-        reason: e.to_string(),
+        reason: readable(&e.to_string(), base),
     })
+}
+
+/// A validation error as a reader (and a log) wants it: bytecheck names
+/// memory addresses (`ptr 0x00007f61ebabb8c3 ... in range 0x00007f62...`),
+/// which say nothing to an operator and tell a log reader where this
+/// process's heap is. Each address becomes its offset from the start of
+/// the body (negative: before it), and only the first line is kept.
+fn readable(reason: &str, base: usize) -> String {
+    use std::fmt::Write as _;
+    let line = reason.lines().next().unwrap_or("").trim();
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(at) = rest.find("0x") {
+        out.push_str(&rest[..at]);
+        let digits = rest[at + 2..]
+            .find(|c: char| !c.is_ascii_hexdigit())
+            .map_or(rest.len() - at - 2, |n| n);
+        match usize::from_str_radix(&rest[at + 2..at + 2 + digits], 16) {
+            // An address (a small hex number is left as it is).
+            Ok(v) if digits >= 8 => {
+                let offset = v as i128 - base as i128;
+                let _ = write!(out, "offset {offset}");
+            }
+            _ => out.push_str(&rest[at..at + 2 + digits]),
+        }
+        rest = &rest[at + 2 + digits..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Limit checks on archived values, run after validation and before
@@ -708,5 +738,35 @@ mod tests {
             );
             assert_eq!(codec.decode(&frame).is_ok(), plain, "{kind:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod readable_tests {
+    use super::*;
+
+    #[test]
+    fn validation_errors_name_offsets_not_addresses() {
+        let body = vec![0xABu8; 64];
+        let mut scratch = AlignedVec::<ARCHIVE_ALIGN>::new();
+        let err = access_checked::<DeltaBatch>(
+            FrameKind::DeltaBatch,
+            &body,
+            Limits::default(),
+            &mut scratch,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("invalid DeltaBatch body: "), "{err}");
+        assert!(!err.contains("0x0000"), "an address in {err}");
+        assert!(!err.contains('\n'), "{err}");
+        assert_eq!(
+            readable(
+                "ptr 0x0000000000001010 size 8 in range 0x0000000000001000..0x0000000000001040\nmore",
+                0x1000
+            ),
+            "ptr offset 16 size 8 in range offset 0..offset 64"
+        );
+        assert_eq!(readable("kind 0x05 is bad", 0x1000), "kind 0x05 is bad");
     }
 }

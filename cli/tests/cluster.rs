@@ -36,12 +36,11 @@ static SECRET: std::sync::LazyLock<[u8; 32]> = std::sync::LazyLock::new(|| {
 });
 const BIN: &str = env!("CARGO_BIN_EXE_sessio");
 
-fn uring() -> bool {
-    if IoUring::available() {
-        true
-    } else {
-        eprintln!("SKIP: io_uring unavailable here");
-        false
+/// These tests run on `io_uring` (the epoll engine has tests of its own);
+/// a machine without it fails them loudly rather than passing them unrun.
+fn require_uring() {
+    if let Err(e) = IoUring::runtime() {
+        panic!("io_uring is unavailable here ({e}): these tests need it; CI machines have it");
     }
 }
 
@@ -401,9 +400,7 @@ fn clients(host_id: u64) -> NodeClients<IoUring> {
 #[test]
 fn host_killed_failover_serves_every_acked_update() {
     let _serial = serial();
-    if !uring() {
-        return;
-    }
+    require_uring();
     let secret = SecretFile::new();
     let nodes = bank(3, &secret);
     let p = placement(&nodes, 2);
@@ -457,9 +454,7 @@ fn host_killed_failover_serves_every_acked_update() {
 #[test]
 fn replica_killed_no_session_lost_and_host_keeps_serving() {
     let _serial = serial();
-    if !uring() {
-        return;
-    }
+    require_uring();
     let Cluster {
         secret: _secret,
         mut nodes,
@@ -495,9 +490,7 @@ fn replica_killed_no_session_lost_and_host_keeps_serving() {
 #[test]
 fn bank_down_under_load_then_every_change_converges() {
     let _serial = serial();
-    if !uring() {
-        return;
-    }
+    require_uring();
     let Cluster {
         secret,
         mut nodes,
@@ -535,9 +528,7 @@ fn bank_down_under_load_then_every_change_converges() {
 #[test]
 fn node_restarted_empty_gets_its_whole_share_again() {
     let _serial = serial();
-    if !uring() {
-        return;
-    }
+    require_uring();
     let Cluster {
         secret,
         mut nodes,
@@ -574,9 +565,7 @@ fn node_restarted_empty_gets_its_whole_share_again() {
 #[test]
 fn old_owner_late_deltas_are_fenced() {
     let _serial = serial();
-    if !uring() {
-        return;
-    }
+    require_uring();
     let secret = SecretFile::new();
     let nodes = bank(2, &secret);
     let p = placement(&nodes, 2);
@@ -643,9 +632,7 @@ fn old_owner_late_deltas_are_fenced() {
 fn node_survives_bad_peers_and_refuses_bad_records() {
     use sessio_net::{AckStatus, Delta, DeltaBatch, DeltaEntry};
     let _serial = serial();
-    if !uring() {
-        return;
-    }
+    require_uring();
     let secret = SecretFile::new();
     let nodes = bank(1, &secret);
     let addr = nodes[0].addr;
@@ -744,9 +731,7 @@ fn all_acked(arena: &Arena, nodes: &[Node], sids: &[Sid], version: u64) -> bool 
 #[test]
 fn restarted_agent_resends_only_what_changed() {
     let _serial = serial();
-    if !uring() {
-        return;
-    }
+    require_uring();
     let secret = SecretFile::new();
     let mut nodes = bank(2, &secret);
     let host = TestArena::new("agent", 1000);
@@ -826,9 +811,7 @@ fn hinted_copies(p: &Placement, nodes: &[Node], sids: &[Sid]) -> Vec<usize> {
 #[test]
 fn paused_owner_gets_its_writes_back_and_stand_ins_drop_them() {
     let _serial = serial();
-    if !uring() {
-        return;
-    }
+    require_uring();
     let Cluster {
         secret: _secret,
         nodes,
@@ -884,9 +867,7 @@ fn paused_owner_gets_its_writes_back_and_stand_ins_drop_them() {
 fn node_on_two_threads_is_one_store_for_every_connection() {
     use sessio_net::{AckStatus, Delta, DeltaBatch, DeltaEntry};
     let _serial = serial();
-    if !uring() {
-        return;
-    }
+    require_uring();
     let secret = SecretFile::new();
     let node = Node::spawn_with(
         1,
@@ -969,9 +950,7 @@ fn node_on_two_threads_is_one_store_for_every_connection() {
 fn node_drops_expired_copies_on_its_own() {
     use sessio_net::{Delta, DeltaBatch, DeltaEntry};
     let _serial = serial();
-    if !uring() {
-        return;
-    }
+    require_uring();
     let secret = SecretFile::new();
     let node = Node::spawn_with(
         1,
@@ -1013,9 +992,7 @@ fn node_drops_expired_copies_on_its_own() {
 #[test]
 fn agent_killed_at_random_points_under_load_then_the_bank_converges() {
     let _serial = serial();
-    if !uring() {
-        return;
-    }
+    require_uring();
     let secret = SecretFile::new();
     let mut nodes = bank(2, &secret);
     let p = placement(&nodes, 2);

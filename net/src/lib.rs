@@ -33,7 +33,7 @@
 //! use sessio_net::{Client, ClientConfig, Identity, Message, Ping, Pong, Secret, Server, ServerConfig};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! # if sessio_net::IoUring::runtime().is_err() { return Ok(()); } // kernel without `io_uring`
+//! # assert!(sessio_net::IoUring::runtime().is_ok(), "this example runs on io_uring");
 //! let secret = Secret::from_bytes([42; 32]); // in production: Secret::from_file(path)?
 //! let (addr_tx, addr_rx) = std::sync::mpsc::channel();
 //! let stop = Arc::new(AtomicBool::new(false));

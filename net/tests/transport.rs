@@ -29,13 +29,11 @@ const HOST: Identity = Identity {
 
 /// `io_uring` can be missing (old kernel) or forbidden (seccomp): say so and
 /// skip rather than fail.
-fn uring() -> bool {
-    match IoUring::runtime() {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("SKIP: io_uring unavailable here ({e})");
-            false
-        }
+/// These tests run on `io_uring` (the epoll engine has tests of its own);
+/// a machine without it fails them loudly rather than passing them unrun.
+fn require_uring() {
+    if let Err(e) = IoUring::runtime() {
+        panic!("io_uring is unavailable here ({e}): these tests need it; CI machines have it");
     }
 }
 
@@ -187,9 +185,8 @@ fn round_trip_all<S: Backend, C: Backend>() {
 
 #[test]
 fn every_kind_round_trips_on_io_uring() {
-    if uring() {
-        round_trip_all::<IoUring, IoUring>();
-    }
+    require_uring();
+    round_trip_all::<IoUring, IoUring>();
 }
 
 #[test]
@@ -199,10 +196,9 @@ fn every_kind_round_trips_on_epoll() {
 
 #[test]
 fn engines_interoperate() {
-    if uring() {
-        round_trip_all::<IoUring, Epoll>();
-        round_trip_all::<Epoll, IoUring>();
-    }
+    require_uring();
+    round_trip_all::<IoUring, Epoll>();
+    round_trip_all::<Epoll, IoUring>();
 }
 
 /// One idle clock per connection: a peer that keeps talking (for several
@@ -240,9 +236,8 @@ fn idle_peer_is_closed_busy_peer_is_not<B: Backend>() {
 
 #[test]
 fn idle_peer_is_closed_busy_peer_is_not_on_io_uring() {
-    if uring() {
-        idle_peer_is_closed_busy_peer_is_not::<IoUring>();
-    }
+    require_uring();
+    idle_peer_is_closed_busy_peer_is_not::<IoUring>();
 }
 
 #[test]
@@ -316,9 +311,8 @@ fn peer_not_reading_replies_stops_being_read<B: Backend>() {
 
 #[test]
 fn peer_not_reading_replies_stops_being_read_on_io_uring() {
-    if uring() {
-        peer_not_reading_replies_stops_being_read::<IoUring>();
-    }
+    require_uring();
+    peer_not_reading_replies_stops_being_read::<IoUring>();
 }
 
 #[test]
@@ -328,9 +322,7 @@ fn peer_not_reading_replies_stops_being_read_on_epoll() {
 
 #[test]
 fn wrong_key_is_refused() {
-    if !uring() {
-        return;
-    }
+    require_uring();
     let server = TestServer::start::<IoUring>(fast_server());
     IoUring::block_on(async {
         let err =
@@ -351,9 +343,7 @@ fn wrong_key_is_refused() {
 
 #[test]
 fn wrong_protocol_version_is_refused_with_a_reason() {
-    if !uring() {
-        return;
-    }
+    require_uring();
     let server = TestServer::start::<IoUring>(fast_server());
     let mut hs = Handshake::initiator(&Secret::from_bytes(SECRET), HOST).unwrap();
     let mut hello = hs.take_output().unwrap().as_bytes().to_vec();
@@ -380,7 +370,7 @@ fn wrong_protocol_version_is_refused_with_a_reason() {
 /// after the handshake timeout spent waiting for a whole header.
 #[test]
 fn bad_magic_is_refused_at_its_first_bytes() {
-    assert!(uring(), "io_uring is required here");
+    require_uring();
     let mut config = ServerConfig::new(Identity {
         id: 1,
         incarnation: 1,
@@ -403,7 +393,7 @@ fn bad_magic_is_refused_at_its_first_bytes() {
 /// is told why (a `Reject` naming the kind) before the connection closes.
 #[test]
 fn an_unknown_frame_kind_gets_a_reject() {
-    assert!(uring(), "io_uring is required here");
+    require_uring();
     let server = TestServer::start::<IoUring>(fast_server());
     let mut sock = raw(server.addr);
     let mut hs = Handshake::initiator(&Secret::from_bytes(SECRET), HOST).unwrap();
@@ -433,9 +423,7 @@ fn an_unknown_frame_kind_gets_a_reject() {
 
 #[test]
 fn pipelined_batches_are_acked_in_order_under_the_in_flight_cap() {
-    if !uring() {
-        return;
-    }
+    require_uring();
     let server = TestServer::start::<IoUring>(fast_server());
     IoUring::block_on(async {
         let mut config = client_config();
@@ -482,9 +470,7 @@ fn pipelined_batches_are_acked_in_order_under_the_in_flight_cap() {
 
 #[test]
 fn connect_with_backoff_gives_up_after_its_attempts() {
-    if !uring() {
-        return;
-    }
+    require_uring();
     // A port nobody listens on: bind, note it, close.
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -526,9 +512,7 @@ fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
 
 #[test]
 fn server_keeps_serving_while_bad_peers_connect() {
-    if !uring() {
-        return;
-    }
+    require_uring();
     let mut config = fast_server();
     config.connections_max = 16;
     config.handshakes_max = 4;

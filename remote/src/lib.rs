@@ -42,7 +42,7 @@
 //! use sessio_remote::runtime::Rt;
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! # if !IoUring::available() { return Ok(()); }
+//! # assert!(IoUring::available(), "this example runs on io_uring");
 //! let secret = Secret::from_bytes([7; 32]); // in production: Secret::from_file(path)?
 //! let (tx, rx) = std::sync::mpsc::channel();
 //! let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

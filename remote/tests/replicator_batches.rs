@@ -14,16 +14,17 @@ fn acked(arena: &Arena, sid: sessio_engine::Sid) -> u64 {
     arena.acked(sid).map_or(0, |a| a[0].1.max(a[1].1))
 }
 
-#[test]
-fn more_queued_batches_than_a_batch_holds_are_shipped() {
-    if !IoUring::available() {
-        eprintln!("skipped: io_uring is not available on this kernel");
-        return;
-    }
-    let secret = Secret::from_bytes([9; 32]);
+/// A node proving `node_id` at an address the host knows as node 1's, and
+/// a fresh arena with one session: the setup of each test here. Fails
+/// loudly without `io_uring` (these tests run on it).
+fn setup(node_id: u16, tag: &str) -> (LocalNode, Placement, Location, Arena, sessio_engine::Sid) {
+    assert!(
+        IoUring::available(),
+        "io_uring is unavailable here: these tests need it"
+    );
     let node = LocalNode::start::<IoUring>(
-        NodeConfig::new("127.0.0.1:0".parse().unwrap(), 1),
-        secret.clone(),
+        NodeConfig::new("127.0.0.1:0".parse().unwrap(), node_id),
+        Secret::from_bytes(SECRET),
     )
     .expect("node serves");
     let placement = Placement::new(
@@ -34,10 +35,18 @@ fn more_queued_batches_than_a_batch_holds_are_shipped() {
         1,
     )
     .unwrap();
-    let loc = Location::Shm(format!("test-repl-batches-{}", std::process::id()));
+    let loc = Location::Shm(format!("test-repl-{tag}-{}", std::process::id()));
     let arena = Arena::open(&loc, &ArenaConfig::for_sessions(16, 1024)).unwrap();
     let sid = arena.create(NewSession::default(), &[("n", b"0")]).unwrap();
-    let mut cfg = ReplicatorConfig::new(placement, secret, 1);
+    (node, placement, loc, arena, sid)
+}
+
+const SECRET: [u8; 32] = [9; 32];
+
+#[test]
+fn more_queued_batches_than_a_batch_holds_are_shipped() {
+    let (node, placement, loc, arena, sid) = setup(1, "batches");
+    let mut cfg = ReplicatorConfig::new(placement, Secret::from_bytes(SECRET), 1);
     cfg.batch_entries_max = 1;
     // Long enough that the updates below all land between two flushes.
     cfg.flush_interval_us = 200_000;
@@ -84,26 +93,13 @@ fn more_queued_batches_than_a_batch_holds_are_shipped() {
 /// gets nothing, and the error says what is wrong.
 #[test]
 fn a_node_proving_another_id_is_refused() {
-    assert!(IoUring::available(), "io_uring is required here");
-    let secret = Secret::from_bytes([9; 32]);
     // Node 2 answers at the address the host believes is node 1's.
-    let node = LocalNode::start::<IoUring>(
-        NodeConfig::new("127.0.0.1:0".parse().unwrap(), 2),
-        secret.clone(),
-    )
-    .expect("node serves");
-    let placement = Placement::new(
-        vec![Member {
-            id: 1,
-            addr: node.addr,
-        }],
-        1,
+    let (_node, placement, loc, arena, sid) = setup(2, "identity");
+    let repl = Replicator::spawn(
+        &loc,
+        ReplicatorConfig::new(placement, Secret::from_bytes(SECRET), 1),
     )
     .unwrap();
-    let loc = Location::Shm(format!("test-repl-identity-{}", std::process::id()));
-    let arena = Arena::open(&loc, &ArenaConfig::for_sessions(16, 1024)).unwrap();
-    let sid = arena.create(NewSession::default(), &[("n", b"0")]).unwrap();
-    let repl = Replicator::spawn(&loc, ReplicatorConfig::new(placement, secret, 1)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let error = loop {
         let s = repl.stats();

@@ -465,7 +465,7 @@ fn lag_histogram(e: &mut Families<'_>, s: &ReplicatorStats) -> fmt::Result {
 
 /// The host arena's counters, as the agent last read them.
 fn arena_families(e: &mut Families<'_>, a: &sessio_engine::ArenaStats) -> fmt::Result {
-    let rows: [(&str, MetricType, &str, u64); 9] = [
+    let rows: [(&str, MetricType, &str, u64); 10] = [
         (
             "live_sessions",
             Gauge,
@@ -508,6 +508,12 @@ fn arena_families(e: &mut Families<'_>, a: &sessio_engine::ArenaStats) -> fmt::R
             Counter,
             "Wholly free heap chunks collections gave back to the pool.",
             a.chunks_returned,
+        ),
+        (
+            "removals_dropped_total",
+            Counter,
+            "Removals the replicator never saw (it was stalled while their index slot was reused).",
+            a.removals_dropped,
         ),
         (
             "collect_suspects",
@@ -735,8 +741,10 @@ mod tests {
             arena: Some(sessio_engine::ArenaStats {
                 live: 10,
                 capacity: 100,
+                index_slots: 256,
                 created_total: 12,
                 expired_total: 2,
+                removals_dropped: 0,
                 chunks_used: 3,
                 chunks: 8,
                 chunk_bytes: 65536,

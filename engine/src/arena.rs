@@ -20,14 +20,18 @@ mod combine;
 mod expiry;
 mod handle;
 mod heap;
+mod host;
 mod index;
 mod reclaim;
 mod records;
 mod recovery;
 mod replica;
+#[cfg(test)]
+mod test_support;
 
 pub use collect::{CollectError, CollectReport};
 use combine::HeapNodes;
+pub use host::{FetchClaim, FetchGuard};
 
 /// Most op nodes one combine applies (a bound on the local scratch and on
 /// the time one combiner holds a session).
@@ -101,10 +105,16 @@ pub struct ArenaStats {
     pub live: u64,
     /// Session capacity.
     pub capacity: u64,
+    /// Slots of the index (what a full [`Arena::sweep`] pass looks at).
+    pub index_slots: u64,
     /// Sessions created over the arena's life.
     pub created_total: u64,
     /// Sessions expired by sweeps.
     pub expired_total: u64,
+    /// Removals the replicator never saw, because their index slot was
+    /// reused before it took them (it was stalled); the bank's copies of
+    /// those sessions end by expiry instead.
+    pub removals_dropped: u64,
     /// Heap chunks handed to size classes.
     pub chunks_used: u64,
     /// Heap chunks in all.

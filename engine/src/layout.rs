@@ -98,8 +98,35 @@ pub(crate) struct Header {
     pub replicas: [ReplicaEntry; REPLICAS_MAX],
     /// The online collector's word and counters (`arena::collect`).
     pub collector: Collector,
+    /// What a host's processes coordinate through above the arena
+    /// (`arena::host`). All zero in a fresh file, which is their idle state,
+    /// so arenas made before these words existed read them correctly.
+    pub host: HostWords,
+    /// Removals the replicator never saw: their index slot had to be
+    /// reused before it took them (statistics; see `Arena::insert`).
+    pub removals_dropped: AtomicU64,
 }
 const _: () = assert!(size_of::<Header>() as u64 <= HEADER_BYTES);
+
+/// Fetches from the bank one host can have in progress under a claim.
+pub(crate) const FETCH_CLAIMS: usize = 62;
+
+/// The host-wide words of the layer above the arena: who fetches a missing
+/// session from the bank, how fast the host may ask the bank, and which
+/// process sweeps expired sessions.
+#[repr(C, align(64))]
+pub(crate) struct HostWords {
+    /// Owner word of the participant elected to sweep; 0 = none. A dead
+    /// sweeper's word is taken over by the next handle that asks.
+    pub sweeper: AtomicU32,
+    pub _pad: u32,
+    /// Token bucket of bank fetches (`words::bucket_word`).
+    pub fetch_bucket: AtomicU64,
+    /// Fetches in progress, one word each (`words::claim_word`), at the
+    /// slot a SID hashes to.
+    pub fetch_claims: [AtomicU64; FETCH_CLAIMS],
+}
+const _: () = assert!(size_of::<HostWords>() == 512);
 
 /// The online collector's shared state: read by every mutation (`world`),
 /// written rarely, so it has a cache line of its own.

@@ -78,8 +78,8 @@ mod sid;
 
 #[cfg(not(loom))]
 pub use arena::{
-    Arena, ArenaStats, CollectError, CollectReport, Delta, Dirty, NewSession, ReadGuard,
-    RecoveryReport, SweepStats,
+    Arena, ArenaStats, CollectError, CollectReport, Delta, Dirty, FetchClaim, FetchGuard,
+    NewSession, ReadGuard, RecoveryReport, SweepStats,
 };
 pub use error::{OpenError, SessionError};
 #[cfg(not(loom))]

@@ -277,6 +277,56 @@ pub(crate) const fn expire_only_at(detail: u64) -> Option<u64> {
     }
 }
 
+// ----- host words: fetch claims and the fetch bucket ---------------------------
+
+/// A fetch claim (`HostWords::fetch_claims[i]`) (u64); 0 = free.
+///
+/// ```text
+/// | owner word | SID key |
+/// |  32 bits   | 32 bits |
+/// ```
+///
+/// The owner is a lock owner word (`lock`), so a claim of the dead is seen
+/// as such and taken over; the key tells which SID the claim is for.
+#[inline]
+pub(crate) const fn claim_word(owner: u32, key: u32) -> u64 {
+    ((owner as u64) << 32) | key as u64
+}
+
+/// The `(owner word, SID key)` of a claim word.
+#[inline]
+pub(crate) const fn claim_unpack(word: u64) -> (u32, u32) {
+    ((word >> 32) as u32, word as u32)
+}
+
+/// The fetch token bucket (`HostWords::fetch_bucket`) (u64):
+///
+/// ```text
+/// | last refill, ms since the arena was created | tokens  |
+/// |               40 bits                        | 24 bits |
+/// ```
+///
+/// 40 bits of ms last 34 years; a bucket holds at most 2^24 - 1 tokens.
+pub(crate) const BUCKET_TOKENS_BITS: u32 = 24;
+/// Most tokens a bucket word can hold.
+pub(crate) const BUCKET_TOKENS_MAX: u32 = (1 << BUCKET_TOKENS_BITS) - 1;
+
+/// Packs a bucket word; `ms` beyond 40 bits is cut to its low bits.
+#[inline]
+pub(crate) const fn bucket_word(ms: u64, tokens: u32) -> u64 {
+    debug_assert!(tokens <= BUCKET_TOKENS_MAX);
+    (ms << BUCKET_TOKENS_BITS) | tokens as u64
+}
+
+/// The `(last refill ms, tokens)` of a bucket word.
+#[inline]
+pub(crate) const fn bucket_unpack(word: u64) -> (u64, u32) {
+    (
+        word >> BUCKET_TOKENS_BITS,
+        (word as u32) & BUCKET_TOKENS_MAX,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,6 +351,18 @@ mod tests {
         assert_eq!(record_len(w), 0xdead_beef);
         assert_eq!(record_block(w), 0x1234_5678);
         assert_eq!(record_word(0, 0), 0);
+    }
+
+    #[test]
+    fn host_words_round_trip() {
+        assert_eq!(
+            claim_unpack(claim_word(0xffff_0001, 0xdead_beef)),
+            (0xffff_0001, 0xdead_beef)
+        );
+        assert_eq!(claim_word(0, 0), 0);
+        let w = bucket_word((1 << 40) - 1, BUCKET_TOKENS_MAX);
+        assert_eq!(bucket_unpack(w), ((1 << 40) - 1, BUCKET_TOKENS_MAX));
+        assert_eq!(bucket_unpack(bucket_word(12_345, 7)), (12_345, 7));
     }
 
     #[test]

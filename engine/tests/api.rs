@@ -563,3 +563,42 @@ fn an_existing_arena_of_another_configuration_is_refused_unless_adopted() {
     assert_eq!(adopted.stats().capacity, 1000);
     assert!(adopted.read(sid).is_ok());
 }
+
+/// In an arena a replicator serves, a removed session's index slot keeps
+/// its SID until the replicator has taken the removal: churn does not
+/// overwrite it. Only when every free slot waits (a stalled replicator)
+/// is one reused, counted, and creates still succeed.
+#[test]
+fn a_removal_waits_for_the_replicator_before_its_slot_is_reused() {
+    let t = TempArena::new("removal-kept");
+    let a = t.open(&ArenaConfig {
+        capacity: 16,
+        ..small_config()
+    });
+    assert!(a.set_replica_incarnation(1, 7), "a replicator served it");
+    let mut out = Vec::new();
+    let gone = a.create(NewSession::default(), &[]).unwrap();
+    a.take_dirty(usize::MAX, &mut out);
+    a.invalidate(gone).unwrap();
+    let slots = a.stats().index_slots;
+    let mut removed = vec![gone];
+    for _ in 0..slots / 2 {
+        let s = a.create(NewSession::default(), &[]).unwrap();
+        a.invalidate(s).unwrap();
+        removed.push(s);
+    }
+    assert_eq!(a.stats().removals_dropped, 0);
+    a.take_dirty(usize::MAX, &mut out);
+    for sid in &removed {
+        assert!(
+            out.contains(&Dirty::Removed { sid: *sid }),
+            "the removal of {sid} was lost"
+        );
+    }
+    // A stalled replicator: churn past every free slot. Creates go on.
+    for _ in 0..slots * 2 {
+        let s = a.create(NewSession::default(), &[]).unwrap();
+        a.invalidate(s).unwrap();
+    }
+    assert!(a.stats().removals_dropped > 0);
+}

@@ -90,7 +90,7 @@ pub mod node;
 pub mod placement;
 pub mod runtime;
 
-pub use host::{failover, replicator};
+pub use host::{failover, replicator, sessions};
 
 pub use failover::{
     FailoverConfig, FailoverError, Fetched, NodeClients, Singleflight, fetch_and_install,
@@ -98,3 +98,6 @@ pub use failover::{
 pub use node::{NodeConfig, NodeLimits, Store};
 pub use placement::{Member, Placement, PlacementError};
 pub use replicator::{NodeStats, Replicator, ReplicatorConfig, ReplicatorError, ReplicatorStats};
+pub use sessions::{
+    Durability, Engine, HostConfig, HostError, HostStats, MissLimits, Sessions, SweepConfig,
+};

@@ -452,34 +452,8 @@ impl Arena {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::map::{ArenaConfig, HugePages, Location};
+    use crate::arena::test_support::Scratch;
     use crate::{NewSession, Op};
-
-    /// An arena in /dev/shm under a name unique to this test, removed after.
-    struct Scratch(Location);
-
-    impl Scratch {
-        fn new(tag: &str) -> Scratch {
-            let loc = Location::Shm(format!("unit-collect-{tag}-{}", std::process::id()));
-            let _ = Arena::remove(&loc);
-            Scratch(loc)
-        }
-        fn open(&self) -> Arena {
-            let cfg = ArenaConfig {
-                capacity: 4096,
-                heap_bytes: 8 << 20,
-                quota_bytes: 60 * 1024,
-                huge_pages: HugePages::Off,
-            };
-            Arena::open(&self.0, &cfg).unwrap()
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = Arena::remove(&self.0);
-        }
-    }
 
     /// Frees what our ring holds that no pin sees.
     fn reclaim(a: &Arena) {
@@ -490,7 +464,7 @@ mod tests {
 
     #[test]
     fn a_block_lost_between_allocation_and_link_is_found_and_freed() {
-        let s = Scratch::new("lost");
+        let s = Scratch::new("collect-lost");
         let a = s.open();
         let sid = a.create(NewSession::default(), &[("k", b"v")]).unwrap();
         assert_eq!(a.collect().unwrap().leaked_blocks, 0);
@@ -517,7 +491,7 @@ mod tests {
 
     #[test]
     fn a_chunk_taken_and_never_installed_goes_back_to_the_pool() {
-        let s = Scratch::new("chunk");
+        let s = Scratch::new("collect-chunk");
         let a = s.open();
         a.create(NewSession::default(), &[("k", b"v")]).unwrap();
         a.begin_mut();
@@ -534,7 +508,7 @@ mod tests {
 
     #[test]
     fn wholly_free_chunks_go_back_and_serve_another_size_class() {
-        let s = Scratch::new("chunks");
+        let s = Scratch::new("collect-chunks");
         let a = s.open();
         // Half the heap in 20 KiB sessions, then end them all.
         let big = vec![7u8; 20 * 1024];
@@ -557,7 +531,7 @@ mod tests {
 
     #[test]
     fn a_returning_chunk_left_by_a_dead_collector_is_finished() {
-        let s = Scratch::new("returning");
+        let s = Scratch::new("collect-returning");
         let a = s.open();
         let sids: Vec<_> = (0..50)
             .map(|_| {
@@ -597,7 +571,7 @@ mod tests {
 
     #[test]
     fn a_live_mutation_holds_a_collection_off_and_a_stuck_one_makes_it_give_up() {
-        let s = Scratch::new("busy");
+        let s = Scratch::new("collect-busy");
         let a = s.open();
         let b = a.try_clone().unwrap();
         b.begin_mut();
@@ -622,7 +596,7 @@ mod tests {
 
     #[test]
     fn a_dead_collector_is_taken_over_by_the_next_mutation() {
-        let s = Scratch::new("dead");
+        let s = Scratch::new("collect-dead");
         let a = s.open();
         let sid = a.create(NewSession::default(), &[]).unwrap();
         let gone = a.try_clone().unwrap();
@@ -640,7 +614,7 @@ mod tests {
 
     #[test]
     fn heap_full_runs_a_collection_that_makes_room() {
-        let s = Scratch::new("full");
+        let s = Scratch::new("collect-full");
         let a = s.open();
         // 6 KiB records fill the heap (an update first, so op nodes have a
         // chunk of their own); ended, their chunks stay with their class.

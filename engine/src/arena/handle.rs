@@ -172,8 +172,10 @@ impl Arena {
         ArenaStats {
             live: h.live.load(Ordering::Relaxed),
             capacity: self.map.geo.capacity,
+            index_slots: self.map.geo.index_slots,
             created_total: h.created_total.load(Ordering::Relaxed),
             expired_total: h.expired_total.load(Ordering::Relaxed),
+            removals_dropped: h.removals_dropped.load(Ordering::Relaxed),
             chunks_used: h.chunk_top.load(Ordering::Relaxed),
             chunks: self.map.geo.chunks,
             chunk_bytes: self.map.geo.chunk_bytes,
@@ -194,6 +196,7 @@ impl Arena {
 impl Drop for Arena {
     fn drop(&mut self) {
         debug_assert_eq!(self.pins.get(), 0, "a ReadGuard outlived its arena handle");
+        self.resign_sweep();
         self.begin_mut();
         self.reclaim(true);
         self.leave_mut(false);

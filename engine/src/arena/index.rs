@@ -108,6 +108,9 @@ impl Arena {
         let mask = self.map.geo.index_slots - 1;
         let mut i = self.home(sid);
         let mut target = None;
+        // A tombstone whose removal the replicator has not taken yet, in
+        // case no other slot is free.
+        let mut pending = None;
         for _ in 0..=mask {
             let s = self.map.slot(i);
             let st = s.state.load(Ordering::Acquire);
@@ -126,7 +129,12 @@ impl Arena {
                     let l = s.lock.load(Ordering::Acquire);
                     // A remover clears the lock just after marking the
                     // tombstone; a dead remover's lock is cleared here.
-                    if l == 0 || (!self.owner_alive(l) && lock::steal(&s.lock, l, 0)) {
+                    let free = l == 0 || (!self.owner_alive(l) && lock::steal(&s.lock, l, 0));
+                    if free && self.removal_pending(i) {
+                        // Reusing it would overwrite the SID the replicator
+                        // is to tell the bank is gone.
+                        pending.get_or_insert(i);
+                    } else if free {
                         target = Some(i);
                         if fresh_sid {
                             // A fresh random SID cannot be further along.
@@ -141,7 +149,17 @@ impl Arena {
         if h.live.load(Ordering::Acquire) >= self.map.geo.capacity {
             return Err(SessionError::Full(h.live.load(Ordering::Relaxed)));
         }
-        let i = target.ok_or(SessionError::Full(h.live.load(Ordering::Relaxed)))?;
+        let i = match (target, pending) {
+            (Some(i), _) => i,
+            (None, Some(i)) => {
+                // Every free slot on the chain waits for the replicator
+                // (which must be stalled): serve, and count the removal the
+                // bank will not hear of (its copy then ends by expiry).
+                h.removals_dropped.fetch_add(1, Ordering::Relaxed);
+                i
+            }
+            (None, None) => return Err(SessionError::Full(h.live.load(Ordering::Relaxed))),
+        };
         let s = self.map.slot(i);
         let st = s.state.load(Ordering::Acquire);
         // The queue's seq continues across incarnations of a slot, so a
@@ -192,6 +210,15 @@ impl Arena {
         }
     }
 
+    /// Whether slot `i` holds a removal a replicator has yet to take: its
+    /// dirty bit is set in an arena a replicator serves (one has recorded a
+    /// node). Without a replicator nobody takes the bits, and nobody needs
+    /// the removals.
+    pub(super) fn removal_pending(&self, i: u64) -> bool {
+        self.header().replicas[0].node.load(Ordering::Relaxed) != 0
+            && self.map.dirty_word(i / 64).load(Ordering::Acquire) & (1 << (i % 64)) != 0
+    }
+
     pub(super) fn mark_dirty(&self, slot: u64) {
         self.map
             .dirty_word(slot / 64)
@@ -214,7 +241,12 @@ impl Arena {
             if slot_kind(st) != SLOT_TOMB {
                 break;
             }
-            s.state.store(slot_next(st, SLOT_EMPTY), Ordering::Release);
+            // A tombstone whose removal the replicator has not taken stays
+            // one (an empty slot would be reused at once); the run holds no
+            // live session, so the slots around it may still be emptied.
+            if !self.removal_pending(j) {
+                s.state.store(slot_next(st, SLOT_EMPTY), Ordering::Release);
+            }
             j = j.wrapping_sub(1) & mask;
         }
     }

@@ -3,7 +3,8 @@
 //!
 //! [`fetch_and_install`] asks the session's owners first, all at once, and
 //! keeps the copy with the highest `(epoch, version)`; if no owner has one
-//! it polls every other node (a copy may sit on a hinted stand-in). The copy
+//! it asks the next nodes of the ranking, as many as there are owners (a
+//! copy may sit on a hinted stand-in), and no more. The copy
 //! is installed with `epoch + 1`: this host owns the session now. It then
 //! pushes that copy to the owners it can reach, so they hold the new epoch
 //! at once and refuse the old host's late deltas (fencing) without waiting
@@ -370,10 +371,14 @@ fn fetch_once<B: Rt>(
     let (mut best, mut answered) = clients.best_copy(placement, sid, &owners);
     let mut asked = owners.len();
     if best.is_none() {
+        // The stand-ins an outage of the owners would have used: the next
+        // nodes of the ranking, as many as there are owners. Never the
+        // whole bank, so a made-up SID costs a bounded query.
         let rest: Vec<u16> = placement
             .ranking(&sid.0)
             .into_iter()
             .filter(|id| !owners.contains(id))
+            .take(owners.len())
             .collect();
         asked += rest.len();
         let (b, a) = clients.best_copy(placement, sid, &rest);

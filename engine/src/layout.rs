@@ -191,16 +191,26 @@ pub(crate) struct IndexSlot {
 }
 const _: () = assert!(size_of::<IndexSlot>() == 64);
 
+/// The first 16 bytes of every heap block, whatever it holds: the link the
+/// allocator threads free and retired blocks on, then what kind of block it
+/// is and how many bytes follow its 64-byte header.
+#[repr(C)]
+pub(crate) struct BlockStart {
+    /// Free-list link while the block is free (a block index); retire-chain
+    /// link while it waits in a retire ring (a byte offset); a node's link
+    /// in a queue chain. Never read by a reader of the block's contents, so
+    /// it may change while readers are pinned.
+    pub link: AtomicU64,
+    /// [`RECORD_MAGIC`] or [`NODE_MAGIC`].
+    pub magic: u32,
+    /// Bytes of the payload after the header.
+    pub len: u32,
+}
+
 /// The first 64 bytes of a record block; the rkyv archive follows.
 #[repr(C)]
 pub(crate) struct RecordHeader {
-    /// Free-list link while the block is free (a block index); retire-chain
-    /// link while it waits in a retire ring (a byte offset). Never read by
-    /// a reader of the record, so it may change while readers are pinned.
-    pub link: AtomicU64,
-    pub magic: u32,
-    /// Bytes of the archive that follows.
-    pub len: u32,
+    pub start: BlockStart,
     /// xxh3 of the archive.
     pub checksum: u64,
     pub version: u64,
@@ -210,14 +220,11 @@ pub(crate) struct RecordHeader {
     pub applied_seq: u32,
     pub reserved: u32,
 }
-const _: () = assert!(size_of::<RecordHeader>() as u64 == BLOCK);
 
 /// The first 64 bytes of an op node block; the encoded ops follow.
 #[repr(C)]
 pub(crate) struct NodeHeader {
-    pub link: AtomicU64,
-    pub magic: u32,
-    pub len: u32,
+    pub start: BlockStart,
     pub seq: AtomicU32,
     /// Outcome, written by the combiner before its commit
     /// (`words::ResultCode`).
@@ -229,25 +236,40 @@ pub(crate) struct NodeHeader {
     /// after it, the version produced or the bytes an over-quota batch needed.
     pub detail: AtomicU64,
 }
-const _: () = assert!(size_of::<NodeHeader>() as u64 == BLOCK);
 
 /// A header that starts a heap block: at most 64 bytes and 64-byte
-/// alignment, its first word the block's `link`, every field an atomic or a
-/// plain integer valid at any bit pattern. Sealed: only the headers of this
-/// module are read through `Map::block_header`, which relies on exactly that.
+/// alignment, starting with the block's [`BlockStart`], every field an
+/// atomic or a plain integer valid at any bit pattern. Sealed: only the
+/// headers of this module are read through `Map::block_header`, which
+/// relies on exactly that.
 pub(crate) trait BlockHeader: sealed::Sealed {}
 
 mod sealed {
     pub trait Sealed {}
+    impl Sealed for super::BlockStart {}
     impl Sealed for super::RecordHeader {}
     impl Sealed for super::NodeHeader {}
 }
 
+impl BlockHeader for BlockStart {}
 impl BlockHeader for RecordHeader {}
 impl BlockHeader for NodeHeader {}
 
-const _: () = assert!(std::mem::align_of::<RecordHeader>() as u64 <= BLOCK);
-const _: () = assert!(std::mem::align_of::<NodeHeader>() as u64 <= BLOCK);
+// The record and node headers fill a block's header exactly, start with the
+// `BlockStart` (so either can be read through it), and keep the offsets the
+// file format has always had.
+const _: () = {
+    use std::mem::{align_of, offset_of};
+    assert!(size_of::<BlockStart>() == 16 && align_of::<BlockStart>() as u64 <= BLOCK);
+    assert!(size_of::<RecordHeader>() as u64 == BLOCK);
+    assert!(align_of::<RecordHeader>() as u64 <= BLOCK);
+    assert!(offset_of!(RecordHeader, start) == 0 && offset_of!(RecordHeader, checksum) == 16);
+    assert!(offset_of!(RecordHeader, sid) == 40 && offset_of!(RecordHeader, reserved) == 60);
+    assert!(size_of::<NodeHeader>() as u64 == BLOCK);
+    assert!(align_of::<NodeHeader>() as u64 <= BLOCK);
+    assert!(offset_of!(NodeHeader, start) == 0 && offset_of!(NodeHeader, seq) == 16);
+    assert!(offset_of!(NodeHeader, sid) == 32 && offset_of!(NodeHeader, detail) == 56);
+};
 
 /// Block sizes of the heap's classes, smallest first: steps of 64 bytes up
 /// to 1 KiB, then steps of about 1/8, so a block wastes at most ~12 %.

@@ -4,8 +4,8 @@
 
 use crate::error::OpenError;
 use crate::layout::{
-    BLOCK, BlockHeader, CHUNK_UNASSIGNED, FORMAT_VERSION, Geometry, HEADER_BYTES, Header,
-    IndexSlot, MAGIC, PARTICIPANTS_MAX, Participant,
+    BLOCK, BlockHeader, BlockStart, CHUNK_UNASSIGNED, FORMAT_VERSION, Geometry, HEADER_BYTES,
+    Header, IndexSlot, MAGIC, PARTICIPANTS_MAX, Participant,
 };
 use crate::sync::{AtomicU8, AtomicU64, Ordering};
 use memmap2::{MmapOptions, MmapRaw};
@@ -583,6 +583,34 @@ impl Map {
                 bytes.len(),
             );
         }
+    }
+
+    /// Fills a freshly allocated block `off`: writes `payload` after its
+    /// header and stamps the header's kind and length. Returns the header,
+    /// for the caller to fill in the fields of its kind.
+    ///
+    /// # Safety
+    /// As [`Map::write_heap`]: the caller owns the block. Its `link` is left
+    /// alone, since a stale free-list popper may still read it.
+    pub(crate) unsafe fn fill_block<T: BlockHeader>(
+        &self,
+        off: u64,
+        magic: u32,
+        payload: &[u8],
+    ) -> *mut T {
+        let p = self
+            .block_header_ptr::<T>(off)
+            .expect("alloc returns heap blocks");
+        let start = p.cast::<BlockStart>();
+        // SAFETY: exclusive by the caller's contract; `p` points at the
+        // block's header, in bounds, and every block header starts with a
+        // `BlockStart` (layout's `BlockHeader`).
+        unsafe {
+            self.write_heap(off + BLOCK, payload);
+            (*start).magic = magic;
+            (*start).len = payload.len() as u32;
+        }
+        p
     }
 
     /// Locks byte `i` of the participant range for `file`; false if taken.

@@ -47,20 +47,7 @@ pub(crate) struct Header {
     pub format: u32,
     pub participants: u32,
     pub fingerprint: u64,
-    pub capacity: u64,
-    pub index_slots: u64,
-    pub heap_bytes: u64,
-    pub quota_bytes: u64,
-    pub chunk_bytes: u64,
-    pub chunks: u64,
-    pub class_count: u32,
-    pub page_bytes: u32,
-    pub participants_off: u64,
-    pub index_off: u64,
-    pub dirty_off: u64,
-    pub chunk_map_off: u64,
-    pub heap_off: u64,
-    pub total_bytes: u64,
+    pub shape: Shape,
     pub created_ms: u64,
     /// Global reclamation epoch; bumped at every retire.
     pub epoch: AtomicU64,
@@ -100,6 +87,37 @@ pub(crate) struct Header {
     pub collector: Collector,
 }
 const _: () = assert!(size_of::<Header>() as u64 <= HEADER_BYTES);
+
+/// The arena's sizes and where each region starts: derived from the
+/// configuration at creation, then fixed. The header holds a copy, and an
+/// arena opens only where recomputing it from the header gives the same.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Shape {
+    pub capacity: u64,
+    pub index_slots: u64,
+    pub heap_bytes: u64,
+    pub quota_bytes: u64,
+    pub chunk_bytes: u64,
+    pub chunks: u64,
+    pub class_count: u32,
+    pub page_bytes: u32,
+    pub participants_off: u64,
+    pub index_off: u64,
+    pub dirty_off: u64,
+    pub chunk_map_off: u64,
+    pub heap_off: u64,
+    pub total_bytes: u64,
+}
+// Where the shape's fields were when they stood in the header one by one:
+// nesting them changed no byte of the file.
+const _: () = {
+    use std::mem::offset_of;
+    assert!(offset_of!(Header, shape) == 24 && size_of::<Shape>() == 104);
+    assert!(offset_of!(Header, created_ms) == 128);
+    assert!(offset_of!(Shape, class_count) == 48 && offset_of!(Shape, page_bytes) == 52);
+    assert!(offset_of!(Shape, participants_off) == 56 && offset_of!(Shape, total_bytes) == 96);
+};
 
 /// The online collector's shared state: read by every mutation (`world`),
 /// written rarely, so it has a cache line of its own.
@@ -289,22 +307,22 @@ pub(crate) fn class_sizes(chunk_bytes: u64) -> Vec<u64> {
     sizes
 }
 
-/// Everything derived from the configuration, fixed at creation.
+/// Everything derived from the configuration, fixed at creation: the
+/// [`Shape`] the header records, and the heap's size classes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Geometry {
-    pub capacity: u64,
-    pub index_slots: u64,
-    pub heap_bytes: u64,
-    pub quota_bytes: u64,
-    pub chunk_bytes: u64,
-    pub chunks: u64,
-    pub participants_off: u64,
-    pub index_off: u64,
-    pub dirty_off: u64,
-    pub chunk_map_off: u64,
-    pub heap_off: u64,
-    pub total_bytes: u64,
+    pub shape: Shape,
     pub classes: Vec<u64>,
+}
+
+/// The shape's fields read as the geometry's own (`geo.heap_off`): they are
+/// what most code wants of it.
+impl std::ops::Deref for Geometry {
+    type Target = Shape;
+
+    fn deref(&self) -> &Shape {
+        &self.shape
+    }
 }
 
 impl Geometry {
@@ -325,20 +343,25 @@ impl Geometry {
         let chunk_map_off = dirty_off + (index_slots / 8).next_multiple_of(64);
         let heap_off = (chunk_map_off + chunks).next_multiple_of(align.max(4096));
         let total_bytes = (heap_off + chunks * chunk_bytes).next_multiple_of(align.max(4096));
+        let classes = class_sizes(chunk_bytes);
         Geometry {
-            capacity,
-            index_slots,
-            heap_bytes: chunks * chunk_bytes,
-            quota_bytes,
-            chunk_bytes,
-            chunks,
-            participants_off,
-            index_off,
-            dirty_off,
-            chunk_map_off,
-            heap_off,
-            total_bytes,
-            classes: class_sizes(chunk_bytes),
+            shape: Shape {
+                capacity,
+                index_slots,
+                heap_bytes: chunks * chunk_bytes,
+                quota_bytes,
+                chunk_bytes,
+                chunks,
+                class_count: classes.len() as u32,
+                page_bytes: align as u32,
+                participants_off,
+                index_off,
+                dirty_off,
+                chunk_map_off,
+                heap_off,
+                total_bytes,
+            },
+            classes,
         }
     }
 

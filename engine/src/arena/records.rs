@@ -191,14 +191,7 @@ impl Arena {
             },
             ..SessionData::default()
         };
-        let ops: Vec<Op> = attrs
-            .iter()
-            .map(|(k, v)| Op::Set {
-                key: (*k).to_string(),
-                value: v.to_vec(),
-            })
-            .collect();
-        data.apply(&ops, now, self.map.geo.quota_bytes)?;
+        data.apply(&Op::sets(attrs), now, self.map.geo.quota_bytes)?;
         self.with_space(|| {
             self.begin_mut();
             let r = self.create_mut(&data);

@@ -89,6 +89,7 @@ pub mod host;
 pub mod node;
 pub mod placement;
 pub mod runtime;
+mod samples;
 
 pub use host::{failover, replicator};
 
@@ -98,3 +99,4 @@ pub use failover::{
 pub use node::{NodeConfig, NodeLimits, Store};
 pub use placement::{Member, Placement, PlacementError};
 pub use replicator::{NodeStats, Replicator, ReplicatorConfig, ReplicatorError, ReplicatorStats};
+pub use samples::Samples;

@@ -50,92 +50,130 @@ pub const HOST_ID_DEFAULT: u64 = 1;
 /// How often the agent prints its stats.
 pub const STATS_INTERVAL_MS_DEFAULT: u64 = 5000;
 
-/// `sessio node` settings.
-#[derive(Args, Deserialize, Debug, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct NodeSettings {
-    /// TOML file with any of these settings (keys named like the flags,
-    /// `_` for `-`); flags win over the file.
-    #[arg(long)]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
-    /// Address to listen on (port 0 picks one; the bound address is printed).
-    #[arg(long)]
-    pub listen: Option<SocketAddr>,
-    /// This node's id in the bank (1-65535).
-    #[arg(long)]
-    pub node_id: Option<u16>,
-    /// File holding the bank's 32-byte secret (raw, or 64 hex digits).
-    #[arg(long)]
-    pub secret_file: Option<PathBuf>,
-    /// Most sessions held; more are refused.
-    #[arg(long, default_value_t = node::SESSIONS_MAX_DEFAULT)]
-    pub sessions_max: u64,
-    /// Most record bytes held; more are refused.
-    #[arg(long, default_value_t = node::BYTES_MAX_DEFAULT)]
-    pub bytes_max: u64,
-    /// Most open connections.
-    #[arg(long, default_value_t = sessio_net::server::CONNECTIONS_MAX_DEFAULT)]
-    pub connections_max: u32,
-    /// Threads serving connections, sharing the port and the store (1-64).
-    #[arg(long, default_value_t = THREADS_DEFAULT)]
-    pub threads: usize,
-    /// Drop a copy once its session's absolute expiry passed this long ago,
-    /// in ms.
-    #[arg(long, default_value_t = node::EXPIRY_GRACE_MS_DEFAULT)]
-    pub expiry_grace_ms: u64,
-    /// Drop a copy not written for this long, in ms (0: never); host reads
-    /// do not reach the node, so keep it well above the longest idle TTL.
-    #[arg(long, default_value_t = ExpiryRule::default().idle_max_ms)]
-    pub copy_idle_max_ms: u64,
-    /// Use the epoll engine instead of `io_uring`.
-    #[arg(long)]
-    pub epoll: bool,
-    /// Serve Prometheus text metrics on this address (GET /metrics).
-    #[arg(long)]
-    pub metrics_addr: Option<SocketAddr>,
+/// Declares the settings of one command: the struct, with its `--config`
+/// flag first, and its [`Default`] and [`Layered`] impls. The fields are
+/// listed once, here, so the file keys, the flags and the layering of one
+/// over the other cannot drift apart. Each field's name is its clap id.
+macro_rules! settings {
+    (
+        $(#[$meta:meta])*
+        pub struct $ty:ident {
+            $($(#[$field_meta:meta])* pub $field:ident: $field_ty:ty,)*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Args, Deserialize, Debug, Clone, PartialEq, Eq)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct $ty {
+            /// TOML file with any of these settings (keys named like the flags,
+            /// `_` for `-`); flags win over the file.
+            #[arg(long)]
+            #[serde(skip)]
+            pub config: Option<PathBuf>,
+            $($(#[$field_meta])* pub $field: $field_ty,)*
+        }
+
+        impl Default for $ty {
+            fn default() -> Self {
+                defaults()
+            }
+        }
+
+        impl Layered for $ty {
+            fn config(&self) -> Option<&Path> {
+                self.config.as_deref()
+            }
+
+            fn relative_to(&mut self, dir: &Path) {
+                relative_to(&mut self.secret_file, dir);
+            }
+
+            fn over(self, file: Self, given: &Given<'_>) -> Self {
+                $ty {
+                    config: self.config,
+                    $($field: given.pick(stringify!($field), self.$field, file.$field),)*
+                }
+            }
+        }
+    };
 }
 
-/// `sessio agent` settings.
-#[derive(Args, Deserialize, Debug, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct AgentSettings {
-    /// TOML file with any of these settings (keys named like the flags,
-    /// `_` for `-`); flags win over the file.
-    #[arg(long)]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
-    /// Shared-memory arena name (or a path, with --file).
-    #[arg(long)]
-    pub arena: Option<String>,
-    /// Treat --arena as a file path (file-backed arena).
-    #[arg(long)]
-    pub file: bool,
-    /// The bank: id=ip:port,id=ip:port,... (in the file, also a list of
-    /// "id=ip:port").
-    #[arg(long)]
-    pub nodes: Option<Nodes>,
-    /// File holding the bank's 32-byte secret.
-    #[arg(long)]
-    pub secret_file: Option<PathBuf>,
-    /// Copies kept per session.
-    #[arg(long, default_value_t = REPLICAS_DEFAULT)]
-    pub replicas: usize,
-    /// This host's id.
-    #[arg(long, default_value_t = HOST_ID_DEFAULT)]
-    pub host_id: u64,
-    /// How often dirty sessions are shipped, in microseconds.
-    #[arg(long, default_value_t = FLUSH_INTERVAL_US_DEFAULT)]
-    pub flush_interval_us: u64,
-    /// Use the epoll engine instead of `io_uring`.
-    #[arg(long)]
-    pub epoll: bool,
-    /// Print stats this often, in ms (0: never).
-    #[arg(long, default_value_t = STATS_INTERVAL_MS_DEFAULT)]
-    pub stats_interval_ms: u64,
-    /// Serve Prometheus text metrics on this address (GET /metrics).
-    #[arg(long)]
-    pub metrics_addr: Option<SocketAddr>,
+settings! {
+    /// `sessio node` settings.
+    pub struct NodeSettings {
+        /// Address to listen on (port 0 picks one; the bound address is printed).
+        #[arg(long)]
+        pub listen: Option<SocketAddr>,
+        /// This node's id in the bank (1-65535).
+        #[arg(long)]
+        pub node_id: Option<u16>,
+        /// File holding the bank's 32-byte secret (raw, or 64 hex digits).
+        #[arg(long)]
+        pub secret_file: Option<PathBuf>,
+        /// Most sessions held; more are refused.
+        #[arg(long, default_value_t = node::SESSIONS_MAX_DEFAULT)]
+        pub sessions_max: u64,
+        /// Most record bytes held; more are refused.
+        #[arg(long, default_value_t = node::BYTES_MAX_DEFAULT)]
+        pub bytes_max: u64,
+        /// Most open connections.
+        #[arg(long, default_value_t = sessio_net::server::CONNECTIONS_MAX_DEFAULT)]
+        pub connections_max: u32,
+        /// Threads serving connections, sharing the port and the store (1-64).
+        #[arg(long, default_value_t = THREADS_DEFAULT)]
+        pub threads: usize,
+        /// Drop a copy once its session's absolute expiry passed this long ago,
+        /// in ms.
+        #[arg(long, default_value_t = node::EXPIRY_GRACE_MS_DEFAULT)]
+        pub expiry_grace_ms: u64,
+        /// Drop a copy not written for this long, in ms (0: never); host reads
+        /// do not reach the node, so keep it well above the longest idle TTL.
+        #[arg(long, default_value_t = ExpiryRule::default().idle_max_ms)]
+        pub copy_idle_max_ms: u64,
+        /// Use the epoll engine instead of `io_uring`.
+        #[arg(long)]
+        pub epoll: bool,
+        /// Serve Prometheus text metrics on this address (GET /metrics).
+        #[arg(long)]
+        pub metrics_addr: Option<SocketAddr>,
+    }
+}
+
+settings! {
+    /// `sessio agent` settings.
+    pub struct AgentSettings {
+        /// Shared-memory arena name (or a path, with --file).
+        #[arg(long)]
+        pub arena: Option<String>,
+        /// Treat --arena as a file path (file-backed arena).
+        #[arg(long)]
+        pub file: bool,
+        /// The bank: id=ip:port,id=ip:port,... (in the file, also a list of
+        /// "id=ip:port").
+        #[arg(long)]
+        pub nodes: Option<Nodes>,
+        /// File holding the bank's 32-byte secret.
+        #[arg(long)]
+        pub secret_file: Option<PathBuf>,
+        /// Copies kept per session.
+        #[arg(long, default_value_t = REPLICAS_DEFAULT)]
+        pub replicas: usize,
+        /// This host's id.
+        #[arg(long, default_value_t = HOST_ID_DEFAULT)]
+        pub host_id: u64,
+        /// How often dirty sessions are shipped, in microseconds.
+        #[arg(long, default_value_t = FLUSH_INTERVAL_US_DEFAULT)]
+        pub flush_interval_us: u64,
+        /// Use the epoll engine instead of `io_uring`.
+        #[arg(long)]
+        pub epoll: bool,
+        /// Print stats this often, in ms (0: never).
+        #[arg(long, default_value_t = STATS_INTERVAL_MS_DEFAULT)]
+        pub stats_interval_ms: u64,
+        /// Serve Prometheus text metrics on this address (GET /metrics).
+        #[arg(long)]
+        pub metrics_addr: Option<SocketAddr>,
+    }
 }
 
 /// The bank: `--nodes id=ip:port,...`, or in a file that string or a list
@@ -179,18 +217,6 @@ fn defaults<T: Args + FromArgMatches>() -> T {
         .expect("every setting is optional or has a default")
 }
 
-impl Default for NodeSettings {
-    fn default() -> Self {
-        defaults()
-    }
-}
-
-impl Default for AgentSettings {
-    fn default() -> Self {
-        defaults()
-    }
-}
-
 /// Settings that come from flags and a config file.
 pub trait Layered: Sized + DeserializeOwned {
     /// The `--config` flag.
@@ -228,58 +254,6 @@ impl Given<'_> {
         }
     }
 }
-
-/// Implements [`Layered`] for a settings struct: `$fields` are every
-/// field but `config`, and they make a struct literal (no `..`), so a new
-/// setting does not compile until it is listed here. Each field's name is
-/// its clap id.
-macro_rules! layered {
-    ($ty:ident { $($field:ident),* $(,)? }) => {
-        impl Layered for $ty {
-            fn config(&self) -> Option<&Path> {
-                self.config.as_deref()
-            }
-
-            fn relative_to(&mut self, dir: &Path) {
-                relative_to(&mut self.secret_file, dir);
-            }
-
-            fn over(self, file: Self, given: &Given<'_>) -> Self {
-                $ty {
-                    config: self.config,
-                    $($field: given.pick(stringify!($field), self.$field, file.$field),)*
-                }
-            }
-        }
-    };
-}
-
-layered!(NodeSettings {
-    listen,
-    node_id,
-    secret_file,
-    sessions_max,
-    bytes_max,
-    connections_max,
-    threads,
-    expiry_grace_ms,
-    copy_idle_max_ms,
-    epoll,
-    metrics_addr,
-});
-
-layered!(AgentSettings {
-    arena,
-    file,
-    nodes,
-    secret_file,
-    replicas,
-    host_id,
-    flush_interval_us,
-    epoll,
-    stats_interval_ms,
-    metrics_addr,
-});
 
 fn relative_to(p: &mut Option<PathBuf>, dir: &Path) {
     if let Some(p) = p.as_mut().filter(|p| p.is_relative()) {

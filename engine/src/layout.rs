@@ -47,20 +47,7 @@ pub(crate) struct Header {
     pub format: u32,
     pub participants: u32,
     pub fingerprint: u64,
-    pub capacity: u64,
-    pub index_slots: u64,
-    pub heap_bytes: u64,
-    pub quota_bytes: u64,
-    pub chunk_bytes: u64,
-    pub chunks: u64,
-    pub class_count: u32,
-    pub page_bytes: u32,
-    pub participants_off: u64,
-    pub index_off: u64,
-    pub dirty_off: u64,
-    pub chunk_map_off: u64,
-    pub heap_off: u64,
-    pub total_bytes: u64,
+    pub shape: Shape,
     pub created_ms: u64,
     /// Global reclamation epoch; bumped at every retire.
     pub epoch: AtomicU64,
@@ -127,6 +114,37 @@ pub(crate) struct HostWords {
     pub fetch_claims: [AtomicU64; FETCH_CLAIMS],
 }
 const _: () = assert!(size_of::<HostWords>() == 512);
+
+/// The arena's sizes and where each region starts: derived from the
+/// configuration at creation, then fixed. The header holds a copy, and an
+/// arena opens only where recomputing it from the header gives the same.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Shape {
+    pub capacity: u64,
+    pub index_slots: u64,
+    pub heap_bytes: u64,
+    pub quota_bytes: u64,
+    pub chunk_bytes: u64,
+    pub chunks: u64,
+    pub class_count: u32,
+    pub page_bytes: u32,
+    pub participants_off: u64,
+    pub index_off: u64,
+    pub dirty_off: u64,
+    pub chunk_map_off: u64,
+    pub heap_off: u64,
+    pub total_bytes: u64,
+}
+// Where the shape's fields were when they stood in the header one by one:
+// nesting them changed no byte of the file.
+const _: () = {
+    use std::mem::offset_of;
+    assert!(offset_of!(Header, shape) == 24 && size_of::<Shape>() == 104);
+    assert!(offset_of!(Header, created_ms) == 128);
+    assert!(offset_of!(Shape, class_count) == 48 && offset_of!(Shape, page_bytes) == 52);
+    assert!(offset_of!(Shape, participants_off) == 56 && offset_of!(Shape, total_bytes) == 96);
+};
 
 /// The online collector's shared state: read by every mutation (`world`),
 /// written rarely, so it has a cache line of its own.
@@ -218,16 +236,26 @@ pub(crate) struct IndexSlot {
 }
 const _: () = assert!(size_of::<IndexSlot>() == 64);
 
+/// The first 16 bytes of every heap block, whatever it holds: the link the
+/// allocator threads free and retired blocks on, then what kind of block it
+/// is and how many bytes follow its 64-byte header.
+#[repr(C)]
+pub(crate) struct BlockStart {
+    /// Free-list link while the block is free (a block index); retire-chain
+    /// link while it waits in a retire ring (a byte offset); a node's link
+    /// in a queue chain. Never read by a reader of the block's contents, so
+    /// it may change while readers are pinned.
+    pub link: AtomicU64,
+    /// [`RECORD_MAGIC`] or [`NODE_MAGIC`].
+    pub magic: u32,
+    /// Bytes of the payload after the header.
+    pub len: u32,
+}
+
 /// The first 64 bytes of a record block; the rkyv archive follows.
 #[repr(C)]
 pub(crate) struct RecordHeader {
-    /// Free-list link while the block is free (a block index); retire-chain
-    /// link while it waits in a retire ring (a byte offset). Never read by
-    /// a reader of the record, so it may change while readers are pinned.
-    pub link: AtomicU64,
-    pub magic: u32,
-    /// Bytes of the archive that follows.
-    pub len: u32,
+    pub start: BlockStart,
     /// xxh3 of the archive.
     pub checksum: u64,
     pub version: u64,
@@ -237,14 +265,11 @@ pub(crate) struct RecordHeader {
     pub applied_seq: u32,
     pub reserved: u32,
 }
-const _: () = assert!(size_of::<RecordHeader>() as u64 == BLOCK);
 
 /// The first 64 bytes of an op node block; the encoded ops follow.
 #[repr(C)]
 pub(crate) struct NodeHeader {
-    pub link: AtomicU64,
-    pub magic: u32,
-    pub len: u32,
+    pub start: BlockStart,
     pub seq: AtomicU32,
     /// Outcome, written by the combiner before its commit
     /// (`words::ResultCode`).
@@ -256,25 +281,40 @@ pub(crate) struct NodeHeader {
     /// after it, the version produced or the bytes an over-quota batch needed.
     pub detail: AtomicU64,
 }
-const _: () = assert!(size_of::<NodeHeader>() as u64 == BLOCK);
 
 /// A header that starts a heap block: at most 64 bytes and 64-byte
-/// alignment, its first word the block's `link`, every field an atomic or a
-/// plain integer valid at any bit pattern. Sealed: only the headers of this
-/// module are read through `Map::block_header`, which relies on exactly that.
+/// alignment, starting with the block's [`BlockStart`], every field an
+/// atomic or a plain integer valid at any bit pattern. Sealed: only the
+/// headers of this module are read through `Map::block_header`, which
+/// relies on exactly that.
 pub(crate) trait BlockHeader: sealed::Sealed {}
 
 mod sealed {
     pub trait Sealed {}
+    impl Sealed for super::BlockStart {}
     impl Sealed for super::RecordHeader {}
     impl Sealed for super::NodeHeader {}
 }
 
+impl BlockHeader for BlockStart {}
 impl BlockHeader for RecordHeader {}
 impl BlockHeader for NodeHeader {}
 
-const _: () = assert!(std::mem::align_of::<RecordHeader>() as u64 <= BLOCK);
-const _: () = assert!(std::mem::align_of::<NodeHeader>() as u64 <= BLOCK);
+// The record and node headers fill a block's header exactly, start with the
+// `BlockStart` (so either can be read through it), and keep the offsets the
+// file format has always had.
+const _: () = {
+    use std::mem::{align_of, offset_of};
+    assert!(size_of::<BlockStart>() == 16 && align_of::<BlockStart>() as u64 <= BLOCK);
+    assert!(size_of::<RecordHeader>() as u64 == BLOCK);
+    assert!(align_of::<RecordHeader>() as u64 <= BLOCK);
+    assert!(offset_of!(RecordHeader, start) == 0 && offset_of!(RecordHeader, checksum) == 16);
+    assert!(offset_of!(RecordHeader, sid) == 40 && offset_of!(RecordHeader, reserved) == 60);
+    assert!(size_of::<NodeHeader>() as u64 == BLOCK);
+    assert!(align_of::<NodeHeader>() as u64 <= BLOCK);
+    assert!(offset_of!(NodeHeader, start) == 0 && offset_of!(NodeHeader, seq) == 16);
+    assert!(offset_of!(NodeHeader, sid) == 32 && offset_of!(NodeHeader, detail) == 56);
+};
 
 /// Block sizes of the heap's classes, smallest first: steps of 64 bytes up
 /// to 1 KiB, then steps of about 1/8, so a block wastes at most ~12 %.
@@ -294,22 +334,22 @@ pub(crate) fn class_sizes(chunk_bytes: u64) -> Vec<u64> {
     sizes
 }
 
-/// Everything derived from the configuration, fixed at creation.
+/// Everything derived from the configuration, fixed at creation: the
+/// [`Shape`] the header records, and the heap's size classes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Geometry {
-    pub capacity: u64,
-    pub index_slots: u64,
-    pub heap_bytes: u64,
-    pub quota_bytes: u64,
-    pub chunk_bytes: u64,
-    pub chunks: u64,
-    pub participants_off: u64,
-    pub index_off: u64,
-    pub dirty_off: u64,
-    pub chunk_map_off: u64,
-    pub heap_off: u64,
-    pub total_bytes: u64,
+    pub shape: Shape,
     pub classes: Vec<u64>,
+}
+
+/// The shape's fields read as the geometry's own (`geo.heap_off`): they are
+/// what most code wants of it.
+impl std::ops::Deref for Geometry {
+    type Target = Shape;
+
+    fn deref(&self) -> &Shape {
+        &self.shape
+    }
 }
 
 impl Geometry {
@@ -330,20 +370,25 @@ impl Geometry {
         let chunk_map_off = dirty_off + (index_slots / 8).next_multiple_of(64);
         let heap_off = (chunk_map_off + chunks).next_multiple_of(align.max(4096));
         let total_bytes = (heap_off + chunks * chunk_bytes).next_multiple_of(align.max(4096));
+        let classes = class_sizes(chunk_bytes);
         Geometry {
-            capacity,
-            index_slots,
-            heap_bytes: chunks * chunk_bytes,
-            quota_bytes,
-            chunk_bytes,
-            chunks,
-            participants_off,
-            index_off,
-            dirty_off,
-            chunk_map_off,
-            heap_off,
-            total_bytes,
-            classes: class_sizes(chunk_bytes),
+            shape: Shape {
+                capacity,
+                index_slots,
+                heap_bytes: chunks * chunk_bytes,
+                quota_bytes,
+                chunk_bytes,
+                chunks,
+                class_count: classes.len() as u32,
+                page_bytes: align as u32,
+                participants_off,
+                index_off,
+                dirty_off,
+                chunk_map_off,
+                heap_off,
+                total_bytes,
+            },
+            classes,
         }
     }
 

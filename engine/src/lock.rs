@@ -65,10 +65,13 @@ mod tests {
 
     #[test]
     fn owner_word_round_trips() {
-        let w = owner(0xbeef, 1022);
-        assert_eq!(owner_slot(w), 1022);
-        assert_eq!(owner_generation(w), 0xbeef);
-        assert_ne!(owner(0, 0), 0);
+        // The corners of the encoding: slot `u16::MAX` has no word (its + 1
+        // would spill into the generation).
+        for (generation, slot) in [(0, 0), (0xbeef, 1022), (u16::MAX, u16::MAX - 1)] {
+            let w = owner(generation, slot);
+            assert_ne!(w, 0, "an owner word never reads as a free lock");
+            assert_eq!((owner_generation(w), owner_slot(w)), (generation, slot));
+        }
     }
 
     #[test]

@@ -4,8 +4,8 @@
 
 use crate::error::OpenError;
 use crate::layout::{
-    BLOCK, BlockHeader, CHUNK_UNASSIGNED, FORMAT_VERSION, Geometry, HEADER_BYTES, Header,
-    IndexSlot, MAGIC, PARTICIPANTS_MAX, Participant,
+    BLOCK, BlockHeader, BlockStart, CHUNK_UNASSIGNED, FORMAT_VERSION, Geometry, HEADER_BYTES,
+    Header, IndexSlot, MAGIC, PARTICIPANTS_MAX, Participant,
 };
 use crate::sync::{AtomicU8, AtomicU64, Ordering};
 use memmap2::{MmapOptions, MmapRaw};
@@ -248,7 +248,7 @@ impl Map {
             std::process::id(),
             rand_u64()
         ));
-        let built = Self::build(&tmp, &geo, huge);
+        let built = Self::build(&tmp, &geo);
         let linked = built
             .and_then(|()| std::fs::hard_link(&tmp, &path).map_err(|e| OpenError::io(&path, e)));
         let _ = std::fs::remove_file(&tmp);
@@ -313,7 +313,7 @@ impl Map {
         }
     }
 
-    fn build(tmp: &Path, geo: &Geometry, huge: bool) -> Result<(), OpenError> {
+    fn build(tmp: &Path, geo: &Geometry) -> Result<(), OpenError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -336,20 +336,7 @@ impl Map {
         h.format = FORMAT_VERSION;
         h.participants = PARTICIPANTS_MAX;
         h.fingerprint = geo.fingerprint();
-        h.capacity = geo.capacity;
-        h.index_slots = geo.index_slots;
-        h.heap_bytes = geo.heap_bytes;
-        h.quota_bytes = geo.quota_bytes;
-        h.chunk_bytes = geo.chunk_bytes;
-        h.chunks = geo.chunks;
-        h.class_count = geo.classes.len() as u32;
-        h.page_bytes = if huge { HUGE as u32 } else { 4096 };
-        h.participants_off = geo.participants_off;
-        h.index_off = geo.index_off;
-        h.dirty_off = geo.dirty_off;
-        h.chunk_map_off = geo.chunk_map_off;
-        h.heap_off = geo.heap_off;
-        h.total_bytes = geo.total_bytes;
+        h.shape = geo.shape;
         h.created_ms = crate::clock::now_ms();
         h.hash_seed = rand_u64();
         h.epoch.store(1, Ordering::Relaxed);
@@ -410,36 +397,28 @@ impl Map {
                 expected: FORMAT_VERSION,
             });
         }
-        let align = u64::from(h.page_bytes);
+        let align = u64::from(h.shape.page_bytes);
         if align != 4096 && align != HUGE {
             return Err(OpenError::Layout {
                 path: path.to_path_buf(),
                 why: "unknown page size",
             });
         }
-        if h.capacity == 0
-            || h.capacity > 1 << 32
-            || h.heap_bytes > 1 << 44
-            || h.quota_bytes > 64 << 20
+        let asked = &h.shape;
+        if asked.capacity == 0
+            || asked.capacity > 1 << 32
+            || asked.heap_bytes > 1 << 44
+            || asked.quota_bytes > 64 << 20
         {
             return Err(OpenError::Layout {
                 path: path.to_path_buf(),
                 why: "geometry out of range",
             });
         }
-        let geo = Geometry::new(h.capacity, h.heap_bytes, h.quota_bytes, align);
-        let same = geo.index_slots == h.index_slots
-            && geo.heap_bytes == h.heap_bytes
-            && geo.chunk_bytes == h.chunk_bytes
-            && geo.chunks == h.chunks
-            && geo.participants_off == h.participants_off
-            && geo.index_off == h.index_off
-            && geo.dirty_off == h.dirty_off
-            && geo.chunk_map_off == h.chunk_map_off
-            && geo.heap_off == h.heap_off
-            && geo.total_bytes == h.total_bytes
-            && geo.classes.len() as u32 == h.class_count
-            && h.participants == PARTICIPANTS_MAX;
+        let geo = Geometry::new(asked.capacity, asked.heap_bytes, asked.quota_bytes, align);
+        // Everything the header records must be what its own capacity, heap
+        // and quota lay out.
+        let same = geo.shape == h.shape && h.participants == PARTICIPANTS_MAX;
         if !same || geo.fingerprint() != h.fingerprint {
             return Err(OpenError::Layout {
                 path: path.to_path_buf(),
@@ -583,6 +562,34 @@ impl Map {
                 bytes.len(),
             );
         }
+    }
+
+    /// Fills a freshly allocated block `off`: writes `payload` after its
+    /// header and stamps the header's kind and length. Returns the header,
+    /// for the caller to fill in the fields of its kind.
+    ///
+    /// # Safety
+    /// As [`Map::write_heap`]: the caller owns the block. Its `link` is left
+    /// alone, since a stale free-list popper may still read it.
+    pub(crate) unsafe fn fill_block<T: BlockHeader>(
+        &self,
+        off: u64,
+        magic: u32,
+        payload: &[u8],
+    ) -> *mut T {
+        let p = self
+            .block_header_ptr::<T>(off)
+            .expect("alloc returns heap blocks");
+        let start = p.cast::<BlockStart>();
+        // SAFETY: exclusive by the caller's contract; `p` points at the
+        // block's header, in bounds, and every block header starts with a
+        // `BlockStart` (layout's `BlockHeader`).
+        unsafe {
+            self.write_heap(off + BLOCK, payload);
+            (*start).magic = magic;
+            (*start).len = payload.len() as u32;
+        }
+        p
     }
 
     /// Locks byte `i` of the participant range for `file`; false if taken.

@@ -131,6 +131,18 @@ pub enum OpRef<'a> {
 }
 
 impl Op {
+    /// One [`Op::Set`] per `(name, value)` pair, in order: how a session's
+    /// first attributes are written.
+    pub fn sets(attrs: &[(&str, &[u8])]) -> Vec<Op> {
+        attrs
+            .iter()
+            .map(|&(key, value)| Op::Set {
+                key: key.to_string(),
+                value: value.to_vec(),
+            })
+            .collect()
+    }
+
     /// This op as an [`OpRef`].
     pub fn as_ref(&self) -> OpRef<'_> {
         match self {

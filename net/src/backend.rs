@@ -111,10 +111,14 @@ pub trait Backend: sealed::Sealed + 'static {
     }
 }
 
-/// The socket half of [`Backend`]: the same text for both engines, whose
-/// `TcpStream` and `TcpListener` (compio's, tokio's) have the same API.
-macro_rules! socket_methods {
-    () => {
+/// The parts of [`Backend`] whose text is the same for both engines: their
+/// `TcpStream` and `TcpListener` (compio's, tokio's) have the same API, and
+/// so do their timers and runtimes, so only the crate paths differ.
+macro_rules! common_methods {
+    (time: $($time:ident)::+, runtime: $rt:ty $(,)?) => {
+        type Stream = TcpStream;
+        type Listener = TcpListener;
+
         async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
             TcpStream::connect(addr).await
         }
@@ -133,6 +137,20 @@ macro_rules! socket_methods {
 
         fn local_addr(listener: &TcpListener) -> io::Result<SocketAddr> {
             listener.local_addr()
+        }
+
+        async fn timeout<F: Future>(after: Duration, f: F) -> Result<F::Output, Elapsed> {
+            $($time)::+::timeout(after, f).await.map_err(|_| Elapsed)
+        }
+
+        async fn sleep(d: Duration) {
+            $($time)::+::sleep(d).await;
+        }
+
+        type Runtime = $rt;
+
+        fn run<F: Future>(rt: &$rt, f: F) -> F::Output {
+            rt.block_on(f)
         }
     };
 }
@@ -267,19 +285,9 @@ mod uring {
     }
 
     impl Backend for IoUring {
-        type Stream = TcpStream;
-        type Listener = TcpListener;
         const NAME: &'static str = "io_uring";
 
-        socket_methods!();
-
-        async fn timeout<F: Future>(after: Duration, f: F) -> Result<F::Output, Elapsed> {
-            compio::time::timeout(after, f).await.map_err(|_| Elapsed)
-        }
-
-        async fn sleep(d: Duration) {
-            compio::time::sleep(d).await;
-        }
+        common_methods!(time: compio::time, runtime: compio::runtime::Runtime);
 
         fn spawn<F: Future<Output = ()> + 'static>(f: F) {
             // Dropping a compio JoinHandle cancels the task: detach instead.
@@ -290,14 +298,8 @@ mod uring {
             f.await
         }
 
-        type Runtime = compio::runtime::Runtime;
-
         fn runtime() -> io::Result<compio::runtime::Runtime> {
             IoUring::runtime()
-        }
-
-        fn run<F: Future>(rt: &compio::runtime::Runtime, f: F) -> F::Output {
-            rt.block_on(f)
         }
     }
 }
@@ -367,19 +369,9 @@ mod epoll {
     }
 
     impl Backend for Epoll {
-        type Stream = TcpStream;
-        type Listener = TcpListener;
         const NAME: &'static str = "epoll";
 
-        socket_methods!();
-
-        async fn timeout<F: Future>(after: Duration, f: F) -> Result<F::Output, Elapsed> {
-            tokio::time::timeout(after, f).await.map_err(|_| Elapsed)
-        }
-
-        async fn sleep(d: Duration) {
-            tokio::time::sleep(d).await;
-        }
+        common_methods!(time: tokio::time, runtime: tokio::runtime::Runtime);
 
         fn spawn<F: Future<Output = ()> + 'static>(f: F) {
             drop(tokio::task::spawn_local(f));
@@ -389,16 +381,10 @@ mod epoll {
             tokio::task::LocalSet::new().run_until(f).await
         }
 
-        type Runtime = tokio::runtime::Runtime;
-
         fn runtime() -> io::Result<tokio::runtime::Runtime> {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-        }
-
-        fn run<F: Future>(rt: &tokio::runtime::Runtime, f: F) -> F::Output {
-            rt.block_on(f)
         }
     }
 }

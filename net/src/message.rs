@@ -355,13 +355,14 @@ fn delta_len(d: &ArchivedDelta) -> usize {
     }
 }
 
+/// Every kind of batch holds at most [`Limits::batch_entries_max`] entries.
+fn batch_over(what: &'static str, entries: usize, l: Limits) -> Result<(), MessageError> {
+    over(what, entries, l.batch_entries_max)
+}
+
 impl CheckLimits for ArchivedDeltaBatch {
     fn check_limits(&self, l: Limits) -> Result<(), MessageError> {
-        over(
-            "delta batch entries",
-            self.entries.len(),
-            l.batch_entries_max,
-        )?;
+        batch_over("delta batch entries", self.entries.len(), l)?;
         for e in self.entries.iter() {
             over("delta body bytes", delta_len(&e.body), l.record_bytes_max)?;
         }
@@ -371,17 +372,13 @@ impl CheckLimits for ArchivedDeltaBatch {
 
 impl CheckLimits for ArchivedAck {
     fn check_limits(&self, l: Limits) -> Result<(), MessageError> {
-        over("ack entries", self.entries.len(), l.batch_entries_max)
+        batch_over("ack entries", self.entries.len(), l)
     }
 }
 
 impl CheckLimits for ArchivedInvalidate {
     fn check_limits(&self, l: Limits) -> Result<(), MessageError> {
-        over(
-            "invalidate entries",
-            self.entries.len(),
-            l.batch_entries_max,
-        )
+        batch_over("invalidate entries", self.entries.len(), l)
     }
 }
 
@@ -579,53 +576,37 @@ pub fn samples() -> Vec<Message> {
     vec![
         Message::DeltaBatch(DeltaBatch {
             host_id: 7,
-            entries: vec![
-                DeltaEntry {
-                    sid: [1; 16],
-                    base_version: 3,
-                    new_version: 4,
-                    epoch: 2,
-                    body: Delta::Ops(b"set k v".to_vec()),
-                },
-                DeltaEntry {
-                    sid: [2; 16],
-                    base_version: 0,
-                    new_version: 1,
-                    epoch: 2,
-                    body: Delta::Full(vec![9; 100]),
-                },
-                DeltaEntry {
-                    sid: [3; 16],
-                    base_version: 5,
-                    new_version: 6,
-                    epoch: 2,
-                    body: Delta::Remove,
-                },
-            ],
+            // One entry of each kind of delta.
+            entries: [
+                (1, 3, Delta::Ops(b"set k v".to_vec())),
+                (2, 0, Delta::Full(vec![9; 100])),
+                (3, 5, Delta::Remove),
+            ]
+            .into_iter()
+            .map(|(n, base_version, body)| DeltaEntry {
+                sid: [n; 16],
+                base_version,
+                new_version: base_version + 1,
+                epoch: 2,
+                body,
+            })
+            .collect(),
         }),
         Message::Ack(Ack {
-            entries: vec![
-                AckEntry {
-                    sid: [1; 16],
-                    version: 4,
-                    status: AckStatus::Applied,
-                },
-                AckEntry {
-                    sid: [2; 16],
-                    version: 0,
-                    status: AckStatus::NeedFull,
-                },
-                AckEntry {
-                    sid: [3; 16],
-                    version: 5,
-                    status: AckStatus::Fenced,
-                },
-                AckEntry {
-                    sid: [4; 16],
-                    version: 0,
-                    status: AckStatus::Refused,
-                },
-            ],
+            // One entry of each status.
+            entries: [
+                (1, 4, AckStatus::Applied),
+                (2, 0, AckStatus::NeedFull),
+                (3, 5, AckStatus::Fenced),
+                (4, 0, AckStatus::Refused),
+            ]
+            .into_iter()
+            .map(|(n, version, status)| AckEntry {
+                sid: [n; 16],
+                version,
+                status,
+            })
+            .collect(),
         }),
         Message::Fetch(Fetch {
             request_id: 11,

@@ -89,6 +89,7 @@ pub mod host;
 pub mod node;
 pub mod placement;
 pub mod runtime;
+mod samples;
 
 pub use host::{failover, replicator, sessions};
 
@@ -98,6 +99,7 @@ pub use failover::{
 pub use node::{NodeConfig, NodeLimits, Store};
 pub use placement::{Member, Placement, PlacementError};
 pub use replicator::{NodeStats, Replicator, ReplicatorConfig, ReplicatorError, ReplicatorStats};
+pub use samples::Samples;
 pub use sessions::{
     Durability, Engine, HostConfig, HostError, HostStats, MissLimits, Sessions, SweepConfig,
 };

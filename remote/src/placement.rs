@@ -192,6 +192,16 @@ mod tests {
             .collect()
     }
 
+    /// Node ids `1..=n`.
+    fn ids(n: u16) -> Vec<u16> {
+        (1..=n).collect()
+    }
+
+    /// From 1 to `most - 1` random SIDs.
+    fn sids(most: usize) -> impl Strategy<Value = Vec<[u8; 16]>> {
+        proptest::collection::vec(any::<[u8; 16]>(), 1..most)
+    }
+
     #[test]
     fn refuses_bad_membership() {
         assert_eq!(Placement::new(vec![], 2), Err(PlacementError::Empty));
@@ -245,10 +255,9 @@ mod tests {
         /// loses exactly that node and gains the next in its ranking.
         #[test]
         fn leave_moves_only_its_sids(
-            n in 2u16..12, r in 1usize..4, gone in 0u16..12,
-            sids in proptest::collection::vec(any::<[u8; 16]>(), 1..64),
+            n in 2u16..12, r in 1usize..4, gone in 0u16..12, sids in sids(64),
         ) {
-            let ids: Vec<u16> = (1..=n).collect();
+            let ids = ids(n);
             let gone = ids[gone as usize % ids.len()];
             let before = Placement::new(bank(&ids), r).unwrap();
             let rest: Vec<u16> = ids.iter().copied().filter(|&i| i != gone).collect();
@@ -270,11 +279,9 @@ mod tests {
         /// `is_owner` agrees with `owners` for every node, and a stranger.
         #[test]
         fn is_owner_agrees_with_owners(
-            n in 1u16..12, r in 1usize..4,
-            sids in proptest::collection::vec(any::<[u8; 16]>(), 1..32),
+            n in 1u16..12, r in 1usize..4, sids in sids(32),
         ) {
-            let ids: Vec<u16> = (1..=n).collect();
-            let p = Placement::new(bank(&ids), r).unwrap();
+            let p = Placement::new(bank(&ids(n)), r).unwrap();
             for sid in &sids {
                 let owners = p.owners(sid);
                 for id in 1..=n + 1 {
@@ -287,14 +294,10 @@ mod tests {
         /// previous owner each (when the factor stays the same).
         #[test]
         fn join_moves_only_its_sids(
-            n in 1u16..12, r in 1usize..4,
-            sids in proptest::collection::vec(any::<[u8; 16]>(), 1..64),
+            n in 1u16..12, r in 1usize..4, sids in sids(64),
         ) {
-            let ids: Vec<u16> = (1..=n).collect();
-            let before = Placement::new(bank(&ids), r).unwrap();
-            let mut more = ids.clone();
-            more.push(n + 1);
-            let after = Placement::new(bank(&more), r).unwrap();
+            let before = Placement::new(bank(&ids(n)), r).unwrap();
+            let after = Placement::new(bank(&ids(n + 1)), r).unwrap();
             for sid in &sids {
                 let (b, a) = (before.owners(sid), after.owners(sid));
                 if a.contains(&(n + 1)) {

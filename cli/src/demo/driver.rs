@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use sessio_engine::{Arena, Location};
 
-use super::model::{CATALOG, CartOp, Expected, Samples};
+use super::model::{CATALOG, CartOp, Expected};
 use super::procs::{Line, NodeProc, WorkerProc};
 use crate::signals::install_stop_signals;
+use sessio_remote::Samples;
 
 /// Replica nodes in the demo bank.
 const NODES: u16 = 3;

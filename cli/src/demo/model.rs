@@ -171,42 +171,6 @@ impl Expected {
     }
 }
 
-/// Latency samples (any unit) in an HDR histogram, 2 significant digits.
-#[derive(Debug, Clone)]
-pub struct Samples(hdrhistogram::Histogram<u64>);
-
-impl Default for Samples {
-    fn default() -> Self {
-        // Auto-resizing: any value fits.
-        Samples(hdrhistogram::Histogram::new(2).expect("2 significant digits are valid"))
-    }
-}
-
-impl Samples {
-    /// Records one sample.
-    pub fn record(&mut self, v: u64) {
-        // `record` grows the histogram to fit; only a value beyond what any
-        // histogram holds falls back to the largest it can.
-        if self.0.record(v).is_err() {
-            self.0.saturating_record(v);
-        }
-    }
-
-    /// Samples recorded.
-    pub fn len(&self) -> u64 {
-        self.0.len()
-    }
-
-    /// The `q` quantile (0..=1), to 2 significant digits; 0 when empty.
-    pub fn quantile(&self, q: f64) -> u64 {
-        if self.0.is_empty() {
-            0
-        } else {
-            self.0.value_at_quantile(q)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,20 +206,5 @@ mod tests {
         let a = c.attrs("u");
         assert_eq!(a["user"], b"u");
         assert_eq!(a["cart:apple"], b"9");
-    }
-
-    #[test]
-    fn quantiles() {
-        let mut s = Samples::default();
-        assert_eq!(s.quantile(0.5), 0);
-        for v in 1..=100 {
-            s.record(v);
-        }
-        assert_eq!(s.len(), 100);
-        assert_eq!(s.quantile(0.5), 50);
-        assert_eq!(s.quantile(0.99), 99);
-        s.record(1_000_000_000);
-        let top = s.quantile(1.0);
-        assert!((990_000_000..=1_010_000_000).contains(&top), "{top}");
     }
 }

@@ -418,7 +418,7 @@ impl Arena {
             while n != EMPTY && guard > 0 {
                 let off = u64::from(n) * BLOCK;
                 let node = self.map.block_header::<NodeHeader>(off);
-                if node.is_none_or(|h| h.magic != NODE_MAGIC) || used.test_and_set(bit(off)) {
+                if node.is_none_or(|h| h.start.magic != NODE_MAGIC) || used.test_and_set(bit(off)) {
                     break;
                 }
                 n = nodes.next(n);

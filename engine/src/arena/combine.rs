@@ -92,17 +92,13 @@ impl Arena {
         let (i, s) = self.lookup(sid).ok_or(SessionError::NotFound)?;
         let node_off = self.alloc(BLOCK + encoded.len() as u64)?;
         let (lo, hi) = sid.words();
-        // Freshly allocated, not yet pushed: ours alone (stale free-list
-        // poppers touch only `link`).
-        let p = self
-            .map
-            .block_header_ptr::<NodeHeader>(node_off)
-            .expect("alloc returns heap blocks");
-        // SAFETY: as above; `p` points at the block's header, in bounds.
+        // SAFETY: freshly allocated, not yet pushed: ours alone (stale
+        // free-list poppers touch only `link`); `p` points at the block's
+        // header, in bounds.
         unsafe {
-            self.map.write_heap(node_off + BLOCK, encoded);
-            (*p).magic = NODE_MAGIC;
-            (*p).len = encoded.len() as u32;
+            let p = self
+                .map
+                .fill_block::<NodeHeader>(node_off, NODE_MAGIC, encoded);
             (*p).sid = [lo, hi];
             (*p).checksum = xxhash_rust::xxh3::xxh3_64(encoded);
         }
@@ -412,13 +408,17 @@ impl<'a> Combine for SlotCombine<'a> {
             return Step::Next;
         }
         let (lo, hi) = draft.sid.words();
-        if node.sid != [lo, hi] || node.magic != NODE_MAGIC {
+        if node.sid != [lo, hi] || node.start.magic != NODE_MAGIC {
             node.result
                 .store(ResultCode::Gone.encode(), Ordering::Relaxed);
             return Step::Next;
         }
         let off = u64::from(n) * BLOCK;
-        let Some(op_bytes) = self.arena.map.heap_bytes(off + BLOCK, u64::from(node.len)) else {
+        let Some(op_bytes) = self
+            .arena
+            .map
+            .heap_bytes(off + BLOCK, u64::from(node.start.len))
+        else {
             node.result
                 .store(ResultCode::Gone.encode(), Ordering::Relaxed);
             return Step::Next;

@@ -5,7 +5,7 @@
 
 use super::Arena;
 use crate::error::SessionError;
-use crate::layout::{BLOCK, CHUNK_UNASSIGNED, RecordHeader};
+use crate::layout::{BLOCK, BlockStart, CHUNK_UNASSIGNED};
 use crate::sync::{AtomicU64, Ordering};
 use crate::words::{carve_chunk, carve_next, carve_word, stack_index, stack_next};
 
@@ -40,7 +40,7 @@ impl Arena {
     pub(super) fn link(&self, off: u64) -> &AtomicU64 {
         &self
             .map
-            .block_header::<RecordHeader>(off)
+            .block_header::<BlockStart>(off)
             .expect("links are followed only between heap blocks")
             .link
     }

@@ -194,6 +194,7 @@ impl Arena {
             .map
             .block_header::<RecordHeader>(off)
             .expect("record words are made for blocks we allocated")
+            .start
             .len;
         record_word(len, (off / BLOCK) as u32)
     }

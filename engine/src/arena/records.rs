@@ -64,17 +64,13 @@ impl Arena {
         }
         let (lo, hi) = sid.words();
         let checksum = xxhash_rust::xxh3::xxh3_64(bytes);
-        let p = self
-            .map
-            .block_header_ptr::<RecordHeader>(off)
-            .expect("alloc returns heap blocks");
         // SAFETY: `off` was just allocated: no one else reads or writes it
         // (a stale free-list popper touches only `link`, which we skip);
         // `p` points at its header, in bounds.
         unsafe {
-            self.map.write_heap(off + BLOCK, bytes);
-            (*p).magic = RECORD_MAGIC;
-            (*p).len = len as u32;
+            let p = self
+                .map
+                .fill_block::<RecordHeader>(off, RECORD_MAGIC, bytes);
             (*p).checksum = checksum;
             (*p).version = version;
             (*p).epoch = epoch;
@@ -97,13 +93,13 @@ impl Arena {
             return false;
         }
         let (lo, hi) = sid.words();
-        if rh.magic != RECORD_MAGIC
+        if rh.start.magic != RECORD_MAGIC
             || rh.sid != [lo, hi]
-            || BLOCK + u64::from(rh.len) > self.map.geo.classes[class]
+            || BLOCK + u64::from(rh.start.len) > self.map.geo.classes[class]
         {
             return false;
         }
-        let Some(bytes) = self.map.heap_bytes(off + BLOCK, u64::from(rh.len)) else {
+        let Some(bytes) = self.map.heap_bytes(off + BLOCK, u64::from(rh.start.len)) else {
             return false;
         };
         xxhash_rust::xxh3::xxh3_64(bytes) == rh.checksum
@@ -152,9 +148,9 @@ impl Arena {
             .ok_or(SessionError::Corrupt("record offset outside the heap"))?;
         let bytes = self
             .map
-            .heap_bytes(off + BLOCK, u64::from(rh.len))
+            .heap_bytes(off + BLOCK, u64::from(rh.start.len))
             .ok_or(SessionError::Corrupt("record length outside the heap"))?;
-        if rh.magic != RECORD_MAGIC {
+        if rh.start.magic != RECORD_MAGIC {
             return Err(SessionError::Corrupt("bad record magic"));
         }
         Ok((rh, bytes))
@@ -195,14 +191,7 @@ impl Arena {
             },
             ..SessionData::default()
         };
-        let ops: Vec<Op> = attrs
-            .iter()
-            .map(|(k, v)| Op::Set {
-                key: (*k).to_string(),
-                value: v.to_vec(),
-            })
-            .collect();
-        data.apply(&ops, now, self.map.geo.quota_bytes)?;
+        data.apply(&Op::sets(attrs), now, self.map.geo.quota_bytes)?;
         self.with_space(|| {
             self.begin_mut();
             let r = self.create_mut(&data);

@@ -152,7 +152,7 @@ impl Arena {
                 let ok = self
                     .map
                     .block_header::<NodeHeader>(off)
-                    .is_some_and(|h| h.magic == NODE_MAGIC)
+                    .is_some_and(|h| h.start.magic == NODE_MAGIC)
                     && nodes.seq(n) == expect
                     && chain.len() < COMBINE_BATCH_MAX * 4;
                 if !ok {

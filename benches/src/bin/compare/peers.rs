@@ -135,12 +135,63 @@ impl PeerProcess {
     }
 }
 
-fn connect(addr: SocketAddr) -> Result<TcpStream, BoxError> {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_millis(IO_TIMEOUT_MS))?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_millis(IO_TIMEOUT_MS)))?;
-    s.set_write_timeout(Some(Duration::from_millis(IO_TIMEOUT_MS)))?;
-    Ok(s)
+/// The socket under both clients, with their buffers: reads are buffered,
+/// and requests are gathered in `out` until [`Conn::flush`], so a pipelined
+/// burst is one write.
+struct Conn {
+    /// The peer's name, for errors.
+    peer: &'static str,
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+    out: Vec<u8>,
+    line: Vec<u8>,
+    /// The bytes of the last reply that carried some (a RESP bulk string,
+    /// a memcached value).
+    payload: Vec<u8>,
+}
+
+impl Conn {
+    fn open(peer: &'static str, addr: SocketAddr) -> Result<Conn, BoxError> {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_millis(IO_TIMEOUT_MS))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_millis(IO_TIMEOUT_MS)))?;
+        s.set_write_timeout(Some(Duration::from_millis(IO_TIMEOUT_MS)))?;
+        Ok(Conn {
+            peer,
+            r: BufReader::with_capacity(64 * 1024, s.try_clone()?),
+            w: s,
+            out: Vec::with_capacity(64 * 1024),
+            line: Vec::new(),
+            payload: Vec::new(),
+        })
+    }
+
+    /// Sends everything gathered in `out`.
+    fn flush(&mut self) -> Result<(), BoxError> {
+        self.w.write_all(&self.out)?;
+        self.out.clear();
+        Ok(())
+    }
+
+    /// The next line, without its CRLF.
+    fn read_line(&mut self) -> Result<&[u8], BoxError> {
+        self.line.clear();
+        if self.r.read_until(b'\n', &mut self.line)? == 0 {
+            return Err(format!("{} closed the connection", self.peer).into());
+        }
+        Ok(self.line.strip_suffix(b"\r\n").unwrap_or(&self.line))
+    }
+
+    /// `n` bytes and the CRLF after them, into `payload`.
+    fn read_payload(&mut self, n: usize) -> Result<(), BoxError> {
+        self.payload.resize(n + 2, 0);
+        self.r.read_exact(&mut self.payload)?;
+        if &self.payload[n..] != b"\r\n" {
+            return Err(format!("{}: {n} bytes not ended by CRLF", self.peer).into());
+        }
+        self.payload.truncate(n);
+        Ok(())
+    }
 }
 
 /// One RESP reply (arrays are not needed by these workloads).
@@ -150,7 +201,8 @@ pub enum Reply {
     Simple(String),
     /// `:n`.
     Int(i64),
-    /// `$n` followed by n bytes; the bytes stay in [`Resp::bulk`].
+    /// `$n` followed by n bytes (read and checked; the length is what the
+    /// workloads use).
     Bulk(usize),
     /// `$-1`.
     Nil,
@@ -158,31 +210,17 @@ pub enum Reply {
 
 /// A RESP2 connection: commands are buffered by [`Resp::queue`] and sent by
 /// [`Resp::flush`], so a pipeline is `queue` × n, `flush`, `read` × n.
-pub struct Resp {
-    r: BufReader<TcpStream>,
-    w: TcpStream,
-    out: Vec<u8>,
-    line: String,
-    /// The payload of the last [`Reply::Bulk`].
-    pub bulk: Vec<u8>,
-}
+pub struct Resp(Conn);
 
 impl Resp {
     /// Connects to a Redis server.
     pub fn connect(addr: SocketAddr) -> Result<Resp, BoxError> {
-        let s = connect(addr)?;
-        Ok(Resp {
-            r: BufReader::with_capacity(64 * 1024, s.try_clone()?),
-            w: s,
-            out: Vec::with_capacity(64 * 1024),
-            line: String::new(),
-            bulk: Vec::new(),
-        })
+        Conn::open("redis", addr).map(Resp)
     }
 
     /// Appends one command to the send buffer.
     pub fn queue(&mut self, args: &[&[u8]]) {
-        let o = &mut self.out;
+        let o = &mut self.0.out;
         o.push(b'*');
         o.extend_from_slice(args.len().to_string().as_bytes());
         o.extend_from_slice(b"\r\n");
@@ -197,18 +235,12 @@ impl Resp {
 
     /// Sends everything queued.
     pub fn flush(&mut self) -> Result<(), BoxError> {
-        self.w.write_all(&self.out)?;
-        self.out.clear();
-        Ok(())
+        self.0.flush()
     }
 
     /// Reads one reply; a Redis error reply is an error.
     pub fn read(&mut self) -> Result<Reply, BoxError> {
-        self.line.clear();
-        if self.r.read_line(&mut self.line)? == 0 {
-            return Err("redis closed the connection".into());
-        }
-        let l = self.line.trim_end_matches("\r\n");
+        let l = std::str::from_utf8(self.0.read_line()?)?;
         let (tag, rest) = l.split_at(1.min(l.len()));
         match tag {
             "+" => Ok(Reply::Simple(rest.to_string())),
@@ -217,12 +249,7 @@ impl Resp {
             "$" if rest == "-1" => Ok(Reply::Nil),
             "$" => {
                 let n: usize = rest.parse()?;
-                self.bulk.resize(n + 2, 0);
-                self.r.read_exact(&mut self.bulk)?;
-                if &self.bulk[n..] != b"\r\n" {
-                    return Err("redis: bulk reply not ended by CRLF".into());
-                }
-                self.bulk.truncate(n);
+                self.0.read_payload(n)?;
                 Ok(Reply::Bulk(n))
             }
             _ => Err(format!("redis: unexpected reply line {l:?}").into()),
@@ -238,68 +265,45 @@ impl Resp {
 }
 
 /// A memcached text-protocol connection.
-pub struct Memcache {
-    r: BufReader<TcpStream>,
-    w: TcpStream,
-    out: Vec<u8>,
-    line: Vec<u8>,
-    /// The value of the last hit of [`Memcache::get`].
-    pub value: Vec<u8>,
-}
+pub struct Memcache(Conn);
 
 impl Memcache {
     /// Connects to a memcached server.
     pub fn connect(addr: SocketAddr) -> Result<Memcache, BoxError> {
-        let s = connect(addr)?;
-        Ok(Memcache {
-            r: BufReader::with_capacity(64 * 1024, s.try_clone()?),
-            w: s,
-            out: Vec::with_capacity(64 * 1024),
-            line: Vec::new(),
-            value: Vec::new(),
-        })
+        Conn::open("memcached", addr).map(Memcache)
     }
 
     /// Queues `set key 0 0 len` (sent by [`Memcache::flush`]).
     pub fn queue_set(&mut self, key: &[u8], value: &[u8]) {
-        self.out.extend_from_slice(b"set ");
-        self.out.extend_from_slice(key);
-        self.out
-            .extend_from_slice(format!(" 0 0 {}\r\n", value.len()).as_bytes());
-        self.out.extend_from_slice(value);
-        self.out.extend_from_slice(b"\r\n");
+        let o = &mut self.0.out;
+        o.extend_from_slice(b"set ");
+        o.extend_from_slice(key);
+        o.extend_from_slice(format!(" 0 0 {}\r\n", value.len()).as_bytes());
+        o.extend_from_slice(value);
+        o.extend_from_slice(b"\r\n");
     }
 
     /// Sends everything queued.
     pub fn flush(&mut self) -> Result<(), BoxError> {
-        self.w.write_all(&self.out)?;
-        self.out.clear();
-        Ok(())
-    }
-
-    fn read_line(&mut self) -> Result<&[u8], BoxError> {
-        self.line.clear();
-        if self.r.read_until(b'\n', &mut self.line)? == 0 {
-            return Err("memcached closed the connection".into());
-        }
-        Ok(self.line.strip_suffix(b"\r\n").unwrap_or(&self.line))
+        self.0.flush()
     }
 
     /// Reads the answer to one `set`.
     pub fn read_stored(&mut self) -> Result<(), BoxError> {
-        match self.read_line()? {
+        match self.0.read_line()? {
             b"STORED" => Ok(()),
             l => Err(format!("memcached set: {}", String::from_utf8_lossy(l)).into()),
         }
     }
 
-    /// `get key`: the value's length on a hit (bytes in [`Memcache::value`]).
+    /// `get key`: the value's length on a hit.
     pub fn get(&mut self, key: &[u8]) -> Result<Option<usize>, BoxError> {
-        self.out.extend_from_slice(b"get ");
-        self.out.extend_from_slice(key);
-        self.out.extend_from_slice(b"\r\n");
+        let o = &mut self.0.out;
+        o.extend_from_slice(b"get ");
+        o.extend_from_slice(key);
+        o.extend_from_slice(b"\r\n");
         self.flush()?;
-        let line = self.read_line()?;
+        let line = self.0.read_line()?;
         if line == b"END" {
             return Ok(None);
         }
@@ -308,10 +312,8 @@ impl Memcache {
             ["VALUE", _key, _flags, n] => n.parse()?,
             _ => return Err(format!("memcached get: {text}").into()),
         };
-        self.value.resize(n + 2, 0);
-        self.r.read_exact(&mut self.value)?;
-        self.value.truncate(n);
-        match self.read_line()? {
+        self.0.read_payload(n)?;
+        match self.0.read_line()? {
             b"END" => Ok(Some(n)),
             l => Err(format!("memcached get: {}", String::from_utf8_lossy(l)).into()),
         }

@@ -104,6 +104,18 @@ impl Row {
             Unit::PerSec => self.sessio.median() / self.peer.median(),
         }
     }
+
+    /// What the console line and the docs' table both show, in their
+    /// order: workload, sessio's figures, the peer and its figures, the ratio.
+    fn shown(&self) -> (&str, String, &str, String, f64) {
+        (
+            &self.workload,
+            self.unit.show_stat(&self.sessio),
+            &self.peer_name,
+            self.unit.show_stat(&self.peer),
+            self.ratio(),
+        )
+    }
 }
 
 /// Everything one run measured.
@@ -133,14 +145,8 @@ impl Report {
 
     /// A table row.
     pub fn row(&mut self, r: Row) {
-        println!(
-            "{}: sessio {} | {} {} | ratio {:.2}",
-            r.workload,
-            r.unit.show_stat(&r.sessio),
-            r.peer_name,
-            r.unit.show_stat(&r.peer),
-            r.ratio()
-        );
+        let (workload, sessio, peer_name, peer, ratio) = r.shown();
+        println!("{workload}: sessio {sessio} | {peer_name} {peer} | ratio {ratio:.2}");
         self.rows.push(r);
     }
 
@@ -161,14 +167,10 @@ impl Report {
              | --- | ---: | --- | ---: | ---: |\n",
         );
         for r in &self.rows {
+            let (workload, sessio, peer_name, peer, ratio) = r.shown();
             let _ = writeln!(
                 t,
-                "| {} | {} | {} | {} | **{:.2}** |",
-                r.workload,
-                r.unit.show_stat(&r.sessio),
-                r.peer_name,
-                r.unit.show_stat(&r.peer),
-                r.ratio()
+                "| {workload} | {sessio} | {peer_name} | {peer} | **{ratio:.2}** |"
             );
         }
         t

@@ -7,6 +7,7 @@ use hashbrown::{HashMap, HashSet};
 use sessio_engine::Sid;
 
 use super::{NodeStats, ReplicatorStats};
+use crate::Samples;
 use crate::placement::Placement;
 
 /// What the replicator knows of one session.
@@ -61,8 +62,8 @@ pub const LAG_BUCKETS: usize = 32;
 
 /// Update-to-ack lag samples, in µs: an HDR histogram (2 significant
 /// digits, 1 µs to an hour; longer ones count as an hour).
-#[derive(Debug, Clone)]
-pub struct Lag(hdrhistogram::Histogram<u64>);
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lag(Samples);
 
 /// How often a snapshot reads the lag histogram anew, ms (its quantiles
 /// walk the histogram; every tick would be waste).
@@ -81,24 +82,15 @@ const LAG_US_MAX: u64 = 3_600_000_000;
 
 impl Default for Lag {
     fn default() -> Self {
-        Lag(hdrhistogram::Histogram::new_with_bounds(1, LAG_US_MAX, 2)
-            .expect("valid histogram bounds"))
+        Lag(Samples::bounded(LAG_US_MAX))
     }
 }
-
-impl PartialEq for Lag {
-    fn eq(&self, other: &Self) -> bool {
-        self.0 == other.0
-    }
-}
-
-impl Eq for Lag {}
 
 impl Lag {
     /// Records one sample.
     pub fn record(&mut self, d: Duration) {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        self.0.saturating_record(us.clamp(1, LAG_US_MAX));
+        self.0.record(us.clamp(1, LAG_US_MAX));
     }
 
     /// Samples recorded.
@@ -108,21 +100,17 @@ impl Lag {
 
     /// The `q` quantile, µs (0 without samples).
     pub fn quantile_us(&self, q: f64) -> u64 {
-        if self.0.is_empty() {
-            0
-        } else {
-            self.0.value_at_quantile(q)
-        }
+        self.0.quantile(q)
     }
 
     /// The largest sample, µs (to the histogram's resolution).
     pub fn max_us(&self) -> u64 {
-        self.0.max()
+        self.0.hist.max()
     }
 
     /// Samples at or below `us` (to the histogram's resolution).
     pub fn count_at_most_us(&self, us: u64) -> u64 {
-        self.0.count_between(0, us)
+        self.0.hist.count_between(0, us)
     }
 
     /// The sum of the samples, µs (from the mean, to the resolution).
@@ -130,7 +118,7 @@ impl Lag {
         // The mean of values below 2^32 µs, times a count far below 2^52:
         // well within f64's exact range at this resolution.
         #[allow(clippy::cast_precision_loss, clippy::cast_sign_loss)]
-        let sum = (self.0.mean() * self.0.len() as f64) as u64;
+        let sum = (self.0.hist.mean() * self.0.len() as f64) as u64;
         sum
     }
 
@@ -141,7 +129,7 @@ impl Lag {
         let mut d = self.clone();
         // `earlier` is this histogram's past: subtraction cannot underflow;
         // if a caller mixes histograms, the whole is the honest answer.
-        if d.0.subtract(&earlier.0).is_err() {
+        if d.0.hist.subtract(&earlier.0.hist).is_err() {
             return self.clone();
         }
         d

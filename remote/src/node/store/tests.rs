@@ -11,14 +11,7 @@ const SID: Sid = [7; 16];
 
 fn record(attrs: &[(&str, &[u8])]) -> Vec<u8> {
     let mut d = SessionData::default();
-    let ops: Vec<Op> = attrs
-        .iter()
-        .map(|(k, v)| Op::Set {
-            key: (*k).into(),
-            value: v.to_vec(),
-        })
-        .collect();
-    d.apply(&ops, 1, 1 << 20).unwrap();
+    d.apply(&Op::sets(attrs), 1, 1 << 20).unwrap();
     encode_session(&d).to_vec()
 }
 

@@ -15,8 +15,6 @@ use sessio_engine::{Arena, Location, OpenError, Sid};
 
 /// Sessions listed when `--limit` is not given.
 pub const LIST_LIMIT_DEFAULT: usize = 1000;
-/// Characters of a value shown in text output.
-const VALUE_CHARS_MAX: usize = 64;
 
 /// Which arena to open.
 #[derive(Args, Debug, Clone)]
@@ -286,6 +284,9 @@ pub fn stats(a: &StatsArgs) -> Result<String, String> {
     }
     Ok(out)
 }
+
+/// Characters of a value shown in text output.
+const VALUE_CHARS_MAX: usize = 64;
 
 /// A value for humans: quoted text, an append list's items, or hex.
 fn show(v: &[u8]) -> String {

@@ -17,9 +17,6 @@ use xxhash_rust::xxh3::xxh3_64;
 
 /// Default replication factor.
 pub const REPLICAS_DEFAULT: usize = 2;
-/// Most nodes in one bank: rankings are computed by sorting every node.
-pub const MEMBERS_MAX: usize = 256;
-
 /// One replica node of the bank.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Member {
@@ -28,6 +25,9 @@ pub struct Member {
     /// Where it listens.
     pub addr: SocketAddr,
 }
+
+/// Most nodes in one bank: rankings are computed by sorting every node.
+pub const MEMBERS_MAX: usize = 256;
 
 /// A membership list that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -39,24 +39,20 @@ const CHECK_TIMEOUT_MS: u64 = 15_000;
 const RETRY_MS: u64 = 50;
 /// Replicator stats are polled this often.
 const STATS_INTERVAL_MS: u64 = 500;
-/// How often the progress bar's counters are updated, on a terminal.
-const PROGRESS_TICK_MS: u64 = 250;
-/// How often a progress line is written when stderr is not a terminal.
-const PROGRESS_LOG_MS: u64 = 5000;
 
 /// Arguments of `sessio demo`.
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
-    /// Seconds of load (start-up and the final check come on top);
-    /// default 40, or 10 with --quick.
-    #[arg(long)]
-    pub duration_s: Option<u64>,
-    /// Simulated clients; default 200, or 100 with --quick.
-    #[arg(long)]
-    pub clients: Option<usize>,
     /// A short run (about 10 s in all), for CI.
     #[arg(long)]
     pub quick: bool,
+    /// Seconds of load (start-up and the final check come on top);
+    /// default 40, or 10 with --quick.
+    #[arg(long, value_name = "SECONDS")]
+    pub duration_s: Option<u64>,
+    /// Simulated clients; default 200, or 100 with --quick.
+    #[arg(long, value_name = "N")]
+    pub clients: Option<usize>,
     /// Most requests per second, all clients together.
     #[arg(long, default_value_t = 20_000)]
     pub rate: u64,
@@ -450,3 +446,8 @@ impl Drop for Demo {
 
 mod run;
 use run::Run;
+
+/// How often the progress bar's counters are updated, on a terminal.
+const PROGRESS_TICK_MS: u64 = 250;
+/// How often a progress line is written when stderr is not a terminal.
+const PROGRESS_LOG_MS: u64 = 5000;

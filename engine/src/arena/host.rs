@@ -192,18 +192,22 @@ impl Arena {
 #[cfg(test)]
 mod tests {
     use crate::arena::test_support::Scratch;
-    use crate::{FetchClaim, Sid};
+    use crate::{FetchClaim, FetchGuard, Sid};
+
+    /// The claim of a SID nobody else fetches.
+    fn claimed(c: FetchClaim<'_>) -> FetchGuard<'_> {
+        match c {
+            FetchClaim::Mine(g) => g,
+            FetchClaim::Theirs => panic!("a fresh arena has no claims"),
+        }
+    }
 
     #[test]
     fn one_handle_claims_a_fetch_and_the_others_wait_for_it() {
         let s = Scratch::new("host-claim");
-        let a = s.open();
+        let (a, sid) = (s.open(), Sid([5; 16]));
         let b = a.try_clone().unwrap();
-        let sid = Sid([5; 16]);
-        let guard = match a.claim_fetch(sid) {
-            FetchClaim::Mine(g) => g,
-            FetchClaim::Theirs => panic!("a fresh arena has no claims"),
-        };
+        let guard = claimed(a.claim_fetch(sid));
         assert!(matches!(b.claim_fetch(sid), FetchClaim::Theirs));
         assert!(b.fetching(sid));
         assert!(!a.fetching(sid), "a handle does not wait for itself");
@@ -215,15 +219,10 @@ mod tests {
     #[test]
     fn a_dropped_handles_claim_and_sweeper_role_pass_on() {
         let s = Scratch::new("host-claim-dead");
-        let a = s.open();
+        let (a, sid) = (s.open(), Sid([6; 16]));
         let b = a.try_clone().unwrap();
-        let sid = Sid([6; 16]);
-        let guard = match b.claim_fetch(sid) {
-            FetchClaim::Mine(g) => g,
-            FetchClaim::Theirs => panic!("a fresh arena has no claims"),
-        };
         // Leak the claim as a killed process would.
-        std::mem::forget(guard);
+        std::mem::forget(claimed(b.claim_fetch(sid)));
         assert!(b.lead_sweep());
         assert!(!a.lead_sweep());
         drop(b);

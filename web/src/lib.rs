@@ -8,13 +8,14 @@
 //! - [`SessioStore`]: a tower-sessions `SessionStore`, for apps that
 //!   already use tower-sessions; writes per-key diffs.
 //!
-//! The example shop (`src/bin/shop.rs`) runs behind nginx as worker
+//! The example shop ([`shop`], the `shop` binary) runs behind nginx as worker
 //! processes sharing one arena per host; `shop-e2e` runs it end to end.
 //! Worker model, nginx config, durability and concurrent-update semantics:
 //! `docs/WEB.md`.
 
 mod host;
 mod layer;
+pub mod shop;
 mod store;
 
 pub use host::{WebConfig, WebHost};

@@ -1,5 +1,6 @@
 //! The shop: an example web app on sessio, run as a host of worker
-//! processes sharing one arena.
+//! processes sharing one arena (the `shop` binary; `shop-e2e` runs it
+//! behind nginx).
 //!
 //! ```text
 //! shop --listen 127.0.0.1:8080 --workers 2 --arena shop-a \
@@ -30,6 +31,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::Duration;
 
+use crate::{WebConfig, WebHost};
 use clap::{Parser, ValueEnum};
 use sessio_engine::{ArenaConfig, Location};
 use sessio_net::Secret;
@@ -37,7 +39,6 @@ use sessio_remote::failover::FailoverConfig;
 use sessio_remote::placement::{Placement, REPLICAS_DEFAULT};
 use sessio_remote::replicator::{Replicator, ReplicatorConfig};
 use sessio_remote::{Durability, HostConfig};
-use sessio_web::{WebConfig, WebHost};
 
 mod routes;
 
@@ -48,7 +49,7 @@ const DURABLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The session machinery of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Mode {
+pub enum Mode {
     /// sessio's native axum layer.
     Native,
     /// tower-sessions over sessio's store.
@@ -61,62 +62,88 @@ enum Mode {
     None,
 }
 
+/// The shop's command line.
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "shop",
     about = "An example shop on sessio, as one host of worker processes"
 )]
-struct Args {
+pub struct Args {
     /// Address to listen on (port 0 picks one; the bound address is printed).
     #[arg(long, default_value = "127.0.0.1:0")]
-    listen: SocketAddr,
+    pub listen: SocketAddr,
     /// Worker processes.
     #[arg(long, default_value_t = 2)]
-    workers: usize,
+    pub workers: usize,
     /// Shared-memory arena name of this host.
     #[arg(long, default_value = "shop")]
-    arena: String,
+    pub arena: String,
     /// Sessions the arena holds.
     #[arg(long, default_value_t = 100_000)]
-    capacity: u64,
+    pub capacity: u64,
     /// The bank: id=ip:port,id=ip:port,...
     #[arg(long, default_value = "")]
-    nodes: String,
+    pub nodes: String,
     /// Copies kept per session.
     #[arg(long, default_value_t = REPLICAS_DEFAULT)]
-    replicas: usize,
+    pub replicas: usize,
     /// File holding the bank's 32-byte secret.
     #[arg(long)]
-    secret_file: Option<PathBuf>,
+    pub secret_file: Option<PathBuf>,
     /// This host's id in the bank's handshakes.
     #[arg(long, default_value_t = 1)]
-    host_id: u64,
+    pub host_id: u64,
     /// The session machinery.
     #[arg(long, value_enum, default_value_t = Mode::Native)]
-    mode: Mode,
+    pub mode: Mode,
     /// redis-server address (with --mode redis).
     #[arg(long, default_value = "127.0.0.1:6379")]
-    redis: SocketAddr,
+    pub redis: SocketAddr,
     /// Internal: serve as a worker on this inherited listening socket.
     #[arg(long, hide = true)]
-    listen_fd: Option<i32>,
+    pub listen_fd: Option<i32>,
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// What the shop's setup can fail with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-fn main() {
-    let args = Args::parse();
-    let r = match args.listen_fd {
-        Some(fd) => worker(&args, fd),
-        None => host(&args),
-    };
-    if let Err(e) = r {
-        eprintln!("shop: {e}");
-        std::process::exit(1);
+/// Runs the shop with `args` (a host, or one of its workers). The host
+/// starts its workers as this executable with `reexec` before the shop's
+/// own arguments (the `shop` binary passes none; a binary that embeds the
+/// shop under a subcommand passes that subcommand).
+pub fn run(args: &Args, reexec: &[&str]) -> Result<(), BoxError> {
+    match args.listen_fd {
+        Some(fd) => worker(args, fd),
+        None => host(args, reexec),
     }
 }
 
 impl Args {
+    /// These arguments as a command line (for the workers).
+    fn to_args(&self) -> Vec<String> {
+        let mut v = vec![
+            format!("--listen={}", self.listen),
+            format!("--workers={}", self.workers),
+            format!("--arena={}", self.arena),
+            format!("--capacity={}", self.capacity),
+            format!("--nodes={}", self.nodes),
+            format!("--replicas={}", self.replicas),
+            format!("--host-id={}", self.host_id),
+            format!("--redis={}", self.redis),
+            format!(
+                "--mode={}",
+                self.mode
+                    .to_possible_value()
+                    .expect("no mode is skipped")
+                    .get_name()
+            ),
+        ];
+        if let Some(f) = &self.secret_file {
+            v.push(format!("--secret-file={}", f.display()));
+        }
+        v
+    }
+
     fn uses_sessio(&self) -> bool {
         matches!(self.mode, Mode::Native | Mode::Store)
     }
@@ -157,7 +184,7 @@ impl Args {
 }
 
 /// The host process: arena, replicator, listener, workers.
-fn host(args: &Args) -> Result<(), BoxError> {
+fn host(args: &Args, reexec: &[&str]) -> Result<(), BoxError> {
     let mut workers = args.workers.max(1);
     if args.mode == Mode::Memory && workers > 1 {
         eprintln!("shop: --mode memory keeps sessions in one process: one worker");
@@ -188,7 +215,8 @@ fn host(args: &Args) -> Result<(), BoxError> {
         let me = std::env::current_exe()?;
         children.push(
             Command::new(me)
-                .args(std::env::args_os().skip(1))
+                .args(reexec)
+                .args(args.to_args())
                 .arg("--listen-fd")
                 .arg(fd.to_string())
                 .spawn()?,

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::{SessioStore, Session, SessionLayer, WebError, WebHost};
 use axum::Router;
 use axum::extract::Query;
 use axum::http::StatusCode;
@@ -11,7 +12,6 @@ use axum::routing::{get, post};
 use serde_json::Value;
 use sessio_engine::session::append_items;
 use sessio_remote::Durability;
-use sessio_web::{SessioStore, Session, SessionLayer, WebError, WebHost};
 use tower_sessions_014 as ts;
 
 use super::{Args, BoxError, CART_MAX, DURABLE_TIMEOUT, Mode};
@@ -30,9 +30,11 @@ pub struct Add {
     durable: u8,
 }
 
-/// The app of `args.mode`.
+/// The app of `args.mode`; every response names the host that served it
+/// (`x-host`), so a client sees its session move on failover.
 pub async fn app(args: &Args) -> Result<Router, BoxError> {
-    Ok(match args.mode {
+    let host = axum::http::HeaderValue::from(args.host_id);
+    let app = match args.mode {
         Mode::Native => native(WebHost::open(args.web_config(true)?)?),
         Mode::Store => with_store(SessioStore::new(WebHost::open(args.web_config(true)?)?)),
         Mode::Memory => with_store(ts::MemoryStore::default()),
@@ -49,7 +51,16 @@ pub async fn app(args: &Args) -> Result<Router, BoxError> {
             with_store(tower_sessions_redis_store::RedisStore::new(pool))
         }
         Mode::None => none(),
-    })
+    };
+    Ok(app.layer(axum::middleware::map_response(
+        move |mut r: axum::response::Response| {
+            let host = host.clone();
+            async move {
+                r.headers_mut().insert("x-host", host);
+                r
+            }
+        },
+    )))
 }
 
 // ----- native ------------------------------------------------------------

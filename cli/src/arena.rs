@@ -234,6 +234,7 @@ pub fn stats(a: &StatsArgs) -> Result<String, String> {
             "created_total": s.created_total,
             "expired_total": s.expired_total,
             "removals_dropped": s.removals_dropped,
+            "evicted_total": s.evicted_total,
             "chunks_used": s.chunks_used,
             "chunks": s.chunks,
             "chunk_bytes": s.chunk_bytes,
@@ -252,11 +253,12 @@ pub fn stats(a: &StatsArgs) -> Result<String, String> {
     }
     let mut out = String::new();
     let _ = writeln!(out, "arena {} ({path})", a.arena.arena);
-    let rows: [(&str, String); 16] = [
+    let rows: [(&str, String); 17] = [
         ("live sessions", format!("{} of {}", s.live, s.capacity)),
         ("created_total", s.created_total.to_string()),
         ("expired_total", s.expired_total.to_string()),
         ("removals_dropped", s.removals_dropped.to_string()),
+        ("evicted_total", s.evicted_total.to_string()),
         (
             "heap chunks used",
             format!("{} of {}", s.chunks_used, s.chunks),

@@ -465,7 +465,7 @@ fn lag_histogram(e: &mut Families<'_>, s: &ReplicatorStats) -> fmt::Result {
 
 /// The host arena's counters, as the agent last read them.
 fn arena_families(e: &mut Families<'_>, a: &sessio_engine::ArenaStats) -> fmt::Result {
-    let rows: [(&str, MetricType, &str, u64); 10] = [
+    let rows: [(&str, MetricType, &str, u64); 11] = [
         (
             "live_sessions",
             Gauge,
@@ -508,6 +508,12 @@ fn arena_families(e: &mut Families<'_>, a: &sessio_engine::ArenaStats) -> fmt::R
             Counter,
             "Wholly free heap chunks collections gave back to the pool.",
             a.chunks_returned,
+        ),
+        (
+            "evicted_total",
+            Counter,
+            "Copies evicted because another host took their session over.",
+            a.evicted_total,
         ),
         (
             "removals_dropped_total",
@@ -745,6 +751,7 @@ mod tests {
                 created_total: 12,
                 expired_total: 2,
                 removals_dropped: 0,
+                evicted_total: 0,
                 chunks_used: 3,
                 chunks: 8,
                 chunk_bytes: 65536,

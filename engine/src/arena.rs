@@ -115,6 +115,9 @@ pub struct ArenaStats {
     /// reused before it took them (it was stalled); the bank's copies of
     /// those sessions end by expiry instead.
     pub removals_dropped: u64,
+    /// Copies evicted because another host took their session over
+    /// ([`Arena::evict_older`]).
+    pub evicted_total: u64,
     /// Heap chunks handed to size classes.
     pub chunks_used: u64,
     /// Heap chunks in all.

@@ -92,6 +92,8 @@ pub(crate) struct Header {
     /// Removals the replicator never saw: their index slot had to be
     /// reused before it took them (statistics; see `Arena::insert`).
     pub removals_dropped: AtomicU64,
+    /// Copies evicted because another host took their session over.
+    pub evicted_total: AtomicU64,
 }
 const _: () = assert!(size_of::<Header>() as u64 <= HEADER_BYTES);
 

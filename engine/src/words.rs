@@ -254,24 +254,46 @@ impl ResultCode {
 /// it, what the answer carries.
 ///
 /// ```text
-/// pushed:   | expire-only |  sweep clock (ms)  |   (0 = an ordinary batch)
-///           |    1 bit    |      63 bits       |
+/// pushed:   | expire-only | evict-below |  argument  |   (0 = an ordinary batch)
+///           |    1 bit    |    1 bit    |  62 bits   |
+///           expire-only: the sweep clock (ms); evict-below: an epoch
 /// answered: | version produced (done) or bytes needed (over quota)  |
 /// ```
 pub(crate) const EXPIRE_ONLY: u64 = 1 << 63;
+/// The evict-below bit of a pushed `detail`.
+pub(crate) const EVICT_BELOW: u64 = 1 << 62;
+/// Mask of a pushed `detail`'s argument.
+const DETAIL_ARG_MASK: u64 = EVICT_BELOW - 1;
+
+/// The `detail` of an eviction's batch: the session is removed from this
+/// arena only if it is held under an ownership epoch below `epoch`.
+#[inline]
+pub(crate) const fn evict_below(epoch: u64) -> u64 {
+    EVICT_BELOW | (epoch & DETAIL_ARG_MASK)
+}
+
+/// The epoch of an evict-below `detail`; `None` for any other batch.
+#[inline]
+pub(crate) const fn evict_below_at(detail: u64) -> Option<u64> {
+    if detail & (EXPIRE_ONLY | EVICT_BELOW) == EVICT_BELOW {
+        Some(detail & DETAIL_ARG_MASK)
+    } else {
+        None
+    }
+}
 
 /// The `detail` of an expiry sweep's batch: applied only if the session is
 /// still expired at `now_ms` (the sweep's clock).
 #[inline]
 pub(crate) const fn expire_only(now_ms: u64) -> u64 {
-    EXPIRE_ONLY | (now_ms & !EXPIRE_ONLY)
+    EXPIRE_ONLY | (now_ms & DETAIL_ARG_MASK)
 }
 
 /// The sweep clock of an expire-only `detail`; `None` for an ordinary batch.
 #[inline]
 pub(crate) const fn expire_only_at(detail: u64) -> Option<u64> {
     if detail & EXPIRE_ONLY != 0 {
-        Some(detail & !EXPIRE_ONLY)
+        Some(detail & DETAIL_ARG_MASK)
     } else {
         None
     }
@@ -433,6 +455,10 @@ mod tests {
         let d = expire_only(1_700_000_000_123);
         assert_eq!(expire_only_at(d), Some(1_700_000_000_123));
         assert_eq!(expire_only_at(42), None);
-        assert_eq!(expire_only_at(expire_only(u64::MAX)), Some(u64::MAX >> 1));
+        let e = evict_below(7);
+        assert_eq!((evict_below_at(e), expire_only_at(e)), (Some(7), None));
+        assert_eq!(evict_below_at(d), None);
+        assert_eq!(evict_below_at(42), None);
+        assert_eq!(expire_only_at(expire_only(u64::MAX)), Some(u64::MAX >> 2));
     }
 }

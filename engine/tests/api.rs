@@ -602,3 +602,29 @@ fn a_removal_waits_for_the_replicator_before_its_slot_is_reused() {
     }
     assert!(a.stats().removals_dropped > 0);
 }
+
+/// A copy another host took over goes only if it is held under an older
+/// epoch, and its removal is counted as an eviction, not an expiry.
+#[test]
+fn evict_older_removes_only_copies_under_an_older_epoch() {
+    let t = TempArena::new("evict");
+    let a = t.open(&small_config());
+    let sid = a.create(NewSession::default(), &[("k", b"v")]).unwrap();
+    // Held under epoch 1: a takeover at epoch 1 (ours) leaves it.
+    assert!(!a.evict_older(sid, 1).unwrap());
+    assert!(a.read(sid).is_ok());
+    // Installed anew under epoch 3 (this host fetched it back meanwhile):
+    // a late notice for epoch 2 leaves it too.
+    let bytes = a.read(sid).unwrap().bytes().to_vec();
+    a.install(sid, &bytes, 5, 3).unwrap();
+    assert!(!a.evict_older(sid, 2).unwrap());
+    assert!(!a.evict_older(sid, 3).unwrap());
+    // Another host owns it under epoch 4: our copy goes.
+    assert!(a.evict_older(sid, 4).unwrap());
+    assert_eq!(a.read(sid).err(), Some(SessionError::NotFound));
+    let s = a.stats();
+    assert_eq!((s.evicted_total, s.expired_total, s.live), (1, 0, 0));
+    // Gone already, or never here: nothing to do.
+    assert!(!a.evict_older(sid, 9).unwrap());
+    assert!(!a.evict_older(Sid::random(), 9).unwrap());
+}

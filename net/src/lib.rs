@@ -44,7 +44,7 @@
 //!         let server: Server = Server::bind("127.0.0.1:0".parse().unwrap(), config, secret)?;
 //!         addr_tx.send(server.local_addr()).unwrap();
 //!         let handler = |_peer, msg| match msg {
-//!             Message::Ping(Ping { nonce }) => Some(Message::Pong(Pong { nonce })),
+//!             Message::Ping(Ping { nonce }) => Some(Message::Pong(Pong { nonce, stale: Vec::new() })),
 //!             _ => None,
 //!         };
 //!         let shutdown = async move {
@@ -62,7 +62,7 @@
 //!     let mut client: Client = Client::connect(addr, config, secret).await?;
 //!     assert_eq!(client.peer().identity.id, 1);
 //!     let reply = client.call(&Message::Ping(Ping { nonce: 9 })).await?;
-//!     assert_eq!(reply, Message::Pong(Pong { nonce: 9 }));
+//!     assert_eq!(reply, Message::Pong(Pong { nonce: 9, stale: Vec::new() }));
 //!     Ok::<_, Box<dyn std::error::Error>>(())
 //! })?;
 //! stop.store(true, Ordering::Relaxed);

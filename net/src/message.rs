@@ -175,10 +175,18 @@ pub struct Ping {
 }
 
 /// The answer to a [`Ping`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub struct Pong {
     /// The ping's nonce.
     pub nonce: u64,
+    /// Sessions the pinging peer wrote that another host has taken over
+    /// since (a copy under a newer epoch arrived): its copies under an
+    /// epoch older than the entry's are stale. At most
+    /// [`Limits::batch_entries_max`] entries; a node that has more sends
+    /// the rest with the next pongs.
+    pub stale: Vec<InvalidateEntry>,
 }
 
 /// Asks a peer for its counters, answered by [`Stats`].
@@ -408,12 +416,13 @@ macro_rules! no_limits {
         }
     )*};
 }
-no_limits!(
-    ArchivedFetch,
-    ArchivedPing,
-    ArchivedPong,
-    ArchivedStatsRequest
-);
+no_limits!(ArchivedFetch, ArchivedPing, ArchivedStatsRequest);
+
+impl CheckLimits for ArchivedPong {
+    fn check_limits(&self, l: Limits) -> Result<(), MessageError> {
+        batch_over("pong stale entries", self.stale.len(), l)
+    }
+}
 
 impl Message {
     /// The frame kind this message travels in.
@@ -474,9 +483,8 @@ impl Message {
                 }
                 Ok(())
             }
-            Message::Fetch(_) | Message::Ping(_) | Message::Pong(_) | Message::StatsRequest(_) => {
-                Ok(())
-            }
+            Message::Pong(p) => batch_over("pong stale entries", p.stale.len(), *l),
+            Message::Fetch(_) | Message::Ping(_) | Message::StatsRequest(_) => Ok(()),
         }
     }
 }
@@ -633,7 +641,13 @@ pub fn samples() -> Vec<Message> {
             }],
         }),
         Message::Ping(Ping { nonce: 42 }),
-        Message::Pong(Pong { nonce: 42 }),
+        Message::Pong(Pong {
+            nonce: 42,
+            stale: vec![InvalidateEntry {
+                sid: [8; 16],
+                epoch: 3,
+            }],
+        }),
         Message::StatsRequest(StatsRequest { request_id: 1 }),
         Message::Stats(Stats {
             request_id: 1,
@@ -715,7 +729,7 @@ mod tests {
             };
             let plain = matches!(
                 kind,
-                FrameKind::Fetch | FrameKind::Ping | FrameKind::Pong | FrameKind::StatsRequest
+                FrameKind::Fetch | FrameKind::Ping | FrameKind::StatsRequest
             );
             assert_eq!(codec.decode(&frame).is_ok(), plain, "{kind:?}");
         }

@@ -85,7 +85,10 @@ fn message() -> impl Strategy<Value = Message> {
             }
         )),
         any::<u64>().prop_map(|nonce| Message::Ping(Ping { nonce })),
-        any::<u64>().prop_map(|nonce| Message::Pong(Pong { nonce })),
+        any::<u64>().prop_map(|nonce| Message::Pong(Pong {
+            nonce,
+            stale: Vec::new()
+        })),
         any::<u64>().prop_map(|request_id| Message::StatsRequest(StatsRequest { request_id })),
         (
             any::<u64>(),

@@ -128,7 +128,10 @@ fn reply_to(msg: Message) -> Option<Message> {
             sid: f.sid,
             found: None,
         })),
-        Message::Ping(p) => Some(Message::Pong(Pong { nonce: p.nonce })),
+        Message::Ping(p) => Some(Message::Pong(Pong {
+            nonce: p.nonce,
+            stale: Vec::new(),
+        })),
         Message::StatsRequest(r) => Some(Message::Stats(Stats {
             request_id: r.request_id,
             incarnation: NODE.incarnation,
@@ -172,7 +175,13 @@ fn round_trip_all<S: Backend, C: Backend>() {
             .call(&Message::Ping(sessio_net::Ping { nonce: 5 }))
             .await
             .unwrap();
-        assert_eq!(pong, Message::Pong(Pong { nonce: 5 }));
+        assert_eq!(
+            pong,
+            Message::Pong(Pong {
+                nonce: 5,
+                stale: Vec::new()
+            })
+        );
         assert_eq!(client.in_flight(), 0);
     });
     let received = server.received.lock().unwrap().clone();
@@ -220,7 +229,13 @@ fn idle_peer_is_closed_busy_peer_is_not<B: Backend>() {
                 .call(&Message::Ping(sessio_net::Ping { nonce }))
                 .await
                 .unwrap();
-            assert_eq!(pong, Message::Pong(Pong { nonce }));
+            assert_eq!(
+                pong,
+                Message::Pong(Pong {
+                    nonce,
+                    stale: Vec::new()
+                })
+            );
             B::sleep(Duration::from_millis(100)).await;
         }
         let late = silent
@@ -530,7 +545,13 @@ fn server_keeps_serving_while_bad_peers_connect() {
                 .call(&Message::Ping(sessio_net::Ping { nonce }))
                 .await
                 .unwrap();
-            assert_eq!(pong, Message::Pong(Pong { nonce }));
+            assert_eq!(
+                pong,
+                Message::Pong(Pong {
+                    nonce,
+                    stale: Vec::new()
+                })
+            );
         };
         ping(&mut good).await;
 

@@ -8,7 +8,10 @@
 //!   the removals reach the bank;
 //! - a session that is only read keeps its idle clock across failover;
 //! - a `Replicated` update returns once the bank acked it, and times out,
-//!   applied locally, when the bank is gone.
+//!   applied locally, when the bank is gone;
+//! - a host whose session another host took over drops its stale copy
+//!   (the bank tells it), so when the session comes back it is fetched
+//!   anew, not served stale.
 //!
 //! Not the standard harness: a test here runs this binary again as a
 //! worker process (`reader` mode).
@@ -37,7 +40,7 @@ fn main() {
         "io_uring is unavailable here: these tests run on it"
     );
     let filter = args.iter().skip(1).find(|a| !a.starts_with('-')).cloned();
-    let tests: [(&str, fn()); 7] = [
+    let tests: [(&str, fn()); 8] = [
         (
             "a_miss_fetches_once_for_all_threads",
             a_miss_fetches_once_for_all_threads,
@@ -62,6 +65,10 @@ fn main() {
         (
             "replicated_updates_wait_for_the_bank",
             replicated_updates_wait_for_the_bank,
+        ),
+        (
+            "a_taken_over_copy_leaves_its_old_host",
+            a_taken_over_copy_leaves_its_old_host,
         ),
     ];
     let (mut passed, mut failed) = (0, 0);
@@ -487,4 +494,46 @@ fn replicated_updates_wait_for_the_bank() {
         .update(sid, &[set(b"3")], Durability::Local)
         .unwrap();
     drop(repl);
+}
+
+fn a_taken_over_copy_leaves_its_old_host() {
+    let bank = Bank::start(2, 2);
+    let a = Host::new("moved-a");
+    let at_a = Sessions::open(a.config(&bank, 1, 64)).unwrap();
+    let _repl_a = a.replicator(&bank, 1);
+    let sid = at_a
+        .create(NewSession::default(), &[("user", b"ada")])
+        .unwrap();
+    at_a.wait_replicated(sid, 1, Duration::from_secs(10))
+        .unwrap();
+    // The session moves to host B (nginx sent a request there), which
+    // writes to it.
+    let b = Host::new("moved-b");
+    let at_b = Sessions::open(b.config(&bank, 2, 64)).unwrap();
+    let _repl_b = b.replicator(&bank, 2);
+    let set = |v: &[u8]| Op::Set {
+        key: "cart".into(),
+        value: v.to_vec(),
+    };
+    let durable = Durability::Replicated {
+        timeout: Duration::from_secs(5),
+    };
+    let v = at_b.update(sid, &[set(b"from b")], durable).unwrap();
+    // Host A learns from the bank that its copy is stale, and drops it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while at_a.is_local(sid) {
+        assert!(
+            Instant::now() < deadline,
+            "host A still serves its stale copy: {:?}",
+            at_a.arena().stats()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(at_a.arena().stats().evicted_total, 1);
+    // The session comes back to A: fetched, with B's write.
+    let g = at_a.read(sid).unwrap();
+    assert_eq!(g.get("cart"), Some(&b"from b"[..]));
+    assert_eq!(g.version(), v);
+    // Two moves (to B, back to A), each seen by both owners.
+    assert_eq!(bank.counter("takeovers"), 4);
 }

@@ -11,7 +11,9 @@ use crate::queue::{self, Combine, Combined, EMPTY, Nodes, Step};
 use crate::session::{Applied, ArchivedOp, Op, OpError, SessionData, encode_ops};
 use crate::sid::Sid;
 use crate::sync::{AtomicU64, Backoff, Ordering};
-use crate::words::{ResultCode, SLOT_LIVE, SLOT_TOMB, expire_only_at, slot_kind, slot_next};
+use crate::words::{
+    ResultCode, SLOT_LIVE, SLOT_TOMB, evict_below_at, expire_only_at, slot_kind, slot_next,
+};
 
 /// Op nodes in the arena's heap, addressed by block index (offset / 64).
 pub(super) struct HeapNodes<'a>(pub(super) &'a Map);
@@ -437,6 +439,16 @@ impl<'a> Combine for SlotCombine<'a> {
                 return Step::Next;
             }
             Ok(Applied::Invalidated)
+        } else if let Some(epoch) = evict_below_at(flags) {
+            // Another host owns the session under `epoch`: our copy goes,
+            // unless we hold that epoch or a newer one already.
+            if draft.epoch >= epoch {
+                node.detail.store(draft.version, Ordering::Relaxed);
+                node.result
+                    .store(ResultCode::Done.encode(), Ordering::Release);
+                return Step::Next;
+            }
+            Ok(Applied::Invalidated)
         } else {
             if xxhash_rust::xxh3::xxh3_64(op_bytes) != node.checksum {
                 node.result
@@ -470,6 +482,11 @@ impl<'a> Combine for SlotCombine<'a> {
                     self.arena
                         .header()
                         .expired_total
+                        .fetch_add(1, Ordering::Relaxed);
+                } else if evict_below_at(flags).is_some() {
+                    self.arena
+                        .header()
+                        .evicted_total
                         .fetch_add(1, Ordering::Relaxed);
                 }
                 Step::Removed

@@ -1,11 +1,12 @@
-//! Expiry: the bounded sweep that removes expired sessions through their
-//! queues, so a removal is ordered with concurrent updates.
+//! Expiry and eviction: the bounded sweep that removes expired sessions,
+//! and the removal of copies another host took over. Both go through the
+//! session's queue, so a removal is ordered with concurrent updates.
 
 use super::{Arena, SweepStats, rec_off};
 use crate::session::{Op, encode_ops};
 use crate::sid::Sid;
 use crate::sync::Ordering;
-use crate::words::{SLOT_LIVE, expire_only, slot_kind};
+use crate::words::{SLOT_LIVE, evict_below, expire_only, slot_kind};
 
 impl Arena {
     /// Expires sessions: looks at up to `max_slots` index slots from where
@@ -45,5 +46,20 @@ impl Arena {
         }
         self.sweep_cursor.set(cur % slots);
         stats
+    }
+
+    /// Removes this host's copy of `sid` if it is held under an ownership
+    /// epoch below `epoch`: the bank says another host took the session
+    /// over, so the copy is stale, and the next read here fetches the
+    /// current one. Ordered with concurrent updates like any removal (one
+    /// racing it is lost with the copy: the bank fences it anyway). Returns
+    /// whether the copy went.
+    pub fn evict_older(&self, sid: Sid, epoch: u64) -> Result<bool, crate::SessionError> {
+        let before = self.header().evicted_total.load(Ordering::Relaxed);
+        match self.push_and_wait(sid, &encode_ops(&[Op::Touch]), evict_below(epoch)) {
+            Ok(_) => Ok(self.header().evicted_total.load(Ordering::Relaxed) > before),
+            Err(crate::SessionError::NotFound) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 }

@@ -255,42 +255,63 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// SIDs the bank recently did not have: a direct-mapped table, so its size
-/// is fixed and a lookup is one probe.
+/// SIDs the bank recently did not have: a table of 4-way buckets, so its
+/// size is fixed, a lookup reads one cache line's worth, and a SID is
+/// pushed out only by the oldest of four that share its bucket.
 struct NegativeCache {
     slots: Vec<(Sid, u64)>,
     ttl_ms: u64,
 }
 
+/// Entries of one bucket of the negative cache.
+const NEGATIVE_WAYS: usize = 4;
+
 impl NegativeCache {
     fn new(entries: usize, ttl_ms: u64) -> NegativeCache {
+        let n = entries.clamp(NEGATIVE_WAYS, 1 << 24).next_power_of_two();
         NegativeCache {
-            slots: vec![(Sid([0; 16]), 0); entries.clamp(1, 1 << 24).next_power_of_two()],
+            slots: vec![(Sid([0; 16]), 0); n],
             ttl_ms,
         }
     }
 
-    fn slot(&self, sid: Sid) -> usize {
+    /// The slots of `sid`'s bucket.
+    fn bucket(&self, sid: Sid) -> std::ops::Range<usize> {
         let b = sid.as_bytes();
         let x = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
             ^ u64::from_le_bytes(b[8..].try_into().expect("8 bytes")).rotate_left(23);
-        (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 20) as usize & (self.slots.len() - 1)
+        let buckets = self.slots.len() / NEGATIVE_WAYS;
+        let start = ((x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 20) as usize & (buckets - 1))
+            * NEGATIVE_WAYS;
+        start..start + NEGATIVE_WAYS
     }
 
     fn contains(&self, sid: Sid, now_ms: u64) -> bool {
-        let (s, until) = self.slots[self.slot(sid)];
-        s == sid && now_ms < until
+        self.slots[self.bucket(sid)]
+            .iter()
+            .any(|&(s, until)| s == sid && now_ms < until)
     }
 
     fn insert(&mut self, sid: Sid, now_ms: u64) {
-        let i = self.slot(sid);
-        self.slots[i] = (sid, now_ms + self.ttl_ms);
+        let until = now_ms + self.ttl_ms;
+        let r = self.bucket(sid);
+        let slots = &mut self.slots[r];
+        // The SID's own entry, else the one that ends first (an expired or
+        // empty one ends first of all).
+        let i = slots
+            .iter()
+            .position(|&(s, _)| s == sid)
+            .or_else(|| (0..NEGATIVE_WAYS).min_by_key(|&i| slots[i].1))
+            .expect("a bucket has entries");
+        slots[i] = (sid, until);
     }
 
     fn remove(&mut self, sid: Sid) {
-        let i = self.slot(sid);
-        if self.slots[i].0 == sid {
-            self.slots[i].1 = 0;
+        let r = self.bucket(sid);
+        for e in &mut self.slots[r] {
+            if e.0 == sid {
+                e.1 = 0;
+            }
         }
     }
 }

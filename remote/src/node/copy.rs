@@ -125,6 +125,9 @@ pub struct Copy {
     pub(super) attrs_bound: u64,
     /// At least its attribute bytes (the quota's measure) after them.
     pub(super) attr_bytes_bound: u64,
+    /// The host that last wrote it (0: not known), told when another host
+    /// takes the session over ([`Store::take_stale`](super::Store::take_stale)).
+    pub(super) writer: u64,
 }
 
 impl Copy {
@@ -139,6 +142,7 @@ impl Copy {
             pending: PendingLog::default(),
             attrs_bound: attrs.0,
             attr_bytes_bound: attrs.1,
+            writer: 0,
         }
     }
 

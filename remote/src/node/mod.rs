@@ -61,5 +61,5 @@ pub use serve::{LocalNode, NodeConfig, serve};
 pub use shards::{SHARDS_MAX, Shards};
 pub use store::{
     EXPIRE_INTERVAL_MS_DEFAULT, EXPIRY_GRACE_MS_DEFAULT, ExpiryRule, NodeCounters, NodeLimits,
-    Store,
+    STALE_MAX, STALE_PER_PONG, Store,
 };

@@ -136,7 +136,9 @@ pub fn serve<B: Rt>(
                                 }
                             };
                         let _ = tx.send(Ok(()));
-                        let handler = move |_peer: PeerInfo, msg: Message| shards.handle(msg);
+                        let handler = move |peer: PeerInfo, msg: Message| {
+                            shards.handle(peer.identity.id, msg)
+                        };
                         server.serve_until(handler, stop.wait()).await
                     })
                 });
@@ -164,7 +166,7 @@ pub fn serve<B: Rt>(
             on_bound(addr, identity.incarnation);
             let handler = {
                 let shards = Arc::clone(&shards);
-                move |_peer: PeerInfo, msg: Message| shards.handle(msg)
+                move |peer: PeerInfo, msg: Message| shards.handle(peer.identity.id, msg)
             };
             // Expiry passes run on this thread between messages.
             let expire = async {

@@ -17,7 +17,7 @@ use sessio_net::{
     Sid, Stats, StatsRequest,
 };
 
-use super::{ExpiryRule, NodeLimits, Store};
+use super::{ExpiryRule, NodeLimits, STALE_PER_PONG, Store};
 
 /// Most shards (and so node threads) one node runs.
 pub const SHARDS_MAX: usize = 64;
@@ -76,8 +76,8 @@ impl Shards {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Answers one message, as [`Store::handle`] does.
-    pub fn handle(&self, msg: Message) -> Option<Message> {
+    /// Answers one message from host `from`, as [`Store::handle`] does.
+    pub fn handle(&self, from: u64, msg: Message) -> Option<Message> {
         match msg {
             Message::DeltaBatch(b) => Some(Message::Ack(self.apply_batch(b))),
             Message::Fetch(f) => Some(Message::FetchReply(self.lock(&f.sid).fetch(f))),
@@ -85,7 +85,20 @@ impl Shards {
                 self.invalidate(inv);
                 None
             }
-            Message::Ping(p) => Some(Message::Pong(Pong { nonce: p.nonce })),
+            Message::Ping(p) => {
+                let mut stale = Vec::new();
+                for i in 0..self.shards.len() {
+                    let room = STALE_PER_PONG - stale.len();
+                    if room == 0 {
+                        break;
+                    }
+                    stale.extend(self.lock_at(i).take_stale(from, room));
+                }
+                Some(Message::Pong(Pong {
+                    nonce: p.nonce,
+                    stale,
+                }))
+            }
             Message::StatsRequest(r) => Some(Message::Stats(self.stats(r))),
             // Replies sent to a server are a confused peer; ignore them.
             _ => None,
@@ -227,10 +240,13 @@ mod tests {
         for i in 0..4 {
             assert!(!four.lock_at(i).is_empty(), "shard {i} is empty");
         }
-        let reply = four.handle(Message::Fetch(Fetch {
-            request_id: 1,
-            sid: sid(9),
-        }));
+        let reply = four.handle(
+            9,
+            Message::Fetch(Fetch {
+                request_id: 1,
+                sid: sid(9),
+            }),
+        );
         let Some(Message::FetchReply(r)) = reply else {
             panic!("{reply:?}")
         };

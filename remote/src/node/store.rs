@@ -6,7 +6,7 @@ use rkyv::util::AlignedVec;
 use sessio_engine::session::{ATTRS_MAX, Applied, ArchivedOp, SessionData};
 use sessio_net::{
     Ack, AckEntry, AckStatus, Counter, Delta, DeltaBatch, DeltaEntry, Fetch, FetchReply,
-    FoundRecord, Invalidate, Message, Pong, Sid, Stats, StatsRequest,
+    FoundRecord, Invalidate, InvalidateEntry, Message, Pong, Sid, Stats, StatsRequest,
 };
 
 use super::copy::{
@@ -58,6 +58,11 @@ pub struct NodeCounters {
     pub folds: u64,
     /// Copies dropped as expired ([`Store::expire`]).
     pub expired: u64,
+    /// Takeovers: a host wrote a session another host wrote before, under
+    /// a newer epoch; the old host is told at its next ping.
+    pub takeovers: u64,
+    /// Takeover notices dropped for want of room.
+    pub stale_dropped: u64,
 }
 
 /// When a node drops a copy on its own (see [`Store::expire`]).
@@ -103,9 +108,20 @@ pub struct Store {
     /// Absolute expiry deadlines of the copies held, earliest first
     /// (entries of copies since gone are skipped when they come up).
     deadlines: std::collections::BinaryHeap<std::cmp::Reverse<(u64, Sid)>>,
+    /// Per host, the sessions it wrote that another host has taken over
+    /// since, until its next ping collects them (at most [`STALE_MAX`] in
+    /// all).
+    stale: HashMap<u64, Vec<InvalidateEntry>>,
+    stale_len: usize,
     /// Counters since start.
     pub counters: NodeCounters,
 }
+
+/// Takeover notices a store keeps for hosts that have not pinged yet; more
+/// are dropped (counted): their hosts learn at their next write instead.
+pub const STALE_MAX: usize = 65_536;
+/// Takeover notices one pong carries (within the protocol's entry limit).
+pub const STALE_PER_PONG: usize = 1024;
 
 impl Store {
     /// An empty store.
@@ -119,6 +135,8 @@ impl Store {
             ser: AlignedVec::new(),
             expire_cursor: 0,
             deadlines: std::collections::BinaryHeap::new(),
+            stale: HashMap::new(),
+            stale_len: 0,
             counters: NodeCounters::default(),
         }
     }
@@ -220,8 +238,10 @@ impl Store {
         self.copies.get(sid)
     }
 
-    /// Answers one message; `None` for messages that get no answer.
-    pub fn handle(&mut self, msg: Message) -> Option<Message> {
+    /// Answers one message from host `from` (its handshake id); `None` for
+    /// messages that get no answer. A ping's pong carries the takeover
+    /// notices kept for `from`.
+    pub fn handle(&mut self, from: u64, msg: Message) -> Option<Message> {
         match msg {
             Message::DeltaBatch(b) => Some(Message::Ack(self.apply_batch(b))),
             Message::Fetch(f) => Some(Message::FetchReply(self.fetch(f))),
@@ -229,7 +249,10 @@ impl Store {
                 self.invalidate(&inv);
                 None
             }
-            Message::Ping(p) => Some(Message::Pong(Pong { nonce: p.nonce })),
+            Message::Ping(p) => Some(Message::Pong(Pong {
+                nonce: p.nonce,
+                stale: self.take_stale(from, STALE_PER_PONG),
+            })),
             Message::StatsRequest(r) => Some(Message::Stats(self.stats(r))),
             // Replies sent to a server are a confused peer; ignore them.
             _ => None,
@@ -268,12 +291,17 @@ impl Store {
                 c.pending.prefetch_push(ops.len());
             }
         }
+        let host = batch.host_id;
         let entries = batch
             .entries
             .into_iter()
             .map(|e| {
-                let sid = e.sid;
+                let (sid, epoch) = (e.sid, e.epoch);
+                let before = self.copies.get(&sid).map(|c| (c.epoch, c.writer));
                 let (status, version) = self.apply_entry(e, now_ms);
+                if status == AckStatus::Applied {
+                    self.note_writer(sid, epoch, host, before);
+                }
                 match status {
                     AckStatus::Applied => self.counters.applied += 1,
                     AckStatus::NeedFull => self.counters.need_full += 1,
@@ -288,6 +316,45 @@ impl Store {
             })
             .collect();
         Ack { entries }
+    }
+
+    /// Records who wrote `sid` last; when another host took it over under
+    /// a newer epoch, keeps a notice for the one before.
+    fn note_writer(&mut self, sid: Sid, epoch: u64, host: u64, before: Option<(u64, u64)>) {
+        if let Some(c) = self.copies.get_mut(&sid) {
+            c.writer = host;
+        }
+        let Some((old_epoch, old_writer)) = before else {
+            return;
+        };
+        if epoch <= old_epoch || old_writer == 0 || old_writer == host {
+            return;
+        }
+        self.counters.takeovers += 1;
+        if self.stale_len >= STALE_MAX {
+            self.counters.stale_dropped += 1;
+            return;
+        }
+        self.stale_len += 1;
+        self.stale
+            .entry(old_writer)
+            .or_default()
+            .push(InvalidateEntry { sid, epoch });
+    }
+
+    /// Takes up to `max` takeover notices for `host`: sessions it wrote
+    /// that another host now owns, with the epoch that host writes under.
+    pub fn take_stale(&mut self, host: u64, max: usize) -> Vec<InvalidateEntry> {
+        let Some(list) = self.stale.get_mut(&host) else {
+            return Vec::new();
+        };
+        let n = list.len().min(max);
+        let taken: Vec<InvalidateEntry> = list.drain(..n).collect();
+        if list.is_empty() {
+            self.stale.remove(&host);
+        }
+        self.stale_len -= taken.len();
+        taken
     }
 
     /// The version held of `sid` (0: none).
@@ -584,6 +651,8 @@ impl Store {
             ("invalidated", c.invalidated),
             ("folds", c.folds),
             ("expired", c.expired),
+            ("takeovers", c.takeovers),
+            ("stale_dropped", c.stale_dropped),
         ]
         .into_iter()
         .map(|(name, value)| Counter {

@@ -88,12 +88,16 @@ impl NodeServer {
                             Node::Ack => server.serve_until(ack_all, shutdown).await,
                             Node::Store => {
                                 let mut store = replica_store(&[]);
-                                let h = move |_peer, msg| store.handle(msg);
+                                let h = move |peer: sessio_net::PeerInfo, msg| {
+                                    store.handle(peer.identity.id, msg)
+                                };
                                 server.serve_until(h, shutdown).await
                             }
                             Node::Records(records) => {
                                 let mut store = replica_store(&records);
-                                let h = move |_peer, msg| store.handle(msg);
+                                let h = move |peer: sessio_net::PeerInfo, msg| {
+                                    store.handle(peer.identity.id, msg)
+                                };
                                 server.serve_until(h, shutdown).await
                             }
                         }

@@ -152,6 +152,11 @@ pub(super) async fn node_link<B: Rt>(ctx: &Ctx<'_>, id: u16, addr: std::net::Soc
     let mut conn: Option<Client<B>> = None;
     let mut in_flight: VecDeque<Vec<Sent>> = VecDeque::new();
     let mut last_io = Instant::now();
+    // Pings go out every `ping_interval_ms` even on a busy link: their
+    // pongs bring the takeover notices (sessions another host now owns).
+    let mut last_ping = Instant::now();
+    let mut pong_due = false;
+    let ping_every = Duration::from_millis(cfg.ping_interval_ms);
     let mut drain_deadline: Option<Instant> = None;
     let idle_sleep = Duration::from_micros(cfg.flush_interval_us.max(1));
     loop {
@@ -230,12 +235,21 @@ pub(super) async fn node_link<B: Rt>(ctx: &Ctx<'_>, id: u16, addr: std::net::Soc
                 }
                 in_flight.push_back(sent);
             }
-            if !in_flight.is_empty() {
+            if !in_flight.is_empty() && !pong_due && last_ping.elapsed() >= ping_every {
+                client
+                    .send(&Message::Ping(Ping { nonce: 0 }))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                (pong_due, last_ping) = (true, Instant::now());
+            }
+            if !in_flight.is_empty() || pong_due {
                 let reply = client.recv().await.map_err(|e| e.to_string())?;
                 last_io = Instant::now();
                 match reply {
                     Message::Ack(ack) => {
-                        let sent = in_flight.pop_front().unwrap_or_default();
+                        let Some(sent) = in_flight.pop_front() else {
+                            return Err("an ack for no batch".into());
+                        };
                         if ack.entries.len() != sent.len() {
                             return Err(format!(
                                 "ack has {} entries for a batch of {}",
@@ -245,23 +259,27 @@ pub(super) async fn node_link<B: Rt>(ctx: &Ctx<'_>, id: u16, addr: std::net::Soc
                         }
                         apply_acks(ctx, id, &sent, &ack.entries);
                     }
-                    Message::Pong(_) => {}
+                    Message::Pong(p) if pong_due => {
+                        pong_due = false;
+                        evict_stale(ctx, id, &p.stale);
+                    }
                     other => return Err(format!("unexpected {:?} from node", other.kind())),
                 }
-            } else if last_io.elapsed() >= Duration::from_millis(cfg.ping_interval_ms) {
-                // Finds a node that died while we had nothing to say.
+            } else if last_io.elapsed() >= ping_every || last_ping.elapsed() >= ping_every {
+                // Finds a node that died while we had nothing to say, and
+                // collects the takeover notices.
                 let reply = client
                     .call(&Message::Ping(Ping { nonce: 0 }))
                     .await
                     .map_err(|e| e.to_string())?;
-                if !matches!(reply, Message::Pong(_)) {
+                let Message::Pong(p) = reply else {
                     return Err(format!("unexpected {:?} to a ping", reply.kind()));
-                }
-                last_io = Instant::now();
+                };
+                evict_stale(ctx, id, &p.stale);
+                (last_io, last_ping) = (Instant::now(), Instant::now());
             } else {
                 // Until the dispatcher queues work, or it is time to ping.
-                let ping =
-                    Duration::from_millis(cfg.ping_interval_ms).saturating_sub(last_io.elapsed());
+                let ping = ping_every.saturating_sub(last_io.elapsed().max(last_ping.elapsed()));
                 let _ = B::timeout(ping.max(idle_sleep), notified(ctx, id)).await;
             }
             Ok(())
@@ -270,6 +288,7 @@ pub(super) async fn node_link<B: Rt>(ctx: &Ctx<'_>, id: u16, addr: std::net::Soc
         if let Err(e) = result {
             tracing::info!(node = id, "replica link down: {e}");
             conn = None;
+            pong_due = false;
             on_down(ctx, id, &mut in_flight, &e);
             next_attempt = Instant::now() + backoff.next_delay();
         }
@@ -582,6 +601,18 @@ pub(super) fn build_once(ctx: &Ctx<'_>, id: u16) -> Built {
 }
 
 pub(super) fn apply_acks(ctx: &Ctx<'_>, id: u16, sent: &[Sent], acks: &[sessio_net::AckEntry]) {
+    let evict = record_acks(ctx, id, sent, acks);
+    evict_stale(ctx, id, &evict);
+}
+
+/// Applies the acks to the replicator's state; returns the copies the
+/// node's `Fenced` answers make stale here.
+fn record_acks(
+    ctx: &Ctx<'_>,
+    id: u16,
+    sent: &[Sent],
+    acks: &[sessio_net::AckEntry],
+) -> Vec<sessio_net::InvalidateEntry> {
     let mut st = ctx.state.borrow_mut();
     let st = &mut *st;
     let mut resend = Vec::new();
@@ -589,6 +620,7 @@ pub(super) fn apply_acks(ctx: &Ctx<'_>, id: u16, sent: &[Sent], acks: &[sessio_n
     let mut hints = Vec::new();
     let replicas = st.placement.replicas();
     let (mut applied, mut need_full, mut fenced, mut refused) = (0, 0, 0, 0);
+    let mut evict = Vec::new();
     for (s, a) in sent.iter().zip(acks) {
         let Some(ss) = st.sids.get_mut(&s.sid) else {
             continue;
@@ -637,6 +669,12 @@ pub(super) fn apply_acks(ctx: &Ctx<'_>, id: u16, sent: &[Sent], acks: &[sessio_n
                 fenced += 1;
                 ss.fenced = true;
                 ss.since = None;
+                // Another host owns it under a newer epoch: our copy at
+                // this one is stale.
+                evict.push(sessio_net::InvalidateEntry {
+                    sid: s.sid.0,
+                    epoch: s.epoch + 1,
+                });
             }
             AckStatus::Refused => refused += 1,
         }
@@ -661,5 +699,25 @@ pub(super) fn apply_acks(ctx: &Ctx<'_>, id: u16, sent: &[Sent], acks: &[sessio_n
     }
     for sid in settled {
         settle(st, sid);
+    }
+    evict
+}
+
+/// Evicts this host's copies of sessions another host took over (a pong's
+/// notices, or `Fenced` acks): the next read here fetches the current copy
+/// instead of serving a stale one.
+pub(super) fn evict_stale(ctx: &Ctx<'_>, id: u16, stale: &[sessio_net::InvalidateEntry]) {
+    if stale.is_empty() {
+        return;
+    }
+    let evicted = stale
+        .iter()
+        .filter(|e| ctx.arena.evict_older(Sid(e.sid), e.epoch) == Ok(true))
+        .count() as u64;
+    if evicted > 0 {
+        tracing::debug!(node = id, evicted, "evicted copies other hosts took over");
+    }
+    if let Some(l) = ctx.state.borrow_mut().link(id) {
+        l.stats.evicted += evicted;
     }
 }

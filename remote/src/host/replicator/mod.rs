@@ -163,6 +163,9 @@ pub struct NodeStats {
     pub fenced: u64,
     /// `Refused` answers.
     pub refused: u64,
+    /// Copies evicted because the node said another host took their
+    /// session over.
+    pub evicted: u64,
     /// Bytes of batches sent.
     pub bytes_sent: u64,
     /// Successful handshakes.

@@ -364,7 +364,7 @@ fn agent_families(e: &mut Families<'_>, s: &ReplicatorStats) -> fmt::Result {
         ],
     )?;
     lag_histogram(e, s)?;
-    let families: [NodeFamily<'_>; 11] = [
+    let families: [NodeFamily<'_>; 12] = [
         ("up", Gauge, "Whether the link to the node is up.", |n| {
             u64::from(n.up)
         }),
@@ -404,6 +404,12 @@ fn agent_families(e: &mut Families<'_>, s: &ReplicatorStats) -> fmt::Result {
         ("refused_total", Counter, "Entries the node refused.", |n| {
             n.refused
         }),
+        (
+            "evicted_total",
+            Counter,
+            "Local copies evicted because the node said another host took them over.",
+            |n| n.evicted,
+        ),
         (
             "bytes_sent_total",
             Counter,

@@ -32,7 +32,6 @@ fn main() {
         Some("pinner") => return pinner(&args[2..]),
         _ => {}
     }
-    let filter = args.iter().skip(1).find(|a| !a.starts_with('-')).cloned();
     let tests: [(&str, fn()); 5] = [
         ("exact_under_contention", exact_under_contention),
         ("random_kills", random_kills),
@@ -46,27 +45,19 @@ fn main() {
             dead_pinner_full_ring_then_kill_the_retirer,
         ),
     ];
-    let (mut passed, mut failed) = (0, 0);
-    for (name, f) in tests {
-        if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
-            continue;
-        }
-        let started = Instant::now();
-        if std::panic::catch_unwind(f).is_ok() {
-            passed += 1;
-            println!(
-                "test {name} ... ok ({:.1} s)",
-                started.elapsed().as_secs_f64()
-            );
-        } else {
-            failed += 1;
-            println!("test {name} ... FAILED");
-        }
-    }
-    println!("{passed} passed, {failed} failed");
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    let mut run = libtest_mimic::Arguments::from_args();
+    // One at a time: each test runs several processes of its own.
+    run.test_threads.get_or_insert(1);
+    let trials = tests
+        .into_iter()
+        .map(|(name, f)| {
+            libtest_mimic::Trial::test(name, move || {
+                f();
+                Ok(())
+            })
+        })
+        .collect();
+    libtest_mimic::run(&run, trials).exit();
 }
 
 // ----- the worker process -------------------------------------------------

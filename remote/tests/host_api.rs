@@ -13,19 +13,18 @@
 //!   (the bank tells it), so when the session comes back it is fetched
 //!   anew, not served stale.
 //!
-//! Not the standard harness: a test here runs this binary again as a
-//! worker process (`reader` mode).
+//! A test here runs this binary again as a worker process (`reader`
+//! mode), so the harness is `libtest-mimic`, with the usual filters.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sessio_engine::{Arena, ArenaConfig, FetchClaim, Location, NewSession, Op, Sid};
-use sessio_net::{Client, ClientConfig, Identity, IoUring, Message, Secret, StatsRequest};
+use sessio_net::{Backend, IoUring, Secret};
 use sessio_remote::failover::{FailoverConfig, NodeClients, Singleflight, fetch_and_install};
-use sessio_remote::node::{LocalNode, NodeConfig};
-use sessio_remote::placement::{Member, Placement};
+use sessio_remote::node::LocalBank;
+use sessio_remote::placement::Placement;
 use sessio_remote::replicator::{Replicator, ReplicatorConfig};
-use sessio_remote::runtime::Rt;
 use sessio_remote::{Durability, HostConfig, HostError, Sessions, SweepConfig};
 
 const SECRET: [u8; 32] = [4; 32];
@@ -39,7 +38,6 @@ fn main() {
         IoUring::available(),
         "io_uring is unavailable here: these tests run on it"
     );
-    let filter = args.iter().skip(1).find(|a| !a.starts_with('-')).cloned();
     let tests: [(&str, fn()); 8] = [
         (
             "a_miss_fetches_once_for_all_threads",
@@ -71,89 +69,42 @@ fn main() {
             a_taken_over_copy_leaves_its_old_host,
         ),
     ];
-    let (mut passed, mut failed) = (0, 0);
-    for (name, f) in tests {
-        if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
-            continue;
-        }
-        let started = Instant::now();
-        if std::panic::catch_unwind(f).is_ok() {
-            passed += 1;
-            println!(
-                "test {name} ... ok ({:.1} s)",
-                started.elapsed().as_secs_f64()
-            );
-        } else {
-            failed += 1;
-            println!("test {name} ... FAILED");
-        }
-    }
-    println!("{passed} passed, {failed} failed");
-    if failed > 0 {
-        std::process::exit(101);
-    }
+    let mut run = libtest_mimic::Arguments::from_args();
+    // One at a time: each starts a bank and hosts of its own.
+    run.test_threads.get_or_insert(1);
+    let trials = tests
+        .into_iter()
+        .map(|(name, f)| {
+            libtest_mimic::Trial::test(name, move || {
+                f();
+                Ok(())
+            })
+        })
+        .collect();
+    libtest_mimic::run(&run, trials).exit();
 }
 
 /// A bank of `n` nodes on this process's threads.
-struct Bank {
-    nodes: Vec<LocalNode>,
-    placement: Placement,
-}
+struct Bank(LocalBank);
 
 impl Bank {
     fn start(n: u16, replicas: usize) -> Bank {
-        let nodes: Vec<LocalNode> = (1..=n)
-            .map(|id| {
-                LocalNode::start::<IoUring>(
-                    NodeConfig::new("127.0.0.1:0".parse().unwrap(), id),
-                    Secret::from_bytes(SECRET),
-                )
-                .expect("node serves")
-            })
-            .collect();
-        let members = nodes
-            .iter()
-            .zip(1..)
-            .map(|(node, id)| Member {
-                id,
-                addr: node.addr,
-            })
-            .collect();
-        Bank {
-            placement: Placement::new(members, replicas).unwrap(),
-            nodes,
-        }
+        Bank(
+            LocalBank::start::<IoUring>(n, replicas, Secret::from_bytes(SECRET))
+                .expect("the bank starts"),
+        )
     }
 
     /// A counter every node reports, summed over the bank.
     fn counter(&self, name: &str) -> u64 {
-        let rt = IoUring::runtime().unwrap();
-        self.nodes
-            .iter()
-            .map(|node| {
-                IoUring::run(&rt, async {
-                    let mut c = Client::<IoUring>::connect(
-                        node.addr,
-                        ClientConfig::new(Identity::with_random_incarnation(99).unwrap()),
-                        Secret::from_bytes(SECRET),
-                    )
-                    .await
-                    .unwrap();
-                    match c
-                        .call(&Message::StatsRequest(StatsRequest { request_id: 1 }))
-                        .await
-                        .unwrap()
-                    {
-                        Message::Stats(s) => s
-                            .counters
-                            .iter()
-                            .find(|c| c.name == name)
-                            .map_or(0, |c| c.value),
-                        other => panic!("not stats: {other:?}"),
-                    }
-                })
-            })
-            .sum()
+        self.0.counter::<IoUring>(name).expect("the nodes answer")
+    }
+}
+
+impl std::ops::Deref for Bank {
+    type Target = LocalBank;
+    fn deref(&self) -> &LocalBank {
+        &self.0
     }
 }
 

@@ -23,7 +23,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::Query;
 use axum::routing::{get, post};
-use common::{Bank, Host, runtime, sid_of};
+use common::{Host, runtime, sid_of, start_bank};
 use sessio_engine::ArenaConfig;
 use sessio_engine::session::append_items;
 use sessio_web::{Session, SessionLayer, WebError, WebHost};
@@ -247,7 +247,7 @@ fn sid_of_cookie(cookie: &str) -> sessio_engine::Sid {
 
 #[test]
 fn login_cart_view_and_logout() {
-    let bank = Bank::start(1, 1);
+    let bank = start_bank(1, 1);
     let h = Host::new("flow", 1);
     let host = h.open(&bank);
     let server = Server::start(host.clone());
@@ -310,7 +310,7 @@ fn login_cart_view_and_logout() {
 
 #[test]
 fn bad_cookies_are_no_session() {
-    let bank = Bank::start(2, 2);
+    let bank = start_bank(2, 2);
     let h = Host::new("cookies", 1);
     let host = h.open(&bank);
     let server = Server::start(host);
@@ -349,7 +349,7 @@ fn bad_cookies_are_no_session() {
 
 #[test]
 fn a_host_out_of_fetches_answers_503_and_still_serves_its_sessions() {
-    let bank = Bank::start(1, 1);
+    let bank = start_bank(1, 1);
     let h = Host::new("throttle", 1);
     let mut config = h.config(&bank, ArenaConfig::for_sessions(64, 1024));
     config.host.limits.fetches_per_s = 1;
@@ -387,7 +387,7 @@ fn a_host_out_of_fetches_answers_503_and_still_serves_its_sessions() {
 
 #[test]
 fn a_write_over_the_quota_is_413_and_changes_nothing() {
-    let bank = Bank::start(1, 1);
+    let bank = start_bank(1, 1);
     let h = Host::new("quota", 1);
     let mut arena = ArenaConfig::for_sessions(64, 1024);
     arena.quota_bytes = 4096;
@@ -426,7 +426,7 @@ fn a_write_over_the_quota_is_413_and_changes_nothing() {
 
 #[test]
 fn another_host_serves_the_session_with_its_cart() {
-    let bank = Bank::start(2, 2);
+    let bank = start_bank(2, 2);
     let ha = Host::new("failover-a", 1);
     let hb = Host::new("failover-b", 2);
     let host_a = ha.open(&bank);

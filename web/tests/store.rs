@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Bank, Host, runtime, sid_of};
+use common::{Host, runtime, sid_of, start_bank};
 use serde_json::{Value, json};
 use sessio_engine::session::decode_ops;
 use sessio_engine::{Op, Sid};
@@ -80,7 +80,7 @@ macro_rules! round_trip {
         use $core::SessionStore as _;
         use $core::session::{Id, Record};
 
-        let bank = Bank::start(2, 2);
+        let bank = start_bank(2, 2);
         let h = Host::new(concat!("round-", stringify!($core)), 1);
         let host = h.open(&bank);
         let _replicator = h.replicator(&bank);
@@ -237,7 +237,7 @@ fn expiry_dates_become_idle_ttls_or_lifetimes() {
     use tower_sessions_core::SessionStore as _;
     use tower_sessions_core::session::{Id, Record};
 
-    let bank = Bank::start(1, 1);
+    let bank = start_bank(1, 1);
     let h = Host::new("expiry", 1);
     let host = h.open(&bank);
     let rt = runtime(2);
@@ -415,7 +415,7 @@ fn concurrent_requests_keep_both_changes_where_the_redis_store_loses_one() {
     use tower_sessions_redis_store::fred::prelude::{ClientLike, Config};
 
     let redis = RedisServer::start();
-    let bank = Bank::start(2, 2);
+    let bank = start_bank(2, 2);
     let h = Host::new("concurrent", 1);
     let host = h.open(&bank);
     let rt = runtime(2);

@@ -57,7 +57,7 @@ const PENDING_OVERHEAD_BYTES: u64 = 64;
 const ALIGN: usize = 16;
 
 pub use copy::pending_charge;
-pub use serve::{LocalNode, NodeConfig, serve};
+pub use serve::{LocalBank, LocalNode, NodeConfig, serve};
 pub use shards::{SHARDS_MAX, Shards};
 pub use store::{
     EXPIRE_INTERVAL_MS_DEFAULT, EXPIRY_GRACE_MS_DEFAULT, ExpiryRule, NodeCounters, NodeLimits,

@@ -254,6 +254,85 @@ impl LocalNode {
     }
 }
 
+/// A bank of [`LocalNode`]s on loopback, ids `1..=n`: for tests, examples
+/// and benchmarks of hosts. Stopped when dropped.
+#[derive(Debug)]
+pub struct LocalBank {
+    nodes: Vec<LocalNode>,
+    /// The bank as a host places sessions on it.
+    pub placement: crate::placement::Placement,
+    secret: Secret,
+}
+
+impl LocalBank {
+    /// Starts `n` nodes on backend `B`, keeping `replicas` copies of each
+    /// session.
+    pub fn start<B: Rt>(n: u16, replicas: usize, secret: Secret) -> io::Result<LocalBank> {
+        let nodes = (1..=n)
+            .map(|id| {
+                LocalNode::start::<B>(
+                    NodeConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), id),
+                    secret.clone(),
+                )
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        let members = nodes
+            .iter()
+            .zip(1..)
+            .map(|(node, id)| crate::placement::Member {
+                id,
+                addr: node.addr,
+            })
+            .collect();
+        let placement = crate::placement::Placement::new(members, replicas)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        Ok(LocalBank {
+            nodes,
+            placement,
+            secret,
+        })
+    }
+
+    /// The nodes, node `i + 1` at index `i`.
+    pub fn nodes(&self) -> &[LocalNode] {
+        &self.nodes
+    }
+
+    /// A counter every node reports (`sessions`, `fetches`, ...), summed
+    /// over the bank, asked over the protocol on backend `B`.
+    pub fn counter<B: Rt>(&self, name: &str) -> io::Result<u64> {
+        let rt = B::runtime()?;
+        let identity = Identity::with_random_incarnation(u64::MAX)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let mut sum = 0;
+        for node in &self.nodes {
+            let reply = B::run(&rt, async {
+                let mut c = sessio_net::Client::<B>::connect(
+                    node.addr,
+                    sessio_net::ClientConfig::new(identity),
+                    self.secret.clone(),
+                )
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))?;
+                c.call(&Message::StatsRequest(sessio_net::StatsRequest {
+                    request_id: 1,
+                }))
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))
+            })?;
+            let Message::Stats(s) = reply else {
+                return Err(io::Error::other(format!("not stats: {:?}", reply.kind())));
+            };
+            sum += s
+                .counters
+                .iter()
+                .find(|c| c.name == name)
+                .map_or(0, |c| c.value);
+        }
+        Ok(sum)
+    }
+}
+
 impl Drop for LocalNode {
     fn drop(&mut self) {
         self.stop.fire();

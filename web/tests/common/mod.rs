@@ -8,50 +8,22 @@ use std::time::Duration;
 use sessio_engine::{Arena, ArenaConfig, Location, Sid};
 use sessio_net::{Backend, IoUring, Secret};
 use sessio_remote::failover::FailoverConfig;
-use sessio_remote::node::{LocalNode, NodeConfig};
-use sessio_remote::placement::{Member, Placement};
+use sessio_remote::node::LocalBank;
 use sessio_remote::replicator::{Replicator, ReplicatorConfig};
 use sessio_remote::{HostConfig, SweepConfig};
 use sessio_web::{WebConfig, WebHost};
 
 pub const SECRET: [u8; 32] = [7; 32];
 
-/// A bank of nodes, each on its own thread of this process; they stop
-/// when it is dropped.
-pub struct Bank {
-    _nodes: Vec<LocalNode>,
-    pub placement: Placement,
-}
-
-impl Bank {
-    /// `n` nodes keeping `replicas` copies of each session.
-    pub fn start(n: u16, replicas: usize) -> Bank {
-        assert!(
-            IoUring::available(),
-            "io_uring is unavailable here: the bank nodes of these tests run on it"
-        );
-        let nodes: Vec<LocalNode> = (1..=n)
-            .map(|id| {
-                LocalNode::start::<IoUring>(
-                    NodeConfig::new("127.0.0.1:0".parse().unwrap(), id),
-                    Secret::from_bytes(SECRET),
-                )
-                .expect("a bank node serves on loopback")
-            })
-            .collect();
-        let members = nodes
-            .iter()
-            .zip(1..)
-            .map(|(node, id)| Member {
-                id,
-                addr: node.addr,
-            })
-            .collect();
-        Bank {
-            placement: Placement::new(members, replicas).unwrap(),
-            _nodes: nodes,
-        }
-    }
+/// `n` bank nodes on this process's threads, keeping `replicas` copies of
+/// each session; stopped when dropped.
+pub fn start_bank(n: u16, replicas: usize) -> LocalBank {
+    assert!(
+        IoUring::available(),
+        "io_uring is unavailable here: the bank nodes of these tests run on it"
+    );
+    LocalBank::start::<IoUring>(n, replicas, Secret::from_bytes(SECRET))
+        .expect("a bank serves on loopback")
 }
 
 static NEXT_ARENA: AtomicU32 = AtomicU32::new(0);
@@ -73,7 +45,7 @@ impl Host {
     }
 
     /// The host API's configuration: a small arena, a quick sweeper.
-    pub fn config(&self, bank: &Bank, arena: ArenaConfig) -> WebConfig {
+    pub fn config(&self, bank: &LocalBank, arena: ArenaConfig) -> WebConfig {
         let mut host = HostConfig::new(
             self.location.clone(),
             arena,
@@ -88,13 +60,13 @@ impl Host {
     }
 
     /// Opens the host with a 64-session arena of default quota.
-    pub fn open(&self, bank: &Bank) -> WebHost {
+    pub fn open(&self, bank: &LocalBank) -> WebHost {
         WebHost::open(self.config(bank, ArenaConfig::for_sessions(64, 1024)))
             .expect("the host opens its arena")
     }
 
     /// Ships this host's changes to the bank until dropped.
-    pub fn replicator(&self, bank: &Bank) -> Replicator {
+    pub fn replicator(&self, bank: &LocalBank) -> Replicator {
         Replicator::spawn(
             &self.location,
             ReplicatorConfig::new(bank.placement.clone(), Secret::from_bytes(SECRET), self.id),

@@ -75,6 +75,33 @@ impl Proc {
         }
     }
 
+    /// CPU time used so far by every process of its group, in clock ticks
+    /// (from `/proc`; processes already gone are not counted).
+    pub fn cpu_ticks(&self) -> u64 {
+        let pgid = self.child.id();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return 0;
+        };
+        dir.filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            })
+            .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+            .filter_map(|stat| {
+                // Fields after the command name, which is in parentheses.
+                let rest = &stat[stat.rfind(')')? + 2..];
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                // state ppid pgrp ... utime(14th field overall) stime(15th)
+                let pgrp: u32 = f.get(2)?.parse().ok()?;
+                let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+                (pgrp == pgid).then_some(ticks)
+            })
+            .sum()
+    }
+
     /// Whether it still runs.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -108,6 +135,32 @@ impl Drop for Proc {
         if self.alive() {
             self.kill();
         }
+    }
+}
+
+/// CPU ticks used so far, by role.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTicks {
+    hosts: u64,
+    nodes: u64,
+    nginx: u64,
+    redis: u64,
+}
+
+impl CpuTicks {
+    /// What was used since `before`, over `secs` seconds, as percent of
+    /// one core per role.
+    pub fn since(&self, before: &CpuTicks, secs: u64) -> String {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let pct = |now: u64, then: u64| now.saturating_sub(then) * 100 / (hz * secs.max(1));
+        format!(
+            "hosts={}% nodes={}% nginx={}% redis={}%",
+            pct(self.hosts, before.hosts),
+            pct(self.nodes, before.nodes),
+            pct(self.nginx, before.nginx),
+            pct(self.redis, before.redis)
+        )
     }
 }
 
@@ -177,6 +230,17 @@ impl Cluster {
         let addr = addr.expect("announced").parse()?;
         self.nodes.push((id, p, addr));
         Ok(())
+    }
+
+    /// CPU time used so far by the hosts (workers included), the nodes,
+    /// nginx and redis-server.
+    pub fn cpu_ticks(&self) -> CpuTicks {
+        CpuTicks {
+            hosts: self.hosts.iter().map(|h| h.proc.cpu_ticks()).sum(),
+            nodes: self.nodes.iter().map(|(_, p, _)| p.cpu_ticks()).sum(),
+            nginx: self.nginx.as_ref().map_or(0, |(p, _)| p.cpu_ticks()),
+            redis: self.redis.as_ref().map_or(0, |(p, _)| p.cpu_ticks()),
+        }
     }
 
     /// Kills every node and starts it again, empty, at the same address.

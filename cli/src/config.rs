@@ -130,6 +130,18 @@ settings! {
         /// do not reach the node, so keep it well above the longest idle TTL.
         #[arg(long, default_value_t = ExpiryRule::default().idle_max_ms)]
         pub copy_idle_max_ms: u64,
+        /// Networks hosts may connect from, as CIDRs (repeat the flag or
+        /// separate with commas); others are closed at accept. Default: any.
+        #[arg(long, value_delimiter = ',')]
+        pub allow: Vec<ipnet::IpNet>,
+        /// Most connections in the handshake, per serving thread; a newer
+        /// one evicts the oldest that has waited 20 ms.
+        #[arg(long, default_value_t = sessio_net::server::HANDSHAKES_MAX_DEFAULT)]
+        pub handshakes_max: u32,
+        /// Most connections in the handshake from one address, per serving
+        /// thread.
+        #[arg(long, default_value_t = sessio_net::server::HANDSHAKES_PER_ADDR_MAX_DEFAULT)]
+        pub handshakes_per_addr_max: u32,
         /// Use the epoll engine instead of `io_uring`.
         #[arg(long)]
         pub epoll: bool,

@@ -203,6 +203,9 @@ fn run_node(a: NodeSettings, given: &ArgMatches) -> Res {
     };
     config.connections_max = a.connections_max;
     config.threads = a.threads;
+    config.allow.clone_from(&a.allow);
+    config.handshakes_max = a.handshakes_max.max(1);
+    config.handshakes_per_addr_max = a.handshakes_per_addr_max.max(1);
     config.expiry = node::ExpiryRule {
         grace_ms: a.expiry_grace_ms,
         idle_max_ms: a.copy_idle_max_ms,

@@ -633,8 +633,12 @@ fn node_families(
                 }
             })
             .collect();
-        // The store's sizes are gauges; everything else only grows.
-        let (family, kind) = if name == "sessions" || name == "bytes" {
+        // The store's sizes and the open connections are gauges;
+        // everything else only grows.
+        let (family, kind) = if matches!(
+            name.as_str(),
+            "sessions" | "bytes" | "net_open" | "net_handshaking"
+        ) {
             (format!("sessio_node_{name}"), Gauge)
         } else {
             (format!("sessio_node_{name}_total"), Counter)

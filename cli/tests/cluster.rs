@@ -1061,3 +1061,162 @@ fn agent_killed_at_random_points_under_load_then_the_bank_converges() {
         })
     });
 }
+
+/// Raises this process's soft limit on open files to `want` (or the hard
+/// limit): the flood below holds a thousand sockets.
+fn raise_nofile(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim), 0);
+        lim.rlim_cur = want.min(lim.rlim_max);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim), 0);
+    }
+}
+
+/// The counters a node reports (its store's and its transport's `net_*`).
+fn node_stats(addr: SocketAddr) -> Vec<(String, u64)> {
+    IoUring::block_on(async {
+        let mut c = connect(addr, 998).await;
+        match c
+            .call(&Message::StatsRequest(StatsRequest { request_id: 1 }))
+            .await
+            .unwrap()
+        {
+            Message::Stats(s) => s.counters.into_iter().map(|c| (c.name, c.value)).collect(),
+            other => panic!("not stats: {other:?}"),
+        }
+    })
+}
+
+/// One unauthenticated peer of the flood: connected from `from`, it sends
+/// nothing (idle) or the first bytes of a real handshake, one every 400 ms
+/// (trickling), and is reopened whenever the node closes it.
+struct Intruder {
+    socket: Option<std::net::TcpStream>,
+    sent: usize,
+    trickle: bool,
+}
+
+fn intrude(from: std::net::IpAddr, to: SocketAddr) -> Option<std::net::TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).ok()?;
+    s.bind(&SocketAddr::new(from, 0).into()).ok()?;
+    s.connect_timeout(&to.into(), Duration::from_millis(500))
+        .ok()?;
+    s.set_nonblocking(true).ok()?;
+    Some(s.into())
+}
+
+/// Whether the node closed `s` (or reset it).
+fn closed_by_peer(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let mut b = [0u8; 64];
+    // End of stream, or a Reject frame (the node is closing it), or a reset.
+    s.read(&mut b)
+        .map_or_else(|e| e.kind() != std::io::ErrorKind::WouldBlock, |_| true)
+}
+
+/// 1000 unauthenticated connections from another address, half idle, half
+/// trickling a handshake, each reopened as soon as the node closes it,
+/// while a host replicates: the host keeps replicating with bounded lag, a
+/// new client still gets in, and the node counts what it evicted.
+#[test]
+fn a_flood_of_unauthenticated_peers_does_not_lock_hosts_out() {
+    let _serial = serial();
+    require_uring();
+    raise_nofile(4096);
+    let secret = SecretFile::new();
+    let node = Node::spawn_with(
+        1,
+        "127.0.0.1:0".parse().unwrap(),
+        &secret,
+        &["--connections-max", "2048"],
+    );
+    let addr = node.addr;
+    let nodes = vec![node];
+    let p = placement(&nodes, 1);
+    let arena = TestArena::new("flood", 1000);
+    let repl = replicator(&arena, &p, 7);
+    let sids = create_sessions(arena.get(), 100);
+    wait_until("the first sync", Duration::from_secs(20), || {
+        converged(&repl)
+    });
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hello = sessio_net::frame::header_bytes(sessio_net::FrameKind::Hello, &[0; 48]);
+    let flood: Vec<_> = (0..4)
+        .map(|t| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let from: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+                let mut peers: Vec<Intruder> = (0..250)
+                    .map(|i| Intruder {
+                        socket: intrude(from, addr),
+                        sent: 0,
+                        trickle: (t + i) % 2 == 0,
+                    })
+                    .collect();
+                let (mut opened, mut round) = (250u64, 0u64);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    round += 1;
+                    for p in &mut peers {
+                        let gone = p.socket.as_mut().is_none_or(closed_by_peer);
+                        if gone {
+                            p.socket = intrude(from, addr);
+                            p.sent = 0;
+                            opened += 1;
+                        } else if p.trickle && round % 8 == 0 && p.sent < hello.len() {
+                            let s = p.socket.as_mut().expect("checked above");
+                            if s.write_all(&hello[p.sent..=p.sent]).is_ok() {
+                                p.sent += 1;
+                            }
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                opened
+            })
+        })
+        .collect();
+    // Let the flood fill every handshake slot.
+    std::thread::sleep(Duration::from_secs(2));
+
+    // The host keeps replicating: an update every 2 ms for 6 s, all acked.
+    let (updates, _) = load(arena.get(), &sids, Duration::from_secs(6));
+    wait_until(
+        "every update acked during the flood",
+        Duration::from_secs(10),
+        || converged(&repl),
+    );
+    let st = repl.stats();
+    // A new client (a failover fetch, the metrics exporter) gets in too.
+    let other_host = TestArena::new("flood-b", 1000);
+    let found = fetch_and_install(other_host.get(), sids[0], &p, &mut clients(8));
+    let stats = node_stats(addr);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let opened: u64 = flood.into_iter().map(|h| h.join().unwrap()).sum();
+    eprintln!(
+        "flood: {opened} unauthenticated connections opened, {updates} updates, lag p99 {} µs max {} µs, node: {stats:?}",
+        st.lag_p99_us, st.lag_max_us
+    );
+    assert!(opened >= 1000, "the flood opened only {opened} connections");
+    assert!(updates > 1000, "only {updates} updates went through");
+    assert!(st.nodes[0].up, "the link went down: {st:?}");
+    assert!(
+        st.lag_p99_us < 1_000_000,
+        "lag p99 {} µs under the flood",
+        st.lag_p99_us
+    );
+    assert!(found.is_ok(), "a new client was locked out: {found:?}");
+    let evicted = stat(&stats, "net_evicted") + stat(&stats, "net_refused");
+    assert!(
+        evicted >= 100,
+        "the node evicted or refused only {evicted}: {stats:?}"
+    );
+    assert!(stat(&stats, "net_handshaking") <= 64, "{stats:?}");
+}

@@ -3,6 +3,18 @@
 //!
 //! Single-threaded by design: one server per runtime per thread; run N of
 //! them on one port with [`SocketOptions::reuse_port`] for thread-per-core.
+//!
+//! **Unauthenticated peers.** A connection holds a *pending* slot until its
+//! handshake ends. There are at most [`ServerConfig::handshakes_max`] of
+//! them, and at most [`ServerConfig::handshakes_per_addr_max`] from one
+//! address. When a cap is reached, a new connection evicts the oldest
+//! pending one (of that address, or of all) that has waited at least
+//! [`ServerConfig::evict_after_ms`], instead of being refused: idle or
+//! trickling peers are pushed out by newcomers, while a real peer's
+//! handshake, done in a few round trips, is over before anyone may evict
+//! it. Peers outside [`ServerConfig::allow`] are closed at accept. Every
+//! refusal, eviction and failed handshake is counted in [`ServerStats`]
+//! and logged at warn, at most once every ten seconds per kind.
 //! A connection task is full duplex: it reads a batch of frames, calls the
 //! handler for each and reads again at once, while the replies of the batch
 //! are written in one go; a peer that stops reading its replies stops being
@@ -15,6 +27,8 @@ use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -29,8 +43,14 @@ use crate::transport::{FrameReader, PeerInfo, SocketOptions, TransportError, dri
 pub const CONNECTIONS_MAX_DEFAULT: u32 = 1024;
 /// Default for [`ServerConfig::handshakes_max`].
 pub const HANDSHAKES_MAX_DEFAULT: u32 = 64;
+/// Default for [`ServerConfig::handshakes_per_addr_max`].
+pub const HANDSHAKES_PER_ADDR_MAX_DEFAULT: u32 = 16;
+/// Default for [`ServerConfig::evict_after_ms`].
+pub const EVICT_AFTER_MS_DEFAULT: u64 = 20;
 /// Default for [`ServerConfig::handshake_timeout_ms`].
-pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 2_000;
+/// How often each kind of refusal is logged at warn, at most.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 /// Default for [`ServerConfig::idle_timeout_ms`].
 pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 120_000;
 /// Default for [`ServerConfig::write_bytes_max`].
@@ -49,6 +69,13 @@ pub struct ServerConfig {
     /// Most connections still in the handshake; keeps unauthenticated
     /// peers from taking every slot.
     pub handshakes_max: u32,
+    /// Most connections in the handshake from one IP address.
+    pub handshakes_per_addr_max: u32,
+    /// A connection in the handshake this long may be evicted for a newer
+    /// one when a cap is reached, in ms.
+    pub evict_after_ms: u64,
+    /// The networks peers may connect from; empty: any.
+    pub allow: Vec<ipnet::IpNet>,
     /// Time allowed for the whole handshake, in milliseconds.
     pub handshake_timeout_ms: u64,
     /// An authenticated connection that moves no byte this long is closed.
@@ -68,6 +95,9 @@ impl ServerConfig {
             limits: Limits::default(),
             connections_max: CONNECTIONS_MAX_DEFAULT,
             handshakes_max: HANDSHAKES_MAX_DEFAULT,
+            handshakes_per_addr_max: HANDSHAKES_PER_ADDR_MAX_DEFAULT,
+            evict_after_ms: EVICT_AFTER_MS_DEFAULT,
+            allow: Vec::new(),
             handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS_DEFAULT,
             idle_timeout_ms: IDLE_TIMEOUT_MS_DEFAULT,
             write_bytes_max: WRITE_BYTES_MAX_DEFAULT,
@@ -77,20 +107,87 @@ impl ServerConfig {
 }
 
 /// Counters a server keeps, readable while it runs via [`Server::stats`].
+/// Atomics, so the servers of a process's threads can share one
+/// ([`Server::with_stats`]).
 #[derive(Debug, Default)]
 pub struct ServerStats {
     /// Connections open now.
-    pub open: Cell<u32>,
+    pub open: AtomicU64,
     /// Connections in the handshake now.
-    pub handshaking: Cell<u32>,
-    /// Connections refused at the caps.
-    pub refused: Cell<u64>,
-    /// Handshakes that failed or timed out.
-    pub handshakes_failed: Cell<u64>,
+    pub handshaking: AtomicU64,
+    /// Connections refused at the caps (no pending one was old enough to
+    /// evict).
+    pub refused: AtomicU64,
+    /// Connections in the handshake closed to make room for a newer one.
+    pub evicted: AtomicU64,
+    /// Connections closed at accept: their address is not allowed.
+    pub not_allowed: AtomicU64,
+    /// Handshakes that failed (wrong key, malformed, refused) or timed out.
+    pub handshakes_failed: AtomicU64,
+    /// Of those, the ones that timed out.
+    pub handshake_timeouts: AtomicU64,
     /// Connections closed for an invalid frame or message.
-    pub protocol_errors: Cell<u64>,
+    pub protocol_errors: AtomicU64,
     /// Messages handed to the handler.
-    pub messages: Cell<u64>,
+    pub messages: AtomicU64,
+}
+
+impl ServerStats {
+    /// Every counter by name (`open` and `handshaking` are levels, the
+    /// rest only grow).
+    pub fn counters(&self) -> [(&'static str, u64); 9] {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        [
+            ("open", g(&self.open)),
+            ("handshaking", g(&self.handshaking)),
+            ("refused", g(&self.refused)),
+            ("evicted", g(&self.evicted)),
+            ("not_allowed", g(&self.not_allowed)),
+            ("handshakes_failed", g(&self.handshakes_failed)),
+            ("handshake_timeouts", g(&self.handshake_timeouts)),
+            ("protocol_errors", g(&self.protocol_errors)),
+            ("messages", g(&self.messages)),
+        ]
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+fn drop_one(c: &AtomicU64) {
+    c.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Logs one kind of event at warn at most every [`WARN_EVERY`], with how
+/// many happened since the last line.
+#[derive(Default)]
+struct Warn {
+    last: Cell<Option<Instant>>,
+    since: Cell<u64>,
+}
+
+impl Warn {
+    fn note(&self, what: &str, addr: SocketAddr) {
+        self.since.set(self.since.get() + 1);
+        if self.last.get().is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+            tracing::warn!(
+                last = %addr,
+                count = self.since.get(),
+                "{what} (count: since the last such line)"
+            );
+            self.last.set(Some(Instant::now()));
+            self.since.set(0);
+        }
+    }
+}
+
+/// A connection in the handshake, oldest first in [`Shared::pending`].
+struct Pending {
+    id: u64,
+    ip: std::net::IpAddr,
+    since: Instant,
+    abort: futures_util::future::AbortHandle,
 }
 
 /// A listening server on backend `B` (default: `io_uring`).
@@ -100,33 +197,48 @@ pub struct Server<B: Backend = IoUring> {
     local_addr: SocketAddr,
     config: Rc<ServerConfig>,
     secret: Secret,
-    stats: Rc<ServerStats>,
+    stats: Arc<ServerStats>,
     _backend: PhantomData<B>,
 }
 
 struct Shared<H> {
     config: Rc<ServerConfig>,
     secret: Secret,
-    stats: Rc<ServerStats>,
+    stats: Arc<ServerStats>,
     handler: RefCell<H>,
+    /// Connections in the handshake, oldest first.
+    pending: RefCell<std::collections::VecDeque<Pending>>,
+    next_id: Cell<u64>,
+    warn_refused: Warn,
+    warn_evicted: Warn,
+    warn_not_allowed: Warn,
+    warn_failed: Warn,
 }
 
 /// Counts a connection while it lives.
-struct Slot(Rc<ServerStats>);
+struct Slot(Arc<ServerStats>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.open.set(self.0.open.get() - 1);
+        drop_one(&self.0.open);
     }
 }
 
-/// Counts a connection while it is unauthenticated. Taken at accept (not
-/// when its task first runs) so a burst of connects sees the cap at once.
-struct HandshakeSlot(Rc<ServerStats>);
+/// A connection's place among the pending ones while it is
+/// unauthenticated. Taken at accept (not when its task first runs) so a
+/// burst of connects sees the caps at once.
+struct HandshakeSlot<'a, H> {
+    shared: &'a Shared<H>,
+    id: u64,
+}
 
-impl Drop for HandshakeSlot {
+impl<H> Drop for HandshakeSlot<'_, H> {
     fn drop(&mut self) {
-        self.0.handshaking.set(self.0.handshaking.get() - 1);
+        drop_one(&self.shared.stats.handshaking);
+        let mut pending = self.shared.pending.borrow_mut();
+        if let Some(i) = pending.iter().position(|p| p.id == self.id) {
+            pending.remove(i);
+        }
     }
 }
 
@@ -171,9 +283,17 @@ impl<B: Backend> Server<B> {
             local_addr,
             config: Rc::new(config),
             secret,
-            stats: Rc::new(ServerStats::default()),
+            stats: Arc::new(ServerStats::default()),
             _backend: PhantomData,
         })
+    }
+
+    /// Counts into `stats` (shared with the servers of other threads)
+    /// instead of counters of its own.
+    #[must_use]
+    pub fn with_stats(mut self, stats: Arc<ServerStats>) -> Server<B> {
+        self.stats = stats;
+        self
     }
 
     /// The bound address.
@@ -184,8 +304,8 @@ impl<B: Backend> Server<B> {
 
     /// Live counters.
     #[must_use]
-    pub fn stats(&self) -> Rc<ServerStats> {
-        Rc::clone(&self.stats)
+    pub fn stats(&self) -> Arc<ServerStats> {
+        Arc::clone(&self.stats)
     }
 
     /// Serves forever. See [`Server::serve_until`].
@@ -210,6 +330,12 @@ impl<B: Backend> Server<B> {
             secret: self.secret,
             stats: self.stats,
             handler: RefCell::new(handler),
+            pending: RefCell::new(std::collections::VecDeque::new()),
+            next_id: Cell::new(0),
+            warn_refused: Warn::default(),
+            warn_evicted: Warn::default(),
+            warn_not_allowed: Warn::default(),
+            warn_failed: Warn::default(),
         });
         let listener = self.listener;
         B::scope(async move {
@@ -236,15 +362,70 @@ impl<B: Backend> Server<B> {
     }
 }
 
+impl<H> Shared<H> {
+    /// Evicts the oldest pending connection for which `which` holds, if it
+    /// has waited at least `evict_after_ms`; returns whether one went.
+    fn evict_oldest(&self, which: impl Fn(&Pending) -> bool, addr: SocketAddr) -> bool {
+        let old_enough = ms(self.config.evict_after_ms);
+        let mut pending = self.pending.borrow_mut();
+        let Some(i) = pending
+            .iter()
+            .position(|p| which(p) && p.since.elapsed() >= old_enough)
+        else {
+            return false;
+        };
+        let p = pending.remove(i).expect("found above");
+        p.abort.abort();
+        drop(pending);
+        bump(&self.stats.evicted);
+        self.warn_evicted.note(
+            "closed an unauthenticated connection to make room for a newer one",
+            addr,
+        );
+        true
+    }
+
+    /// Whether a newcomer from `addr` may start a handshake now, evicting
+    /// an old pending one if a cap is reached.
+    fn admit(&self, addr: SocketAddr) -> bool {
+        let cfg = &self.config;
+        let ip = addr.ip();
+        let from_ip = self.pending.borrow().iter().filter(|p| p.ip == ip).count();
+        if from_ip >= cfg.handshakes_per_addr_max as usize
+            && !self.evict_oldest(|p| p.ip == ip, addr)
+        {
+            return false;
+        }
+        if self.pending.borrow().len() >= cfg.handshakes_max as usize
+            && !self.evict_oldest(|_| true, addr)
+        {
+            return false;
+        }
+        true
+    }
+}
+
 fn on_accept<B: Backend, H>(shared: &Rc<Shared<H>>, stream: B::Stream, addr: SocketAddr)
 where
     H: FnMut(PeerInfo, Message) -> Option<Message> + 'static,
 {
     let stats = &shared.stats;
     let cfg = &shared.config;
-    if stats.open.get() >= cfg.connections_max || stats.handshaking.get() >= cfg.handshakes_max {
-        stats.refused.set(stats.refused.get() + 1);
-        tracing::debug!(%addr, "refused: at connection cap");
+    if !cfg.allow.is_empty() && !cfg.allow.iter().any(|net| net.contains(&addr.ip())) {
+        bump(&stats.not_allowed);
+        shared
+            .warn_not_allowed
+            .note("closed a connection from an address outside --allow", addr);
+        // Closed at once: nothing is said to a stranger.
+        drop(stream);
+        return;
+    }
+    if stats.open.load(Ordering::Relaxed) >= u64::from(cfg.connections_max) || !shared.admit(addr) {
+        bump(&stats.refused);
+        shared.warn_refused.note(
+            "refused a connection: at the connection or handshake cap",
+            addr,
+        );
         let wait = ms(cfg.handshake_timeout_ms).min(Duration::from_secs(1));
         B::spawn(async move {
             let mut stream = stream;
@@ -253,14 +434,26 @@ where
         });
         return;
     }
-    stats.open.set(stats.open.get() + 1);
-    let slot = Slot(Rc::clone(stats));
-    stats.handshaking.set(stats.handshaking.get() + 1);
-    let hs_slot = HandshakeSlot(Rc::clone(stats));
+    bump(&stats.open);
+    let slot = Slot(Arc::clone(stats));
+    bump(&stats.handshaking);
+    let id = shared.next_id.get();
+    shared.next_id.set(id + 1);
+    let (abort, registration) = futures_util::future::AbortHandle::new_pair();
+    shared.pending.borrow_mut().push_back(Pending {
+        id,
+        ip: addr.ip(),
+        since: Instant::now(),
+        abort,
+    });
     let shared = Rc::clone(shared);
     B::spawn(async move {
         let _slot = slot;
-        if let Err(e) = connection::<B, H>(&shared, stream, addr, hs_slot).await {
+        let hs_slot = HandshakeSlot {
+            shared: &shared,
+            id,
+        };
+        if let Err(e) = connection::<B, H>(&shared, stream, addr, hs_slot, registration).await {
             match e {
                 TransportError::Closed => tracing::debug!(%addr, "peer closed"),
                 e => tracing::info!(%addr, "connection closed: {e}"),
@@ -273,7 +466,8 @@ async fn connection<B: Backend, H>(
     shared: &Shared<H>,
     mut stream: B::Stream,
     addr: SocketAddr,
-    hs_slot: HandshakeSlot,
+    hs_slot: HandshakeSlot<'_, H>,
+    evict: futures_util::future::AbortRegistration,
 ) -> Result<(), TransportError>
 where
     H: FnMut(PeerInfo, Message) -> Option<Message>,
@@ -283,20 +477,24 @@ where
     cfg.socket.apply(&stream)?;
     let hs = Handshake::responder(&shared.secret, cfg.identity, cfg.limits.frame_bytes_max)?;
     let hs_timeout = ms(cfg.handshake_timeout_ms);
-    let outcome = B::timeout(hs_timeout, drive_handshake(&mut stream, hs)).await;
+    let handshake = futures_util::future::Abortable::new(drive_handshake(&mut stream, hs), evict);
+    let outcome = B::timeout(hs_timeout, handshake).await;
     drop(hs_slot);
     let established = match outcome {
-        Ok(Ok(est)) => est,
-        Ok(Err(e)) => {
-            stats
-                .handshakes_failed
-                .set(stats.handshakes_failed.get() + 1);
+        Ok(Ok(Ok(est))) => est,
+        // Evicted for a newer connection (counted where it was chosen).
+        Ok(Err(futures_util::future::Aborted)) => {
+            return Err(TransportError::HandshakeEvicted);
+        }
+        Ok(Ok(Err(e))) => {
+            bump(&stats.handshakes_failed);
+            shared.warn_failed.note("a handshake failed", addr);
             return Err(e);
         }
         Err(_) => {
-            stats
-                .handshakes_failed
-                .set(stats.handshakes_failed.get() + 1);
+            bump(&stats.handshakes_failed);
+            bump(&stats.handshake_timeouts);
+            shared.warn_failed.note("a handshake timed out", addr);
             return Err(TransportError::HandshakeTimeout(hs_timeout));
         }
     };
@@ -312,7 +510,7 @@ where
         result,
         Err(TransportError::Frame(_) | TransportError::Message(_))
     ) {
-        stats.protocol_errors.set(stats.protocol_errors.get() + 1);
+        bump(&stats.protocol_errors);
     }
     if let Err(TransportError::Frame(crate::frame::FrameError::UnknownKind { found })) = &result {
         // Say why before closing: the peer may be a newer build that sent
@@ -465,7 +663,7 @@ where
     let mut codec = Codec::new(limits);
     loop {
         while let Some(msg) = reader.try_next()? {
-            shared.stats.messages.set(shared.stats.messages.get() + 1);
+            bump(&shared.stats.messages);
             let reply = (shared.handler.borrow_mut())(peer, msg);
             if let Some(reply) = reply {
                 codec.encode_into(&reply, &mut outbox.buf.borrow_mut())?;

@@ -88,6 +88,10 @@ pub enum TransportError {
     /// The handshake did not finish within the timeout.
     #[error("handshake did not finish within {0:?}")]
     HandshakeTimeout(Duration),
+    /// The server closed the connection in the handshake to make room for
+    /// a newer one (it was at its cap of unauthenticated connections).
+    #[error("evicted during the handshake for a newer connection")]
+    HandshakeEvicted,
     /// No byte moved within the idle or I/O timeout.
     #[error("no progress within {0:?}")]
     Timeout(Duration),

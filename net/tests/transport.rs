@@ -40,6 +40,8 @@ fn require_uring() {
 #[derive(Debug, Default, Clone, Copy)]
 struct Snapshot {
     refused: u64,
+    evicted: u64,
+    not_allowed: u64,
     handshakes_failed: u64,
     protocol_errors: u64,
     messages: u64,
@@ -80,10 +82,12 @@ impl TestServer {
                     };
                     server.serve_until(handler, shutdown).await.unwrap();
                     Snapshot {
-                        refused: stats.refused.get(),
-                        handshakes_failed: stats.handshakes_failed.get(),
-                        protocol_errors: stats.protocol_errors.get(),
-                        messages: stats.messages.get(),
+                        refused: stats.refused.load(Ordering::Relaxed),
+                        evicted: stats.evicted.load(Ordering::Relaxed),
+                        not_allowed: stats.not_allowed.load(Ordering::Relaxed),
+                        handshakes_failed: stats.handshakes_failed.load(Ordering::Relaxed),
+                        protocol_errors: stats.protocol_errors.load(Ordering::Relaxed),
+                        messages: stats.messages.load(Ordering::Relaxed),
                     }
                 })
             }
@@ -631,4 +635,69 @@ fn server_keeps_serving_while_bad_peers_connect() {
     let snap = server.stop();
     assert!(snap.refused >= 6, "{snap:?}");
     assert!(snap.handshakes_failed >= 4, "{snap:?}");
+}
+
+/// At its cap of connections in the handshake, a server makes room for a
+/// newcomer by closing the oldest idle one (once it has waited
+/// `evict_after_ms`), so idle peers cannot lock real ones out.
+#[test]
+fn a_newcomer_evicts_the_oldest_idle_handshake() {
+    require_uring();
+    let mut config = fast_server();
+    config.handshake_timeout_ms = 10_000;
+    config.handshakes_max = 4;
+    config.handshakes_per_addr_max = 4;
+    config.evict_after_ms = 20;
+    let server = TestServer::start::<IoUring>(config);
+    let addr = server.addr;
+    let mut idle: Vec<TcpStream> = (0..4).map(|_| raw(addr)).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    IoUring::block_on(async {
+        // Every slot is held by an idle peer, yet a real client gets in.
+        let mut good =
+            Client::<IoUring>::connect(addr, client_config(), Secret::from_bytes(SECRET))
+                .await
+                .unwrap();
+        let pong = good
+            .call(&Message::Ping(sessio_net::Ping { nonce: 1 }))
+            .await
+            .unwrap();
+        assert!(matches!(pong, Message::Pong(_)));
+    });
+    // The oldest idle peer was closed to make room.
+    let closed = read_to_close(&mut idle[0]);
+    assert!(closed.is_empty(), "an evicted peer is just closed");
+    let snap = server.stop();
+    assert_eq!((snap.evicted, snap.refused), (1, 0), "{snap:?}");
+}
+
+/// Peers outside `allow` are closed at accept, before any handshake work.
+#[test]
+fn peers_outside_the_allowed_networks_are_closed_at_accept() {
+    require_uring();
+    let mut config = fast_server();
+    config.allow = vec!["10.0.0.0/8".parse().unwrap()];
+    let server = TestServer::start::<IoUring>(config);
+    let addr = server.addr;
+    let refused = IoUring::block_on(async {
+        Client::<IoUring>::connect(addr, client_config(), Secret::from_bytes(SECRET)).await
+    });
+    assert!(refused.is_err(), "a loopback peer got in");
+    let snap = server.stop();
+    assert_eq!(
+        (snap.not_allowed, snap.handshakes_failed),
+        (1, 0),
+        "{snap:?}"
+    );
+
+    let mut config = fast_server();
+    config.allow = vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
+    let server = TestServer::start::<IoUring>(config);
+    let addr = server.addr;
+    IoUring::block_on(async {
+        Client::<IoUring>::connect(addr, client_config(), Secret::from_bytes(SECRET))
+            .await
+            .expect("an allowed peer gets in");
+    });
+    assert_eq!(server.stop().not_allowed, 0);
 }

@@ -32,6 +32,13 @@ pub struct NodeConfig {
     pub expiry: ExpiryRule,
     /// How often an expiry pass runs, in ms (0 = never).
     pub expire_interval_ms: u64,
+    /// Networks hosts may connect from; empty: any.
+    pub allow: Vec<ipnet::IpNet>,
+    /// Most connections in the handshake, per serving thread.
+    pub handshakes_max: u32,
+    /// Most connections in the handshake from one address, per serving
+    /// thread.
+    pub handshakes_per_addr_max: u32,
 }
 
 impl NodeConfig {
@@ -46,7 +53,35 @@ impl NodeConfig {
             threads: 1,
             expiry: ExpiryRule::default(),
             expire_interval_ms: EXPIRE_INTERVAL_MS_DEFAULT,
+            allow: Vec::new(),
+            handshakes_max: sessio_net::server::HANDSHAKES_MAX_DEFAULT,
+            handshakes_per_addr_max: sessio_net::server::HANDSHAKES_PER_ADDR_MAX_DEFAULT,
         }
+    }
+}
+
+/// Answers one message: the store's answer, and in a `Stats` reply the
+/// transport's counters as well (`net_*`: connections open, refused,
+/// evicted, handshakes failed...), summed over the serving threads.
+fn answer(
+    shards: &super::shards::Shards,
+    net: &sessio_net::ServerStats,
+    peer: &PeerInfo,
+    msg: Message,
+) -> Option<Message> {
+    match shards.handle(peer.identity.id, msg) {
+        Some(Message::Stats(mut s)) => {
+            s.counters.extend(
+                net.counters()
+                    .iter()
+                    .map(|&(name, value)| sessio_net::Counter {
+                        name: format!("net_{name}"),
+                        value,
+                    }),
+            );
+            Some(Message::Stats(s))
+        }
+        other => other,
     }
 }
 
@@ -78,6 +113,10 @@ pub fn serve<B: Rt>(
     let mut sc = ServerConfig::new(identity);
     sc.connections_max = share(0);
     sc.idle_timeout_ms = config.idle_timeout_ms;
+    sc.allow.clone_from(&config.allow);
+    sc.handshakes_max = config.handshakes_max;
+    sc.handshakes_per_addr_max = config.handshakes_per_addr_max;
+    let net = Arc::new(sessio_net::ServerStats::default());
     // One listening socket, shared by every serving thread (each takes a
     // clone of it): no SO_REUSEPORT, so no other process can bind the
     // port and take a share of the connections.
@@ -113,13 +152,14 @@ pub fn serve<B: Rt>(
             }
         };
         let server: Server<B> =
-            Server::from_listener(listener.try_clone()?, sc.clone(), secret.clone())?;
+            Server::from_listener(listener.try_clone()?, sc.clone(), secret.clone())?
+                .with_stats(Arc::clone(&net));
         let addr = server.local_addr();
         let mut others = Vec::with_capacity(threads - 1);
         let mut failed = None;
         for t in 1..threads {
             let (tx, rx) = std::sync::mpsc::channel();
-            let (shards, stop) = (Arc::clone(&shards), stop.clone());
+            let (shards, stop, net) = (Arc::clone(&shards), stop.clone(), Arc::clone(&net));
             let (mut sc, secret) = (sc.clone(), secret.clone());
             sc.connections_max = share(t);
             let shared = listener.try_clone();
@@ -129,16 +169,15 @@ pub fn serve<B: Rt>(
                     B::block_on(async move {
                         let server =
                             match shared.and_then(|l| Server::<B>::from_listener(l, sc, secret)) {
-                                Ok(s) => s,
+                                Ok(s) => s.with_stats(net.clone()),
                                 Err(e) => {
                                     let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
                                     return Err(e);
                                 }
                             };
                         let _ = tx.send(Ok(()));
-                        let handler = move |peer: PeerInfo, msg: Message| {
-                            shards.handle(peer.identity.id, msg)
-                        };
+                        let handler =
+                            move |peer: PeerInfo, msg: Message| answer(&shards, &net, &peer, msg);
                         server.serve_until(handler, stop.wait()).await
                     })
                 });
@@ -165,8 +204,8 @@ pub fn serve<B: Rt>(
         } else {
             on_bound(addr, identity.incarnation);
             let handler = {
-                let shards = Arc::clone(&shards);
-                move |peer: PeerInfo, msg: Message| shards.handle(peer.identity.id, msg)
+                let (shards, net) = (Arc::clone(&shards), Arc::clone(&net));
+                move |peer: PeerInfo, msg: Message| answer(&shards, &net, &peer, msg)
             };
             // Expiry passes run on this thread between messages.
             let expire = async {

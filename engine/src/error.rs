@@ -98,6 +98,37 @@ pub enum OpenError {
         /// The one asked for.
         asked: String,
     },
+    /// The filesystem holding the arena has not enough free space for the
+    /// arena's bytes. Arenas reserve every byte they map when they are
+    /// created or opened, so a full filesystem is this error, never a
+    /// `SIGBUS` later.
+    #[error(
+        "no space for arena {path}: it needs {needed} more bytes ({}) on {filesystem}, which has {free} bytes ({}) free; open it with a smaller capacity or session size, free space there, or {}",
+        mib(*.needed),
+        mib(*.free),
+        enlarge(.filesystem)
+    )]
+    NoSpace {
+        /// The arena file.
+        path: PathBuf,
+        /// The filesystem: its mount point and type, e.g. `/dev/shm (tmpfs)`.
+        filesystem: String,
+        /// Bytes still to reserve (the whole arena when creating it).
+        needed: u64,
+        /// Bytes free on that filesystem for this user.
+        free: u64,
+    },
+    /// The filesystem cannot reserve space (it has no `fallocate`), so a
+    /// sparse arena there could die of `SIGBUS` when the filesystem fills.
+    #[error(
+        "arena {path} cannot be reserved on {filesystem}: it does not support fallocate; put the arena on a tmpfs (/dev/shm) or a local filesystem such as ext4 or xfs"
+    )]
+    CannotReserve {
+        /// The arena file.
+        path: PathBuf,
+        /// The filesystem: its mount point and type.
+        filesystem: String,
+    },
     /// The operating system refused.
     #[error("{path}: {source}")]
     Io {
@@ -107,6 +138,25 @@ pub enum OpenError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// `bytes` in MiB, for messages.
+fn mib(bytes: u64) -> String {
+    let tenths = ((bytes % (1 << 20)) * 10) >> 20;
+    format!("{}.{tenths} MiB", bytes >> 20)
+}
+
+/// How to make the filesystem described as `filesystem` (`mount point
+/// (type)`) larger.
+fn enlarge(filesystem: &str) -> String {
+    let (mount, kind) = filesystem
+        .rsplit_once(" (")
+        .map_or((filesystem, ""), |(m, k)| (m, k.trim_end_matches(')')));
+    match kind {
+        "tmpfs" => format!("enlarge it: mount -o remount,size=<bytes> {mount}"),
+        "hugetlbfs" => "reserve more 2 MiB pages (sysctl vm.nr_hugepages)".into(),
+        _ => "enlarge that filesystem".into(),
+    }
 }
 
 impl OpenError {
@@ -156,5 +206,35 @@ pub enum SessionError {
 impl From<crate::queue::Broken> for SessionError {
     fn from(_: crate::queue::Broken) -> SessionError {
         SessionError::Corrupt("update queue chain is broken")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_space_says_how_to_enlarge_each_kind_of_filesystem() {
+        let e = |filesystem: &str| {
+            OpenError::NoSpace {
+                path: "/dev/shm/sessio-shop".into(),
+                filesystem: filesystem.into(),
+                needed: 3 << 30,
+                free: (1 << 30) + (1 << 19),
+            }
+            .to_string()
+        };
+        let shm = e("/dev/shm (tmpfs)");
+        assert!(
+            shm.contains("needs 3221225472 more bytes (3072.0 MiB) on /dev/shm (tmpfs)"),
+            "{shm}"
+        );
+        assert!(shm.contains("1074266112 bytes (1024.5 MiB) free"), "{shm}");
+        assert!(
+            shm.ends_with("mount -o remount,size=<bytes> /dev/shm"),
+            "{shm}"
+        );
+        assert!(e("/dev/hugepages (hugetlbfs)").ends_with("(sysctl vm.nr_hugepages)"));
+        assert!(e("/ (ext4)").ends_with("enlarge that filesystem"));
     }
 }

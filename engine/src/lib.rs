@@ -75,6 +75,8 @@ mod layout;
 mod map;
 #[cfg(not(loom))]
 mod sid;
+#[cfg(not(loom))]
+mod space;
 
 #[cfg(not(loom))]
 pub use arena::{

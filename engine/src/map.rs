@@ -248,7 +248,7 @@ impl Map {
             std::process::id(),
             rand_u64()
         ));
-        let built = Self::build(&tmp, &geo);
+        let built = Self::build(&tmp, &path, &geo);
         let linked = built
             .and_then(|()| std::fs::hard_link(&tmp, &path).map_err(|e| OpenError::io(&path, e)));
         let _ = std::fs::remove_file(&tmp);
@@ -256,6 +256,15 @@ impl Map {
             Ok(()) => {}
             // Someone else created it first: theirs wins.
             Err(OpenError::Io { source, .. }) if source.kind() == io::ErrorKind::AlreadyExists => {}
+            // The huge page pool ran short since `resolve` looked: 4 KiB
+            // pages, as `Try` promises.
+            Err(OpenError::NoSpace { .. }) if huge && cfg.huge_pages == HugePages::Try => {
+                let small = ArenaConfig {
+                    huge_pages: HugePages::Off,
+                    ..cfg.clone()
+                };
+                return Self::create_or_open_any(loc, &small);
+            }
             Err(e) => return Err(e),
         }
         Self::open_path(&path)
@@ -313,7 +322,8 @@ impl Map {
         }
     }
 
-    fn build(tmp: &Path, geo: &Geometry) -> Result<(), OpenError> {
+    /// Builds the arena in the private file `tmp`, to be linked as `path`.
+    fn build(tmp: &Path, path: &Path, geo: &Geometry) -> Result<(), OpenError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -323,6 +333,10 @@ impl Map {
             .map_err(|e| OpenError::io(tmp, e))?;
         file.set_len(geo.total_bytes)
             .map_err(|e| OpenError::io(tmp, e))?;
+        // Every byte reserved before the arena has a name: nobody ever maps
+        // a page the filesystem cannot back (`space`). Errors name the
+        // arena being made, not its temporary file (same directory).
+        crate::space::reserve(&file, path, geo.total_bytes)?;
         let raw = MmapOptions::new()
             .len(geo.total_bytes as usize)
             .map_raw(&file)
@@ -432,6 +446,9 @@ impl Map {
                 expected: geo.total_bytes,
             });
         }
+        // An arena made sparse (by an older build) is reserved now, or
+        // refused, before this process touches a page of it.
+        crate::space::reserve(&file, path, len)?;
         Ok(Map {
             raw,
             geo,

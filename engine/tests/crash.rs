@@ -264,8 +264,9 @@ impl Drop for Scratch {
 fn config() -> ArenaConfig {
     // A kill -9 in the middle of a combine leaks that combine's new copy
     // until the next solo open recovers it (docs/ARCHITECTURE.md); the heap
-    // is sized for thousands of kills of big records. Pages are touched
-    // only as used.
+    // is sized for thousands of kills of big records. The arena reserves
+    // all of it (520 MiB of /dev/shm) while a test runs; the tests run
+    // one at a time.
     ArenaConfig {
         capacity: 256,
         heap_bytes: 512 << 20,

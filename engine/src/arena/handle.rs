@@ -20,6 +20,11 @@ impl Arena {
     /// Opens the arena at `loc`, creating it with `cfg` if it does not exist.
     /// An existing arena made with another capacity, heap or quota is
     /// refused ([`OpenError::ConfigMismatch`]); see [`Arena::open_adopting`].
+    ///
+    /// Every open reserves the arena's bytes on its filesystem before they
+    /// are used (creation reserves all of them, so the arena takes its whole
+    /// size of `/dev/shm` at once); a filesystem without the room is
+    /// [`OpenError::NoSpace`], never a `SIGBUS` later.
     pub fn open(loc: &Location, cfg: &ArenaConfig) -> Result<Arena, OpenError> {
         let map = Map::create_or_open(loc, cfg, false)?;
         Self::attach(Arc::new(map))

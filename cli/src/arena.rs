@@ -103,16 +103,21 @@ fn list(arena: &Arena, name: &str, limit: usize, json: bool) -> String {
             .iter()
             .map(|a| (a.key.clone(), a.value.len()))
             .collect();
-        rows.push((sid, g.version(), g.epoch(), attrs));
+        let acked: Vec<(u16, u64)> = arena
+            .acked(sid)
+            .map(|a| a.into_iter().filter(|(n, _)| *n != 0).collect())
+            .unwrap_or_default();
+        rows.push((sid, g.version(), g.epoch(), acked, attrs));
     }
     if json {
         let sessions: Vec<Value> = rows
             .iter()
-            .map(|(sid, v, e, attrs)| {
+            .map(|(sid, v, e, acked, attrs)| {
                 json!({
                     "sid": sid.to_string(),
                     "version": v,
                     "epoch": e,
+                    "acked": acked.iter().map(|(n, v)| json!({"node": n, "version": v})).collect::<Vec<_>>(),
                     "attrs": attrs.iter().map(|(k, n)| json!({"key": k, "bytes": n})).collect::<Vec<_>>(),
                 })
             })
@@ -129,13 +134,23 @@ fn list(arena: &Arena, name: &str, limit: usize, json: bool) -> String {
     if !rows.is_empty() {
         let _ = writeln!(
             out,
-            "{:<32}  {:>8}  {:>5}  attributes",
-            "sid", "version", "epoch"
+            "{:<32}  {:>8}  {:>5}  {:<16}  attributes",
+            "sid", "version", "epoch", "acked (node@v)"
         );
     }
-    for (sid, v, e, attrs) in &rows {
+    for (sid, v, e, acked, attrs) in &rows {
         let attrs: Vec<String> = attrs.iter().map(|(k, n)| format!("{k}({n} B)")).collect();
-        let _ = writeln!(out, "{sid:<32}  {v:>8}  {e:>5}  {}", attrs.join(" "));
+        let acked: Vec<String> = acked.iter().map(|(n, v)| format!("{n}@{v}")).collect();
+        let acked = if acked.is_empty() {
+            "-".to_string()
+        } else {
+            acked.join(",")
+        };
+        let _ = writeln!(
+            out,
+            "{sid:<32}  {v:>8}  {e:>5}  {acked:<16}  {}",
+            attrs.join(" ")
+        );
     }
     if total > rows.len() {
         let _ = writeln!(out, "... {} more (--limit)", total - rows.len());

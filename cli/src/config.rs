@@ -176,6 +176,9 @@ settings! {
         /// How often dirty sessions are shipped, in microseconds.
         #[arg(long, default_value_t = FLUSH_INTERVAL_US_DEFAULT)]
         pub flush_interval_us: u64,
+        /// A node that answers no batch for this long is taken as down, in ms.
+        #[arg(long, default_value_t = sessio_remote::replicator::ACK_TIMEOUT_MS_DEFAULT)]
+        pub ack_timeout_ms: u64,
         /// Use the epoll engine instead of `io_uring`.
         #[arg(long)]
         pub epoll: bool,

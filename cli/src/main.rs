@@ -16,6 +16,7 @@
 mod arena;
 mod config;
 mod demo;
+mod fetch;
 mod metrics;
 mod signals;
 
@@ -63,6 +64,9 @@ enum Command {
     Inspect(arena::InspectArgs),
     /// Show an arena's counters.
     Stats(arena::StatsArgs),
+    /// Ask every node of the bank what it holds of one session (read-only:
+    /// nothing is installed, no owner is fenced).
+    Fetch(fetch::FetchArgs),
     /// One worker process of a demo web host (driven over stdin/stdout).
     #[command(hide = true)]
     DemoWorker(demo::WorkerArgs),
@@ -114,6 +118,7 @@ fn main() -> ExitCode {
         Command::TestHost(a) => run_test_host(a, given),
         Command::Inspect(a) => print_or_fail(arena::inspect(&a)),
         Command::Stats(a) => print_or_fail(arena::stats(&a)),
+        Command::Fetch(a) => print_or_fail(fetch::run(&a)),
         Command::DemoWorker(a) => demo::run_worker(&a),
         Command::Demo(a) => {
             return if demo::run_demo(&a) {
@@ -252,6 +257,7 @@ fn replicator_config(a: &AgentSettings) -> Result<ReplicatorConfig, Box<dyn std:
     let secret = load_secret(&required(a.secret_file.clone(), "secret_file")?)?;
     let mut config = ReplicatorConfig::new(placement, secret, a.host_id);
     config.flush_interval_us = a.flush_interval_us;
+    config.ack_timeout_ms = a.ack_timeout_ms.max(1);
     config.force_epoll = a.epoll;
     Ok(config)
 }
@@ -290,13 +296,30 @@ fn run_agent(a: AgentSettings, given: &ArgMatches) -> Res {
             let s = repl.stats();
             let up = s.nodes.iter().filter(|n| n.up).count();
             println!(
-                "dirty {} nodes_up {up}/{} bytes_per_sec {} lag_p50_us {} lag_p99_us {}",
+                "dirty {} oldest_unacked_ms {} nodes_up {up}/{} bytes_per_sec {} lag_p50_us {} lag_p99_us {}",
                 s.dirty,
+                s.oldest_unacked_us / 1000,
                 s.nodes.len(),
                 s.bytes_per_sec,
                 s.lag_p50_us,
                 s.lag_p99_us
             );
+            for n in &s.nodes {
+                println!(
+                    "  node {} {} pending {} in_flight {} owed {} fenced {} evicted {}{}",
+                    n.id,
+                    if n.up { "up" } else { "down" },
+                    n.pending,
+                    n.in_flight,
+                    n.owed,
+                    n.fenced,
+                    n.evicted,
+                    n.last_error
+                        .as_ref()
+                        .map(|e| format!(" last_error {e:?}"))
+                        .unwrap_or_default()
+                );
+            }
         }
     }
     // Stopping the metrics thread drops its reference to the replicator.

@@ -330,6 +330,12 @@ fn agent_families(e: &mut Families<'_>, s: &ReplicatorStats) -> fmt::Result {
         s.dirty,
     )?;
     e.one(
+        "sessio_replicator_oldest_unacked_seconds",
+        Gauge,
+        "How long the oldest update not yet acknowledged by R nodes has waited.",
+        secs(s.oldest_unacked_us),
+    )?;
+    e.one(
         "sessio_replicator_bytes_sent_total",
         Counter,
         "Bytes of batches sent, all nodes.",
@@ -698,6 +704,7 @@ mod tests {
     fn agent_text_lists_every_node() {
         let s = ReplicatorStats {
             dirty: 4,
+            oldest_unacked_us: 2_500_000,
             lag_p99_us: 1500,
             lag: {
                 let mut lag = sessio_remote::replicator::Lag::default();
@@ -721,6 +728,10 @@ mod tests {
         };
         let t = render_agent(&s);
         assert!(t.contains("sessio_replicator_dirty_sessions 4\n"), "{t}");
+        assert!(
+            t.contains("sessio_replicator_oldest_unacked_seconds 2.5\n"),
+            "{t}"
+        );
         assert!(
             t.contains("sessio_replicator_lag_seconds{quantile=\"0.99\"} 0.0015\n"),
             "{t}"

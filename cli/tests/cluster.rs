@@ -1220,3 +1220,53 @@ fn a_flood_of_unauthenticated_peers_does_not_lock_hosts_out() {
     );
     assert!(stat(&stats, "net_handshaking") <= 64, "{stats:?}");
 }
+
+/// `sessio fetch` tells an operator what each node holds of a session,
+/// without installing it anywhere or fencing its owner: the host's next
+/// update is still applied by the bank.
+#[test]
+fn fetch_shows_each_nodes_copy_and_changes_nothing() {
+    let _serial = serial();
+    require_uring();
+    let secret = SecretFile::new();
+    let nodes = bank(2, &secret);
+    let p = placement(&nodes, 1);
+    let arena = TestArena::new("fetch-cli", 100);
+    let repl = replicator(&arena, &p, 3);
+    let sids = create_sessions(arena.get(), 1);
+    let v = bump(arena.get(), sids[0]);
+    wait_until("the copy is acked", Duration::from_secs(20), || {
+        converged(&repl)
+    });
+    let out = Command::new(BIN)
+        .args([
+            "fetch",
+            &sids[0].to_string(),
+            "--nodes",
+            &nodes_flag(&nodes),
+        ])
+        .arg("--secret-file")
+        .arg(secret.path())
+        .args(["--replicas", "1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let owner = p.owners(&sids[0].0)[0];
+    assert!(
+        text.contains(&format!("node {owner} ("))
+            && text.contains(&format!("owner): version {v}  epoch 1")),
+        "{text}"
+    );
+    assert!(text.contains("other): no copy"), "{text}");
+    // Nothing was fenced: the host's next update is applied as usual.
+    let v2 = bump(arena.get(), sids[0]);
+    wait_until("the next update is acked", Duration::from_secs(20), || {
+        arena.get().acked(sids[0]).unwrap().contains(&(owner, v2))
+    });
+    assert_eq!(repl.stats().nodes.iter().map(|n| n.fenced).sum::<u64>(), 0);
+}

@@ -336,6 +336,14 @@ pub(super) fn on_up(ctx: &Ctx<'_>, id: u16, incarnation: u64) {
     let Some(l) = st.link(id) else { return };
     let known = l.stats.incarnation;
     let was_down = !l.stats.up;
+    if was_down && l.stats.connects > 0 {
+        tracing::info!(
+            node = id,
+            owed = l.owed.len(),
+            "replica link up again after: {}",
+            l.stats.last_error.as_deref().unwrap_or("a failure")
+        );
+    }
     l.stats.incarnation = Some(incarnation);
     l.stats.up = true;
     l.stats.connects += 1;

@@ -64,6 +64,8 @@ pub const FLUSH_INTERVAL_US_DEFAULT: u64 = 500;
 pub const BATCH_BYTES_MAX_DEFAULT: u64 = 512 * 1024;
 /// Default for [`ReplicatorConfig::batch_entries_max`].
 pub const BATCH_ENTRIES_MAX_DEFAULT: usize = 1024;
+/// Default for [`ReplicatorConfig::ack_timeout_ms`].
+pub const ACK_TIMEOUT_MS_DEFAULT: u64 = 2_000;
 /// Default for [`ReplicatorConfig::dirty_take_max`].
 pub const DIRTY_TAKE_MAX_DEFAULT: usize = 8192;
 
@@ -114,7 +116,7 @@ impl ReplicatorConfig {
             batch_entries_max: BATCH_ENTRIES_MAX_DEFAULT,
             dirty_take_max: DIRTY_TAKE_MAX_DEFAULT,
             in_flight_batches_max: 4,
-            ack_timeout_ms: 2_000,
+            ack_timeout_ms: ACK_TIMEOUT_MS_DEFAULT,
             handshake_timeout_ms: 1_000,
             backoff_min_ms: 20,
             backoff_max_ms: 1_000,
@@ -181,6 +183,10 @@ pub struct NodeStats {
 pub struct ReplicatorStats {
     /// Sessions whose current version is not yet acknowledged by `R` nodes.
     pub dirty: u64,
+    /// How long the oldest of those has waited, in µs (0: none waits).
+    /// Unlike the lag histogram, which records a session only once it has
+    /// caught up, this shows a stall while it lasts.
+    pub oldest_unacked_us: u64,
     /// Per node.
     pub nodes: Vec<NodeStats>,
     /// Bytes of batches sent, all nodes.

@@ -223,8 +223,17 @@ impl State {
             .as_ref()
             .map(|(_, f)| f.clone())
             .unwrap_or_default();
+        // One pass: the sessions waiting for acks, and the oldest of them.
+        let (mut dirty, mut oldest) = (0u64, None::<Instant>);
+        for s in self.sids.values() {
+            if let Some(t) = s.since {
+                dirty += 1;
+                oldest = Some(oldest.map_or(t, |o| o.min(t)));
+            }
+        }
         ReplicatorStats {
-            dirty: self.sids.values().filter(|s| s.since.is_some()).count() as u64,
+            dirty,
+            oldest_unacked_us: oldest.map_or(0, |t| t.elapsed().as_micros() as u64),
             nodes: self
                 .nodes
                 .iter()

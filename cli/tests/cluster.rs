@@ -475,12 +475,18 @@ fn replica_killed_no_session_lost_and_host_keeps_serving() {
         converged(&repl)
     });
 
-    // A new host with only nodes 2 and 3 alive finds every session, current.
+    // A new host with only nodes 2 and 3 alive finds every session,
+    // current. (Taking them over tells the first host to drop its copies,
+    // so their versions are read first.)
+    let versions: Vec<u64> = sids
+        .iter()
+        .map(|&sid| host.get().read(sid).unwrap().version())
+        .collect();
     let other = TestArena::new("c", 1000);
     let mut cl = clients(3);
-    for &sid in &sids {
+    for (&sid, &v) in sids.iter().zip(&versions) {
         let f = fetch_and_install(other.get(), sid, &p, &mut cl).unwrap();
-        assert_eq!(f.version, host.get().read(sid).unwrap().version(), "{sid}");
+        assert_eq!(f.version, v, "{sid}");
     }
     let s: ReplicatorStats = repl.stats();
     assert!(s.lag_samples > 0);

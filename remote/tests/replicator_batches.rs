@@ -122,3 +122,142 @@ fn a_node_proving_another_id_is_refused() {
     drop(arena);
     let _ = Arena::remove(&loc);
 }
+
+/// A TCP relay on loopback that holds every chunk it forwards for
+/// `delay`, and forwards at most `bytes_per_s`, in both directions: a slow
+/// link, without loss.
+struct SlowLink {
+    addr: std::net::SocketAddr,
+}
+
+impl SlowLink {
+    fn start(to: std::net::SocketAddr, delay: Duration, bytes_per_s: u64) -> SlowLink {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            // One connection at a time is all these tests make.
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = std::net::TcpStream::connect(to) else {
+                    return;
+                };
+                for (from, into) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    Self::pipe(from, into, delay, bytes_per_s);
+                }
+            }
+        });
+        SlowLink { addr }
+    }
+
+    /// Forwards `from` to `into`, each chunk `delay` after it was read,
+    /// reading no faster than `bytes_per_s` (so the sender's socket fills).
+    fn pipe(
+        mut from: std::net::TcpStream,
+        mut into: std::net::TcpStream,
+        delay: Duration,
+        bytes_per_s: u64,
+    ) {
+        use std::io::{Read, Write};
+        let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4 * 1024];
+            while let Ok(n) = from.read(&mut buf) {
+                let due = Instant::now() + delay;
+                if n == 0 || tx.send((due, buf[..n].to_vec())).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_micros(n as u64 * 1_000_000 / bytes_per_s));
+            }
+        });
+        std::thread::spawn(move || {
+            for (due, chunk) in rx {
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                if into.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+            let _ = into.shutdown(std::net::Shutdown::Both);
+        });
+    }
+}
+
+/// Over a slow link (30 ms each way, 256 KB/s), sessions updated while
+/// their batches are in flight are sent from the version already sent,
+/// not again from the version acknowledged: the node never sees a batch
+/// twice, so it never answers `NeedFull` (which made the host resend whole
+/// records, a storm that tripled the bytes on a lossy link).
+#[test]
+fn a_slow_link_gets_each_change_once() {
+    let (node, _, loc, arena, sid) = setup(1, "slow-link");
+    let link = SlowLink::start(node.addr, Duration::from_millis(30), 64 * 1024);
+    let placement = Placement::new(
+        vec![Member {
+            id: 1,
+            addr: link.addr,
+        }],
+        1,
+    )
+    .unwrap();
+    let repl = Replicator::spawn(
+        &loc,
+        ReplicatorConfig::new(placement, Secret::from_bytes(SECRET), 1),
+    )
+    .unwrap();
+    // Fifteen sessions, small changes: deltas, never whole records, as long
+    // as each node keeps up within the arena's delta log.
+    let mut sids = vec![sid];
+    sids.extend((1..15).map(|_| arena.create(NewSession::default(), &[("n", b"0")]).unwrap()));
+    let started = Instant::now();
+    let mut n = 0u32;
+    while started.elapsed() < Duration::from_millis(1500) {
+        n += 1;
+        arena
+            .update(
+                sids[n as usize % sids.len()],
+                &[Op::Set {
+                    key: "n".into(),
+                    value: vec![n as u8],
+                }],
+            )
+            .unwrap();
+        if n.is_multiple_of(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let version = arena.read(sid).unwrap().version();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sids
+        .iter()
+        .any(|&s| acked(&arena, s) < arena.read(s).unwrap().version())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let st = repl.stats();
+    drop(repl);
+    let counters = |name: &str| -> u64 {
+        sessio_remote::node::LocalBank::counter_of::<IoUring>(
+            node.addr,
+            &Secret::from_bytes(SECRET),
+            name,
+        )
+        .unwrap()
+    };
+    let (need_full, applied) = (counters("need_full"), counters("applied"));
+    eprintln!("{version} versions, node applied {applied}, need_full {need_full}: {st:?}");
+    assert_eq!(
+        acked(&arena, sid),
+        version,
+        "the last version was never acked"
+    );
+    assert_eq!(need_full, 0, "batches were sent twice ({applied} applied)");
+    assert!(
+        applied <= u64::from(n) + 1,
+        "{applied} entries applied for {n} updates"
+    );
+    drop(arena);
+    Arena::remove(&loc).unwrap();
+}

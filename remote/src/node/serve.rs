@@ -340,35 +340,39 @@ impl LocalBank {
     /// A counter every node reports (`sessions`, `fetches`, ...), summed
     /// over the bank, asked over the protocol on backend `B`.
     pub fn counter<B: Rt>(&self, name: &str) -> io::Result<u64> {
+        self.nodes
+            .iter()
+            .map(|n| Self::counter_of::<B>(n.addr, &self.secret, name))
+            .sum()
+    }
+
+    /// One counter of the node at `addr` (0 if it reports no such
+    /// counter), asked over the protocol on backend `B`.
+    pub fn counter_of<B: Rt>(addr: SocketAddr, secret: &Secret, name: &str) -> io::Result<u64> {
         let rt = B::runtime()?;
         let identity = Identity::with_random_incarnation(u64::MAX)
             .map_err(|e| io::Error::other(e.to_string()))?;
-        let mut sum = 0;
-        for node in &self.nodes {
-            let reply = B::run(&rt, async {
-                let mut c = sessio_net::Client::<B>::connect(
-                    node.addr,
-                    sessio_net::ClientConfig::new(identity),
-                    self.secret.clone(),
-                )
-                .await
-                .map_err(|e| io::Error::other(e.to_string()))?;
-                c.call(&Message::StatsRequest(sessio_net::StatsRequest {
-                    request_id: 1,
-                }))
-                .await
-                .map_err(|e| io::Error::other(e.to_string()))
-            })?;
-            let Message::Stats(s) = reply else {
-                return Err(io::Error::other(format!("not stats: {:?}", reply.kind())));
-            };
-            sum += s
-                .counters
-                .iter()
-                .find(|c| c.name == name)
-                .map_or(0, |c| c.value);
-        }
-        Ok(sum)
+        let reply = B::run(&rt, async {
+            let mut c = sessio_net::Client::<B>::connect(
+                addr,
+                sessio_net::ClientConfig::new(identity),
+                secret.clone(),
+            )
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
+            c.call(&Message::StatsRequest(sessio_net::StatsRequest {
+                request_id: 1,
+            }))
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))
+        })?;
+        let Message::Stats(s) = reply else {
+            return Err(io::Error::other(format!("not stats: {:?}", reply.kind())));
+        };
+        Ok(s.counters
+            .iter()
+            .find(|c| c.name == name)
+            .map_or(0, |c| c.value))
     }
 }
 

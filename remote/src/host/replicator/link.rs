@@ -63,6 +63,7 @@ pub(super) async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorSta
                             if s.epoch != epoch {
                                 // Acks were for copies under another owner.
                                 s.acks.clear();
+                                s.sent.clear();
                             }
                             s.version = version;
                             s.epoch = epoch;
@@ -399,7 +400,15 @@ pub(super) fn on_down(ctx: &Ctx<'_>, id: u16, in_flight: &mut VecDeque<Vec<Sent>
     let was_up = l.stats.up;
     l.stats.up = false;
     let mut moved: Vec<Sid> = l.pending.drain().collect();
-    moved.extend(in_flight.drain(..).flatten().map(|s| s.sid));
+    let lost: Vec<Sid> = in_flight.drain(..).flatten().map(|s| s.sid).collect();
+    for sid in &lost {
+        // What was in flight is lost with the connection: the next batch
+        // starts from what the node acknowledged.
+        if let Some(s) = st.sids.get_mut(sid) {
+            s.clear_sent(id);
+        }
+    }
+    moved.extend(lost);
     if was_up {
         tracing::warn!(node = id, "replica node down: {error}");
     }
@@ -533,9 +542,10 @@ pub(super) fn build_once(ctx: &Ctx<'_>, id: u16) -> Built {
             bytes += push_remove(&mut entries, &mut sent, sid, s, base, false);
             continue;
         }
-        match ctx.arena.delta_since(sid, base) {
-            // Current on the node already, or gone from the arena (its
-            // removal comes as a dirty entry of its own).
+        match ctx.arena.delta_since(sid, s.base_for(id)) {
+            // Current on the node already (or about to be, with what is in
+            // flight), or gone from the arena (its removal comes as a dirty
+            // entry of its own).
             Ok(sessio_engine::Delta::UpToDate) | Err(SessionError::NotFound) => {}
             Ok(sessio_engine::Delta::Ops {
                 version,
@@ -591,6 +601,13 @@ pub(super) fn build_once(ctx: &Ctx<'_>, id: u16) -> Built {
     }
     for sid in &taken {
         link.pending.remove(sid);
+    }
+    for e in sent.iter().filter(|e| !e.drops_hint) {
+        if let Some(ss) = st.sids.get_mut(&e.sid)
+            && !ss.removed
+        {
+            ss.set_sent(id, e.new_version);
+        }
     }
     if entries.is_empty() {
         // Everything taken was up to date: maybe it is fully acked now.
@@ -653,6 +670,10 @@ fn record_acks(
                 if v >= ss.acked_by(id) {
                     ss.set_ack(id, v);
                 }
+                if ss.base_for(id) <= ss.acked_by(id) {
+                    // Nothing newer is in flight to this node.
+                    ss.clear_sent(id);
+                }
                 if !ss.removed && v > 0 {
                     let _ = ctx.arena.mark_acked(s.sid, id, v);
                 }
@@ -668,6 +689,20 @@ fn record_acks(
                 }
                 settled.push(s.sid);
             }
+            // The node holds this version already (a batch sent twice):
+            // take its word for it rather than sending the whole record.
+            AckStatus::NeedFull
+                if s.epoch == ss.epoch && a.version >= s.new_version && a.version <= ss.version =>
+            {
+                if a.version >= ss.acked_by(id) {
+                    ss.set_ack(id, a.version);
+                    let _ = ctx.arena.mark_acked(s.sid, id, a.version);
+                }
+                if ss.base_for(id) <= ss.acked_by(id) {
+                    ss.clear_sent(id);
+                }
+                settled.push(s.sid);
+            }
             AckStatus::NeedFull => {
                 need_full += 1;
                 ss.forget(id);
@@ -676,6 +711,7 @@ fn record_acks(
             AckStatus::Fenced => {
                 fenced += 1;
                 ss.fenced = true;
+                ss.clear_sent(id);
                 ss.since = None;
                 // Another host owns it under a newer epoch: our copy at
                 // this one is stale.

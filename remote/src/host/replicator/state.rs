@@ -17,6 +17,11 @@ pub(super) struct SidState {
     pub(super) epoch: u64,
     /// Versions acknowledged, per node (a few entries).
     pub(super) acks: Vec<(u16, u64)>,
+    /// The highest version sent to a node and not yet acknowledged: the
+    /// next batch for that node starts there (pipelining on what was sent,
+    /// not on what was acknowledged, so a session that changes while a
+    /// batch is in flight is not sent again from the same base).
+    pub(super) sent: Vec<(u16, u64)>,
     /// When the current, not yet fully acknowledged, version was first seen.
     pub(super) since: Option<Instant>,
     pub(super) removed: bool,
@@ -40,6 +45,31 @@ impl SidState {
 
     pub(super) fn forget(&mut self, node: u16) {
         self.acks.retain(|(n, _)| *n != node);
+        self.clear_sent(node);
+    }
+
+    /// Where the next delta for `node` starts: what it will hold once the
+    /// batches in flight to it are applied.
+    pub(super) fn base_for(&self, node: u16) -> u64 {
+        let sent = self
+            .sent
+            .iter()
+            .find(|(n, _)| *n == node)
+            .map_or(0, |&(_, v)| v);
+        self.acked_by(node).max(sent)
+    }
+
+    pub(super) fn set_sent(&mut self, node: u16, version: u64) {
+        match self.sent.iter_mut().find(|(n, _)| *n == node) {
+            Some(a) => a.1 = a.1.max(version),
+            None => self.sent.push((node, version)),
+        }
+    }
+
+    /// Forgets what is in flight to `node` (lost with its connection,
+    /// refused, or acknowledged).
+    pub(super) fn clear_sent(&mut self, node: u16) {
+        self.sent.retain(|(n, _)| *n != node);
     }
 
     pub(super) fn holders(&self) -> usize {

@@ -11,7 +11,8 @@
 //!   ranking (hinted handoff). A down owner remembers the SID as *owed* and
 //!   gets it when it returns.
 //! - Each **node link** connects (with backoff), builds batches from its
-//!   pending set — for each SID, `delta_since(version this node acked)`:
+//!   pending set — for each SID, `delta_since(version sent to this node,
+//!   else acked)`:
 //!   the op batches it lacks or the full record — sends up to
 //!   `in_flight_batches_max` batches, and applies the acks: `Applied`
 //!   advances the node's acked version (and the arena's, `mark_acked`),

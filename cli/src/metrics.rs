@@ -663,6 +663,20 @@ fn node_families(
 mod tests {
     use super::*;
 
+    /// Asserts `t` holds every one of `lines`.
+    fn has_lines(t: &str, lines: &[&str]) {
+        for line in lines {
+            assert!(t.contains(line), "{line} in {t}");
+        }
+    }
+
+    /// The agent's text for `s`, checked to hold every one of `lines`.
+    fn agent_text_with(s: &ReplicatorStats, lines: &[&str]) -> String {
+        let t = render_agent(s);
+        has_lines(&t, lines);
+        t
+    }
+
     fn render_agent(s: &ReplicatorStats) -> String {
         let s = s.clone();
         text(&registry(move |f| agent_families(f, &s))).unwrap()
@@ -726,31 +740,30 @@ mod tests {
             ],
             ..Default::default()
         };
-        let t = render_agent(&s);
-        assert!(t.contains("sessio_replicator_dirty_sessions 4\n"), "{t}");
-        assert!(
-            t.contains("sessio_replicator_oldest_unacked_seconds 2.5\n"),
-            "{t}"
+        let t = agent_text_with(
+            &s,
+            &[
+                "sessio_replicator_dirty_sessions 4\n",
+                "sessio_replicator_oldest_unacked_seconds 2.5\n",
+                "sessio_replicator_lag_seconds{quantile=\"0.99\"} 0.0015\n",
+            ],
         );
-        assert!(
-            t.contains("sessio_replicator_lag_seconds{quantile=\"0.99\"} 0.0015\n"),
-            "{t}"
+        has_lines(
+            &t,
+            &[
+                "# TYPE sessio_replicator_lag_histogram_seconds histogram\n",
+                "sessio_replicator_lag_histogram_seconds_bucket{le=\"1e-06\"} 0\n",
+                "sessio_replicator_lag_histogram_seconds_bucket{le=\"2e-06\"} 1\n",
+                "sessio_replicator_lag_histogram_seconds_bucket{le=\"0.000512\"} 1\n",
+                "sessio_replicator_lag_histogram_seconds_bucket{le=\"0.001024\"} 3\n",
+                "sessio_replicator_lag_histogram_seconds_bucket{le=\"1073.741824\"} 3\n",
+                "sessio_replicator_lag_histogram_seconds_bucket{le=\"+Inf\"} 4\n",
+                // An hour (the histogram's ceiling) plus 1.3 ms, to its two
+                // significant digits.
+                "sessio_replicator_lag_histogram_seconds_sum 359",
+                "sessio_replicator_lag_histogram_seconds_count 4\n",
+            ],
         );
-        for line in [
-            "# TYPE sessio_replicator_lag_histogram_seconds histogram\n",
-            "sessio_replicator_lag_histogram_seconds_bucket{le=\"1e-06\"} 0\n",
-            "sessio_replicator_lag_histogram_seconds_bucket{le=\"2e-06\"} 1\n",
-            "sessio_replicator_lag_histogram_seconds_bucket{le=\"0.000512\"} 1\n",
-            "sessio_replicator_lag_histogram_seconds_bucket{le=\"0.001024\"} 3\n",
-            "sessio_replicator_lag_histogram_seconds_bucket{le=\"1073.741824\"} 3\n",
-            "sessio_replicator_lag_histogram_seconds_bucket{le=\"+Inf\"} 4\n",
-            // An hour (the histogram's ceiling) plus 1.3 ms, to its two
-            // significant digits.
-            "sessio_replicator_lag_histogram_seconds_sum 359",
-            "sessio_replicator_lag_histogram_seconds_count 4\n",
-        ] {
-            assert!(t.contains(line), "{line} in {t}");
-        }
         assert!(
             t.contains("sessio_replicator_node_up{node=\"1\"} 1\n"),
             "{t}"
@@ -787,17 +800,17 @@ mod tests {
             }),
             ..Default::default()
         };
-        let t = render_agent(&s);
-        for line in [
-            "sessio_arena_live_sessions 10\n",
-            "# TYPE sessio_arena_collections_total counter\nsessio_arena_collections_total 5\n",
-            "sessio_arena_leaked_blocks_returned_total 7\n",
-            "sessio_arena_chunks_returned_total 2\n",
-            "# TYPE sessio_arena_collect_suspects gauge\nsessio_arena_collect_suspects 1\n",
-            "sessio_arena_last_collect_pause_seconds 0.0015\n",
-        ] {
-            assert!(t.contains(line), "{line} in {t}");
-        }
+        agent_text_with(
+            &s,
+            &[
+                "sessio_arena_live_sessions 10\n",
+                "# TYPE sessio_arena_collections_total counter\nsessio_arena_collections_total 5\n",
+                "sessio_arena_leaked_blocks_returned_total 7\n",
+                "sessio_arena_chunks_returned_total 2\n",
+                "# TYPE sessio_arena_collect_suspects gauge\nsessio_arena_collect_suspects 1\n",
+                "sessio_arena_last_collect_pause_seconds 0.0015\n",
+            ],
+        );
     }
 
     /// A server whose registry has one sample.

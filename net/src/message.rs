@@ -581,6 +581,10 @@ impl Default for Codec {
 #[doc(hidden)]
 #[must_use]
 pub fn samples() -> Vec<Message> {
+    let stale = vec![InvalidateEntry {
+        sid: [7; 16],
+        epoch: 9,
+    }];
     vec![
         Message::DeltaBatch(DeltaBatch {
             host_id: 7,
@@ -635,19 +639,10 @@ pub fn samples() -> Vec<Message> {
             found: None,
         }),
         Message::Invalidate(Invalidate {
-            entries: vec![InvalidateEntry {
-                sid: [7; 16],
-                epoch: 9,
-            }],
+            entries: stale.clone(),
         }),
         Message::Ping(Ping { nonce: 42 }),
-        Message::Pong(Pong {
-            nonce: 42,
-            stale: vec![InvalidateEntry {
-                sid: [8; 16],
-                epoch: 3,
-            }],
-        }),
+        Message::Pong(Pong { nonce: 42, stale }),
         Message::StatsRequest(StatsRequest { request_id: 1 }),
         Message::Stats(Stats {
             request_id: 1,

@@ -639,22 +639,29 @@ impl Store {
     /// The node's counters.
     pub fn stats(&self, r: StatsRequest) -> Stats {
         let c = &self.counters;
+        // Each counter under its field's name.
+        macro_rules! named {
+            ($($f:ident),*) => { [$((stringify!($f), c.$f)),*] };
+        }
+        let counted = named!(
+            applied,
+            need_full,
+            fenced,
+            refused,
+            fetches,
+            fetch_hits,
+            invalidated,
+            folds,
+            expired,
+            takeovers,
+            stale_dropped
+        );
         let counters = [
             ("sessions", self.copies.len() as u64),
             ("bytes", self.bytes),
-            ("applied", c.applied),
-            ("need_full", c.need_full),
-            ("fenced", c.fenced),
-            ("refused", c.refused),
-            ("fetches", c.fetches),
-            ("fetch_hits", c.fetch_hits),
-            ("invalidated", c.invalidated),
-            ("folds", c.folds),
-            ("expired", c.expired),
-            ("takeovers", c.takeovers),
-            ("stale_dropped", c.stale_dropped),
         ]
         .into_iter()
+        .chain(counted)
         .map(|(name, value)| Counter {
             name: name.to_string(),
             value,

@@ -8,7 +8,8 @@
 //! handshake ends. There are at most [`ServerConfig::handshakes_max`] of
 //! them, and at most [`ServerConfig::handshakes_per_addr_max`] from one
 //! address. When a cap is reached, a new connection evicts the oldest
-//! pending one (of that address, or of all) that has waited at least
+//! pending one (of its own address; else of the address holding the most;
+//! else of all) that has waited at least
 //! [`ServerConfig::evict_after_ms`], instead of being refused: idle or
 //! trickling peers are pushed out by newcomers, while a real peer's
 //! handshake, done in a few round trips, is over before anyone may evict
@@ -396,10 +397,26 @@ impl<H> Shared<H> {
         {
             return false;
         }
-        if self.pending.borrow().len() >= cfg.handshakes_max as usize
-            && !self.evict_oldest(|_| true, addr)
-        {
-            return false;
+        if self.pending.borrow().len() >= cfg.handshakes_max as usize {
+            // The address holding the most pending connections gives one
+            // up: a flood from a few addresses pays for itself, and a host
+            // with one handshake in progress is the last to lose it.
+            let heaviest = {
+                let pending = self.pending.borrow();
+                let mut counts: Vec<(std::net::IpAddr, usize)> = Vec::new();
+                for p in pending.iter() {
+                    match counts.iter_mut().find(|(a, _)| *a == p.ip) {
+                        Some(c) => c.1 += 1,
+                        None => counts.push((p.ip, 1)),
+                    }
+                }
+                counts.into_iter().max_by_key(|&(_, n)| n).map(|(a, _)| a)
+            };
+            let evicted = heaviest.is_some_and(|h| self.evict_oldest(|p| p.ip == h, addr))
+                || self.evict_oldest(|_| true, addr);
+            if !evicted {
+                return false;
+            }
         }
         true
     }

@@ -261,3 +261,82 @@ fn a_slow_link_gets_each_change_once() {
     drop(arena);
     Arena::remove(&loc).unwrap();
 }
+
+/// One owner behind a slow link (16 KB/s) is routed around: its sessions'
+/// writes go to a stand-in while it is behind, so every update still
+/// reaches two nodes soon after it is made, instead of waiting for the
+/// slow node to drain its backlog.
+#[test]
+fn a_slow_node_is_routed_around_until_it_catches_up() {
+    assert!(
+        IoUring::available(),
+        "io_uring is unavailable here: these tests need it"
+    );
+    let bank =
+        sessio_remote::node::LocalBank::start::<IoUring>(3, 2, Secret::from_bytes(SECRET)).unwrap();
+    let slow = SlowLink::start(bank.nodes()[0].addr, Duration::from_millis(20), 16 * 1024);
+    let members = bank
+        .placement
+        .members()
+        .iter()
+        .map(|m| Member {
+            id: m.id,
+            addr: if m.id == 1 { slow.addr } else { m.addr },
+        })
+        .collect();
+    let placement = Placement::new(members, 2).unwrap();
+    let loc = Location::Shm(format!("test-repl-slow-node-{}", std::process::id()));
+    let arena = Arena::open(&loc, &ArenaConfig::for_sessions(64, 2048)).unwrap();
+    let sids: Vec<_> = (0..30)
+        .map(|_| arena.create(NewSession::default(), &[("n", b"0")]).unwrap())
+        .collect();
+    let repl = Replicator::spawn(
+        &loc,
+        ReplicatorConfig::new(placement.clone(), Secret::from_bytes(SECRET), 1),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut n = 0u32;
+    while started.elapsed() < Duration::from_secs(3) {
+        n += 1;
+        arena
+            .update(
+                sids[n as usize % sids.len()],
+                &[Op::Set {
+                    key: format!("k{}", n % 3),
+                    value: vec![n as u8; 300],
+                }],
+            )
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Every session's last version reaches two nodes soon after.
+    let two_acks = |sid| {
+        let v = arena.read(sid).unwrap().version();
+        arena
+            .acked(sid)
+            .unwrap()
+            .iter()
+            .filter(|a| a.0 != 0 && a.1 >= v)
+            .count()
+            >= 2
+    };
+    let caught_up = Instant::now();
+    while !sids.iter().all(|&s| two_acks(s)) && caught_up.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let waited = caught_up.elapsed();
+    let st = repl.stats();
+    eprintln!("{n} updates; two acks everywhere {waited:?} after the last; {st:?}");
+    drop(repl);
+    drop(arena);
+    Arena::remove(&loc).unwrap();
+    assert!(
+        waited < Duration::from_millis(750),
+        "the last updates waited {waited:?} for two acks"
+    );
+    assert!(
+        st.nodes[0].slow_episodes >= 1,
+        "node 1 was never routed around"
+    );
+}

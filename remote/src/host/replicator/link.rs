@@ -97,6 +97,7 @@ pub(super) async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorSta
         {
             let mut st = ctx.state.borrow_mut();
             st.ticks += 1;
+            st.check_slow(Duration::from_millis(ctx.config.slow_after_ms));
             let mut snap = st.snapshot(B::NAME);
             drop(st);
             // The arena's counters ask the kernel about every handle: once a
@@ -233,6 +234,7 @@ pub(super) async fn node_link<B: Rt>(ctx: &Ctx<'_>, id: u16, addr: std::net::Soc
                 if let Some(l) = ctx.state.borrow_mut().link(id) {
                     l.stats.bytes_sent += bytes;
                     l.stats.in_flight += sent.len() as u64;
+                    l.sent_at.push_back(Instant::now());
                 }
                 in_flight.push_back(sent);
             }
@@ -251,6 +253,9 @@ pub(super) async fn node_link<B: Rt>(ctx: &Ctx<'_>, id: u16, addr: std::net::Soc
                         let Some(sent) = in_flight.pop_front() else {
                             return Err("an ack for no batch".into());
                         };
+                        if let Some(l) = ctx.state.borrow_mut().link(id) {
+                            l.sent_at.pop_front();
+                        }
                         if ack.entries.len() != sent.len() {
                             return Err(format!(
                                 "ack has {} entries for a batch of {}",
@@ -397,6 +402,7 @@ pub(super) fn on_down(ctx: &Ctx<'_>, id: u16, in_flight: &mut VecDeque<Vec<Sent>
     let Some(l) = st.link(id) else { return };
     l.stats.last_error = Some(error.to_string());
     l.stats.in_flight = 0;
+    l.sent_at.clear();
     let was_up = l.stats.up;
     l.stats.up = false;
     let mut moved: Vec<Sid> = l.pending.drain().collect();

@@ -65,6 +65,8 @@ pub const FLUSH_INTERVAL_US_DEFAULT: u64 = 500;
 pub const BATCH_BYTES_MAX_DEFAULT: u64 = 512 * 1024;
 /// Default for [`ReplicatorConfig::batch_entries_max`].
 pub const BATCH_ENTRIES_MAX_DEFAULT: usize = 1024;
+/// Default for [`ReplicatorConfig::slow_after_ms`].
+pub const SLOW_AFTER_MS_DEFAULT: u64 = 500;
 /// Default for [`ReplicatorConfig::ack_timeout_ms`].
 pub const ACK_TIMEOUT_MS_DEFAULT: u64 = 2_000;
 /// Default for [`ReplicatorConfig::dirty_take_max`].
@@ -99,6 +101,9 @@ pub struct ReplicatorConfig {
     pub backoff_max_ms: u64,
     /// An idle connection is pinged this often (finds dead nodes), in ms.
     pub ping_interval_ms: u64,
+    /// A node whose oldest batch in flight has waited this long for its ack
+    /// is routed around (hinted handoff) until it catches up, in ms.
+    pub slow_after_ms: u64,
     /// On stop, time allowed to ship what is pending, in ms.
     pub drain_timeout_ms: u64,
     /// Use the epoll engine even where `io_uring` works.
@@ -122,6 +127,7 @@ impl ReplicatorConfig {
             backoff_min_ms: 20,
             backoff_max_ms: 1_000,
             ping_interval_ms: 250,
+            slow_after_ms: SLOW_AFTER_MS_DEFAULT,
             drain_timeout_ms: 2_000,
             force_epoll: false,
         }
@@ -169,6 +175,10 @@ pub struct NodeStats {
     /// Copies evicted because the node said another host took their
     /// session over.
     pub evicted: u64,
+    /// Routed around for now: a batch waited `slow_after_ms` for its ack.
+    pub slow: bool,
+    /// Times it was routed around.
+    pub slow_episodes: u64,
     /// Bytes of batches sent.
     pub bytes_sent: u64,
     /// Successful handshakes.

@@ -82,6 +82,8 @@ pub(super) struct NodeLink {
     pub(super) stats: NodeStats,
     pub(super) pending: HashSet<Sid>,
     pub(super) owed: HashSet<Sid>,
+    /// When each batch in flight to the node was sent, oldest first.
+    pub(super) sent_at: std::collections::VecDeque<Instant>,
     /// Wakes the link's future when `pending` gains work.
     pub(super) wake: Wake,
 }
@@ -184,8 +186,47 @@ impl State {
         self.nodes.iter_mut().find(|n| n.stats.id == id)
     }
 
+    /// Whether writes for `id` go to it: connected, and not so far behind
+    /// that it is routed around.
     pub(super) fn is_up(&self, id: u16) -> bool {
-        self.nodes.iter().any(|n| n.stats.id == id && n.stats.up)
+        self.nodes
+            .iter()
+            .any(|n| n.stats.id == id && n.stats.up && !n.stats.slow)
+    }
+
+    /// Routes around a node whose oldest batch in flight has waited
+    /// `slow_after` (its sessions go to stand-ins and are owed to it), and
+    /// back to it once it has caught up with everything in flight: the
+    /// hysteresis between the two is the whole backlog it had.
+    pub(super) fn check_slow(&mut self, slow_after: Duration) {
+        for i in 0..self.nodes.len() {
+            let n = &mut self.nodes[i];
+            let behind = n.sent_at.front().is_some_and(|t| t.elapsed() >= slow_after);
+            if n.stats.up && !n.stats.slow && behind {
+                n.stats.slow = true;
+                n.stats.slow_episodes += 1;
+                tracing::warn!(
+                    node = n.stats.id,
+                    "replica node slow: a batch has waited {slow_after:?} for its ack; writing to stand-ins until it catches up"
+                );
+                let moved: Vec<Sid> = n.pending.drain().collect();
+                for sid in moved {
+                    self.route(sid);
+                }
+            } else if n.stats.slow && (n.sent_at.is_empty() || !n.stats.up) {
+                n.stats.slow = false;
+                if n.stats.up {
+                    tracing::info!(
+                        node = n.stats.id,
+                        owed = n.owed.len(),
+                        "replica node caught up: writing to it again"
+                    );
+                    let owed: Vec<Sid> = n.owed.drain().collect();
+                    n.pending.extend(owed);
+                    n.wake.notify();
+                }
+            }
+        }
     }
 
     /// Queues `sid` for every node that must hold it now; owners that are

@@ -18,6 +18,10 @@
 //! | replication | deltas applied and acked by a node | `SET` pipelined 64 deep from 4 connections |
 //! | failover fetch | fetch + install + read | `GET` of a 1 KB value |
 //!
+//! and two workloads of the host API alone (no peer; see `host.rs`):
+//! `forged` (what made-up SIDs at 10k/s cost the bank) and `durability`
+//! (update latency with `Durability::Local` and `Replicated`).
+//!
 //! plus the scaling curves (read latency against sessions in the arena;
 //! transport and replication throughput against batch size), drawn into
 //! `docs/*.svg`. The results go to stdout (a markdown table and one
@@ -27,13 +31,15 @@
 //! Every load loop stops at a count or a time limit, whichever comes first.
 //! Environment: `SESSIO_BENCH_MAX_SESSIONS` caps the read curve (default
 //! 10 000 000; `--quick` stops at 1M); `SESSIO_COMPARE_ONLY` (comma list of
-//! `read,update,transport,replication,failover`) runs only those workloads,
-//! e.g. under a profiler, and then leaves the docs alone.
+//! `read,update,transport,replication,failover,forged,durability`) runs only
+//! those workloads, e.g. under a profiler, and then leaves the docs alone;
+//! the peers are started only when one of the selected workloads needs them.
 
 // Counts and nanoseconds become f64 only to print rates and ratios; no
 // figure here comes near 2^52.
 #![allow(clippy::cast_precision_loss)]
 
+mod host;
 mod node;
 mod peers;
 mod report;
@@ -109,6 +115,38 @@ impl Run {
             .as_ref()
             .is_none_or(|o| o.iter().any(|p| p == name))
     }
+
+    /// Whether a selected workload needs Redis (and memcached).
+    fn needs_peers(&self) -> bool {
+        PEER_WORKLOADS.iter().any(|w| self.part(w))
+    }
+}
+
+/// The workloads that compare with the peers.
+const PEER_WORKLOADS: [&str; 4] = ["read", "update", "replication", "failover"];
+
+/// The peer servers, for the length of the run.
+struct Peers {
+    redis: PeerProcess,
+    memcached: Option<PeerProcess>,
+}
+
+impl Peers {
+    /// Starts Redis (and memcached, when installed) and loads them.
+    fn start(rep: &mut Report) -> Result<Peers, BoxError> {
+        let redis = PeerProcess::redis()?;
+        rep.note(format!("redis-server started on {}", redis.addr));
+        let memcached = if peers::installed("memcached") {
+            let m = PeerProcess::memcached()?;
+            rep.note(format!("memcached started on {}", m.addr));
+            Some(m)
+        } else {
+            rep.note("memcached not installed: its rows are skipped".into());
+            None
+        };
+        load_peers(&redis, memcached.as_ref())?;
+        Ok(Peers { redis, memcached })
+    }
 }
 
 fn main() -> ExitCode {
@@ -141,7 +179,7 @@ fn main() -> ExitCode {
         write_doc: only.is_none() && !args.iter().any(|a| a == "--no-doc"),
         only,
     };
-    if !peers::installed("redis-server") {
+    if run.needs_peers() && !peers::installed("redis-server") {
         eprintln!(
             "redis-server not found on PATH. Install it (Debian/Ubuntu: `apt-get install -y redis-server`; \
              optional: `memcached`) and run again."
@@ -167,22 +205,18 @@ fn compare(run: &Run) -> Result<(), BoxError> {
     } else {
         None
     };
-    let redis = PeerProcess::redis()?;
-    rep.note(format!("redis-server started on {}", redis.addr));
-    let memcached = if peers::installed("memcached") {
-        let m = PeerProcess::memcached()?;
-        rep.note(format!("memcached started on {}", m.addr));
-        Some(m)
+    let peers = if run.needs_peers() {
+        Some(Peers::start(&mut rep)?)
     } else {
-        rep.note("memcached not installed: its rows are skipped".into());
         None
     };
-    load_peers(&redis, memcached.as_ref())?;
-    if let Some(setup) = setup {
-        read_peers(run, &mut rep, &setup, &redis, memcached.as_ref())?;
-    }
-    if run.part("update") {
-        update(run, &mut rep, &redis)?;
+    if let Some(p) = &peers {
+        if let Some(setup) = setup {
+            read_peers(run, &mut rep, &setup, &p.redis, p.memcached.as_ref())?;
+        }
+        if run.part("update") {
+            update(run, &mut rep, &p.redis)?;
+        }
     }
     if run.part("transport") {
         match node::uring_available() {
@@ -192,14 +226,30 @@ fn compare(run: &Run) -> Result<(), BoxError> {
             )),
         }
     }
-    if run.part("replication") {
-        replication(run, &mut rep, &redis)?;
+    if let Some(p) = &peers {
+        if run.part("replication") {
+            replication(run, &mut rep, &p.redis)?;
+        }
+        if run.part("failover") {
+            failover_fetch(run, &mut rep, &p.redis)?;
+        }
     }
-    if run.part("failover") {
-        failover_fetch(run, &mut rep, &redis)?;
+    drop(peers);
+    if run.part("forged") || run.part("durability") {
+        match node::uring_available() {
+            Ok(()) => {
+                if run.part("forged") {
+                    host::forged(run, &mut rep)?;
+                }
+                if run.part("durability") {
+                    host::durability(run, &mut rep)?;
+                }
+            }
+            Err(e) => rep.note(format!(
+                "io_uring unavailable ({e}): forged and durability skipped"
+            )),
+        }
     }
-    drop(memcached);
-    drop(redis);
     rep.finish(started.elapsed(), run.write_doc)
 }
 
@@ -785,14 +835,14 @@ fn failover_fetch(run: &Run, rep: &mut Report, redis: &PeerProcess) -> Result<()
     // the failover time from the rest (a diagnostic, not a target).
     let node_epoll = NodeServer::start::<Epoll>(Node::Records(records))?;
     let loc = Location::Shm(format!("bench-{}-compare-failover", std::process::id()));
-    let local = LocalArena(
+    let local = Scratch(
         loc.clone(),
         Some(Arena::open(
             &loc,
             &arena_config(FAILOVER_SESSIONS, HugePages::Off),
         )?),
     );
-    let arena = local.1.as_ref().expect("open");
+    let arena = local.get();
     let install = |sid, rec: &FoundRecord| -> Result<(), BoxError> {
         let sid = Sid(sid);
         arena.install(sid, &rec.record, rec.version, rec.epoch)?;
@@ -879,14 +929,21 @@ fn failover_fetch(run: &Run, rep: &mut Report, redis: &PeerProcess) -> Result<()
     Ok(())
 }
 
-/// A scratch arena, removed when dropped.
-struct LocalArena(Location, Option<Arena>);
+/// A scratch arena and what uses it: when dropped, the user goes first,
+/// then the arena is removed.
+struct Scratch<T>(Location, Option<T>);
 
-impl Drop for LocalArena {
+impl<T> Scratch<T> {
+    fn get(&self) -> &T {
+        self.1.as_ref().expect("held until dropped")
+    }
+}
+
+impl<T> Drop for Scratch<T> {
     fn drop(&mut self) {
         drop(self.1.take());
         if let Err(e) = Arena::remove(&self.0) {
-            eprintln!("could not remove the failover arena: {e}");
+            eprintln!("could not remove the scratch arena {:?}: {e}", self.0);
         }
     }
 }

@@ -23,12 +23,13 @@ use sessio_net::{
 
 use crate::BoxError;
 
-const SECRET: [u8; 32] = [0x5E; 32];
+/// The secret every node and client of the harness shares.
+pub const SECRET: [u8; 32] = [0x5E; 32];
 const NODE_ID: u64 = 1000;
 const HOST_ID: u64 = 7;
 
 /// Runs `f` to completion on a fresh runtime of `B`'s kind.
-fn block_on<B: Backend, F: Future>(f: F) -> Result<F::Output, BoxError> {
+pub fn block_on<B: Backend, F: Future>(f: F) -> Result<F::Output, BoxError> {
     Ok(B::run(&B::runtime()?, f))
 }
 
@@ -186,7 +187,8 @@ fn replica_store(records: &[(Sid, FoundRecord)]) -> sessio_remote::Store {
     store
 }
 
-async fn connect<B: Backend>(addr: SocketAddr) -> Result<Client<B>, BoxError> {
+/// A client connection to a node, as the harness's host.
+pub async fn connect<B: Backend>(addr: SocketAddr) -> Result<Client<B>, BoxError> {
     let config = ClientConfig::new(Identity {
         id: HOST_ID,
         incarnation: 1,

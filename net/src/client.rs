@@ -38,7 +38,10 @@ pub struct ClientConfig {
     pub limits: Limits,
     /// Time allowed for connect plus handshake, in milliseconds.
     pub handshake_timeout_ms: u64,
-    /// A read or write that makes no progress this long fails.
+    /// A read or write that makes no progress this long fails: nothing
+    /// read, and no byte of what is being written taken by the peer (an
+    /// inactivity timeout; a large write to a slow peer that keeps reading
+    /// may take longer).
     pub io_timeout_ms: u64,
     /// Cap on bytes of requests sent whose replies were not yet received.
     pub in_flight_bytes_max: u64,
@@ -262,9 +265,13 @@ impl<B: Backend> Client<B> {
     /// Writes everything queued.
     pub async fn flush(&mut self) -> Result<(), TransportError> {
         let t = ms(self.config.io_timeout_ms);
-        B::timeout(t, self.conn.flush())
-            .await
-            .map_err(|_| TransportError::Timeout(t))?
+        let fd = self.fd();
+        until_idle::<B, _>(fd, t, self.conn.flush()).await?
+    }
+
+    fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::{AsFd, AsRawFd};
+        self.conn.stream.as_fd().as_raw_fd()
     }
 
     /// The next message from the server: a reply (in request order) or an
@@ -311,15 +318,53 @@ impl<B: Backend> Client<B> {
     /// Waits for the next message, writing what is queued meanwhile.
     async fn read_one(&mut self) -> Result<Message, TransportError> {
         let t = ms(self.config.io_timeout_ms);
+        let fd = self.fd();
         loop {
             if let Some(msg) = self.conn.try_next()? {
                 return Ok(msg);
             }
-            let more = B::timeout(t, self.conn.flush_and_fill())
-                .await
-                .map_err(|_| TransportError::Timeout(t))??;
+            let more = until_idle::<B, _>(fd, t, self.conn.flush_and_fill()).await??;
             if !more {
                 return Err(TransportError::Closed);
+            }
+        }
+    }
+}
+
+/// Bytes the socket `fd` still holds to send or to have acknowledged
+/// (`SIOCOUTQ`); `None` where the kernel does not say.
+fn unsent(fd: std::os::fd::RawFd) -> Option<i32> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the pointer; a
+    // bad descriptor makes it fail, which is reported as `None`.
+    let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &raw mut n) };
+    (r == 0).then_some(n)
+}
+
+/// Runs `io` until it completes, or until `idle` passes with no progress:
+/// the I/O timeout is an inactivity timeout, not a deadline. Progress is
+/// the peer taking bytes (the socket's send queue changes), so a large
+/// write to a slow peer that keeps reading never times out, while a peer
+/// that stopped reading (or a dead link) does. `io` is polled in place
+/// between checks, never restarted.
+async fn until_idle<B: Backend, T>(
+    fd: std::os::fd::RawFd,
+    idle: std::time::Duration,
+    io: impl std::future::Future<Output = T>,
+) -> Result<T, TransportError> {
+    let mut io = std::pin::pin!(io);
+    let mut last = unsent(fd);
+    loop {
+        let timer = std::pin::pin!(B::sleep(idle));
+        match futures_util::future::select(io.as_mut(), timer).await {
+            futures_util::future::Either::Left((out, _)) => return Ok(out),
+            futures_util::future::Either::Right(((), _)) => {
+                let now = unsent(fd);
+                // Unknown, or unchanged and not empty: nothing moved.
+                if now.is_none() || now == last {
+                    return Err(TransportError::Timeout(idle));
+                }
+                last = now;
             }
         }
     }

@@ -701,3 +701,105 @@ fn peers_outside_the_allowed_networks_are_closed_at_accept() {
     });
     assert_eq!(server.stop().not_allowed, 0);
 }
+
+/// A relay on loopback that forwards host → server at `bytes_per_s` (0:
+/// not at all, a dead link) and server → host at once.
+fn throttled_relay(to: SocketAddr, bytes_per_s: u64) -> SocketAddr {
+    // A small receive buffer, so the backlog stays in the host's socket
+    // (as on a real slow link) instead of piling up in the relay's.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(8 * 1024).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    socket.listen(1).unwrap();
+    let listener: std::net::TcpListener = socket.into();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let Ok((mut client, _)) = listener.accept() else {
+            return;
+        };
+        let mut server = TcpStream::connect(to).unwrap();
+        let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut s2, &mut c2);
+        });
+        let mut buf = [0u8; 4096];
+        // The handshake passes at full speed; the throttle starts after.
+        let mut passed = 0usize;
+        while let Ok(n) = client.read(&mut buf) {
+            if n == 0 || server.write_all(&buf[..n]).is_err() {
+                return;
+            }
+            passed += n;
+            if passed > 1024 {
+                if bytes_per_s == 0 {
+                    // A dead link: hold the connection, forward nothing.
+                    std::thread::sleep(Duration::from_secs(30));
+                    return;
+                }
+                std::thread::sleep(Duration::from_micros(n as u64 * 1_000_000 / bytes_per_s));
+            }
+        }
+    });
+    addr
+}
+
+/// The client's I/O timeout is an inactivity timeout: a batch that takes
+/// longer than it to cross a slow link that keeps moving is delivered and
+/// answered; a link that moves nothing fails within about the timeout.
+#[test]
+fn io_timeout_is_inactivity_not_a_deadline() {
+    require_uring();
+    let server = TestServer::start::<IoUring>(fast_server());
+    let batch = Message::DeltaBatch(DeltaBatch {
+        host_id: 1,
+        entries: (0..4u8)
+            .map(|i| DeltaEntry {
+                sid: [i; 16],
+                base_version: 0,
+                new_version: 1,
+                epoch: 1,
+                body: Delta::Full(vec![i; 100_000]),
+            })
+            .collect(),
+    });
+    let mut cfg = client_config();
+    cfg.io_timeout_ms = 300;
+    let slow = throttled_relay(server.addr, 200 * 1024);
+    let started = Instant::now();
+    let reply = IoUring::block_on(async {
+        let mut c = Client::<IoUring>::connect(slow, cfg.clone(), Secret::from_bytes(SECRET))
+            .await
+            .unwrap();
+        c.call(&batch).await
+    });
+    let took = started.elapsed();
+    assert!(
+        matches!(reply, Ok(Message::Ack(_))),
+        "a slow but moving link timed out after {took:?}: {reply:?}"
+    );
+    assert!(
+        took > Duration::from_millis(600),
+        "the relay was not slow: {took:?}"
+    );
+
+    let dead = throttled_relay(server.addr, 0);
+    let started = Instant::now();
+    let reply = IoUring::block_on(async {
+        let mut c = Client::<IoUring>::connect(dead, cfg, Secret::from_bytes(SECRET))
+            .await
+            .unwrap();
+        c.call(&batch).await
+    });
+    let took = started.elapsed();
+    assert!(
+        matches!(reply, Err(TransportError::Timeout(_))),
+        "{reply:?} after {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "a dead link took {took:?} to time out"
+    );
+    server.stop();
+}

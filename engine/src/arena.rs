@@ -72,6 +72,8 @@ pub struct Arena {
     ser: RefCell<rkyv::util::AlignedVec>,
     sweep_cursor: Cell<u64>,
     dirty_cursor: Cell<u64>,
+    /// When `take_dirty` last scanned the whole bitmap.
+    dirty_scanned: Cell<std::time::Instant>,
     recovered: Option<RecoveryReport>,
     _not_sync: PhantomData<Cell<()>>,
 }

@@ -94,6 +94,11 @@ pub(crate) struct Header {
     pub removals_dropped: AtomicU64,
     /// Copies evicted because another host took their session over.
     pub evicted_total: AtomicU64,
+    /// Set when a dirty bit is set, cleared by the replicator before it
+    /// scans the bitmap: an idle replicator looks at one word, not the
+    /// whole bitmap. 0 in arenas made before it existed, which only costs
+    /// their first scan.
+    pub dirty_hint: AtomicU64,
 }
 const _: () = assert!(size_of::<Header>() as u64 <= HEADER_BYTES);
 

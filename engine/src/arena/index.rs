@@ -224,6 +224,14 @@ impl Arena {
         self.map
             .dirty_word(slot / 64)
             .fetch_or(1 << (slot % 64), Ordering::SeqCst);
+        // After the bit: a replicator that cleared the hint before this
+        // load scans after it and finds the bit; one that clears it later
+        // finds the hint set. The store is skipped while the hint is up,
+        // so a busy arena does not bounce the line.
+        let hint = &self.header().dirty_hint;
+        if hint.load(Ordering::SeqCst) == 0 {
+            hint.store(1, Ordering::SeqCst);
+        }
     }
 
     /// Turns the tombstone run ending at `i` into empty slots when the slot

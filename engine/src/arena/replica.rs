@@ -8,12 +8,25 @@ use crate::sid::Sid;
 use crate::sync::Ordering;
 use crate::words::{SLOT_EMPTY, SLOT_LIVE, SLOT_TOMB, ack_unpack, ack_word, slot_kind};
 
+/// Longest time between two full scans of the dirty bitmap by
+/// [`Arena::take_dirty`], hint or not.
+const DIRTY_SCAN_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl Arena {
     /// Collects up to `max` sessions changed since they were last taken,
     /// skipping (and keeping marked) those whose queue is not drained yet;
     /// queues left behind by a dead process are applied here.
     pub fn take_dirty(&self, max: usize, out: &mut Vec<Dirty>) {
         out.clear();
+        // Nothing was marked since the last complete take: no scan. A
+        // process killed between a bit and its hint (or an arena older
+        // than the hint) leaves a bit without one: a full scan at least
+        // every `DIRTY_SCAN_EVERY` finds it.
+        let hinted = self.header().dirty_hint.swap(0, Ordering::SeqCst) != 0;
+        if !hinted && self.dirty_scanned.get().elapsed() < DIRTY_SCAN_EVERY {
+            return;
+        }
+        self.dirty_scanned.set(std::time::Instant::now());
         let words = self.map.geo.index_slots / 64;
         let mut w = self.dirty_cursor.get() % words;
         for _ in 0..words {
@@ -40,6 +53,10 @@ impl Arena {
             }
         }
         self.dirty_cursor.set(w);
+        if out.len() >= max {
+            // Stopped early: what is left is still marked.
+            self.header().dirty_hint.store(1, Ordering::SeqCst);
+        }
     }
 
     pub(super) fn dirty_entry(&self, i: u64) -> Option<Dirty> {

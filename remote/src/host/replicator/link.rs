@@ -36,12 +36,21 @@ pub(super) fn notified<'a>(ctx: &'a Ctx<'_>, id: u16) -> impl Future<Output = ()
 
 pub(super) async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorStats>) {
     let interval = Duration::from_micros(ctx.config.flush_interval_us.max(1));
+    // A tick that finds little comes round again soon, so a lone update
+    // (a durable write waiting for its acks) ships at once; a busy one
+    // waits the whole interval, so updates batch. An idle tick costs one
+    // atomic swap (the arena's dirty hint).
+    let quick = interval.min(QUICK_TICK);
     let mut dirty = Vec::with_capacity(ctx.config.dirty_take_max);
     let mut arena_stats: Option<(Instant, sessio_engine::ArenaStats)> = None;
+    let mut last_snapshot: Option<Instant> = None;
+    let mut last_work = Instant::now();
     loop {
         let last = ctx.stop.load(Ordering::SeqCst);
+        let mut taken = 0;
         loop {
             ctx.arena.take_dirty(ctx.config.dirty_take_max, &mut dirty);
+            taken += dirty.len();
             let now = Instant::now();
             let mut st = ctx.state.borrow_mut();
             for d in &dirty {
@@ -98,8 +107,10 @@ pub(super) async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorSta
             let mut st = ctx.state.borrow_mut();
             st.ticks += 1;
             st.check_slow(Duration::from_millis(ctx.config.slow_after_ms));
-            let mut snap = st.snapshot(B::NAME);
-            drop(st);
+        }
+        if last || last_snapshot.is_none_or(|t| t.elapsed() >= SNAPSHOT_EVERY) {
+            last_snapshot = Some(Instant::now());
+            let mut snap = ctx.state.borrow_mut().snapshot(B::NAME);
             // The arena's counters ask the kernel about every handle: once a
             // second is plenty.
             if arena_stats
@@ -121,9 +132,31 @@ pub(super) async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorSta
             }
             return;
         }
-        B::sleep(interval).await;
+        let now = Instant::now();
+        if taken > 0 {
+            last_work = now;
+        }
+        let next = if taken >= QUICK_TICK_MAX_TAKEN {
+            interval
+        } else if now.duration_since(last_work) < QUICK_AFTER_WORK {
+            quick
+        } else {
+            // Idle for a while: the plain interval, so an idle host's
+            // replicator wakes no more than it used to.
+            interval
+        };
+        B::sleep(next).await;
     }
 }
+
+/// The dispatcher's short tick, after a tick that found little.
+const QUICK_TICK: Duration = Duration::from_micros(100);
+/// A tick that took this many sessions or more waits the whole interval.
+const QUICK_TICK_MAX_TAKEN: usize = 64;
+/// Quick ticks go on this long after the last tick that found work.
+const QUICK_AFTER_WORK: Duration = Duration::from_millis(50);
+/// How often the dispatcher publishes a stats snapshot.
+const SNAPSHOT_EVERY: Duration = Duration::from_millis(1);
 
 /// One delta entry sent and not yet acknowledged.
 pub(super) struct Sent {

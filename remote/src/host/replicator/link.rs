@@ -573,7 +573,7 @@ pub(super) fn build_once(ctx: &Ctx<'_>, id: u16) -> Built {
                 bytes += push_remove(&mut entries, &mut sent, sid, s, base, true);
                 // Forgotten now: should the drop never land, the cost is a
                 // copy left behind, never an ack claiming one that is gone.
-                let _ = ctx.arena.forget_ack(sid, id);
+                forget_hint_ack(ctx.arena, &st.placement, sid, id, &s.acks);
             }
             continue;
         }
@@ -669,6 +669,31 @@ pub(super) fn apply_acks(ctx: &Ctx<'_>, id: u16, sent: &[Sent], acks: &[sessio_n
     evict_stale(ctx, id, &evict);
 }
 
+/// Forgets stand-in `node`'s ack of `sid` in the arena (its hinted copy
+/// goes) and writes the owners' acks (`acks`, this replicator's view) back.
+/// The arena keeps two acks per session and a third displaces the oldest:
+/// while a stand-in held a copy, the returning owner's ack may have
+/// displaced the other owner's, and forgetting only the stand-in's left the
+/// arena showing one ack where both owners hold the version (so a
+/// `Replicated` write waited for acks that were there).
+fn forget_hint_ack(
+    arena: &Arena,
+    placement: &crate::placement::Placement,
+    sid: Sid,
+    node: u16,
+    acks: &[(u16, u64)],
+) {
+    let _ = arena.forget_ack(sid, node);
+    for owner in placement.owners(&sid.0) {
+        if let Some(&(_, v)) = acks
+            .iter()
+            .find(|&&(n, v)| n == owner && n != node && v > 0)
+        {
+            let _ = arena.mark_acked(sid, owner, v);
+        }
+    }
+}
+
 /// Applies the acks to the replicator's state; returns the copies the
 /// node's `Fenced` answers make stale here.
 fn record_acks(
@@ -693,7 +718,7 @@ fn record_acks(
             AckStatus::Applied if s.drops_hint => {
                 applied += 1;
                 ss.forget(id);
-                let _ = ctx.arena.forget_ack(s.sid, id);
+                forget_hint_ack(ctx.arena, &st.placement, s.sid, id, &ss.acks);
             }
             // An ack for a copy under an epoch this host no longer writes
             // (the session was installed anew meanwhile) says nothing of

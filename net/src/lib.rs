@@ -14,6 +14,7 @@
 //! - [`frame`]: bytes ⇄ `(kind, body)`; tells "need more" from "invalid".
 //! - [`handshake`]: a pure, allocation-free state machine (bytes in, bytes
 //!   out) — unit-tested and fuzzed without sockets.
+//! - [`seal`]: seals and opens frames in place after the handshake.
 //! - [`message`]: `(kind, body)` ⇄ [`Message`], with validation and limits.
 //! - [`transport`]: the framed connection shared by [`Client`] and
 //!   [`Server`], which run on a [`Backend`]: [`IoUring`] (compio, the
@@ -76,6 +77,7 @@ pub mod client;
 pub mod frame;
 pub mod handshake;
 pub mod message;
+pub mod seal;
 pub mod server;
 pub mod shutdown;
 pub mod transport;
@@ -89,6 +91,7 @@ pub use message::{
     FoundRecord, Invalidate, InvalidateEntry, Limits, Message, MessageError, Ping, Pong, Sid,
     Stats, StatsRequest,
 };
+pub use seal::{Opener, SealError, Sealer, SessionKeys};
 pub use server::{Server, ServerConfig, ServerStats};
 pub use shutdown::{FireOnDrop, Shutdown};
 pub use transport::{Backoff, PeerInfo, SocketOptions, TransportError};

@@ -3,11 +3,13 @@
 //! Web hosts ship session changes to replica nodes, and fetch sessions back
 //! on failover, over long-lived authenticated TCP connections. Everything on
 //! the wire is a [frame](frame): a 16-byte header (magic, version, kind,
-//! length, checksum) and a body. Before anything else, the two peers run the
-//! [handshake](handshake): a mutual BLAKE3-keyed challenge–response over a
-//! shared 32-byte secret that also exchanges ids and process incarnations.
-//! After it, each frame body is one rkyv-archived [message](message),
-//! validated with bytecheck and bounded by [`Limits`] before use.
+//! length, check word) and a body. Before anything else, the two peers run
+//! the [handshake](handshake): a mutual BLAKE3-keyed challenge–response over
+//! a shared 32-byte secret that also exchanges ids and process incarnations
+//! and derives one key per direction. After it, every frame is
+//! [sealed](seal) with AES-256-GCM under a per-direction counter, and each
+//! frame body is one rkyv-archived [message](message), validated with
+//! bytecheck and bounded by [`Limits`] before use.
 //!
 //! Data moves through the modules like this:
 //!

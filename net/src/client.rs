@@ -198,7 +198,7 @@ impl<B: Backend> Client<B> {
             addr,
             frame_bytes_max: est.frame_bytes_max,
         };
-        Ok((Conn::new(stream, limits), peer))
+        Ok((Conn::new(stream, limits, &est.keys), peer))
     }
 
     /// The authenticated server.

@@ -1,16 +1,20 @@
-//! Length-prefixed, checksummed frames: the unit every byte on the wire
-//! travels in, handshake included.
+//! Length-prefixed frames: the unit every byte on the wire travels in,
+//! handshake included.
 //!
 //! Layout (all integers little-endian; see `docs/PROTOCOL.md`):
 //!
 //! ```text
-//! | magic u16 | version u8 | kind u8 | body_len u32 | checksum u64 | body ... |
-//! | 0     1   |     2      |    3    | 4          7 | 8         15 | 16 ...   |
+//! | magic u16 | version u8 | kind u8 | body_len u32 | check u64 | body ... |
+//! | 0     1   |     2      |    3    | 4          7 | 8      15 | 16 ...   |
 //! ```
 //!
-//! `checksum = xxh3_64_with_seed(body, seed = u64 of header bytes 0..8)`: the
+//! The `check` word depends on the frame. A handshake frame (this module)
+//! carries `xxh3_64_with_seed(body, seed = u64 of header bytes 0..8)`: the
 //! seed folds magic, version, kind and length into the checksum, so a flipped
-//! header bit is caught just like a flipped body bit.
+//! header bit is caught just like a flipped body bit. It only catches
+//! accidents; the handshake's MACs are what authenticate. Every frame after
+//! the handshake is sealed ([`crate::seal`]): `check` is its counter and the
+//! body ends with an AES-GCM tag.
 //!
 //! The decoder never allocates: it returns a [`Frame`] that borrows the body
 //! from the caller's buffer, after checking the declared length against
@@ -22,7 +26,9 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 /// First two bytes of every frame (`0x5E55`, sent as `55 5E`).
 pub const MAGIC: u16 = 0x5E55;
 /// Wire protocol version spoken by this crate.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// Version 2 seals every frame after the handshake; version 1 peers are
+/// refused with a version `Reject`.
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 16;
 /// Smallest `frame_bytes_max` a peer may configure: room for the largest
@@ -146,8 +152,10 @@ pub struct FrameHeader {
     pub kind: FrameKind,
     /// Body length in bytes (header excluded).
     pub body_len: u32,
-    /// xxh3 checksum of header bytes 0..8 (as seed) and the body.
-    pub checksum: u64,
+    /// Header bytes 8..16: in a handshake frame, the xxh3 checksum of
+    /// header bytes 0..8 (as seed) and the body; in a sealed frame, its
+    /// counter.
+    pub check: u64,
 }
 
 impl FrameHeader {
@@ -196,12 +204,12 @@ impl FrameHeader {
         let (Some(kind), Some(body_len), Some(sum)) = (kind, body_len, buf.get(8..16)) else {
             return Ok(None);
         };
-        let mut checksum = [0u8; 8];
-        checksum.copy_from_slice(sum);
+        let mut check = [0u8; 8];
+        check.copy_from_slice(sum);
         Ok(Some(FrameHeader {
             kind,
             body_len,
-            checksum: u64::from_le_bytes(checksum),
+            check: u64::from_le_bytes(check),
         }))
     }
 }
@@ -211,12 +219,14 @@ impl FrameHeader {
 pub struct Frame<'a> {
     /// What the body holds.
     pub kind: FrameKind,
-    /// The body bytes, checksum verified.
+    /// The body bytes, checksum verified (handshake frames) or opened
+    /// (sealed frames: the plaintext, tag excluded).
     pub body: &'a [u8],
 }
 
 impl<'a> Frame<'a> {
-    /// Decodes one frame from the start of `buf`.
+    /// Decodes one checksummed (handshake) frame from the start of `buf`.
+    /// Frames after the handshake are sealed: see [`crate::seal::Opener`].
     ///
     /// - `Ok(None)`: `buf` is a valid prefix of a frame; read more bytes.
     /// - `Ok(Some((frame, consumed)))`: one frame, `consumed` bytes long.
@@ -235,9 +245,9 @@ impl<'a> Frame<'a> {
             return Ok(None);
         };
         let actual = checksum(&buf[..8], body);
-        if actual != header.checksum {
+        if actual != header.check {
             return Err(FrameError::Checksum {
-                expected: header.checksum,
+                expected: header.check,
                 actual,
             });
         }
@@ -262,7 +272,7 @@ impl<'a> Frame<'a> {
     }
 }
 
-/// Appends a frame of `kind` carrying `body` to `out`.
+/// Appends a checksummed (handshake) frame of `kind` carrying `body` to `out`.
 ///
 /// # Panics
 /// If `body` is 4 GiB or longer, which no limit of this crate allows.
@@ -390,7 +400,7 @@ mod tests {
             Err(FrameError::UnsupportedVersion { found: 9 })
         ));
         assert!(matches!(
-            Frame::decode(&[0x55, 0x5E, 1, 0xEE], 1024),
+            Frame::decode(&[0x55, 0x5E, PROTOCOL_VERSION, 0xEE], 1024),
             Err(FrameError::UnknownKind { found: 0xEE })
         ));
     }

@@ -19,6 +19,10 @@
 //! any header announcing another length before reading the body. Nothing is
 //! allocated. Feed it bytes with [`Handshake::receive`], send what
 //! [`Handshake::take_output`] returns, until [`Handshake::established`].
+//!
+//! A successful handshake also yields the connection's two frame keys
+//! ([`SessionKeys`], one per direction), derived from the secret and the
+//! transcript; every frame after it is sealed with them ([`crate::seal`]).
 //! Byte layouts: `docs/PROTOCOL.md`.
 
 use std::fmt;
@@ -28,6 +32,7 @@ use std::path::{Path, PathBuf};
 use crate::frame::{
     self, FRAME_BYTES_MIN, Frame, FrameError, FrameHeader, FrameKind, HEADER_LEN, PROTOCOL_VERSION,
 };
+use crate::seal::SessionKeys;
 
 /// Bytes in a shared secret.
 pub const SECRET_LEN: usize = 32;
@@ -46,6 +51,10 @@ const REJECT_BODY: usize = 8;
 pub const HANDSHAKE_FRAME_BYTES_MAX: usize = HEADER_LEN + HELLO_REPLY_BODY;
 const _: () = assert!(HANDSHAKE_FRAME_BYTES_MAX == 96);
 const _: () = assert!(HANDSHAKE_FRAME_BYTES_MAX as u32 <= FRAME_BYTES_MIN);
+
+/// Bytes of the transcript the MACs and the frame keys cover: version,
+/// then id, incarnation and nonce of the initiator, then of the responder.
+const TRANSCRIPT_LEN: usize = 1 + 2 * (8 + 8 + NONCE_LEN);
 
 const LABEL_RESPONDER: &[u8; 16] = b"sessio-hs-resp\0\0";
 const LABEL_INITIATOR: &[u8; 16] = b"sessio-hs-init\0\0";
@@ -270,12 +279,16 @@ impl Identity {
 }
 
 /// The outcome of a completed handshake.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Established {
     /// The authenticated peer.
     pub peer: Identity,
     /// The responder's `frame_bytes_max` (on the responder: its own).
     pub frame_bytes_max: u32,
+    /// This connection's frame keys, as this side uses them: seal what it
+    /// sends with [`SessionKeys::sealer`], open what it receives with
+    /// [`SessionKeys::opener`].
+    pub keys: SessionKeys,
 }
 
 /// Why a responder refused a handshake, as sent in a `Reject` frame.
@@ -455,6 +468,8 @@ pub struct Handshake {
     input: [u8; HANDSHAKE_FRAME_BYTES_MAX],
     have: usize,
     output: Option<Outgoing>,
+    /// Derived once the transcript is complete and the peer proven.
+    keys: Option<SessionKeys>,
 }
 
 impl fmt::Debug for Handshake {
@@ -550,6 +565,7 @@ impl Handshake {
             input: [0; HANDSHAKE_FRAME_BYTES_MAX],
             have: 0,
             output: None,
+            keys: None,
         }
     }
 
@@ -567,10 +583,14 @@ impl Handshake {
     /// The authenticated peer, once the handshake succeeded.
     #[must_use]
     pub fn established(&self) -> Option<Established> {
-        (self.step == Step::Done).then_some(Established {
-            peer: self.peer,
-            frame_bytes_max: self.frame_bytes_max,
-        })
+        match (self.step, self.keys) {
+            (Step::Done, Some(keys)) => Some(Established {
+                peer: self.peer,
+                frame_bytes_max: self.frame_bytes_max,
+                keys,
+            }),
+            _ => None,
+        }
     }
 
     /// True once the handshake succeeded or failed.
@@ -753,6 +773,7 @@ impl Handshake {
                 let mut accept = [0u8; ACCEPT_BODY];
                 accept[0..4].copy_from_slice(&self.frame_bytes_max.to_le_bytes());
                 self.output = Some(Outgoing::new(FrameKind::Accept, &accept));
+                self.keys = Some(self.derive_keys());
                 self.step = Step::Done;
             }
             FrameKind::Accept => {
@@ -761,6 +782,7 @@ impl Handshake {
                     return Err(HandshakeError::BadLimit(limit));
                 }
                 self.frame_bytes_max = limit;
+                self.keys = Some(self.derive_keys());
                 self.step = Step::Done;
             }
             _ => {
@@ -773,22 +795,39 @@ impl Handshake {
         Ok(())
     }
 
-    /// The MAC over the transcript, laid out initiator first whatever our role.
-    fn mac(&self, label: &[u8; 16]) -> blake3::Hash {
+    /// The transcript, laid out initiator first whatever our role.
+    fn transcript(&self) -> [u8; TRANSCRIPT_LEN] {
         let (init, init_nonce, resp, resp_nonce) = match self.role {
             Role::Initiator => (self.local, &self.local_nonce, self.peer, &self.peer_nonce),
             Role::Responder => (self.peer, &self.peer_nonce, self.local, &self.local_nonce),
         };
+        let mut t = [0u8; TRANSCRIPT_LEN];
+        t[0] = PROTOCOL_VERSION;
+        let mut at = 1;
+        for (id, incarnation, nonce) in [
+            (init.id, init.incarnation, init_nonce),
+            (resp.id, resp.incarnation, resp_nonce),
+        ] {
+            t[at..at + 8].copy_from_slice(&id.to_le_bytes());
+            t[at + 8..at + 16].copy_from_slice(&incarnation.to_le_bytes());
+            t[at + 16..at + 16 + NONCE_LEN].copy_from_slice(nonce);
+            at += 16 + NONCE_LEN;
+        }
+        t
+    }
+
+    /// The MAC over the transcript.
+    fn mac(&self, label: &[u8; 16]) -> blake3::Hash {
         let mut h = blake3::Hasher::new_keyed(&self.key);
         h.update(label);
-        h.update(&[PROTOCOL_VERSION]);
-        h.update(&init.id.to_le_bytes());
-        h.update(&init.incarnation.to_le_bytes());
-        h.update(init_nonce);
-        h.update(&resp.id.to_le_bytes());
-        h.update(&resp.incarnation.to_le_bytes());
-        h.update(resp_nonce);
+        h.update(&self.transcript());
         h.finalize()
+    }
+
+    /// The frame keys: derived from the secret and the whole transcript,
+    /// so each connection (fresh nonces on both sides) has its own.
+    fn derive_keys(&self) -> SessionKeys {
+        SessionKeys::derive(&self.key, &self.transcript(), self.role == Role::Initiator)
     }
 
     fn verify(&self, label: &[u8; 16], mac: &[u8]) -> Result<(), HandshakeError> {
@@ -807,10 +846,16 @@ impl Handshake {
 /// server refusing a connection over its cap).
 #[must_use]
 pub fn reject_frame(reason: RejectReason, detail: u32) -> Outgoing {
+    Outgoing::new(FrameKind::Reject, &reject_body(reason, detail))
+}
+
+/// The body of a `Reject` frame (after the handshake it travels sealed).
+#[must_use]
+pub fn reject_body(reason: RejectReason, detail: u32) -> [u8; REJECT_BODY] {
     let mut body = [0u8; REJECT_BODY];
     body[0..4].copy_from_slice(&reason.code().to_le_bytes());
     body[4..8].copy_from_slice(&detail.to_le_bytes());
-    Outgoing::new(FrameKind::Reject, &body)
+    body
 }
 
 #[cfg(test)]

@@ -3,17 +3,20 @@
 //! Web hosts ship session changes to replica nodes, and fetch sessions back
 //! on failover, over long-lived authenticated TCP connections. Everything on
 //! the wire is a [frame](frame): a 16-byte header (magic, version, kind,
-//! length, checksum) and a body. Before anything else, the two peers run the
-//! [handshake](handshake): a mutual BLAKE3-keyed challenge–response over a
-//! shared 32-byte secret that also exchanges ids and process incarnations.
-//! After it, each frame body is one rkyv-archived [message](message),
-//! validated with bytecheck and bounded by [`Limits`] before use.
+//! length, check word) and a body. Before anything else, the two peers run
+//! the [handshake](handshake): a mutual BLAKE3-keyed challenge–response over
+//! a shared 32-byte secret that also exchanges ids and process incarnations
+//! and derives one key per direction. After it, every frame is
+//! [sealed](seal) with AES-256-GCM under a per-direction counter, and each
+//! frame body is one rkyv-archived [message](message), validated with
+//! bytecheck and bounded by [`Limits`] before use.
 //!
 //! Data moves through the modules like this:
 //!
 //! - [`frame`]: bytes ⇄ `(kind, body)`; tells "need more" from "invalid".
 //! - [`handshake`]: a pure, allocation-free state machine (bytes in, bytes
 //!   out) — unit-tested and fuzzed without sockets.
+//! - [`seal`]: seals and opens frames in place after the handshake.
 //! - [`message`]: `(kind, body)` ⇄ [`Message`], with validation and limits.
 //! - [`transport`]: the framed connection shared by [`Client`] and
 //!   [`Server`], which run on a [`Backend`]: [`IoUring`] (compio, the
@@ -76,6 +79,7 @@ pub mod client;
 pub mod frame;
 pub mod handshake;
 pub mod message;
+pub mod seal;
 pub mod server;
 pub mod shutdown;
 pub mod transport;
@@ -89,6 +93,7 @@ pub use message::{
     FoundRecord, Invalidate, InvalidateEntry, Limits, Message, MessageError, Ping, Pong, Sid,
     Stats, StatsRequest,
 };
+pub use seal::{Opener, SealError, Sealer, SessionKeys};
 pub use server::{Server, ServerConfig, ServerStats};
 pub use shutdown::{FireOnDrop, Shutdown};
 pub use transport::{Backoff, PeerInfo, SocketOptions, TransportError};

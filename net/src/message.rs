@@ -12,6 +12,7 @@ use rkyv::rancor;
 use rkyv::util::AlignedVec;
 
 use crate::frame::{self, Frame, FrameKind};
+use crate::seal::{SealError, Sealer, TAG_LEN};
 
 /// A session id: 128 random bits.
 pub type Sid = [u8; 16];
@@ -271,6 +272,18 @@ pub enum MessageError {
     Serialize(String),
 }
 
+/// Why a message could not be encoded into a sealed frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// The message is over a limit or does not serialize.
+    #[error(transparent)]
+    Message(#[from] MessageError),
+    /// The frame could not be sealed.
+    #[error(transparent)]
+    Seal(#[from] SealError),
+}
+
 fn over(what: &'static str, found: usize, limit: u32) -> Result<(), MessageError> {
     if found as u64 > u64::from(limit) {
         Err(MessageError::OverLimit {
@@ -512,9 +525,47 @@ impl Codec {
         &self.limits
     }
 
-    /// Appends `msg` as one frame to `out`, after checking it against the
-    /// limits (so the peer, sharing them, will accept it).
+    /// Appends `msg` as one checksummed (unsealed) frame to `out`, after
+    /// checking it against the limits (so the peer, sharing them, will
+    /// accept it). Connections send sealed frames: see
+    /// [`Codec::encode_sealed_into`].
     pub fn encode_into(&mut self, msg: &Message, out: &mut Vec<u8>) -> Result<(), MessageError> {
+        let scratch = self.serialize(msg, 0)?;
+        frame::encode_into(msg.kind(), &scratch, out);
+        self.scratch = scratch;
+        Ok(())
+    }
+
+    /// Appends `msg` as one frame sealed by `sealer` (its next counter) to
+    /// `out`, after checking it, tag included, against the limits. The body
+    /// is encrypted where it lies in `out`; returns the frame's length.
+    pub fn encode_sealed_into(
+        &mut self,
+        msg: &Message,
+        sealer: &mut Sealer,
+        out: &mut Vec<u8>,
+    ) -> Result<usize, EncodeError> {
+        let scratch = self.serialize(msg, TAG_LEN)?;
+        let start = out.len();
+        out.reserve(frame::HEADER_LEN + scratch.len() + TAG_LEN);
+        out.resize(start + frame::HEADER_LEN, 0);
+        out.extend_from_slice(&scratch);
+        self.scratch = scratch;
+        if let Err(e) = sealer.seal_frame(msg.kind(), out, start) {
+            out.truncate(start);
+            return Err(e.into());
+        }
+        Ok(out.len() - start)
+    }
+
+    /// Checks `msg` and archives it into the scratch buffer (taken out of
+    /// `self`: put it back), refusing a frame over the limit once
+    /// `overhead` bytes (a tag) are added to the body.
+    fn serialize(
+        &mut self,
+        msg: &Message,
+        overhead: usize,
+    ) -> Result<AlignedVec<ARCHIVE_ALIGN>, MessageError> {
         msg.check_limits(&self.limits)?;
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
@@ -532,7 +583,7 @@ impl Codec {
             Message::Stats(m) => rkyv::api::high::to_bytes_in::<_, rancor::Error>(m, scratch),
         };
         let scratch = result.map_err(|e| MessageError::Serialize(e.to_string()))?;
-        let frame_bytes = frame::HEADER_LEN + scratch.len();
+        let frame_bytes = frame::HEADER_LEN + scratch.len() + overhead;
         if frame_bytes as u64 > u64::from(self.limits.frame_bytes_max) {
             self.scratch = scratch;
             return Err(MessageError::OverLimit {
@@ -541,9 +592,7 @@ impl Codec {
                 limit: u64::from(self.limits.frame_bytes_max),
             });
         }
-        frame::encode_into(msg.kind(), &scratch, out);
-        self.scratch = scratch;
-        Ok(())
+        Ok(scratch)
     }
 
     /// Encodes `msg` as one frame into a new vector.

@@ -36,8 +36,10 @@ use std::time::{Duration, Instant};
 use futures_util::future::{Either, select};
 
 use crate::backend::{Backend, IoUring, Stream};
-use crate::handshake::{Handshake, Identity, RejectReason, Secret, reject_frame};
+use crate::frame::FrameKind;
+use crate::handshake::{Handshake, Identity, RejectReason, Secret, reject_body, reject_frame};
 use crate::message::{Codec, Limits, Message};
+use crate::seal::{Opener, Sealer};
 use crate::transport::{FrameReader, PeerInfo, SocketOptions, TransportError, drive_handshake, ms};
 
 /// Default for [`ServerConfig::connections_max`].
@@ -522,19 +524,24 @@ where
     };
     tracing::debug!(%addr, id = peer.identity.id, "peer authenticated");
     let idle = ms(cfg.idle_timeout_ms);
-    let result = serve_messages::<B, H>(shared, &stream, peer, idle).await;
-    if matches!(
-        result,
-        Err(TransportError::Frame(_) | TransportError::Message(_))
-    ) {
+    let mut sealer = established.keys.sealer();
+    let opener = established.keys.opener();
+    let result = serve_messages::<B, H>(shared, &stream, peer, idle, &mut sealer, opener).await;
+    if let Err(e) = &result
+        && e.is_protocol_error()
+    {
         bump(&stats.protocol_errors);
     }
     if let Err(TransportError::Frame(crate::frame::FrameError::UnknownKind { found })) = &result {
         // Say why before closing: the peer may be a newer build that sent
-        // something this one does not know (detail: the kind).
-        let (bytes, len) = reject_frame(RejectReason::Malformed, u32::from(*found)).into_parts();
-        let wait = ms(cfg.handshake_timeout_ms).min(Duration::from_secs(1));
-        let _ = B::timeout(wait, stream.write_small(bytes, len)).await;
+        // something this one does not know (detail: the kind). Sealed, as
+        // every frame after the handshake.
+        let mut reject = Vec::new();
+        let body = reject_body(RejectReason::Malformed, u32::from(*found));
+        if sealer.seal(FrameKind::Reject, &body, &mut reject).is_ok() {
+            let wait = ms(cfg.handshake_timeout_ms).min(Duration::from_secs(1));
+            let _ = B::timeout(wait, stream.write_all(reject)).await;
+        }
     }
     result
 }
@@ -650,12 +657,16 @@ async fn serve_messages<B: Backend, H>(
     stream: &B::Stream,
     peer: PeerInfo,
     idle: Duration,
+    sealer: &mut Sealer,
+    opener: Opener,
 ) -> Result<(), TransportError>
 where
     H: FnMut(PeerInfo, Message) -> Option<Message>,
 {
     let outbox = Outbox::new(shared.config.write_bytes_max as usize);
-    let reading = pin!(read_side::<B, H>(shared, stream, peer, &outbox));
+    let reading = pin!(read_side::<B, H>(
+        shared, stream, peer, &outbox, sealer, opener
+    ));
     let writing = pin!(write_side::<B>(stream, &outbox));
     let watchdog = pin!(idle_watchdog::<B>(&outbox, idle));
     match select(reading, select(writing, watchdog)).await {
@@ -670,20 +681,24 @@ async fn read_side<B: Backend, H>(
     stream: &B::Stream,
     peer: PeerInfo,
     outbox: &Outbox,
+    sealer: &mut Sealer,
+    opener: Opener,
 ) -> Result<(), TransportError>
 where
     H: FnMut(PeerInfo, Message) -> Option<Message>,
 {
     let limits = shared.config.limits;
     let write_max = shared.config.write_bytes_max as usize;
-    let mut reader = FrameReader::new(limits);
+    let mut reader = FrameReader::new(limits, opener);
     let mut codec = Codec::new(limits);
     loop {
         while let Some(msg) = reader.try_next()? {
             bump(&shared.stats.messages);
             let reply = (shared.handler.borrow_mut())(peer, msg);
             if let Some(reply) = reply {
-                codec.encode_into(&reply, &mut outbox.buf.borrow_mut())?;
+                // Sealed in the order the replies are queued, which is
+                // the order they are written: the counters stay in step.
+                codec.encode_sealed_into(&reply, sealer, &mut outbox.buf.borrow_mut())?;
                 Outbox::wake(&outbox.writer);
                 outbox.room(write_max).await;
             }

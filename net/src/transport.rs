@@ -7,9 +7,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::backend::{Backend, Stream};
-use crate::frame::{Frame, FrameError, FrameHeader, HEADER_LEN};
+use crate::frame::{FrameError, FrameHeader, HEADER_LEN};
 use crate::handshake::{Established, Handshake, HandshakeError, Identity};
-use crate::message::{Codec, Limits, Message, MessageError};
+use crate::message::{Codec, EncodeError, Limits, Message, MessageError};
+use crate::seal::{Opener, SealError, Sealer, SessionKeys};
 
 /// Bytes asked of the kernel per read when no bigger frame is pending.
 pub const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -98,6 +99,11 @@ pub enum TransportError {
     /// The peer sent bytes that are not a valid frame.
     #[error("invalid frame: {0}")]
     Frame(#[from] FrameError),
+    /// A frame after the handshake failed to open (tampered with,
+    /// replayed, reordered, dropped, from the other direction, under
+    /// another key), or could not be sealed.
+    #[error("sealed frame refused: {0}")]
+    Seal(SealError),
     /// The peer sent a frame whose body is not an acceptable message.
     #[error("invalid message: {0}")]
     Message(#[from] MessageError),
@@ -124,6 +130,37 @@ pub enum TransportError {
         /// The cap.
         in_flight_bytes_max: u64,
     },
+}
+
+impl From<SealError> for TransportError {
+    fn from(e: SealError) -> Self {
+        match e {
+            SealError::Frame(e) => TransportError::Frame(e),
+            e => TransportError::Seal(e),
+        }
+    }
+}
+
+impl From<EncodeError> for TransportError {
+    fn from(e: EncodeError) -> Self {
+        match e {
+            EncodeError::Message(e) => TransportError::Message(e),
+            EncodeError::Seal(e) => e.into(),
+        }
+    }
+}
+
+impl TransportError {
+    /// True when the peer sent bytes this side refuses: an invalid frame,
+    /// a frame that fails to open, an invalid message (counted as protocol
+    /// errors).
+    #[must_use]
+    pub fn is_protocol_error(&self) -> bool {
+        matches!(
+            self,
+            TransportError::Frame(_) | TransportError::Seal(_) | TransportError::Message(_)
+        )
+    }
 }
 
 /// Runs a handshake to completion over `stream`, reading exactly the bytes
@@ -163,9 +200,11 @@ pub(crate) async fn drive_handshake<S: Stream>(
 }
 
 /// The receiving half of a framed connection: a read buffer that grows only
-/// to the length of a frame whose header passed the limit check.
+/// to the length of a frame whose header passed the limit check, and the
+/// opener that decrypts each frame in place.
 pub(crate) struct FrameReader {
     codec: Codec,
+    opener: Opener,
     rbuf: Vec<u8>,
     rstart: usize,
     /// The last read left more bytes waiting in the socket (as far as the
@@ -174,9 +213,10 @@ pub(crate) struct FrameReader {
 }
 
 impl FrameReader {
-    pub(crate) fn new(limits: Limits) -> FrameReader {
+    pub(crate) fn new(limits: Limits, opener: Opener) -> FrameReader {
         FrameReader {
             codec: Codec::new(limits),
+            opener,
             rbuf: Vec::new(),
             rstart: 0,
             more_waiting: false,
@@ -195,7 +235,7 @@ impl FrameReader {
     /// The next complete message already buffered, if any.
     pub(crate) fn try_next(&mut self) -> Result<Option<Message>, TransportError> {
         let max = self.frame_bytes_max();
-        match Frame::decode(&self.rbuf[self.rstart..], max)? {
+        match self.opener.open(&mut self.rbuf[self.rstart..], max)? {
             Some((frame, used)) => {
                 let msg = self.codec.decode(&frame)?;
                 self.rstart += used;
@@ -212,9 +252,12 @@ impl FrameReader {
     /// Reads more bytes from `stream`. `Ok(false)` on a clean end of stream.
     pub(crate) async fn fill<S: Stream>(&mut self, stream: &S) -> Result<bool, TransportError> {
         let max = self.frame_bytes_max();
-        // Header already validated (decode returned need-more): size for it.
+        // Header already validated (open returned need-more): size for it.
         let need = match FrameHeader::parse(&self.rbuf[self.rstart..], max)? {
-            Some(h) => h.frame_len(),
+            Some(h) => {
+                self.opener.check_header(&h)?;
+                h.frame_len()
+            }
             None => HEADER_LEN,
         };
         if self.rstart > 0 {
@@ -244,20 +287,23 @@ impl FrameReader {
 }
 
 /// A framed, authenticated connection used by one task at a time: a
-/// [`FrameReader`], and a write buffer that coalesces frames until flushed.
+/// [`FrameReader`], and a write buffer that coalesces sealed frames until
+/// flushed.
 pub(crate) struct Conn<B: Backend> {
     pub(crate) stream: B::Stream,
     pub(crate) reader: FrameReader,
     pub(crate) codec: Codec,
+    pub(crate) sealer: Sealer,
     pub(crate) wbuf: Vec<u8>,
 }
 
 impl<B: Backend> Conn<B> {
-    pub(crate) fn new(stream: B::Stream, limits: Limits) -> Conn<B> {
+    pub(crate) fn new(stream: B::Stream, limits: Limits, keys: &SessionKeys) -> Conn<B> {
         Conn {
             stream,
-            reader: FrameReader::new(limits),
+            reader: FrameReader::new(limits, keys.opener()),
             codec: Codec::new(limits),
+            sealer: keys.sealer(),
             wbuf: Vec::new(),
         }
     }
@@ -294,11 +340,12 @@ impl<B: Backend> Conn<B> {
         more
     }
 
-    /// Appends `msg` to the write buffer; returns its encoded length.
+    /// Appends `msg`, sealed, to the write buffer; returns its encoded
+    /// length.
     pub(crate) fn queue(&mut self, msg: &Message) -> Result<usize, TransportError> {
-        let before = self.wbuf.len();
-        self.codec.encode_into(msg, &mut self.wbuf)?;
-        Ok(self.wbuf.len() - before)
+        Ok(self
+            .codec
+            .encode_sealed_into(msg, &mut self.sealer, &mut self.wbuf)?)
     }
 
     pub(crate) async fn flush(&mut self) -> Result<(), TransportError> {

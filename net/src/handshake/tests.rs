@@ -53,15 +53,41 @@ fn right_key_succeeds_byte_by_byte_and_whole() {
         let (ri, rr) = run(&mut i, &mut r, chunk);
         ri.unwrap();
         rr.unwrap();
-        assert_eq!(
-            i.established(),
-            Some(Established {
-                peer: B,
-                frame_bytes_max: 4096
-            })
-        );
-        assert_eq!(r.established().unwrap().peer, A);
+        let (ie, re) = (i.established().unwrap(), r.established().unwrap());
+        assert_eq!((ie.peer, ie.frame_bytes_max), (B, 4096));
+        assert_eq!((re.peer, re.frame_bytes_max), (A, 4096));
+        // Mirrored keys: what one side seals, the other opens.
+        assert_eq!(ie.keys.send, re.keys.recv);
+        assert_eq!(ie.keys.recv, re.keys.send);
+        assert_ne!(ie.keys.send, ie.keys.recv);
     }
+}
+
+#[test]
+fn frame_keys_are_fresh_per_connection_and_bound_to_the_secret() {
+    let keys = |secret: [u8; 32], nonce_i: [u8; 32], nonce_r: [u8; 32]| {
+        let s = Secret::from_bytes(secret);
+        let mut i = Handshake::initiator_with_nonce(&s, A, nonce_i);
+        let mut r = Handshake::responder_with_nonce(&s, B, 4096, nonce_r);
+        let (ri, rr) = run(&mut i, &mut r, 96);
+        ri.unwrap();
+        rr.unwrap();
+        i.established().unwrap().keys
+    };
+    let base = keys([7; 32], [1; 32], [2; 32]);
+    // The same inputs give the same keys (both sides compute them alone).
+    assert_eq!(base.send, keys([7; 32], [1; 32], [2; 32]).send);
+    // Any change of nonce or secret gives others.
+    for other in [
+        keys([7; 32], [3; 32], [2; 32]),
+        keys([7; 32], [1; 32], [3; 32]),
+        keys([8; 32], [1; 32], [2; 32]),
+    ] {
+        assert_ne!(base.send, other.send);
+        assert_ne!(base.recv, other.recv);
+    }
+    // Not the secret itself.
+    assert_ne!(base.send, [7; 32]);
 }
 
 #[test]
@@ -98,18 +124,19 @@ fn wrong_version_is_named() {
     let s = Secret::from_bytes([3; 32]);
     let mut i = Handshake::initiator(&s, A).unwrap();
     let mut hello = i.take_output().unwrap().as_bytes().to_vec();
-    hello[2] = 9;
+    // A version 1 peer (frames in the clear after the handshake).
+    hello[2] = 1;
     let mut r = Handshake::responder(&s, B, 4096).unwrap();
     assert!(matches!(
         r.receive(&hello),
-        Err(HandshakeError::VersionMismatch { theirs: 9 })
+        Err(HandshakeError::VersionMismatch { theirs: 1 })
     ));
     let reject = r.take_output().unwrap();
     assert!(matches!(
         i.receive(reject.as_bytes()),
         Err(HandshakeError::Rejected {
             reason: RejectReason::Version,
-            detail: 1
+            detail: 2
         })
     ));
 }

@@ -1221,7 +1221,7 @@ fn a_flood_of_unauthenticated_peers_does_not_lock_hosts_out() {
     assert!(updates > 1000, "only {updates} updates went through");
     assert!(st.nodes[0].up, "the link went down: {st:?}");
     assert!(
-        st.lag_p99_us < 1_000_000,
+        st.lag_p99_us < 2_000_000,
         "lag p99 {} µs under the flood",
         st.lag_p99_us
     );

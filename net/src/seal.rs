@@ -173,18 +173,13 @@ fn nonce(counter: u64) -> Nonce {
     Nonce::assume_unique_for_key(n)
 }
 
-/// Seals the frames one direction sends, counting them.
+/// Seals the frames one direction sends, counting them. (`Debug` shows
+/// the key's algorithm only, never the key: ring's `LessSafeKey` prints no
+/// more.)
+#[derive(Debug)]
 pub struct Sealer {
     key: LessSafeKey,
     next: u64,
-}
-
-impl fmt::Debug for Sealer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Sealer")
-            .field("next", &self.next)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Sealer {
@@ -264,18 +259,12 @@ impl Sealer {
     }
 }
 
-/// Opens the frames one direction receives, in order.
+/// Opens the frames one direction receives, in order (`Debug` as for
+/// [`Sealer`]).
+#[derive(Debug)]
 pub struct Opener {
     key: LessSafeKey,
     next: u64,
-}
-
-impl fmt::Debug for Opener {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Opener")
-            .field("next", &self.next)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Opener {

@@ -24,6 +24,9 @@ const WORKERS: usize = 3;
 /// own, so sessions do not outgrow their quota however long the run.
 const ROUND: usize = 20;
 
+#[path = "support/run.rs"]
+mod run;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
@@ -32,7 +35,7 @@ fn main() {
         Some("pinner") => return pinner(&args[2..]),
         _ => {}
     }
-    let tests: [(&str, fn()); 5] = [
+    let tests: Vec<(&'static str, fn())> = vec![
         ("exact_under_contention", exact_under_contention),
         ("random_kills", random_kills),
         ("kill_all_then_reopen_file", kill_all_then_reopen_file),
@@ -45,19 +48,7 @@ fn main() {
             dead_pinner_full_ring_then_kill_the_retirer,
         ),
     ];
-    let mut run = libtest_mimic::Arguments::from_args();
-    // One at a time: each test runs several processes of its own.
-    run.test_threads.get_or_insert(1);
-    let trials = tests
-        .into_iter()
-        .map(|(name, f)| {
-            libtest_mimic::Trial::test(name, move || {
-                f();
-                Ok(())
-            })
-        })
-        .collect();
-    libtest_mimic::run(&run, trials).exit();
+    run::run_tests(tests, true);
 }
 
 // ----- the worker process -------------------------------------------------

@@ -23,13 +23,16 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "support/run.rs"]
+mod run;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("fill") {
         return fill(Path::new(&args[2]));
     }
     private_mounts();
-    let tests: [(&str, fn()); 3] = [
+    let tests: Vec<(&'static str, fn())> = vec![
         (
             "too_big_is_refused_and_the_error_says_what_to_do",
             too_big_is_refused_and_the_error_says_what_to_do,
@@ -43,17 +46,7 @@ fn main() {
             a_sparse_arena_is_reserved_or_refused_at_open,
         ),
     ];
-    let run = libtest_mimic::Arguments::from_args();
-    let trials = tests
-        .into_iter()
-        .map(|(name, f)| {
-            libtest_mimic::Trial::test(name, move || {
-                f();
-                Ok(())
-            })
-        })
-        .collect();
-    libtest_mimic::run(&run, trials).exit();
+    run::run_tests(tests, false);
 }
 
 const MIB: u64 = 1 << 20;

@@ -29,6 +29,9 @@ use sessio_remote::{Durability, HostConfig, HostError, Sessions, SweepConfig};
 
 const SECRET: [u8; 32] = [4; 32];
 
+#[path = "../../engine/tests/support/run.rs"]
+mod run;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("reader") {
@@ -37,7 +40,7 @@ fn main() {
     if !IoUring::available() {
         eprintln!("io_uring is unavailable here: these tests run on epoll");
     }
-    let tests: [(&str, fn()); 8] = [
+    let tests: Vec<(&'static str, fn())> = vec![
         (
             "a_miss_fetches_once_for_all_threads",
             a_miss_fetches_once_for_all_threads,
@@ -68,19 +71,7 @@ fn main() {
             a_taken_over_copy_leaves_its_old_host,
         ),
     ];
-    let mut run = libtest_mimic::Arguments::from_args();
-    // One at a time: each starts a bank and hosts of its own.
-    run.test_threads.get_or_insert(1);
-    let trials = tests
-        .into_iter()
-        .map(|(name, f)| {
-            libtest_mimic::Trial::test(name, move || {
-                f();
-                Ok(())
-            })
-        })
-        .collect();
-    libtest_mimic::run(&run, trials).exit();
+    run::run_tests(tests, true);
 }
 
 /// A bank of `n` nodes on this process's threads.

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sessio_engine::{NewSession, Op, Sid};
+use sessio_engine::{NewSession, Op, SessionError, Sid};
 use sessio_remote::{Durability, HostConfig, HostError, Sessions};
 
 /// How a web server uses its host's sessions.
@@ -152,8 +152,23 @@ impl WebHost {
         ops: &[Op],
         durability: Durability,
     ) -> Result<u64, HostError> {
-        self.ensure_local(sid).await?;
-        let version = self.with(|s| s.update(sid, ops, Durability::Local))??;
+        // The arena's own update: on a miss it fails at once, and the fetch
+        // runs off the async workers (the host API's `update` would fetch
+        // right here, blocking this thread). A hit costs no extra read.
+        let apply = || {
+            self.with(|s| s.arena().update(sid, ops))?
+                .map_err(HostError::from)
+        };
+        let version = match apply() {
+            Err(HostError::Session(SessionError::NotFound)) => {
+                self.ensure_local(sid).await?;
+                apply().map_err(|e| match e {
+                    HostError::Session(SessionError::NotFound) => HostError::NotFound,
+                    e => e,
+                })?
+            }
+            r => r?,
+        };
         if let Durability::Replicated { timeout } = durability {
             self.wait_replicated(sid, version, timeout).await?;
         }

@@ -306,12 +306,11 @@ impl Session {
         let ops = std::mem::take(&mut *Self::lock(&self.state.ops));
         let durability = *Self::lock(&self.state.durability);
         if ops.is_empty() {
-            return Ok(self.read(|d| d.map(|_| ())).map_or(0, |()| {
-                self.state
-                    .host
-                    .with(|s| s.arena().read(sid).map_or(0, |g| g.version()))
-                    .unwrap_or(0)
-            }));
+            // Nothing to write: the version as it stands (0: gone).
+            return Ok(self
+                .state
+                .host
+                .with(|s| s.arena().read(sid).map_or(0, |g| g.version()))?);
         }
         Ok(self.state.host.update(sid, &ops, durability).await?)
     }

@@ -15,6 +15,7 @@ use std::fs::File;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
+mod bell;
 mod collect;
 mod combine;
 mod expiry;
@@ -29,6 +30,7 @@ mod replica;
 #[cfg(test)]
 mod test_support;
 
+pub use bell::DirtyBell;
 pub use collect::{CollectError, CollectReport};
 use combine::HeapNodes;
 pub use host::{FetchClaim, FetchGuard};
@@ -71,8 +73,11 @@ pub struct Arena {
     scratch: RefCell<Vec<u32>>,
     ser: RefCell<rkyv::util::AlignedVec>,
     sweep_cursor: Cell<u64>,
+    /// The top-level summary word `take_dirty` starts at.
     dirty_cursor: Cell<u64>,
-    /// When `take_dirty` last scanned the whole bitmap.
+    /// The bitmap word the next sweep of `take_dirty` starts at.
+    dirty_sweep: Cell<u64>,
+    /// When `take_dirty` last swept a slice of the bitmap itself.
     dirty_scanned: Cell<std::time::Instant>,
     recovered: Option<RecoveryReport>,
     _not_sync: PhantomData<Cell<()>>,

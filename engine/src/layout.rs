@@ -3,7 +3,7 @@
 //! `docs/ARCHITECTURE.md`.
 //!
 //! ```text
-//! | header (4 KiB) | participants | index slots | dirty bitmap | chunk map | heap |
+//! | header (4 KiB) | participants | index slots | dirty bitmap + summaries | chunk map | heap |
 //! ```
 //!
 //! Only fixed-width integers and atomics live here: no `usize`, no pointers.
@@ -16,7 +16,7 @@ use std::mem::size_of;
 /// First eight bytes of every arena.
 pub(crate) const MAGIC: [u8; 8] = *b"SESSIO\x00A";
 /// Bumped whenever a layout below changes meaning.
-pub(crate) const FORMAT_VERSION: u32 = 3;
+pub(crate) const FORMAT_VERSION: u32 = 4;
 /// Bytes of the header page.
 pub(crate) const HEADER_BYTES: u64 = 4096;
 /// The heap's allocation unit; every block starts on a multiple of it.
@@ -94,13 +94,47 @@ pub(crate) struct Header {
     pub removals_dropped: AtomicU64,
     /// Copies evicted because another host took their session over.
     pub evicted_total: AtomicU64,
-    /// Set when a dirty bit is set, cleared by the replicator before it
-    /// scans the bitmap: an idle replicator looks at one word, not the
-    /// whole bitmap. 0 in arenas made before it existed, which only costs
-    /// their first scan.
-    pub dirty_hint: AtomicU64,
+    /// [`HINT_SET`] when a dirty bit is set, cleared by the replicator
+    /// before it walks the bitmap: an idle replicator looks at one word.
+    /// [`HINT_ASLEEP`] while a replicator waits on it (a futex) for the
+    /// next dirty bit; [`HINT_CLEAR`] otherwise.
+    pub dirty_hint: AtomicU32,
+    pub _hint_pad: u32,
 }
 const _: () = assert!(size_of::<Header>() as u64 <= HEADER_BYTES);
+
+/// [`Header::dirty_hint`]: nothing marked since the replicator's last take.
+pub(crate) const HINT_CLEAR: u32 = 0;
+/// [`Header::dirty_hint`]: something was marked.
+pub(crate) const HINT_SET: u32 = 1;
+/// [`Header::dirty_hint`]: nothing marked, and a replicator sleeps until
+/// something is: the process that marks wakes it.
+pub(crate) const HINT_ASLEEP: u32 = 2;
+
+/// Levels of the dirty bitmap: the bits (one per index slot), then two
+/// summaries, each with one bit per word of the level below, so a take
+/// walks a few words whatever the capacity.
+pub(crate) const DIRTY_LEVELS: usize = 3;
+
+/// Words of each level of the dirty bitmap of an index of `index_slots`.
+pub(crate) fn dirty_level_words(index_slots: u64) -> [u64; DIRTY_LEVELS] {
+    let bits = index_slots / 64;
+    let first = bits.div_ceil(64);
+    [bits, first, first.div_ceil(64)]
+}
+
+/// Byte offset of each level of the dirty bitmap from its start; each
+/// level starts on a cache line.
+pub(crate) fn dirty_level_offs(index_slots: u64) -> ([u64; DIRTY_LEVELS], u64) {
+    let words = dirty_level_words(index_slots);
+    let mut offs = [0; DIRTY_LEVELS];
+    let mut at = 0;
+    for (o, w) in offs.iter_mut().zip(words) {
+        *o = at;
+        at += (w * 8).next_multiple_of(64);
+    }
+    (offs, at)
+}
 
 /// Fetches from the bank one host can have in progress under a claim.
 pub(crate) const FETCH_CLAIMS: usize = 62;
@@ -374,7 +408,7 @@ impl Geometry {
             + PARTICIPANTS_MAX as u64 * size_of::<Participant>() as u64)
             .next_multiple_of(4096);
         let dirty_off = index_off + index_slots * 64;
-        let chunk_map_off = dirty_off + (index_slots / 8).next_multiple_of(64);
+        let chunk_map_off = dirty_off + dirty_level_offs(index_slots).1;
         let heap_off = (chunk_map_off + chunks).next_multiple_of(align.max(4096));
         let total_bytes = (heap_off + chunks * chunk_bytes).next_multiple_of(align.max(4096));
         let classes = class_sizes(chunk_bytes);

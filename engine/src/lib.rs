@@ -80,8 +80,8 @@ mod space;
 
 #[cfg(not(loom))]
 pub use arena::{
-    Arena, ArenaStats, CollectError, CollectReport, Delta, Dirty, FetchClaim, FetchGuard,
-    NewSession, ReadGuard, RecoveryReport, SweepStats,
+    Arena, ArenaStats, CollectError, CollectReport, Delta, Dirty, DirtyBell, FetchClaim,
+    FetchGuard, NewSession, ReadGuard, RecoveryReport, SweepStats,
 };
 pub use error::{OpenError, SessionError};
 #[cfg(not(loom))]

@@ -4,8 +4,9 @@
 
 use crate::error::OpenError;
 use crate::layout::{
-    BLOCK, BlockHeader, BlockStart, CHUNK_UNASSIGNED, FORMAT_VERSION, Geometry, HEADER_BYTES,
-    Header, IndexSlot, MAGIC, PARTICIPANTS_MAX, Participant,
+    BLOCK, BlockHeader, BlockStart, CHUNK_UNASSIGNED, DIRTY_LEVELS, FORMAT_VERSION, Geometry,
+    HEADER_BYTES, Header, IndexSlot, MAGIC, PARTICIPANTS_MAX, Participant, dirty_level_offs,
+    dirty_level_words,
 };
 use crate::sync::{AtomicU8, AtomicU64, Ordering};
 use memmap2::{MmapOptions, MmapRaw};
@@ -105,6 +106,8 @@ pub(crate) struct Map {
     pub(crate) huge: bool,
     /// A file description used only to query other handles' locks.
     probe: File,
+    /// Where each level of the dirty bitmap starts, and its words.
+    dirty_levels: [(u64, u64); DIRTY_LEVELS],
 }
 
 // SAFETY: the mapping is shared memory accessed only through atomics and
@@ -449,12 +452,16 @@ impl Map {
         // An arena made sparse (by an older build) is reserved now, or
         // refused, before this process touches a page of it.
         crate::space::reserve(&file, path, len)?;
+        let (offs, _) = dirty_level_offs(geo.index_slots);
+        let words = dirty_level_words(geo.index_slots);
+        let dirty_levels = std::array::from_fn(|l| (geo.dirty_off + offs[l], words[l]));
         Ok(Map {
             raw,
             geo,
             path: path.to_path_buf(),
             huge: align == HUGE,
             probe: file,
+            dirty_levels,
         })
     }
 
@@ -504,9 +511,28 @@ impl Map {
     /// The dirty bitmap word `w` (64 slots).
     #[inline]
     pub(crate) fn dirty_word(&self, w: u64) -> &AtomicU64 {
-        assert!(w < self.geo.index_slots / 64, "dirty word {w} out of range");
-        // SAFETY: inside the bitmap, which starts 64-byte aligned.
-        unsafe { self.table(self.geo.dirty_off + w * 8) }
+        self.dirty_level_word(0, w)
+    }
+
+    /// Word `w` of level `level` of the dirty bitmap: level 0 has a bit per
+    /// index slot, each level above a bit per word of the one below.
+    #[inline]
+    pub(crate) fn dirty_level_word(&self, level: usize, w: u64) -> &AtomicU64 {
+        let (off, words) = self.dirty_levels[level];
+        assert!(w < words, "dirty word {w} of level {level} out of range");
+        // SAFETY: inside the level, which starts 64-byte aligned.
+        unsafe { self.table(off + w * 8) }
+    }
+
+    /// Words of level `level` of the dirty bitmap.
+    #[inline]
+    pub(crate) fn dirty_level_len(&self, level: usize) -> u64 {
+        self.dirty_levels[level].1
+    }
+
+    /// The dirty hint word's address, for futex calls.
+    pub(crate) fn dirty_hint_ptr(&self) -> *const u32 {
+        self.header().dirty_hint.as_ptr().cast_const()
     }
 
     /// The chunk map entry of chunk `c`.

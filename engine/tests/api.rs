@@ -628,3 +628,112 @@ fn evict_older_removes_only_copies_under_an_older_epoch() {
     assert!(!a.evict_older(sid, 9).unwrap());
     assert!(!a.evict_older(Sid::random(), 9).unwrap());
 }
+
+/// Every taken SID, as a set; panics on a SID taken twice in one pass.
+fn take_all(a: &Arena, max: usize) -> (std::collections::HashSet<Sid>, usize) {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    let mut takes = 0;
+    loop {
+        a.take_dirty(max, &mut out);
+        takes += 1;
+        assert!(
+            out.len() <= max,
+            "a take of {} past its max {max}",
+            out.len()
+        );
+        if out.is_empty() {
+            return (seen, takes);
+        }
+        for d in &out {
+            let sid = match d {
+                Dirty::Changed { sid, .. } | Dirty::Removed { sid } => *sid,
+            };
+            assert!(seen.insert(sid), "{sid} taken twice");
+        }
+        assert!(takes < 100_000, "takes never ran dry");
+    }
+}
+
+#[test]
+fn dirty_takes_walk_the_summaries_and_lose_nothing_when_cut_short() {
+    let t = TempArena::new("summaries");
+    // 512 Ki index slots: 8192 bitmap words under 128 and 2 summary words.
+    let a = t.open(&ArenaConfig {
+        heap_bytes: 32 << 20,
+        ..ArenaConfig::for_sessions(300_000, 64)
+    });
+    let sids: Vec<Sid> = (0..3000u32)
+        .map(|i| {
+            a.create(NewSession::default(), &[("n", &i.to_le_bytes())])
+                .unwrap()
+        })
+        .collect();
+    // Cut short at every 7th: the rest stays marked, summaries included.
+    let (seen, takes) = take_all(&a, 7);
+    let all: std::collections::HashSet<Sid> = sids.iter().copied().collect();
+    assert_eq!(seen, all, "every creation once");
+    assert!(takes <= 3000 / 7 + 2, "{takes} takes for 3000 at 7 each");
+    let (again, _) = take_all(&a, 7);
+    assert!(
+        again.is_empty(),
+        "taking clears the marks: {} again",
+        again.len()
+    );
+    // A few scattered changes: exactly those.
+    let picked: std::collections::HashSet<Sid> = sids.iter().step_by(577).copied().collect();
+    for &sid in &picked {
+        a.update(sid, &[set("n", b"x")]).unwrap();
+    }
+    a.invalidate(sids[1]).unwrap();
+    let (seen, _) = take_all(&a, usize::MAX);
+    let mut want = picked.clone();
+    want.insert(sids[1]);
+    assert_eq!(seen, want);
+}
+
+#[test]
+fn a_sleeping_replicator_is_woken_by_the_next_mark_of_another_handle() {
+    let t = TempArena::new("bell");
+    let a = t.open(&small_config());
+    let sid = a.create(NewSession::default(), &[]).unwrap();
+    assert!(!a.dirty_sleep(), "something is marked: take it first");
+    let mut out = Vec::new();
+    a.take_dirty(100, &mut out);
+    assert_eq!(out.len(), 1);
+    assert!(a.dirty_sleep(), "nothing marked: asleep");
+    let bell = a.dirty_bell();
+    assert!(bell.asleep());
+    // Nothing marked: the wait runs out its time.
+    let t0 = std::time::Instant::now();
+    bell.wait(std::time::Duration::from_millis(100));
+    assert!(t0.elapsed() >= std::time::Duration::from_millis(100));
+    assert!(bell.asleep());
+    // Another handle (its own mapping) marks: the waiter wakes at once.
+    let loc = t.loc.clone();
+    let waiter = std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        bell.wait(std::time::Duration::from_secs(30));
+        (t0.elapsed(), bell.asleep())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let other = Arena::open_existing(&loc).unwrap();
+    other.update(sid, &[set("a", b"1")]).unwrap();
+    let (waited, asleep) = waiter.join().unwrap();
+    assert!(!asleep, "the mark set the hint");
+    assert!(
+        waited < std::time::Duration::from_secs(10),
+        "woken by the mark, not the timeout: {waited:?}"
+    );
+    a.take_dirty(100, &mut out);
+    assert!(matches!(
+        out.as_slice(),
+        [Dirty::Changed { version: 2, .. }]
+    ));
+    // `ring` wakes it with nothing marked; the take finds nothing.
+    assert!(a.dirty_sleep());
+    a.dirty_bell().ring();
+    assert!(!a.dirty_bell().asleep());
+    a.take_dirty(100, &mut out);
+    assert!(out.is_empty());
+}

@@ -115,6 +115,7 @@ impl Arena {
             ser: RefCell::new(rkyv::util::AlignedVec::new()),
             sweep_cursor: Cell::new(0),
             dirty_cursor: Cell::new(0),
+            dirty_sweep: Cell::new(0),
             dirty_scanned: Cell::new(std::time::Instant::now()),
             recovered: None,
             _not_sync: PhantomData,

@@ -4,7 +4,7 @@
 
 use super::{Arena, SPINS_BEFORE_LIVENESS};
 use crate::error::SessionError;
-use crate::layout::{BLOCK, IndexSlot, PARTICIPANTS_MAX, RecordHeader};
+use crate::layout::{BLOCK, DIRTY_LEVELS, IndexSlot, PARTICIPANTS_MAX, RecordHeader};
 use crate::lock;
 use crate::queue::{self, EMPTY};
 use crate::sid::Sid;
@@ -220,18 +220,23 @@ impl Arena {
             && self.map.dirty_word(i / 64).load(Ordering::Acquire) & (1 << (i % 64)) != 0
     }
 
+    /// Sets slot `slot`'s dirty bit, then its bit in each summary above,
+    /// then the hint. A replicator clears them top down (hint, summaries,
+    /// bits), so whatever it cleared before one of these stores it finds
+    /// after the next. A summary bit already set is left alone: the
+    /// replicator clears it before it looks at the word below, so the bit
+    /// set there first is seen.
     pub(super) fn mark_dirty(&self, slot: u64) {
-        self.map
-            .dirty_word(slot / 64)
-            .fetch_or(1 << (slot % 64), Ordering::SeqCst);
-        // After the bit: a replicator that cleared the hint before this
-        // load scans after it and finds the bit; one that clears it later
-        // finds the hint set. The store is skipped while the hint is up,
-        // so a busy arena does not bounce the line.
-        let hint = &self.header().dirty_hint;
-        if hint.load(Ordering::SeqCst) == 0 {
-            hint.store(1, Ordering::SeqCst);
+        let mut i = slot;
+        for level in 0..DIRTY_LEVELS {
+            let word = self.map.dirty_level_word(level, i / 64);
+            let bit = 1 << (i % 64);
+            if level == 0 || word.load(Ordering::SeqCst) & bit == 0 {
+                word.fetch_or(bit, Ordering::SeqCst);
+            }
+            i /= 64;
         }
+        self.raise_hint();
     }
 
     /// Turns the tombstone run ending at `i` into empty slots when the slot

@@ -3,42 +3,77 @@
 
 use super::{Arena, Delta, Dirty, rec_off};
 use crate::error::SessionError;
+use crate::layout::{DIRTY_LEVELS, HINT_CLEAR, HINT_SET};
 use crate::queue;
 use crate::sid::Sid;
 use crate::sync::Ordering;
 use crate::words::{SLOT_EMPTY, SLOT_LIVE, SLOT_TOMB, ack_unpack, ack_word, slot_kind};
 
-/// Longest time between two full scans of the dirty bitmap by
-/// [`Arena::take_dirty`], hint or not.
-const DIRTY_SCAN_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+/// How often [`Arena::take_dirty`] sweeps a slice of the bitmap itself,
+/// hint or not, and how many words a slice holds. A process killed between
+/// a dirty bit and its summaries (or its hint) leaves a bit no summary
+/// leads to: a sweep finds it within `index_slots / 64 / DIRTY_SWEEP_WORDS`
+/// sweeps (0.1 s up to 256 Ki slots, 6.4 s at 16 Mi).
+const DIRTY_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+const DIRTY_SWEEP_WORDS: u64 = 4096;
 
 impl Arena {
     /// Collects up to `max` sessions changed since they were last taken,
     /// skipping (and keeping marked) those whose queue is not drained yet;
     /// queues left behind by a dead process are applied here.
+    ///
+    /// The work does not grow with the capacity: with the hint down it
+    /// reads one word, and with it up it walks the summaries down to the
+    /// marked words only (see `docs/ARCHITECTURE.md`, "Dirty bitmap").
     pub fn take_dirty(&self, max: usize, out: &mut Vec<Dirty>) {
         out.clear();
-        // Nothing was marked since the last complete take: no scan. A
-        // process killed between a bit and its hint (or an arena older
-        // than the hint) leaves a bit without one: a full scan at least
-        // every `DIRTY_SCAN_EVERY` finds it.
-        let hinted = self.header().dirty_hint.swap(0, Ordering::SeqCst) != 0;
-        if !hinted && self.dirty_scanned.get().elapsed() < DIRTY_SCAN_EVERY {
-            return;
-        }
-        self.dirty_scanned.set(std::time::Instant::now());
-        let words = self.map.geo.index_slots / 64;
-        let mut w = self.dirty_cursor.get() % words;
-        for _ in 0..words {
-            if out.len() >= max {
-                break;
+        if self.header().dirty_hint.swap(HINT_CLEAR, Ordering::SeqCst) == HINT_SET {
+            let top = DIRTY_LEVELS - 1;
+            let words = self.map.dirty_level_len(top);
+            let from = self.dirty_cursor.get() % words;
+            for k in 0..words {
+                let w = (from + k) % words;
+                if self.take_level(top, w, max, out) {
+                    // Stopped full: this word keeps what is left.
+                    self.dirty_cursor.set(w);
+                    break;
+                }
             }
-            let bits = self.map.dirty_word(w).swap(0, Ordering::SeqCst);
-            let mut rest = bits;
-            while rest != 0 {
-                let b = u64::from(rest.trailing_zeros());
-                rest &= rest - 1;
-                let i = w * 64 + b;
+        }
+        if out.len() < max && self.dirty_scanned.get().elapsed() >= DIRTY_SWEEP_EVERY {
+            self.dirty_scanned.set(std::time::Instant::now());
+            let words = self.map.dirty_level_len(0);
+            let mut w = self.dirty_sweep.get() % words;
+            for _ in 0..DIRTY_SWEEP_WORDS.min(words) {
+                if self.take_level(0, w, max, out) {
+                    break;
+                }
+                w = (w + 1) % words;
+            }
+            self.dirty_sweep.set(w);
+        }
+        if out.len() >= max {
+            // Stopped early: what is left is still marked.
+            self.header().dirty_hint.store(HINT_SET, Ordering::SeqCst);
+        }
+    }
+
+    /// Takes what word `w` of level `level` leads to, clearing it first.
+    /// Returns whether `out` filled up: what was not taken is marked again
+    /// (a slot through [`Arena::mark_dirty`]; the bits of a summary word
+    /// here, and its own bit above by the caller, lowest level first).
+    fn take_level(&self, level: usize, w: u64, max: usize, out: &mut Vec<Dirty>) -> bool {
+        let word = self.map.dirty_level_word(level, w);
+        // Most words are clear: a load leaves their cache line shared.
+        if word.load(Ordering::SeqCst) == 0 {
+            return out.len() >= max;
+        }
+        let mut rest = word.swap(0, Ordering::SeqCst);
+        while rest != 0 {
+            let b = u64::from(rest.trailing_zeros());
+            rest &= rest - 1;
+            let i = w * 64 + b;
+            if level == 0 {
                 if out.len() >= max {
                     self.mark_dirty(i);
                     continue;
@@ -47,16 +82,12 @@ impl Arena {
                     Some(d) => out.push(d),
                     None => self.mark_dirty(i),
                 }
-            }
-            if out.len() < max {
-                w = (w + 1) % words;
+            } else if out.len() >= max || self.take_level(level - 1, i, max, out) {
+                word.fetch_or(1 << b | rest, Ordering::SeqCst);
+                return true;
             }
         }
-        self.dirty_cursor.set(w);
-        if out.len() >= max {
-            // Stopped early: what is left is still marked.
-            self.header().dirty_hint.store(1, Ordering::SeqCst);
-        }
+        out.len() >= max
     }
 
     pub(super) fn dirty_entry(&self, i: u64) -> Option<Dirty> {

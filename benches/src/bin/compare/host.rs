@@ -49,13 +49,13 @@ const REPLICATED_TIMEOUT: Duration = Duration::from_secs(1);
 const SET_BYTES: usize = 32;
 
 /// Replica nodes on threads of this process, stopped when dropped.
-struct Bank {
+pub struct Bank {
     nodes: Vec<LocalNode>,
-    placement: Placement,
+    pub placement: Placement,
 }
 
 impl Bank {
-    fn start(n: u16, replicas: usize) -> Result<Bank, BoxError> {
+    pub fn start(n: u16, replicas: usize) -> Result<Bank, BoxError> {
         let nodes = (1..=n)
             .map(|id| {
                 LocalNode::start::<IoUring>(

@@ -20,7 +20,9 @@
 //!
 //! and two workloads of the host API alone (no peer; see `host.rs`):
 //! `forged` (what made-up SIDs at 10k/s cost the bank) and `durability`
-//! (update latency with `Durability::Local` and `Replicated`).
+//! (update latency with `Durability::Local` and `Replicated`), and one of
+//! the replicator alone, `idle` (its CPU with nothing to ship, and per
+//! update shipped, against the arena's capacity; see `idle.rs`).
 //!
 //! plus the scaling curves (read latency against sessions in the arena;
 //! transport and replication throughput against batch size), drawn into
@@ -31,7 +33,7 @@
 //! Every load loop stops at a count or a time limit, whichever comes first.
 //! Environment: `SESSIO_BENCH_MAX_SESSIONS` caps the read curve (default
 //! 10 000 000; `--quick` stops at 1M); `SESSIO_COMPARE_ONLY` (comma list of
-//! `read,update,transport,replication,failover,forged,durability`) runs only
+//! `read,update,transport,replication,failover,forged,durability,idle`) runs only
 //! those workloads, e.g. under a profiler, and then leaves the docs alone;
 //! the peers are started only when one of the selected workloads needs them.
 
@@ -40,6 +42,7 @@
 #![allow(clippy::cast_precision_loss)]
 
 mod host;
+mod idle;
 mod node;
 mod peers;
 mod report;
@@ -235,7 +238,7 @@ fn compare(run: &Run) -> Result<(), BoxError> {
         }
     }
     drop(peers);
-    if run.part("forged") || run.part("durability") {
+    if run.part("forged") || run.part("durability") || run.part("idle") {
         match node::uring_available() {
             Ok(()) => {
                 if run.part("forged") {
@@ -244,9 +247,12 @@ fn compare(run: &Run) -> Result<(), BoxError> {
                 if run.part("durability") {
                     host::durability(run, &mut rep)?;
                 }
+                if run.part("idle") {
+                    idle::idle(run, &mut rep)?;
+                }
             }
             Err(e) => rep.note(format!(
-                "io_uring unavailable ({e}): forged and durability skipped"
+                "io_uring unavailable ({e}): forged, durability and idle skipped"
             )),
         }
     }

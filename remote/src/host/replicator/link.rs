@@ -136,13 +136,20 @@ pub(super) async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorSta
         if taken > 0 {
             last_work = now;
         }
+        if taken == 0
+            && now.duration_since(last_work) >= QUICK_AFTER_WORK
+            && ctx.state.borrow().nothing_in_flight()
+        {
+            // Idle, with no batch to watch for slowness: sleep until a
+            // process marks a session dirty (see `watch`).
+            ctx.watch.doze::<B>(ctx.arena).await;
+            continue;
+        }
         let next = if taken >= QUICK_TICK_MAX_TAKEN {
             interval
         } else if now.duration_since(last_work) < QUICK_AFTER_WORK {
             quick
         } else {
-            // Idle for a while: the plain interval, so an idle host's
-            // replicator wakes no more than it used to.
             interval
         };
         B::sleep(next).await;

@@ -56,6 +56,7 @@ mod link;
 mod state;
 #[cfg(test)]
 mod tests;
+mod watch;
 
 pub use state::{LAG_BUCKETS, Lag};
 
@@ -240,6 +241,8 @@ pub struct Replicator {
     stop: Arc<AtomicBool>,
     stats: Arc<Mutex<ReplicatorStats>>,
     thread: Option<JoinHandle<()>>,
+    watch: Arc<watch::Watch>,
+    doorbell: Option<JoinHandle<()>>,
 }
 
 impl Replicator {
@@ -260,24 +263,27 @@ impl Replicator {
     ) -> Result<Replicator, ReplicatorError> {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Mutex::new(ReplicatorStats::default()));
+        let (watch, doorbell) =
+            watch::Watch::start(&arena, Arc::clone(&stop)).map_err(ReplicatorError::Thread)?;
+        let mut r = Replicator {
+            stop: Arc::clone(&stop),
+            stats: Arc::clone(&stats),
+            thread: None,
+            watch: Arc::clone(&watch),
+            doorbell: Some(doorbell),
+        };
         let thread = std::thread::Builder::new()
             .name("sessio-replicator".into())
-            .spawn({
-                let (stop, stats) = (Arc::clone(&stop), Arc::clone(&stats));
-                move || {
-                    if !config.force_epoll && IoUring::available() {
-                        run::<IoUring>(arena, &config, &stop, &stats);
-                    } else {
-                        run::<Epoll>(arena, &config, &stop, &stats);
-                    }
+            .spawn(move || {
+                if !config.force_epoll && IoUring::available() {
+                    run::<IoUring>(arena, &config, &stop, &stats, &watch);
+                } else {
+                    run::<Epoll>(arena, &config, &stop, &stats, &watch);
                 }
             })
             .map_err(ReplicatorError::Thread)?;
-        Ok(Replicator {
-            stop,
-            stats,
-            thread: Some(thread),
-        })
+        r.thread = Some(thread);
+        Ok(r)
     }
 
     /// The latest counters (refreshed every tick).
@@ -292,10 +298,17 @@ impl Replicator {
 
     fn stop_and_join(&mut self) -> Result<(), ReplicatorError> {
         self.stop.store(true, Ordering::SeqCst);
-        match self.thread.take() {
+        self.watch.ring();
+        let joined = match self.thread.take() {
             Some(t) => t.join().map_err(|_| ReplicatorError::Panicked),
             None => Ok(()),
+        };
+        // Rung again: the dispatcher may have dozed off after the first.
+        self.watch.ring();
+        if let Some(t) = self.doorbell.take() {
+            t.join().map_err(|_| ReplicatorError::Panicked)?;
         }
+        joined
     }
 }
 
@@ -307,6 +320,7 @@ impl Drop for Replicator {
 
 struct Ctx<'a> {
     arena: &'a Arena,
+    watch: &'a watch::Watch,
     config: &'a ReplicatorConfig,
     state: &'a RefCell<State>,
     stop: &'a AtomicBool,
@@ -321,6 +335,7 @@ fn run<B: Rt>(
     config: &ReplicatorConfig,
     stop: &AtomicBool,
     stats: &Mutex<ReplicatorStats>,
+    watch: &watch::Watch,
 ) {
     let placement = config.placement.clone();
     let nodes = placement
@@ -356,6 +371,7 @@ fn run<B: Rt>(
     let drained = AtomicBool::new(false);
     let ctx = Ctx {
         arena: &arena,
+        watch,
         config,
         state: &state,
         stop,

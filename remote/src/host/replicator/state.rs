@@ -198,6 +198,11 @@ impl State {
     /// `slow_after` (its sessions go to stand-ins and are owed to it), and
     /// back to it once it has caught up with everything in flight: the
     /// hysteresis between the two is the whole backlog it had.
+    /// Whether no batch is in flight to any node.
+    pub(super) fn nothing_in_flight(&self) -> bool {
+        self.nodes.iter().all(|l| l.sent_at.is_empty())
+    }
+
     pub(super) fn check_slow(&mut self, slow_after: Duration) {
         for i in 0..self.nodes.len() {
             let n = &mut self.nodes[i];

@@ -100,6 +100,9 @@ pub(crate) struct Header {
     /// next dirty bit; [`HINT_CLEAR`] otherwise.
     pub dirty_hint: AtomicU32,
     pub _hint_pad: u32,
+    /// Until when (ms since the Unix epoch) a writer waits for acks: the
+    /// replicator ships as soon as a link is free rather than on its tick.
+    pub urgent_until_ms: AtomicU64,
 }
 const _: () = assert!(size_of::<Header>() as u64 <= HEADER_BYTES);
 

@@ -70,6 +70,10 @@ fn main() {
             "a_taken_over_copy_leaves_its_old_host",
             a_taken_over_copy_leaves_its_old_host,
         ),
+        (
+            "durable_writes_among_local_bursts_are_all_acked",
+            durable_writes_among_local_bursts_are_all_acked,
+        ),
     ];
     run::run_tests(tests, true);
 }
@@ -434,6 +438,60 @@ fn replicated_updates_wait_for_the_bank() {
     sessions
         .update(sid, &[set(b"3")], Durability::Local)
         .unwrap();
+    drop(repl);
+}
+
+/// Sequential `Replicated` writes between bursts of `Local` ones, as a web
+/// host mixes them. A batch is built from the arena, which can be ahead of
+/// the version the replicator took: the node's ack of that newer version
+/// used to be clamped to the taken one, leaving the newer one marked sent
+/// and never acked, and a durable write of it waited out its timeout.
+fn durable_writes_among_local_bursts_are_all_acked() {
+    let bank = Bank::start(2, 2);
+    let h = Host::new("mixed");
+    let sessions = Sessions::open(h.config(&bank, 1, 2048)).unwrap();
+    let repl = h.replicator(&bank, 1);
+    let sids: Vec<Sid> = (0..1000)
+        .map(|_| sessions.create(NewSession::default(), &[]).unwrap())
+        .collect();
+    let durable = Durability::Replicated {
+        timeout: Duration::from_secs(2),
+    };
+    // A fixed sequence of picks (an LCG), the same every run.
+    let mut x = 7u64;
+    let mut pick = || {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        sids[(x >> 33) as usize % sids.len()]
+    };
+    let (mut timeouts, mut durable_writes) = (0, 0);
+    let t = Instant::now();
+    for round in 0..5u8 {
+        for (durability, n) in [(Durability::Local, 400), (durable, 400)] {
+            for _ in 0..n {
+                let sid = pick();
+                let op = Op::Set {
+                    key: "cart".into(),
+                    value: vec![round; 32],
+                };
+                match sessions.update(sid, &[op], durability) {
+                    Ok(_) => {}
+                    Err(HostError::NotReplicated { .. }) => timeouts += 1,
+                    Err(e) => panic!("{e}"),
+                }
+                if durability != Durability::Local {
+                    durable_writes += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "bounded in time");
+    }
+    assert_eq!(
+        timeouts, 0,
+        "{timeouts} of {durable_writes} durable writes waited out their timeout"
+    );
     drop(repl);
 }
 

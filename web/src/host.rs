@@ -185,6 +185,7 @@ impl WebHost {
     ) -> Result<(), HostError> {
         let deadline = Instant::now() + timeout;
         let mut polls = 0u32;
+        self.with(Sessions::urge_replication)?;
         loop {
             let (acked, wanted) =
                 self.with(|s| Ok::<_, HostError>((s.acks(sid, version)?, s.acks_wanted())))??;

@@ -529,6 +529,7 @@ impl Sessions {
         version: u64,
         timeout: Duration,
     ) -> Result<(), HostError> {
+        self.arena.urge_replication();
         let wanted = self.acks_wanted();
         let deadline = Instant::now() + timeout;
         let mut nap = Duration::from_micros(20);
@@ -549,6 +550,13 @@ impl Sessions {
             std::thread::sleep(nap.min(deadline - now));
             nap = (nap * 2).min(Duration::from_micros(250));
         }
+    }
+
+    /// Tells the replicator that a writer waits for acks, so it ships at
+    /// once (see [`Arena::urge_replication`]); [`Sessions::wait_replicated`]
+    /// does it itself.
+    pub fn urge_replication(&self) {
+        self.arena.urge_replication();
     }
 
     /// The counters of this process's host API.

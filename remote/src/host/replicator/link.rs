@@ -18,6 +18,19 @@ use super::state::{State, settle, stand_in};
 use super::{Ctx, ReplicatorStats, SidState};
 use crate::runtime::Rt;
 
+/// Resolves once a link has told the dispatcher it has nothing in flight.
+fn dispatcher_notified<'a>(ctx: &'a Ctx<'_>) -> impl Future<Output = ()> + 'a {
+    std::future::poll_fn(move |cx| {
+        let mut st = ctx.state.borrow_mut();
+        if std::mem::take(&mut st.dispatcher.set) {
+            std::task::Poll::Ready(())
+        } else {
+            st.dispatcher.waker = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        }
+    })
+}
+
 /// Resolves once link `id` has been notified (or is gone).
 pub(super) fn notified<'a>(ctx: &'a Ctx<'_>, id: u16) -> impl Future<Output = ()> + 'a {
     std::future::poll_fn(move |cx| {
@@ -36,15 +49,9 @@ pub(super) fn notified<'a>(ctx: &'a Ctx<'_>, id: u16) -> impl Future<Output = ()
 
 pub(super) async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorStats>) {
     let interval = Duration::from_micros(ctx.config.flush_interval_us.max(1));
-    // A tick that finds little comes round again soon, so a lone update
-    // (a durable write waiting for its acks) ships at once; a busy one
-    // waits the whole interval, so updates batch. An idle tick costs one
-    // atomic swap (the arena's dirty hint).
-    let quick = interval.min(QUICK_TICK);
     let mut dirty = Vec::with_capacity(ctx.config.dirty_take_max);
     let mut arena_stats: Option<(Instant, sessio_engine::ArenaStats)> = None;
     let mut last_snapshot: Option<Instant> = None;
-    let mut last_work = Instant::now();
     loop {
         let last = ctx.stop.load(Ordering::SeqCst);
         let mut taken = 0;
@@ -132,38 +139,34 @@ pub(super) async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorSta
             }
             return;
         }
-        let now = Instant::now();
-        if taken > 0 {
-            last_work = now;
-        }
-        if taken == 0
-            && now.duration_since(last_work) >= QUICK_AFTER_WORK
-            && ctx.state.borrow().nothing_in_flight()
-        {
+        if taken == 0 && ctx.state.borrow().nothing_in_flight() {
             // Idle, with no batch to watch for slowness: sleep until a
-            // process marks a session dirty (see `watch`).
+            // process marks a session dirty (see `watch`), so a lone
+            // change ships at once and an idle host costs nothing.
             ctx.watch.doze::<B>(ctx.arena).await;
-            continue;
-        }
-        let next = if taken >= QUICK_TICK_MAX_TAKEN {
-            interval
-        } else if now.duration_since(last_work) < QUICK_AFTER_WORK {
-            quick
+        } else if ctx.arena.replication_urged() {
+            // A writer waits for acks: go again as soon as every link is
+            // free (the last ack in), not a whole interval later.
+            let _ = B::timeout(interval, dispatcher_notified(ctx)).await;
         } else {
-            interval
-        };
-        B::sleep(next).await;
+            // Busy: changes batch over the interval.
+            B::sleep(interval).await;
+        }
     }
 }
 
-/// The dispatcher's short tick, after a tick that found little.
-const QUICK_TICK: Duration = Duration::from_micros(100);
-/// A tick that took this many sessions or more waits the whole interval.
-const QUICK_TICK_MAX_TAKEN: usize = 64;
-/// Quick ticks go on this long after the last tick that found work.
-const QUICK_AFTER_WORK: Duration = Duration::from_millis(50);
 /// How often the dispatcher publishes a stats snapshot.
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(1);
+
+/// Fewer pending sessions than this wait for the batch in flight's ack.
+const SMALL_BATCH: usize = 32;
+
+fn pending_len(ctx: &Ctx<'_>, id: u16) -> usize {
+    ctx.state
+        .borrow_mut()
+        .link(id)
+        .map_or(0, |l| l.pending.len())
+}
 
 /// One delta entry sent and not yet acknowledged.
 pub(super) struct Sent {
@@ -262,6 +265,13 @@ pub(super) async fn node_link<B: Rt>(ctx: &Ctx<'_>, id: u16, addr: std::net::Soc
         };
         let result: Result<(), String> = async {
             while in_flight.len() < cfg.in_flight_batches_max.max(1) {
+                // A link with a batch in flight sends the next only once it
+                // is worth a batch: until the ack comes back, changes pile
+                // up into it. So an idle link ships a lone change at once,
+                // and a busy one batches by its round trip.
+                if !in_flight.is_empty() && pending_len(ctx, id) < SMALL_BATCH {
+                    break;
+                }
                 let Some((batch, sent)) = build_batch(ctx, id) else {
                     break;
                 };
@@ -304,6 +314,11 @@ pub(super) async fn node_link<B: Rt>(ctx: &Ctx<'_>, id: u16, addr: std::net::Soc
                             ));
                         }
                         apply_acks(ctx, id, &sent, &ack.entries);
+                        if in_flight.is_empty() {
+                            // Free again: a dispatcher waiting for that
+                            // (a writer urged) takes what piled up.
+                            ctx.state.borrow_mut().dispatcher.notify();
+                        }
                     }
                     Message::Pong(p) if pong_due => {
                         pong_due = false;
@@ -655,11 +670,16 @@ pub(super) fn build_once(ctx: &Ctx<'_>, id: u16) -> Built {
             ss.set_sent(id, e.new_version);
         }
     }
-    if entries.is_empty() {
-        // Everything taken was up to date: maybe it is fully acked now.
-        for sid in taken {
+    // What was taken and sends nothing was current on the node already:
+    // maybe it is fully acked now. (Settled only when the whole batch came
+    // out empty, such a session waited for its next change to count as
+    // acked, and its lag read as the time to that change.)
+    for &sid in &taken {
+        if !sent.iter().any(|e| e.sid == sid) {
             settle(st, sid);
         }
+    }
+    if entries.is_empty() {
         return Built::UpToDate;
     }
     Built::Batch(
@@ -733,11 +753,12 @@ fn record_acks(
             AckStatus::Applied if s.epoch != ss.epoch => applied += 1,
             AckStatus::Applied => {
                 applied += 1;
-                let v = if ss.removed {
-                    s.new_version
-                } else {
-                    a.version.min(ss.version)
-                };
+                // The node's version, even past the one the dispatcher took:
+                // a batch is built from the arena, which may have moved on
+                // since the take. Clamping it to the taken version left the
+                // newer one unacked here but marked sent, so never resent:
+                // a `Replicated` write of it waited out its timeout.
+                let v = if ss.removed { s.new_version } else { a.version };
                 if v >= ss.acked_by(id) {
                     ss.set_ack(id, v);
                 }

@@ -361,6 +361,7 @@ fn run<B: Rt>(
         lag: Lag::default(),
         lag_snapshot: None,
         ticks: 0,
+        dispatcher: state::Wake::default(),
         rate_mark: (Instant::now(), 0),
         bytes_per_sec: 0,
     });

@@ -177,6 +177,8 @@ pub(super) struct State {
     /// (reading quantiles walks the histogram: not at every tick).
     pub(super) lag_snapshot: Option<(Instant, LagFigures)>,
     pub(super) ticks: u64,
+    /// Wakes the dispatcher when a link has nothing in flight any more.
+    pub(super) dispatcher: Wake,
     pub(super) rate_mark: (Instant, u64),
     pub(super) bytes_per_sec: u64,
 }

@@ -115,9 +115,12 @@ pub(super) async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorSta
             st.ticks += 1;
             st.check_slow(Duration::from_millis(ctx.config.slow_after_ms));
         }
-        if last || last_snapshot.is_none_or(|t| t.elapsed() >= SNAPSHOT_EVERY) {
+        // About to doze: the snapshot is taken now, so what a reader sees
+        // while the replicator sleeps is current.
+        let dozing = taken == 0 && ctx.state.borrow().links_quiet();
+        if last || dozing || last_snapshot.is_none_or(|t| t.elapsed() >= SNAPSHOT_EVERY) {
             last_snapshot = Some(Instant::now());
-            let mut snap = ctx.state.borrow_mut().snapshot(B::NAME);
+            let mut snap = ctx.state.borrow_mut().snapshot(B::NAME, last || dozing);
             // The arena's counters ask the kernel about every handle: once a
             // second is plenty.
             if arena_stats
@@ -139,14 +142,15 @@ pub(super) async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorSta
             }
             return;
         }
-        if taken == 0 && ctx.state.borrow().nothing_in_flight() {
-            // Idle, with no batch to watch for slowness: sleep until a
+        if dozing {
+            // Idle, with no batch to send or watch: sleep until a
             // process marks a session dirty (see `watch`), so a lone
             // change ships at once and an idle host costs nothing.
             ctx.watch.doze::<B>(ctx.arena).await;
-        } else if ctx.arena.replication_urged() {
-            // A writer waits for acks: go again as soon as every link is
-            // free (the last ack in), not a whole interval later.
+        } else if taken < LIGHT_TAKE || ctx.arena.replication_urged() {
+            // Light load, or a writer waits for acks: go again as soon as
+            // a link is free (its last ack in), not a whole interval later;
+            // what piled up meanwhile goes in one batch.
             let _ = B::timeout(interval, dispatcher_notified(ctx)).await;
         } else {
             // Busy: changes batch over the interval.
@@ -155,6 +159,12 @@ pub(super) async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorSta
     }
 }
 
+/// A tick that took fewer sessions than this goes again as soon as a link is
+/// free; one that took more waits the whole interval, so changes batch
+/// (a batch's round trip costs the replicator ~20 µs of CPU, whatever its
+/// size: a web host at 20k updates/s pays 10 µs per update when they
+/// batch over the interval, 28 µs when each ships alone).
+const LIGHT_TAKE: usize = 2;
 /// How often the dispatcher publishes a stats snapshot.
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(1);
 
@@ -275,6 +285,15 @@ pub(super) async fn node_link<B: Rt>(ctx: &Ctx<'_>, id: u16, addr: std::net::Soc
                 let Some((batch, sent)) = build_batch(ctx, id) else {
                     break;
                 };
+                // In flight from here: while the send is under way, the
+                // dispatcher sees a busy link (it does not doze), and a
+                // failed send hands the batch to `on_down` like any other
+                // in flight (else its sessions stayed marked sent).
+                if let Some(l) = ctx.state.borrow_mut().link(id) {
+                    l.stats.in_flight += sent.len() as u64;
+                    l.sent_at.push_back(Instant::now());
+                }
+                in_flight.push_back(sent);
                 let before = client.in_flight_bytes();
                 client
                     .send(&Message::DeltaBatch(batch))
@@ -283,10 +302,7 @@ pub(super) async fn node_link<B: Rt>(ctx: &Ctx<'_>, id: u16, addr: std::net::Soc
                 let bytes = client.in_flight_bytes() - before;
                 if let Some(l) = ctx.state.borrow_mut().link(id) {
                     l.stats.bytes_sent += bytes;
-                    l.stats.in_flight += sent.len() as u64;
-                    l.sent_at.push_back(Instant::now());
                 }
-                in_flight.push_back(sent);
             }
             if !in_flight.is_empty() && !pong_due && last_ping.elapsed() >= ping_every {
                 client

@@ -389,6 +389,6 @@ fn run<B: Rt>(
         futures_util::future::join(dispatch, links).await;
     });
     if let Ok(mut s) = stats.lock() {
-        *s = state.borrow_mut().snapshot(B::NAME);
+        *s = state.borrow_mut().snapshot(B::NAME, true);
     }
 }

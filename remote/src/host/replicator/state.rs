@@ -200,9 +200,13 @@ impl State {
     /// `slow_after` (its sessions go to stand-ins and are owed to it), and
     /// back to it once it has caught up with everything in flight: the
     /// hysteresis between the two is the whole backlog it had.
-    /// Whether no batch is in flight to any node.
-    pub(super) fn nothing_in_flight(&self) -> bool {
-        self.nodes.iter().all(|l| l.sent_at.is_empty())
+    /// Whether the links are quiet: no batch in flight, and nothing
+    /// pending for a link that is up (one that is down waits for its
+    /// connection, not for the dispatcher).
+    pub(super) fn links_quiet(&self) -> bool {
+        self.nodes
+            .iter()
+            .all(|l| l.sent_at.is_empty() && (l.pending.is_empty() || !l.stats.up))
     }
 
     pub(super) fn check_slow(&mut self, slow_after: Duration) {
@@ -274,7 +278,10 @@ impl State {
         }
     }
 
-    pub(super) fn snapshot(&mut self, backend: &'static str) -> ReplicatorStats {
+    /// The counters as of now; the lag figures are re-read from the
+    /// histogram at most every `LAG_SNAPSHOT_MS`, or when `fresh_lag` asks
+    /// (a replicator about to sleep: what it publishes stays current).
+    pub(super) fn snapshot(&mut self, backend: &'static str, fresh_lag: bool) -> ReplicatorStats {
         let bytes_sent: u64 = self.nodes.iter().map(|n| n.stats.bytes_sent).sum();
         let (mark, at) = self.rate_mark;
         let dt = mark.elapsed();
@@ -284,10 +291,11 @@ impl State {
             self.bytes_per_sec = rate as u64;
             self.rate_mark = (Instant::now(), bytes_sent);
         }
-        let fresh = self
-            .lag_snapshot
-            .as_ref()
-            .is_some_and(|(at, _)| at.elapsed() < Duration::from_millis(LAG_SNAPSHOT_MS));
+        let fresh = !fresh_lag
+            && self
+                .lag_snapshot
+                .as_ref()
+                .is_some_and(|(at, _)| at.elapsed() < Duration::from_millis(LAG_SNAPSHOT_MS));
         if !fresh {
             let figures = LagFigures {
                 lag: self.lag.clone(),

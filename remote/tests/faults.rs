@@ -52,8 +52,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sessio_engine::{Arena, ArenaConfig, Location, NewSession, Op, Sid};
+use sessio_net::test_backend::TestBackend;
 use sessio_net::{
-    Backend, Client, ClientConfig, Epoll, Fetch, Identity, IoUring, Message, Secret, StatsRequest,
+    Backend, Client, ClientConfig, Fetch, Identity, Message, Secret, StatsRequest, on_test_backend,
 };
 use sessio_remote::node::{NodeConfig, serve};
 use sessio_remote::placement::{Member, Placement};
@@ -172,13 +173,8 @@ fn node_mode(args: &[String]) {
         std::io::stdout().flush().unwrap();
     };
     let forever = std::future::pending::<()>();
-    let r = if IoUring::available() {
-        serve::<IoUring>(&cfg, secret, on_bound, forever)
-    } else {
-        eprintln!("io_uring is unavailable here: node {id} runs on epoll");
-        serve::<Epoll>(&cfg, secret, on_bound, forever)
-    };
-    r.unwrap_or_else(|e| panic!("node {id}: {e}"));
+    on_test_backend!(B => serve::<B>(&cfg, secret, on_bound, forever))
+        .unwrap_or_else(|e| panic!("node {id}: {e}"));
 }
 
 /// The flood: `count` unauthenticated connections to `addr`, half idle,
@@ -597,6 +593,7 @@ impl Host {
         cfg.ack_timeout_ms = ACK_TIMEOUT_MS;
         cfg.backoff_max_ms = 200;
         cfg.drain_timeout_ms = 200;
+        cfg.force_epoll = TestBackend::get().is_epoll();
         let repl = Replicator::spawn_with(arena.try_clone().unwrap(), cfg).unwrap();
         let acked_max = vec![0; sids.len()];
         Host {
@@ -824,19 +821,10 @@ fn converge(hosts: &mut [&mut Host]) -> Duration {
 // ---------------------------------------------------------------------------
 // Talking to nodes directly.
 
-fn uring() -> bool {
-    static U: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *U.get_or_init(IoUring::available)
-}
-
 /// The version each node copy holds (`None`: no copy), fetched over one
 /// pipelined connection.
 fn copies(addr: SocketAddr, sids: &[Sid]) -> Result<Vec<Option<u64>>, String> {
-    if uring() {
-        copies_on::<IoUring>(addr, sids)
-    } else {
-        copies_on::<Epoll>(addr, sids)
-    }
+    on_test_backend!(B => copies_on::<B>(addr, sids))
 }
 
 fn client_config() -> ClientConfig {
@@ -892,11 +880,7 @@ fn node_stats(addr: SocketAddr) -> Vec<(String, u64)> {
             }
         })
     }
-    if uring() {
-        on::<IoUring>(addr)
-    } else {
-        on::<Epoll>(addr)
-    }
+    on_test_backend!(B => on::<B>(addr))
 }
 
 fn stat(stats: &[(String, u64)], name: &str) -> u64 {

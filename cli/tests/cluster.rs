@@ -5,6 +5,11 @@
 //!
 //! Tests run one at a time (a lock) so their processes do not fight over
 //! the two cores; every process and arena is cleaned up by a Drop guard.
+//!
+//! They run on `io_uring` where it works here, else on epoll, and say which
+//! on stderr; `SESSIO_TEST_BACKEND=epoll` runs them on epoll anyway (the
+//! nodes, agents and test hosts get `--epoll`, the replicators
+//! `force_epoll`). See [`sessio_net::test_backend`].
 
 mod common;
 
@@ -18,13 +23,16 @@ use std::time::{Duration, Instant};
 
 use sessio_engine::session::decode_session;
 use sessio_engine::{Arena, NewSession, Op, Sid};
+use sessio_net::test_backend::TestBackend;
 use sessio_net::{
-    Client, ClientConfig, Fetch, FoundRecord, Identity, IoUring, Message, Secret, StatsRequest,
+    Backend, Client, ClientConfig, Epoll, Fetch, FoundRecord, Identity, IoUring, Message, Secret,
+    StatsRequest, on_test_backend,
 };
-use sessio_remote::failover::{FailoverConfig, NodeClients, Singleflight, fetch_and_install};
+use sessio_remote::failover::{
+    FailoverConfig, FailoverError, Fetched, NodeClients, Singleflight, fetch_and_install,
+};
 use sessio_remote::placement::{Member, Placement};
 use sessio_remote::replicator::{Replicator, ReplicatorConfig, ReplicatorStats};
-use sessio_remote::runtime::Rt;
 
 /// The bank's secret, random per test process: a node of another process
 /// that happens to bind a port one of ours just freed (a restarted node's)
@@ -36,11 +44,12 @@ static SECRET: std::sync::LazyLock<[u8; 32]> = std::sync::LazyLock::new(|| {
 });
 const BIN: &str = env!("CARGO_BIN_EXE_sessio");
 
-/// These tests run on `io_uring` (the epoll engine has tests of its own);
-/// a machine without it fails them loudly rather than passing them unrun.
-fn require_uring() {
-    if let Err(e) = IoUring::runtime() {
-        panic!("io_uring is unavailable here ({e}): these tests need it; CI machines have it");
+/// `--epoll` for the processes a test starts, when the tests run on epoll.
+fn engine_flag() -> &'static [&'static str] {
+    if TestBackend::get().is_epoll() {
+        &["--epoll"]
+    } else {
+        &[]
     }
 }
 
@@ -101,6 +110,7 @@ impl Node {
             .arg(id.to_string())
             .arg("--secret-file")
             .arg(secret.path())
+            .args(engine_flag())
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -153,6 +163,7 @@ fn replicator(arena: &TestArena, p: &Placement, host_id: u64) -> Replicator {
     let mut cfg = ReplicatorConfig::new(p.clone(), Secret::from_bytes(*SECRET), host_id);
     cfg.ack_timeout_ms = 1000;
     cfg.backoff_max_ms = 200;
+    cfg.force_epoll = TestBackend::get().is_epoll();
     Replicator::spawn_with(arena.get().try_clone().unwrap(), cfg).unwrap()
 }
 
@@ -177,7 +188,7 @@ fn counter(data: &sessio_engine::SessionData) -> i64 {
 }
 
 /// A connection to the node at `addr` as host `id`, with this bank's secret.
-async fn connect(addr: SocketAddr, id: u64) -> Client {
+async fn connect<B: Backend>(addr: SocketAddr, id: u64) -> Client<B> {
     let cc = ClientConfig::new(Identity { id, incarnation: 1 });
     Client::connect(addr, cc, Secret::from_bytes(*SECRET))
         .await
@@ -186,8 +197,8 @@ async fn connect(addr: SocketAddr, id: u64) -> Client {
 
 /// Every node's copy of each SID, fetched over one pipelined connection.
 fn node_copies(addr: SocketAddr, sids: &[Sid]) -> Vec<Option<FoundRecord>> {
-    IoUring::block_on(async {
-        let mut c = connect(addr, 999).await;
+    on_test_backend!(B => B::block_on(async {
+        let mut c = connect::<B>(addr, 999).await;
         let mut out = Vec::with_capacity(sids.len());
         for (i, sid) in sids.iter().enumerate() {
             let msg = Message::Fetch(Fetch {
@@ -209,7 +220,7 @@ fn node_copies(addr: SocketAddr, sids: &[Sid]) -> Vec<Option<FoundRecord>> {
                 other => panic!("unexpected {other:?}"),
             })
             .collect()
-    })
+    }))
 }
 
 fn create_sessions(arena: &Arena, n: usize) -> Vec<Sid> {
@@ -335,6 +346,7 @@ impl TestHost {
             .arg(&status)
             .args(["--duration-ms", &duration_ms.to_string(), "--owner", owner])
             .args(["--pace-us", "100", "--host-id", "77"])
+            .args(engine_flag())
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn sessio test-host");
@@ -389,18 +401,34 @@ fn synced_cluster(n: u16, sessions: usize, load_for: Duration) -> Cluster {
     }
 }
 
-fn clients(host_id: u64) -> NodeClients<IoUring> {
-    NodeClients::new(
-        FailoverConfig::new(host_id, Secret::from_bytes(*SECRET)),
-        Arc::new(Singleflight::default()),
-    )
-    .unwrap()
+/// Failover clients of host `host_id`, on the engine the tests run on.
+enum Clients {
+    IoUring(NodeClients<IoUring>),
+    Epoll(NodeClients<Epoll>),
+}
+
+impl Clients {
+    /// [`fetch_and_install`] through these clients.
+    fn fetch(&mut self, arena: &Arena, sid: Sid, p: &Placement) -> Result<Fetched, FailoverError> {
+        match self {
+            Clients::IoUring(c) => fetch_and_install(arena, sid, p, c),
+            Clients::Epoll(c) => fetch_and_install(arena, sid, p, c),
+        }
+    }
+}
+
+fn clients(host_id: u64) -> Clients {
+    let config = FailoverConfig::new(host_id, Secret::from_bytes(*SECRET));
+    let flights = Arc::new(Singleflight::default());
+    match TestBackend::get() {
+        TestBackend::IoUring => Clients::IoUring(NodeClients::new(config, flights).unwrap()),
+        TestBackend::Epoll => Clients::Epoll(NodeClients::new(config, flights).unwrap()),
+    }
 }
 
 #[test]
 fn host_killed_failover_serves_every_acked_update() {
     let _serial = serial();
-    require_uring();
     let secret = SecretFile::new();
     let nodes = bank(3, &secret);
     let p = placement(&nodes, 2);
@@ -419,7 +447,7 @@ fn host_killed_failover_serves_every_acked_update() {
     let (mut lost, mut worst) = (0u64, 0u64);
     for &(sid, last, acked) in &rows {
         let t = Instant::now();
-        let f = fetch_and_install(b.get(), sid, &p, &mut cl).unwrap();
+        let f = cl.fetch(b.get(), sid, &p).unwrap();
         lat.record(t.elapsed());
         assert!(
             f.version >= acked,
@@ -454,7 +482,6 @@ fn host_killed_failover_serves_every_acked_update() {
 #[test]
 fn replica_killed_no_session_lost_and_host_keeps_serving() {
     let _serial = serial();
-    require_uring();
     let Cluster {
         secret: _secret,
         mut nodes,
@@ -485,7 +512,7 @@ fn replica_killed_no_session_lost_and_host_keeps_serving() {
     let other = TestArena::new("c", 1000);
     let mut cl = clients(3);
     for (&sid, &v) in sids.iter().zip(&versions) {
-        let f = fetch_and_install(other.get(), sid, &p, &mut cl).unwrap();
+        let f = cl.fetch(other.get(), sid, &p).unwrap();
         assert_eq!(f.version, v, "{sid}");
     }
     let s: ReplicatorStats = repl.stats();
@@ -496,7 +523,6 @@ fn replica_killed_no_session_lost_and_host_keeps_serving() {
 #[test]
 fn bank_down_under_load_then_every_change_converges() {
     let _serial = serial();
-    require_uring();
     let Cluster {
         secret,
         mut nodes,
@@ -534,7 +560,6 @@ fn bank_down_under_load_then_every_change_converges() {
 #[test]
 fn node_restarted_empty_gets_its_whole_share_again() {
     let _serial = serial();
-    require_uring();
     let Cluster {
         secret,
         mut nodes,
@@ -571,7 +596,6 @@ fn node_restarted_empty_gets_its_whole_share_again() {
 #[test]
 fn old_owner_late_deltas_are_fenced() {
     let _serial = serial();
-    require_uring();
     let secret = SecretFile::new();
     let nodes = bank(2, &secret);
     let p = placement(&nodes, 2);
@@ -590,7 +614,7 @@ fn old_owner_late_deltas_are_fenced() {
     let repl_b = replicator(&b, &p, 2);
     let mut cl = clients(2);
     for &sid in &sids {
-        let f = fetch_and_install(b.get(), sid, &p, &mut cl).unwrap();
+        let f = cl.fetch(b.get(), sid, &p).unwrap();
         assert_eq!(f.epoch, 2);
         assert_eq!(f.fenced, 2, "both owners hold the new epoch");
         b.get()
@@ -638,7 +662,6 @@ fn old_owner_late_deltas_are_fenced() {
 fn node_survives_bad_peers_and_refuses_bad_records() {
     use sessio_net::{AckStatus, Delta, DeltaBatch, DeltaEntry};
     let _serial = serial();
-    require_uring();
     let secret = SecretFile::new();
     let nodes = bank(1, &secret);
     let addr = nodes[0].addr;
@@ -648,17 +671,19 @@ fn node_survives_bad_peers_and_refuses_bad_records() {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
         let _ = s.write_all(&[0xFF; 4096]);
     }
-    let wrong = IoUring::block_on(async {
+    let wrong = on_test_backend!(B => B::block_on(async {
         let cc = ClientConfig::new(Identity {
             id: 5,
             incarnation: 1,
         });
-        Client::<IoUring>::connect(addr, cc, Secret::from_bytes([1; 32])).await
-    });
+        Client::<B>::connect(addr, cc, Secret::from_bytes([1; 32]))
+            .await
+            .map(drop)
+    }));
     assert!(wrong.is_err(), "a wrong key is refused");
     // Records and ops that do not validate are refused, one by one.
-    let reply = IoUring::block_on(async {
-        let mut c = connect(addr, 5).await;
+    let reply = on_test_backend!(B => B::block_on(async {
+        let mut c = connect::<B>(addr, 5).await;
         let entry = |body| DeltaEntry {
             sid: [9; 16],
             base_version: 0,
@@ -674,7 +699,7 @@ fn node_survives_bad_peers_and_refuses_bad_records() {
             ],
         };
         c.call(&Message::DeltaBatch(batch)).await.unwrap()
-    });
+    }));
     let Message::Ack(ack) = reply else {
         panic!("expected an ack, got {reply:?}")
     };
@@ -690,12 +715,12 @@ fn node_survives_bad_peers_and_refuses_bad_records() {
 /// A node's `applied` counter (delta entries applied or acknowledged as
 /// replays since it started).
 fn node_applied(addr: SocketAddr) -> u64 {
-    let reply = IoUring::block_on(async {
-        let mut c = connect(addr, 999).await;
+    let reply = on_test_backend!(B => B::block_on(async {
+        let mut c = connect::<B>(addr, 999).await;
         c.call(&Message::StatsRequest(StatsRequest { request_id: 1 }))
             .await
             .unwrap()
-    });
+    }));
     let Message::Stats(s) = reply else {
         panic!("expected stats, got {reply:?}")
     };
@@ -720,6 +745,7 @@ fn agent(arena: &str, nodes: &[Node], secret: &SecretFile) -> Proc {
             "--stats-interval-ms",
             "0",
         ])
+        .args(engine_flag())
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn sessio agent");
@@ -737,7 +763,6 @@ fn all_acked(arena: &Arena, nodes: &[Node], sids: &[Sid], version: u64) -> bool 
 #[test]
 fn restarted_agent_resends_only_what_changed() {
     let _serial = serial();
-    require_uring();
     let secret = SecretFile::new();
     let mut nodes = bank(2, &secret);
     let host = TestArena::new("agent", 1000);
@@ -817,7 +842,6 @@ fn hinted_copies(p: &Placement, nodes: &[Node], sids: &[Sid]) -> Vec<usize> {
 #[test]
 fn paused_owner_gets_its_writes_back_and_stand_ins_drop_them() {
     let _serial = serial();
-    require_uring();
     let Cluster {
         secret: _secret,
         nodes,
@@ -873,7 +897,6 @@ fn paused_owner_gets_its_writes_back_and_stand_ins_drop_them() {
 fn node_on_two_threads_is_one_store_for_every_connection() {
     use sessio_net::{AckStatus, Delta, DeltaBatch, DeltaEntry};
     let _serial = serial();
-    require_uring();
     let secret = SecretFile::new();
     let node = Node::spawn_with(
         1,
@@ -892,10 +915,10 @@ fn node_on_two_threads_is_one_store_for_every_connection() {
     let record =
         sessio_engine::session::encode_session(&sessio_engine::SessionData::default()).to_vec();
     let sids: Vec<Sid> = (0..64u8).map(|i| Sid([i; 16])).collect();
-    IoUring::block_on(async {
+    on_test_backend!(B => B::block_on(async {
         let mut conns = Vec::new();
         for host in 0..6u64 {
-            let c = connect(node.addr, 100 + host).await;
+            let c = connect::<B>(node.addr, 100 + host).await;
             conns.push(c);
         }
         // Each connection writes its part of the SIDs...
@@ -949,14 +972,13 @@ fn node_on_two_threads_is_one_store_for_every_connection() {
             .unwrap()
             .value;
         assert_eq!(sessions, 64);
-    });
+    }));
 }
 
 #[test]
 fn node_drops_expired_copies_on_its_own() {
     use sessio_net::{Delta, DeltaBatch, DeltaEntry};
     let _serial = serial();
-    require_uring();
     let secret = SecretFile::new();
     let node = Node::spawn_with(
         1,
@@ -974,8 +996,8 @@ fn node_drops_expired_copies_on_its_own() {
         .to_vec()
     };
     let (gone, kept) = (Sid([1; 16]), Sid([2; 16]));
-    IoUring::block_on(async {
-        let mut c = connect(node.addr, 7).await;
+    on_test_backend!(B => B::block_on(async {
+        let mut c = connect::<B>(node.addr, 7).await;
         let entry = |sid: Sid, expires| DeltaEntry {
             sid: sid.0,
             base_version: 0,
@@ -988,7 +1010,7 @@ fn node_drops_expired_copies_on_its_own() {
             entries: vec![entry(gone, now - 1), entry(kept, now + 3_600_000)],
         };
         c.call(&Message::DeltaBatch(batch)).await.unwrap();
-    });
+    }));
     wait_until("the expired copy to go", Duration::from_secs(5), || {
         node_copies(node.addr, &[gone])[0].is_none()
     });
@@ -998,7 +1020,6 @@ fn node_drops_expired_copies_on_its_own() {
 #[test]
 fn agent_killed_at_random_points_under_load_then_the_bank_converges() {
     let _serial = serial();
-    require_uring();
     let secret = SecretFile::new();
     let mut nodes = bank(2, &secret);
     let p = placement(&nodes, 2);
@@ -1085,8 +1106,8 @@ fn raise_nofile(want: u64) {
 
 /// The counters a node reports (its store's and its transport's `net_*`).
 fn node_stats(addr: SocketAddr) -> Vec<(String, u64)> {
-    IoUring::block_on(async {
-        let mut c = connect(addr, 998).await;
+    on_test_backend!(B => B::block_on(async {
+        let mut c = connect::<B>(addr, 998).await;
         match c
             .call(&Message::StatsRequest(StatsRequest { request_id: 1 }))
             .await
@@ -1095,7 +1116,7 @@ fn node_stats(addr: SocketAddr) -> Vec<(String, u64)> {
             Message::Stats(s) => s.counters.into_iter().map(|c| (c.name, c.value)).collect(),
             other => panic!("not stats: {other:?}"),
         }
-    })
+    }))
 }
 
 /// One unauthenticated peer of the flood: connected from `from`, it sends
@@ -1133,7 +1154,6 @@ fn closed_by_peer(s: &mut std::net::TcpStream) -> bool {
 #[test]
 fn a_flood_of_unauthenticated_peers_does_not_lock_hosts_out() {
     let _serial = serial();
-    require_uring();
     raise_nofile(4096);
     let secret = SecretFile::new();
     let node = Node::spawn_with(
@@ -1202,13 +1222,13 @@ fn a_flood_of_unauthenticated_peers_does_not_lock_hosts_out() {
     let st = repl.stats();
     // A new client (a failover fetch, the metrics exporter) gets in too.
     let other_host = TestArena::new("flood-b", 1000);
-    let mut found = fetch_and_install(other_host.get(), sids[0], &p, &mut clients(8));
+    let mut found = clients(8).fetch(other_host.get(), sids[0], &p);
     for _ in 0..2 {
         // A real client retries once or twice, as a host does.
         if found.is_ok() {
             break;
         }
-        found = fetch_and_install(other_host.get(), sids[0], &p, &mut clients(8));
+        found = clients(8).fetch(other_host.get(), sids[0], &p);
     }
     let stats = node_stats(addr);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -1240,7 +1260,6 @@ fn a_flood_of_unauthenticated_peers_does_not_lock_hosts_out() {
 #[test]
 fn fetch_shows_each_nodes_copy_and_changes_nothing() {
     let _serial = serial();
-    require_uring();
     let secret = SecretFile::new();
     let nodes = bank(2, &secret);
     let p = placement(&nodes, 1);

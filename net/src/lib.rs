@@ -82,6 +82,8 @@ pub mod message;
 pub mod seal;
 pub mod server;
 pub mod shutdown;
+#[doc(hidden)]
+pub mod test_backend;
 pub mod transport;
 
 pub use backend::{Backend, Epoll, IoUring, bind_listener};

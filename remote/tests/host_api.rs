@@ -20,12 +20,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sessio_engine::{Arena, ArenaConfig, FetchClaim, Location, NewSession, Op, Sid};
-use sessio_net::{Backend, IoUring, Secret};
+use sessio_net::test_backend::TestBackend;
+use sessio_net::{Secret, on_test_backend};
 use sessio_remote::failover::{FailoverConfig, NodeClients, Singleflight, fetch_and_install};
 use sessio_remote::node::LocalBank;
 use sessio_remote::placement::Placement;
 use sessio_remote::replicator::{Replicator, ReplicatorConfig};
-use sessio_remote::{Durability, HostConfig, HostError, Sessions, SweepConfig};
+use sessio_remote::{Durability, Engine, HostConfig, HostError, Sessions, SweepConfig};
 
 const SECRET: [u8; 32] = [4; 32];
 
@@ -36,9 +37,6 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("reader") {
         return reader(&args[2..]);
-    }
-    if !IoUring::available() {
-        eprintln!("io_uring is unavailable here: these tests run on epoll");
     }
     let tests: Vec<(&'static str, fn())> = vec![
         (
@@ -84,8 +82,7 @@ struct Bank(LocalBank);
 impl Bank {
     fn start(n: u16, replicas: usize) -> Bank {
         Bank(
-            LocalBank::start::<IoUring>(n, replicas, Secret::from_bytes(SECRET))
-                .expect("the bank starts"),
+            LocalBank::start_any(n, replicas, Secret::from_bytes(SECRET)).expect("the bank starts"),
         )
     }
 
@@ -102,6 +99,14 @@ impl std::ops::Deref for Bank {
     }
 }
 
+/// The engine fetches use: the one the tests run on.
+fn engine() -> Engine {
+    match TestBackend::get() {
+        TestBackend::IoUring => Engine::IoUring,
+        TestBackend::Epoll => Engine::Epoll,
+    }
+}
+
 /// A host: its arena's name, removed when dropped.
 struct Host(Location);
 
@@ -113,20 +118,21 @@ impl Host {
     }
 
     fn config(&self, bank: &Bank, host_id: u64, capacity: u64) -> HostConfig {
-        HostConfig::new(
+        let mut cfg = HostConfig::new(
             self.0.clone(),
             ArenaConfig::for_sessions(capacity, 1024),
             bank.placement.clone(),
             FailoverConfig::new(host_id, Secret::from_bytes(SECRET)),
-        )
+        );
+        cfg.engine = engine();
+        cfg
     }
 
     fn replicator(&self, bank: &Bank, host_id: u64) -> Replicator {
-        Replicator::spawn(
-            &self.0,
-            ReplicatorConfig::new(bank.placement.clone(), Secret::from_bytes(SECRET), host_id),
-        )
-        .unwrap()
+        let mut cfg =
+            ReplicatorConfig::new(bank.placement.clone(), Secret::from_bytes(SECRET), host_id);
+        cfg.force_epoll = TestBackend::get().is_epoll();
+        Replicator::spawn(&self.0, cfg).unwrap()
     }
 }
 
@@ -193,6 +199,7 @@ fn reader(args: &[String]) {
         FailoverConfig::new(3, Secret::from_bytes(SECRET)),
     );
     cfg.sweep = None;
+    cfg.engine = engine();
     let sessions = Sessions::open(cfg).unwrap();
     let sid: Sid = sid.parse().unwrap();
     println!("ready");
@@ -247,13 +254,15 @@ fn processes_of_a_host_wait_for_one_fetch() {
     // ...and the others, started meanwhile, miss the same SID.
     std::fs::write(&go, b"go").unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let mut clients = NodeClients::<IoUring>::new(
-        FailoverConfig::new(2, Secret::from_bytes(SECRET)),
-        std::sync::Arc::new(Singleflight::default()),
-    )
-    .unwrap();
     let arena = sessions.arena();
-    fetch_and_install(arena, sid, &bank.placement, &mut clients).unwrap();
+    on_test_backend!(B => {
+        let mut clients = NodeClients::<B>::new(
+            FailoverConfig::new(2, Secret::from_bytes(SECRET)),
+            std::sync::Arc::new(Singleflight::default()),
+        )
+        .unwrap();
+        fetch_and_install(arena, sid, &bank.placement, &mut clients).unwrap();
+    });
     drop(claim);
     let mut waited = 0;
     for child in children {

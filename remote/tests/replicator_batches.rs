@@ -3,29 +3,32 @@
 //! may carry must still be shipped (whole), not left spinning the link.
 
 use sessio_engine::{Arena, ArenaConfig, Location, NewSession, Op};
-use sessio_net::{IoUring, Secret};
+use sessio_net::test_backend::TestBackend;
+use sessio_net::{Secret, on_test_backend};
 use sessio_remote::node::{LocalNode, NodeConfig};
 use sessio_remote::placement::{Member, Placement};
 use sessio_remote::replicator::{Replicator, ReplicatorConfig};
-use sessio_remote::runtime::Rt;
 use std::time::{Duration, Instant};
 
 fn acked(arena: &Arena, sid: sessio_engine::Sid) -> u64 {
     arena.acked(sid).map_or(0, |a| a[0].1.max(a[1].1))
 }
 
+/// The replicator's settings for `placement`, on the engine the tests run
+/// on (`io_uring` where it works here, else epoll).
+fn config(placement: Placement) -> ReplicatorConfig {
+    let mut cfg = ReplicatorConfig::new(placement, Secret::from_bytes(SECRET), 1);
+    cfg.force_epoll = TestBackend::get().is_epoll();
+    cfg
+}
+
 /// A node proving `node_id` at an address the host knows as node 1's, and
-/// a fresh arena with one session: the setup of each test here. Fails
-/// loudly without `io_uring` (these tests run on it).
+/// a fresh arena with one session: the setup of each test here.
 fn setup(node_id: u16, tag: &str) -> (LocalNode, Placement, Location, Arena, sessio_engine::Sid) {
-    assert!(
-        IoUring::available(),
-        "io_uring is unavailable here: these tests need it"
-    );
-    let node = LocalNode::start::<IoUring>(
+    let node = on_test_backend!(B => LocalNode::start::<B>(
         NodeConfig::new("127.0.0.1:0".parse().unwrap(), node_id),
         Secret::from_bytes(SECRET),
-    )
+    ))
     .expect("node serves");
     let placement = Placement::new(
         vec![Member {
@@ -46,7 +49,7 @@ const SECRET: [u8; 32] = [9; 32];
 #[test]
 fn more_queued_batches_than_a_batch_holds_are_shipped() {
     let (node, placement, loc, arena, sid) = setup(1, "batches");
-    let mut cfg = ReplicatorConfig::new(placement, Secret::from_bytes(SECRET), 1);
+    let mut cfg = config(placement);
     cfg.batch_entries_max = 1;
     // Long enough that the updates below all land between two flushes.
     cfg.flush_interval_us = 200_000;
@@ -95,11 +98,7 @@ fn more_queued_batches_than_a_batch_holds_are_shipped() {
 fn a_node_proving_another_id_is_refused() {
     // Node 2 answers at the address the host believes is node 1's.
     let (_node, placement, loc, arena, sid) = setup(2, "identity");
-    let repl = Replicator::spawn(
-        &loc,
-        ReplicatorConfig::new(placement, Secret::from_bytes(SECRET), 1),
-    )
-    .unwrap();
+    let repl = Replicator::spawn(&loc, config(placement)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let error = loop {
         let s = repl.stats();
@@ -201,11 +200,7 @@ fn a_slow_link_gets_each_change_once() {
         1,
     )
     .unwrap();
-    let repl = Replicator::spawn(
-        &loc,
-        ReplicatorConfig::new(placement, Secret::from_bytes(SECRET), 1),
-    )
-    .unwrap();
+    let repl = Replicator::spawn(&loc, config(placement)).unwrap();
     // Fifteen sessions, small changes: deltas, never whole records, as long
     // as each node keeps up within the arena's delta log.
     let mut sids = vec![sid];
@@ -239,11 +234,11 @@ fn a_slow_link_gets_each_change_once() {
     let st = repl.stats();
     drop(repl);
     let counters = |name: &str| -> u64 {
-        sessio_remote::node::LocalBank::counter_of::<IoUring>(
+        on_test_backend!(B => sessio_remote::node::LocalBank::counter_of::<B>(
             node.addr,
             &Secret::from_bytes(SECRET),
             name,
-        )
+        ))
         .unwrap()
     };
     let (need_full, applied) = (counters("need_full"), counters("applied"));
@@ -268,12 +263,7 @@ fn a_slow_link_gets_each_change_once() {
 /// slow node to drain its backlog.
 #[test]
 fn a_slow_node_is_routed_around_until_it_catches_up() {
-    assert!(
-        IoUring::available(),
-        "io_uring is unavailable here: these tests need it"
-    );
-    let bank =
-        sessio_remote::node::LocalBank::start::<IoUring>(3, 2, Secret::from_bytes(SECRET)).unwrap();
+    let bank = sessio_remote::node::LocalBank::start_any(3, 2, Secret::from_bytes(SECRET)).unwrap();
     let slow = SlowLink::start(bank.nodes()[0].addr, Duration::from_millis(20), 16 * 1024);
     let members = bank
         .placement
@@ -290,11 +280,7 @@ fn a_slow_node_is_routed_around_until_it_catches_up() {
     let sids: Vec<_> = (0..30)
         .map(|_| arena.create(NewSession::default(), &[("n", b"0")]).unwrap())
         .collect();
-    let repl = Replicator::spawn(
-        &loc,
-        ReplicatorConfig::new(placement.clone(), Secret::from_bytes(SECRET), 1),
-    )
-    .unwrap();
+    let repl = Replicator::spawn(&loc, config(placement.clone())).unwrap();
     let started = Instant::now();
     let mut n = 0u32;
     while started.elapsed() < Duration::from_secs(3) {

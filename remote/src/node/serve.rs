@@ -332,24 +332,17 @@ impl LocalBank {
         })
     }
 
-    /// Starts the bank on `io_uring` where it works here, else on epoll
-    /// (and says so on stderr): tests that use it run either way.
+    /// Starts the bank on the engine tests run on
+    /// ([`sessio_net::test_backend`]: `io_uring` where it works here, else
+    /// epoll, and it says which on stderr): tests that use it run either
+    /// way.
     pub fn start_any(n: u16, replicas: usize, secret: Secret) -> io::Result<LocalBank> {
-        if sessio_net::IoUring::available() {
-            Self::start::<sessio_net::IoUring>(n, replicas, secret)
-        } else {
-            eprintln!("io_uring is unavailable here: the bank runs on epoll");
-            Self::start::<sessio_net::Epoll>(n, replicas, secret)
-        }
+        sessio_net::on_test_backend!(B => Self::start::<B>(n, replicas, secret))
     }
 
-    /// [`LocalBank::counter`] on whichever engine works here.
+    /// [`LocalBank::counter`] on the engine tests run on.
     pub fn counter_any(&self, name: &str) -> io::Result<u64> {
-        if sessio_net::IoUring::available() {
-            self.counter::<sessio_net::IoUring>(name)
-        } else {
-            self.counter::<sessio_net::Epoll>(name)
-        }
+        sessio_net::on_test_backend!(B => self.counter::<B>(name))
     }
 
     /// The nodes, node `i + 1` at index `i`.

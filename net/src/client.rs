@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use crate::backend::{Backend, IoUring};
 use crate::handshake::{Handshake, Identity, Secret};
 use crate::message::{Limits, Message};
+use crate::seal::Protection;
 use crate::server::HANDSHAKE_TIMEOUT_MS_DEFAULT;
 use crate::transport::{
     Backoff, Conn, PeerInfo, SocketOptions, TransportError, drive_handshake, ms,
@@ -83,6 +84,7 @@ pub struct Client<B: Backend = IoUring> {
     addr: SocketAddr,
     config: ClientConfig,
     secret: Secret,
+    protection: Protection,
     /// Sizes of requests sent and not yet answered, oldest first.
     awaiting: VecDeque<u64>,
     /// Replies read off the socket but not yet received by the caller, with
@@ -117,13 +119,37 @@ impl<B: Backend> Client<B> {
         config: ClientConfig,
         secret: Secret,
     ) -> Result<Client<B>, TransportError> {
-        let (conn, peer) = Self::open(addr, &config, &secret).await?;
+        Self::connect_as(addr, config, secret, Protection::Sealed).await
+    }
+
+    /// Connects to a [`crate::Server::bind_unsealed`] server: records laid
+    /// out, counted and checked as usual but neither encrypted nor
+    /// authenticated, for measuring what sealing costs in the same run.
+    /// Exists only with the `unsealed-bench` feature, which only the
+    /// benchmarks enable; no configuration reaches it.
+    #[cfg(feature = "unsealed-bench")]
+    pub async fn connect_unsealed(
+        addr: SocketAddr,
+        config: ClientConfig,
+        secret: Secret,
+    ) -> Result<Client<B>, TransportError> {
+        Self::connect_as(addr, config, secret, Protection::Unsealed).await
+    }
+
+    async fn connect_as(
+        addr: SocketAddr,
+        config: ClientConfig,
+        secret: Secret,
+        protection: Protection,
+    ) -> Result<Client<B>, TransportError> {
+        let (conn, peer) = Self::open(addr, &config, &secret, protection).await?;
         Ok(Client {
             conn,
             peer,
             addr,
             config,
             secret,
+            protection,
             awaiting: VecDeque::new(),
             queued: VecDeque::new(),
             in_flight_bytes: 0,
@@ -139,11 +165,20 @@ impl<B: Backend> Client<B> {
         config: ClientConfig,
         secret: Secret,
     ) -> Result<Client<B>, TransportError> {
+        Self::connect_with_backoff_as(addr, config, secret, Protection::Sealed).await
+    }
+
+    async fn connect_with_backoff_as(
+        addr: SocketAddr,
+        config: ClientConfig,
+        secret: Secret,
+        protection: Protection,
+    ) -> Result<Client<B>, TransportError> {
         let mut backoff = Backoff::new(ms(config.backoff_min_ms), ms(config.backoff_max_ms));
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            match Self::connect(addr, config.clone(), secret.clone()).await {
+            match Self::connect_as(addr, config.clone(), secret.clone(), protection).await {
                 Ok(c) => return Ok(c),
                 Err(e) if !retryable(&e) => return Err(e),
                 Err(e)
@@ -168,8 +203,13 @@ impl<B: Backend> Client<B> {
     /// restarted and lost its state.
     pub async fn reconnect(&mut self) -> Result<usize, TransportError> {
         let lost = self.awaiting.len() + self.queued.iter().filter(|(_, n)| *n > 0).count();
-        let fresh =
-            Self::connect_with_backoff(self.addr, self.config.clone(), self.secret.clone()).await?;
+        let fresh = Self::connect_with_backoff_as(
+            self.addr,
+            self.config.clone(),
+            self.secret.clone(),
+            self.protection,
+        )
+        .await?;
         *self = fresh;
         Ok(lost)
     }
@@ -178,6 +218,7 @@ impl<B: Backend> Client<B> {
         addr: SocketAddr,
         config: &ClientConfig,
         secret: &Secret,
+        protection: Protection,
     ) -> Result<(Conn<B>, PeerInfo), TransportError> {
         let hs_timeout = ms(config.handshake_timeout_ms);
         let attempt = async {
@@ -198,7 +239,7 @@ impl<B: Backend> Client<B> {
             addr,
             frame_bytes_max: est.frame_bytes_max,
         };
-        Ok((Conn::new(stream, limits, &est.keys), peer))
+        Ok((Conn::new(stream, limits, &est.keys, protection), peer))
     }
 
     /// The authenticated server.
@@ -243,7 +284,7 @@ impl<B: Backend> Client<B> {
             self.awaiting.push_back(len);
             self.in_flight_bytes += len;
         }
-        if self.conn.wbuf.len() >= self.config.write_bytes_max as usize {
+        if self.conn.out.len() >= self.config.write_bytes_max as usize {
             self.flush().await?;
         }
         Ok(())

@@ -13,8 +13,9 @@
 //! seed folds magic, version, kind and length into the checksum, so a flipped
 //! header bit is caught just like a flipped body bit. It only catches
 //! accidents; the handshake's MACs are what authenticate. Every frame after
-//! the handshake is sealed ([`crate::seal`]): `check` is its counter and the
-//! body ends with an AES-GCM tag.
+//! the handshake is a sealed record ([`crate::seal`]) of kind `Sealed`:
+//! `check` is its counter, the body is the ciphertext of one or more
+//! messages ([`crate::record`]) and ends with an AES-GCM tag.
 //!
 //! The decoder never allocates: it returns a [`Frame`] that borrows the body
 //! from the caller's buffer, after checking the declared length against
@@ -26,9 +27,10 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 /// First two bytes of every frame (`0x5E55`, sent as `55 5E`).
 pub const MAGIC: u16 = 0x5E55;
 /// Wire protocol version spoken by this crate.
-/// Version 2 seals every frame after the handshake; version 1 peers are
-/// refused with a version `Reject`.
-pub const PROTOCOL_VERSION: u8 = 2;
+/// Version 2 sealed every frame after the handshake; version 3 seals
+/// records of many messages instead (one per write). Peers of other
+/// versions are refused with a version `Reject`.
+pub const PROTOCOL_VERSION: u8 = 3;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 16;
 /// Smallest `frame_bytes_max` a peer may configure: room for the largest
@@ -70,11 +72,14 @@ pub enum FrameKind {
     StatsRequest = 0x17,
     /// [`crate::message::Stats`].
     Stats = 0x18,
+    /// A sealed record ([`crate::seal`]): the only frame after the
+    /// handshake; the messages (kinds above) travel inside records.
+    Sealed = 0x20,
 }
 
 impl FrameKind {
     /// Every kind, in wire-code order.
-    pub const ALL: [FrameKind; 14] = [
+    pub const ALL: [FrameKind; 15] = [
         FrameKind::Hello,
         FrameKind::HelloReply,
         FrameKind::Auth,
@@ -89,6 +94,7 @@ impl FrameKind {
         FrameKind::Pong,
         FrameKind::StatsRequest,
         FrameKind::Stats,
+        FrameKind::Sealed,
     ];
 
     /// The kind for a wire code, if it is one.
@@ -153,7 +159,7 @@ pub struct FrameHeader {
     /// Body length in bytes (header excluded).
     pub body_len: u32,
     /// Header bytes 8..16: in a handshake frame, the xxh3 checksum of
-    /// header bytes 0..8 (as seed) and the body; in a sealed frame, its
+    /// header bytes 0..8 (as seed) and the body; in a sealed record, its
     /// counter.
     pub check: u64,
 }
@@ -220,13 +226,14 @@ pub struct Frame<'a> {
     /// What the body holds.
     pub kind: FrameKind,
     /// The body bytes, checksum verified (handshake frames) or opened
-    /// (sealed frames: the plaintext, tag excluded).
+    /// (a message of a sealed record: the plaintext, padding excluded).
     pub body: &'a [u8],
 }
 
 impl<'a> Frame<'a> {
     /// Decodes one checksummed (handshake) frame from the start of `buf`.
-    /// Frames after the handshake are sealed: see [`crate::seal::Opener`].
+    /// Frames after the handshake are sealed records: see
+    /// [`crate::seal::Opener`] and [`crate::record::next_message`].
     ///
     /// - `Ok(None)`: `buf` is a valid prefix of a frame; read more bytes.
     /// - `Ok(Some((frame, consumed)))`: one frame, `consumed` bytes long.

@@ -20,9 +20,9 @@
 //! allocated. Feed it bytes with [`Handshake::receive`], send what
 //! [`Handshake::take_output`] returns, until [`Handshake::established`].
 //!
-//! A successful handshake also yields the connection's two frame keys
+//! A successful handshake also yields the connection's two record keys
 //! ([`SessionKeys`], one per direction), derived from the secret and the
-//! transcript; every frame after it is sealed with them ([`crate::seal`]).
+//! transcript; every record after it is sealed with them ([`crate::seal`]).
 //! Byte layouts: `docs/PROTOCOL.md`.
 
 use std::fmt;
@@ -285,7 +285,7 @@ pub struct Established {
     pub peer: Identity,
     /// The responder's `frame_bytes_max` (on the responder: its own).
     pub frame_bytes_max: u32,
-    /// This connection's frame keys, as this side uses them: seal what it
+    /// This connection's record keys, as this side uses them: seal what it
     /// sends with [`SessionKeys::sealer`], open what it receives with
     /// [`SessionKeys::opener`].
     pub keys: SessionKeys,

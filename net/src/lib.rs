@@ -6,17 +6,20 @@
 //! length, check word) and a body. Before anything else, the two peers run
 //! the [handshake](handshake): a mutual BLAKE3-keyed challenge–response over
 //! a shared 32-byte secret that also exchanges ids and process incarnations
-//! and derives one key per direction. After it, every frame is
-//! [sealed](seal) with AES-256-GCM under a per-direction counter, and each
-//! frame body is one rkyv-archived [message](message), validated with
-//! bytecheck and bounded by [`Limits`] before use.
+//! and derives one key per direction. After it, every frame is a
+//! [sealed](seal) record (AES-256-GCM under a per-direction counter) of one
+//! or more [messages](record), as many as one socket write carries; each is
+//! one rkyv-archived [message](message), validated with bytecheck and
+//! bounded by [`Limits`] before use.
 //!
 //! Data moves through the modules like this:
 //!
 //! - [`frame`]: bytes ⇄ `(kind, body)`; tells "need more" from "invalid".
 //! - [`handshake`]: a pure, allocation-free state machine (bytes in, bytes
 //!   out) — unit-tested and fuzzed without sockets.
-//! - [`seal`]: seals and opens frames in place after the handshake.
+//! - [`seal`]: seals and opens records in place after the handshake.
+//! - [`record`]: messages ⇄ a record's plaintext; the send buffer that
+//!   coalesces a write's messages into one record.
 //! - [`message`]: `(kind, body)` ⇄ [`Message`], with validation and limits.
 //! - [`transport`]: the framed connection shared by [`Client`] and
 //!   [`Server`], which run on a [`Backend`]: [`IoUring`] (compio, the
@@ -79,6 +82,7 @@ pub mod client;
 pub mod frame;
 pub mod handshake;
 pub mod message;
+pub mod record;
 pub mod seal;
 pub mod server;
 pub mod shutdown;
@@ -95,6 +99,7 @@ pub use message::{
     FoundRecord, Invalidate, InvalidateEntry, Limits, Message, MessageError, Ping, Pong, Sid,
     Stats, StatsRequest,
 };
+pub use record::RecordWriter;
 pub use seal::{Opener, SealError, Sealer, SessionKeys};
 pub use server::{Server, ServerConfig, ServerStats};
 pub use shutdown::{FireOnDrop, Shutdown};

@@ -1,7 +1,8 @@
 //! The messages peers exchange once authenticated, archived with rkyv.
 //!
-//! Each message travels as the body of one frame whose kind names it, so the
-//! receiver knows the archived type before it looks at the body. Every body is
+//! Each message travels in a sealed record ([`crate::record`]) behind a
+//! header whose kind names it, so the receiver knows the archived type
+//! before it looks at the body. Every body is
 //! validated with bytecheck (`rkyv::access`) and then checked against
 //! [`Limits`] before a single byte of it is copied into owned values.
 //!
@@ -12,7 +13,8 @@ use rkyv::rancor;
 use rkyv::util::AlignedVec;
 
 use crate::frame::{self, Frame, FrameKind};
-use crate::seal::{SealError, Sealer, TAG_LEN};
+use crate::record;
+use crate::seal::{RECORD_OVERHEAD, SealError};
 
 /// A session id: 128 random bits.
 pub type Sid = [u8; 16];
@@ -272,14 +274,14 @@ pub enum MessageError {
     Serialize(String),
 }
 
-/// Why a message could not be encoded into a sealed frame.
+/// Why a message could not be added to a sealed record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum EncodeError {
     /// The message is over a limit or does not serialize.
     #[error(transparent)]
     Message(#[from] MessageError),
-    /// The frame could not be sealed.
+    /// The record could not be sealed.
     #[error(transparent)]
     Seal(#[from] SealError),
 }
@@ -527,72 +529,64 @@ impl Codec {
 
     /// Appends `msg` as one checksummed (unsealed) frame to `out`, after
     /// checking it against the limits (so the peer, sharing them, will
-    /// accept it). Connections send sealed frames: see
-    /// [`Codec::encode_sealed_into`].
+    /// accept it). Connections send sealed records instead: see
+    /// [`Codec::encode_message_into`] and [`crate::record::RecordWriter`].
     pub fn encode_into(&mut self, msg: &Message, out: &mut Vec<u8>) -> Result<(), MessageError> {
-        let scratch = self.serialize(msg, 0)?;
-        frame::encode_into(msg.kind(), &scratch, out);
-        self.scratch = scratch;
-        Ok(())
-    }
-
-    /// Appends `msg` as one frame sealed by `sealer` (its next counter) to
-    /// `out`, after checking it, tag included, against the limits. The body
-    /// is encrypted where it lies in `out`; returns the frame's length.
-    pub fn encode_sealed_into(
-        &mut self,
-        msg: &Message,
-        sealer: &mut Sealer,
-        out: &mut Vec<u8>,
-    ) -> Result<usize, EncodeError> {
-        let scratch = self.serialize(msg, TAG_LEN)?;
-        let start = out.len();
-        out.reserve(frame::HEADER_LEN + scratch.len() + TAG_LEN);
-        out.resize(start + frame::HEADER_LEN, 0);
-        out.extend_from_slice(&scratch);
-        self.scratch = scratch;
-        if let Err(e) = sealer.seal_frame(msg.kind(), out, start) {
-            out.truncate(start);
-            return Err(e.into());
-        }
-        Ok(out.len() - start)
-    }
-
-    /// Checks `msg` and archives it into the scratch buffer (taken out of
-    /// `self`: put it back), refusing a frame over the limit once
-    /// `overhead` bytes (a tag) are added to the body.
-    fn serialize(
-        &mut self,
-        msg: &Message,
-        overhead: usize,
-    ) -> Result<AlignedVec<ARCHIVE_ALIGN>, MessageError> {
         msg.check_limits(&self.limits)?;
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
-        let result = match msg {
-            Message::DeltaBatch(m) => rkyv::api::high::to_bytes_in::<_, rancor::Error>(m, scratch),
-            Message::Ack(m) => rkyv::api::high::to_bytes_in::<_, rancor::Error>(m, scratch),
-            Message::Fetch(m) => rkyv::api::high::to_bytes_in::<_, rancor::Error>(m, scratch),
-            Message::FetchReply(m) => rkyv::api::high::to_bytes_in::<_, rancor::Error>(m, scratch),
-            Message::Invalidate(m) => rkyv::api::high::to_bytes_in::<_, rancor::Error>(m, scratch),
-            Message::Ping(m) => rkyv::api::high::to_bytes_in::<_, rancor::Error>(m, scratch),
-            Message::Pong(m) => rkyv::api::high::to_bytes_in::<_, rancor::Error>(m, scratch),
-            Message::StatsRequest(m) => {
-                rkyv::api::high::to_bytes_in::<_, rancor::Error>(m, scratch)
-            }
-            Message::Stats(m) => rkyv::api::high::to_bytes_in::<_, rancor::Error>(m, scratch),
-        };
-        let scratch = result.map_err(|e| MessageError::Serialize(e.to_string()))?;
-        let frame_bytes = frame::HEADER_LEN + scratch.len() + overhead;
-        if frame_bytes as u64 > u64::from(self.limits.frame_bytes_max) {
-            self.scratch = scratch;
-            return Err(MessageError::OverLimit {
-                what: "frame bytes",
-                found: frame_bytes as u64,
-                limit: u64::from(self.limits.frame_bytes_max),
-            });
+        let scratch = archive(msg, scratch)?;
+        let frame_bytes = frame::HEADER_LEN + scratch.len();
+        let fits = over("frame bytes", frame_bytes, self.limits.frame_bytes_max);
+        if fits.is_ok() {
+            frame::encode_into(msg.kind(), &scratch, out);
         }
-        Ok(scratch)
+        self.scratch = scratch;
+        fits
+    }
+
+    /// Appends `msg` to `out` as one message of a record's plaintext
+    /// (header, body, padding: [`crate::record`]), after checking it
+    /// against the limits, a record of its own included. The body is
+    /// archived where it lies in `out`, with no copy. Returns the bytes
+    /// appended; on error `out` is left as it was.
+    pub fn encode_message_into(
+        &mut self,
+        msg: &Message,
+        out: &mut Vec<u8>,
+    ) -> Result<usize, MessageError> {
+        msg.check_limits(&self.limits)?;
+        let start = out.len();
+        out.resize(start + record::MESSAGE_HEADER_LEN, 0);
+        let body = BodyWriter {
+            start: out.len(),
+            out: &mut *out,
+        };
+        let body_len = match archive(msg, body) {
+            Ok(body) => body.out.len() - body.start,
+            Err(e) => {
+                out.truncate(start);
+                return Err(e);
+            }
+        };
+        let len = record::message_len(body_len);
+        let fits = over(
+            "frame bytes",
+            RECORD_OVERHEAD + len,
+            self.limits.frame_bytes_max,
+        );
+        let Ok(body_len_u32) = u32::try_from(body_len) else {
+            out.truncate(start);
+            return Err(MessageError::Serialize("a body of 4 GiB or more".into()));
+        };
+        if let Err(e) = fits {
+            out.truncate(start);
+            return Err(e);
+        }
+        out.resize(start + len, 0);
+        out[start..start + record::MESSAGE_HEADER_LEN]
+            .copy_from_slice(&record::message_header(msg.kind(), body_len_u32));
+        Ok(len)
     }
 
     /// Encodes `msg` as one frame into a new vector.
@@ -617,6 +611,48 @@ impl Codec {
             FrameKind::Stats => Message::Stats(access_checked(kind, body, l, s)?),
             other => return Err(MessageError::NotAMessage(other)),
         })
+    }
+}
+
+/// Archives `msg` into `writer` (positions counted from the writer's
+/// start).
+fn archive<W>(msg: &Message, writer: W) -> Result<W, MessageError>
+where
+    W: rkyv::ser::Writer<rancor::Error>,
+{
+    use rkyv::api::high::to_bytes_in;
+    let result = match msg {
+        Message::DeltaBatch(m) => to_bytes_in::<_, rancor::Error>(m, writer),
+        Message::Ack(m) => to_bytes_in::<_, rancor::Error>(m, writer),
+        Message::Fetch(m) => to_bytes_in::<_, rancor::Error>(m, writer),
+        Message::FetchReply(m) => to_bytes_in::<_, rancor::Error>(m, writer),
+        Message::Invalidate(m) => to_bytes_in::<_, rancor::Error>(m, writer),
+        Message::Ping(m) => to_bytes_in::<_, rancor::Error>(m, writer),
+        Message::Pong(m) => to_bytes_in::<_, rancor::Error>(m, writer),
+        Message::StatsRequest(m) => to_bytes_in::<_, rancor::Error>(m, writer),
+        Message::Stats(m) => to_bytes_in::<_, rancor::Error>(m, writer),
+    };
+    result.map_err(|e| MessageError::Serialize(e.to_string()))
+}
+
+/// Archives into the tail of a send buffer, positions counted from where
+/// the body starts (16-byte aligned in its record, so rkyv's padding
+/// matches where the receiver reads it).
+struct BodyWriter<'a> {
+    out: &'a mut Vec<u8>,
+    start: usize,
+}
+
+impl rkyv::ser::Positional for BodyWriter<'_> {
+    fn pos(&self) -> usize {
+        self.out.len() - self.start
+    }
+}
+
+impl<E> rkyv::ser::Writer<E> for BodyWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), E> {
+        self.out.extend_from_slice(bytes);
+        Ok(())
     }
 }
 

@@ -39,7 +39,8 @@ use crate::backend::{Backend, IoUring, Stream};
 use crate::frame::FrameKind;
 use crate::handshake::{Handshake, Identity, RejectReason, Secret, reject_body, reject_frame};
 use crate::message::{Codec, Limits, Message};
-use crate::seal::{Opener, Sealer};
+use crate::record::RecordWriter;
+use crate::seal::{Opener, Protection};
 use crate::transport::{FrameReader, PeerInfo, SocketOptions, TransportError, drive_handshake, ms};
 
 /// Default for [`ServerConfig::connections_max`].
@@ -201,12 +202,14 @@ pub struct Server<B: Backend = IoUring> {
     config: Rc<ServerConfig>,
     secret: Secret,
     stats: Arc<ServerStats>,
+    protection: Protection,
     _backend: PhantomData<B>,
 }
 
 struct Shared<H> {
     config: Rc<ServerConfig>,
     secret: Secret,
+    protection: Protection,
     stats: Arc<ServerStats>,
     handler: RefCell<H>,
     /// Connections in the handshake, oldest first.
@@ -287,8 +290,28 @@ impl<B: Backend> Server<B> {
             config: Rc::new(config),
             secret,
             stats: Arc::new(ServerStats::default()),
+            protection: Protection::Sealed,
             _backend: PhantomData,
         })
+    }
+
+    /// A server whose connections lay out, count and check records as
+    /// usual but neither encrypt nor authenticate them: for measuring what
+    /// sealing costs, in the same run, against [`Client::connect_unsealed`]
+    /// (a sealed peer fails on the first record). Exists only with the
+    /// `unsealed-bench` feature, which only the benchmarks enable; no
+    /// configuration reaches it.
+    ///
+    /// [`Client::connect_unsealed`]: crate::Client::connect_unsealed
+    #[cfg(feature = "unsealed-bench")]
+    pub fn bind_unsealed(
+        addr: SocketAddr,
+        config: ServerConfig,
+        secret: Secret,
+    ) -> io::Result<Server<B>> {
+        let mut server = Self::bind(addr, config, secret)?;
+        server.protection = Protection::Unsealed;
+        Ok(server)
     }
 
     /// Counts into `stats` (shared with the servers of other threads)
@@ -331,6 +354,7 @@ impl<B: Backend> Server<B> {
         let shared = Rc::new(Shared {
             config: self.config,
             secret: self.secret,
+            protection: self.protection,
             stats: self.stats,
             handler: RefCell::new(handler),
             pending: RefCell::new(std::collections::VecDeque::new()),
@@ -524,9 +548,12 @@ where
     };
     tracing::debug!(%addr, id = peer.identity.id, "peer authenticated");
     let idle = ms(cfg.idle_timeout_ms);
-    let mut sealer = established.keys.sealer();
-    let opener = established.keys.opener();
-    let result = serve_messages::<B, H>(shared, &stream, peer, idle, &mut sealer, opener).await;
+    let outbox = Outbox::new(
+        shared.protection.sealer(&established.keys),
+        cfg.write_bytes_max as usize,
+    );
+    let opener = shared.protection.opener(&established.keys);
+    let result = serve_messages::<B, H>(shared, &stream, peer, idle, &outbox, opener).await;
     if let Err(e) = &result
         && e.is_protocol_error()
     {
@@ -535,10 +562,15 @@ where
     if let Err(TransportError::Frame(crate::frame::FrameError::UnknownKind { found })) = &result {
         // Say why before closing: the peer may be a newer build that sent
         // something this one does not know (detail: the kind). Sealed, as
-        // every frame after the handshake.
-        let mut reject = Vec::new();
+        // everything after the handshake, after whatever replies are
+        // still queued (so the counters stay in step).
         let body = reject_body(RejectReason::Malformed, u32::from(*found));
-        if sealer.seal(FrameKind::Reject, &body, &mut reject).is_ok() {
+        let mut reject = Vec::new();
+        let sealed = {
+            let mut out = outbox.buf.borrow_mut();
+            out.push_raw(FrameKind::Reject, &body).is_ok() && out.take_sealed(&mut reject).is_ok()
+        };
+        if sealed {
             let wait = ms(cfg.handshake_timeout_ms).min(Duration::from_secs(1));
             let _ = B::timeout(wait, stream.write_all(reject)).await;
         }
@@ -550,7 +582,9 @@ where
 /// side of one connection, and what the two wait on. Both sides run in the
 /// connection's one task, so plain cells do.
 struct Outbox {
-    buf: RefCell<Vec<u8>>,
+    /// Replies, coalesced into a record that is sealed when the writer
+    /// takes it.
+    buf: RefCell<RecordWriter>,
     /// A write is in flight.
     writing: Cell<bool>,
     /// The reading side saw the end of the stream: write what is left, stop.
@@ -567,9 +601,9 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn new(hold_bytes_max: usize) -> Outbox {
+    fn new(sealer: crate::seal::Sealer, hold_bytes_max: usize) -> Outbox {
         Outbox {
-            buf: RefCell::new(Vec::new()),
+            buf: RefCell::new(RecordWriter::new(sealer)),
             writing: Cell::new(false),
             closing: Cell::new(false),
             hold: Cell::new(false),
@@ -612,18 +646,18 @@ impl Outbox {
         .await;
     }
 
-    /// Waits for replies to write; swaps them into `out` (empty). `false`
-    /// when closing and nothing is left.
-    async fn take(&self, out: &mut Vec<u8>) -> bool {
+    /// Waits for replies to write; seals them and swaps them into `out`.
+    /// `false` when closing and nothing is left.
+    async fn take(&self, out: &mut Vec<u8>) -> Result<bool, TransportError> {
         std::future::poll_fn(|cx| {
             let mut buf = self.buf.borrow_mut();
             let held = self.hold.get() && buf.len() < self.hold_bytes_max && !self.closing.get();
             if !buf.is_empty() && !held {
-                std::mem::swap(&mut *buf, out);
+                buf.take_sealed(out)?;
                 self.writing.set(true);
-                Poll::Ready(true)
+                Poll::Ready(Ok(true))
             } else if self.closing.get() {
-                Poll::Ready(false)
+                Poll::Ready(Ok(false))
             } else {
                 self.writer.set(Some(cx.waker().clone()));
                 Poll::Pending
@@ -657,18 +691,15 @@ async fn serve_messages<B: Backend, H>(
     stream: &B::Stream,
     peer: PeerInfo,
     idle: Duration,
-    sealer: &mut Sealer,
+    outbox: &Outbox,
     opener: Opener,
 ) -> Result<(), TransportError>
 where
     H: FnMut(PeerInfo, Message) -> Option<Message>,
 {
-    let outbox = Outbox::new(shared.config.write_bytes_max as usize);
-    let reading = pin!(read_side::<B, H>(
-        shared, stream, peer, &outbox, sealer, opener
-    ));
-    let writing = pin!(write_side::<B>(stream, &outbox));
-    let watchdog = pin!(idle_watchdog::<B>(&outbox, idle));
+    let reading = pin!(read_side::<B, H>(shared, stream, peer, outbox, opener));
+    let writing = pin!(write_side::<B>(stream, outbox));
+    let watchdog = pin!(idle_watchdog::<B>(outbox, idle));
     match select(reading, select(writing, watchdog)).await {
         Either::Left((r, _)) | Either::Right((Either::Left((r, _)) | Either::Right((r, _)), _)) => {
             r
@@ -681,7 +712,6 @@ async fn read_side<B: Backend, H>(
     stream: &B::Stream,
     peer: PeerInfo,
     outbox: &Outbox,
-    sealer: &mut Sealer,
     opener: Opener,
 ) -> Result<(), TransportError>
 where
@@ -696,9 +726,9 @@ where
             bump(&shared.stats.messages);
             let reply = (shared.handler.borrow_mut())(peer, msg);
             if let Some(reply) = reply {
-                // Sealed in the order the replies are queued, which is
-                // the order they are written: the counters stay in step.
-                codec.encode_sealed_into(&reply, sealer, &mut outbox.buf.borrow_mut())?;
+                // Coalesced with the other replies the next write takes,
+                // and sealed with them as one record when it takes them.
+                outbox.buf.borrow_mut().push(&mut codec, &reply)?;
                 Outbox::wake(&outbox.writer);
                 outbox.room(write_max).await;
             }
@@ -720,14 +750,13 @@ where
 
 async fn write_side<B: Backend>(stream: &B::Stream, outbox: &Outbox) -> Result<(), TransportError> {
     let mut wbuf = Vec::new();
-    while outbox.take(&mut wbuf).await {
+    while outbox.take(&mut wbuf).await? {
         Outbox::wake(&outbox.reader);
-        let (res, mut buf) = stream.write_all(std::mem::take(&mut wbuf)).await;
+        let (res, buf) = stream.write_all(std::mem::take(&mut wbuf)).await;
         outbox.writing.set(false);
         outbox.last_io.set(Instant::now());
         Outbox::wake(&outbox.reader);
         res?;
-        buf.clear();
         wbuf = buf;
     }
     // Closing and drained: the reading side returns `Closed`.

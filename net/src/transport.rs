@@ -10,7 +10,8 @@ use crate::backend::{Backend, Stream};
 use crate::frame::{FrameError, FrameHeader, HEADER_LEN};
 use crate::handshake::{Established, Handshake, HandshakeError, Identity};
 use crate::message::{Codec, EncodeError, Limits, Message, MessageError};
-use crate::seal::{Opener, SealError, Sealer, SessionKeys};
+use crate::record::{self, RecordWriter};
+use crate::seal::{Opener, Protection, RECORD_OVERHEAD, SealError, SessionKeys};
 
 /// Bytes asked of the kernel per read when no bigger frame is pending.
 pub const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -102,7 +103,7 @@ pub enum TransportError {
     /// A frame after the handshake failed to open (tampered with,
     /// replayed, reordered, dropped, from the other direction, under
     /// another key), or could not be sealed.
-    #[error("sealed frame refused: {0}")]
+    #[error("sealed record refused: {0}")]
     Seal(SealError),
     /// The peer sent a frame whose body is not an acceptable message.
     #[error("invalid message: {0}")]
@@ -200,13 +201,18 @@ pub(crate) async fn drive_handshake<S: Stream>(
 }
 
 /// The receiving half of a framed connection: a read buffer that grows only
-/// to the length of a frame whose header passed the limit check, and the
-/// opener that decrypts each frame in place.
+/// to the length of a record whose header passed the limit check, and the
+/// opener that decrypts each record in place, whose messages are then
+/// decoded one by one where they lie.
 pub(crate) struct FrameReader {
     codec: Codec,
     opener: Opener,
     rbuf: Vec<u8>,
+    /// Where the next record starts in `rbuf`.
     rstart: usize,
+    /// The messages of the last opened record not yet decoded (a range of
+    /// `rbuf`, before `rstart`).
+    pending: std::ops::Range<usize>,
     /// The last read left more bytes waiting in the socket (as far as the
     /// backend can tell): the next read completes at once.
     more_waiting: bool,
@@ -219,6 +225,7 @@ impl FrameReader {
             opener,
             rbuf: Vec::new(),
             rstart: 0,
+            pending: 0..0,
             more_waiting: false,
         }
     }
@@ -232,26 +239,40 @@ impl FrameReader {
         self.codec.limits().frame_bytes_max
     }
 
+    fn record_bytes_max(&self) -> u32 {
+        record::record_bytes_max(self.frame_bytes_max())
+    }
+
     /// The next complete message already buffered, if any.
     pub(crate) fn try_next(&mut self) -> Result<Option<Message>, TransportError> {
-        let max = self.frame_bytes_max();
-        match self.opener.open(&mut self.rbuf[self.rstart..], max)? {
-            Some((frame, used)) => {
-                let msg = self.codec.decode(&frame)?;
-                self.rstart += used;
-                if self.rstart == self.rbuf.len() {
-                    self.rbuf.clear();
-                    self.rstart = 0;
-                }
-                Ok(Some(msg))
-            }
-            None => Ok(None),
+        if self.pending.is_empty() {
+            let max = self.record_bytes_max();
+            let Some((_, used)) = self.opener.open(&mut self.rbuf[self.rstart..], max)? else {
+                return Ok(None);
+            };
+            let plain_start = self.rstart + HEADER_LEN;
+            self.pending = plain_start..plain_start + used - RECORD_OVERHEAD;
+            self.rstart += used;
         }
+        let (frame, used) =
+            record::next_message(&self.rbuf[self.pending.clone()], self.frame_bytes_max())?;
+        let msg = self.codec.decode(&frame)?;
+        self.pending.start += used;
+        if self.pending.is_empty() && self.rstart == self.rbuf.len() {
+            self.rbuf.clear();
+            self.rstart = 0;
+            self.pending = 0..0;
+        }
+        Ok(Some(msg))
     }
 
     /// Reads more bytes from `stream`. `Ok(false)` on a clean end of stream.
     pub(crate) async fn fill<S: Stream>(&mut self, stream: &S) -> Result<bool, TransportError> {
-        let max = self.frame_bytes_max();
+        debug_assert!(
+            self.pending.is_empty(),
+            "fill before every message is taken"
+        );
+        let max = self.record_bytes_max();
         // Header already validated (open returned need-more): size for it.
         let need = match FrameHeader::parse(&self.rbuf[self.rstart..], max)? {
             Some(h) => {
@@ -263,10 +284,11 @@ impl FrameReader {
         if self.rstart > 0 {
             self.rbuf.drain(..self.rstart);
             self.rstart = 0;
+            self.pending = 0..0;
         }
         let target = need.max(READ_CHUNK_BYTES);
         if self.rbuf.is_empty() && self.rbuf.capacity() > 4 * READ_CHUNK_BYTES {
-            // A past large frame should not pin its buffer forever.
+            // A past large record should not pin its buffer forever.
             self.rbuf = Vec::with_capacity(READ_CHUNK_BYTES);
         }
         if self.rbuf.capacity() < target {
@@ -287,23 +309,30 @@ impl FrameReader {
 }
 
 /// A framed, authenticated connection used by one task at a time: a
-/// [`FrameReader`], and a write buffer that coalesces sealed frames until
-/// flushed.
+/// [`FrameReader`], and a [`RecordWriter`] that coalesces messages into
+/// sealed records until flushed.
 pub(crate) struct Conn<B: Backend> {
     pub(crate) stream: B::Stream,
     pub(crate) reader: FrameReader,
     pub(crate) codec: Codec,
-    pub(crate) sealer: Sealer,
-    pub(crate) wbuf: Vec<u8>,
+    pub(crate) out: RecordWriter,
+    /// The buffer handed to the socket (its allocation kept between
+    /// writes).
+    wbuf: Vec<u8>,
 }
 
 impl<B: Backend> Conn<B> {
-    pub(crate) fn new(stream: B::Stream, limits: Limits, keys: &SessionKeys) -> Conn<B> {
+    pub(crate) fn new(
+        stream: B::Stream,
+        limits: Limits,
+        keys: &SessionKeys,
+        protection: Protection,
+    ) -> Conn<B> {
         Conn {
             stream,
-            reader: FrameReader::new(limits, keys.opener()),
+            reader: FrameReader::new(limits, protection.opener(keys)),
             codec: Codec::new(limits),
-            sealer: keys.sealer(),
+            out: RecordWriter::new(protection.sealer(keys)),
             wbuf: Vec::new(),
         }
     }
@@ -322,9 +351,10 @@ impl<B: Backend> Conn<B> {
     /// `io_uring` the send and the receive go to the kernel in one
     /// submission. `Ok(false)` on a clean end of stream.
     pub(crate) async fn flush_and_fill(&mut self) -> Result<bool, TransportError> {
-        if self.wbuf.is_empty() {
+        if self.out.is_empty() {
             return self.fill().await;
         }
+        self.out.take_sealed(&mut self.wbuf)?;
         let Conn {
             stream,
             reader,
@@ -332,29 +362,25 @@ impl<B: Backend> Conn<B> {
             ..
         } = self;
         let out = std::mem::take(wbuf);
-        let ((written, mut out), more) =
+        let ((written, out), more) =
             futures_util::future::join(stream.write_all(out), reader.fill(&*stream)).await;
-        out.clear();
         *wbuf = out;
         written?;
         more
     }
 
-    /// Appends `msg`, sealed, to the write buffer; returns its encoded
-    /// length.
+    /// Appends `msg` to the open record; returns the bytes it takes there.
     pub(crate) fn queue(&mut self, msg: &Message) -> Result<usize, TransportError> {
-        Ok(self
-            .codec
-            .encode_sealed_into(msg, &mut self.sealer, &mut self.wbuf)?)
+        Ok(self.out.push(&mut self.codec, msg)?)
     }
 
     pub(crate) async fn flush(&mut self) -> Result<(), TransportError> {
-        if self.wbuf.is_empty() {
+        if self.out.is_empty() {
             return Ok(());
         }
+        self.out.take_sealed(&mut self.wbuf)?;
         let buf = std::mem::take(&mut self.wbuf);
-        let (res, mut buf) = self.stream.write_all(buf).await;
-        buf.clear();
+        let (res, buf) = self.stream.write_all(buf).await;
         self.wbuf = buf;
         res?;
         Ok(())

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use sessio_net::frame::{self, FrameKind, HEADER_LEN};
 use sessio_net::handshake::{HandshakeError, RejectReason};
 use sessio_net::message::samples;
+use sessio_net::record;
 use sessio_net::{
     Ack, AckEntry, AckStatus, Backend, Client, ClientConfig, Delta, DeltaBatch, DeltaEntry, Epoll,
     FetchReply, Handshake, Identity, Message, Pong, Secret, Server, ServerConfig, Stats,
@@ -410,16 +411,9 @@ fn bad_magic_is_refused_at_its_first_bytes_on<B: Backend>() {
     assert_eq!(server.stop().handshakes_failed, 1);
 }
 
-/// An authenticated peer that sends a frame kind this build does not know
-/// is told why (a `Reject` naming the kind) before the connection closes.
-#[test]
-fn an_unknown_frame_kind_gets_a_reject() {
-    on_test_backend!(B => an_unknown_frame_kind_gets_a_reject_on::<B>());
-}
-
-fn an_unknown_frame_kind_gets_a_reject_on<B: Backend>() {
-    let server = TestServer::start::<B>(fast_server());
-    let mut sock = raw(server.addr);
+/// A raw socket past the handshake with the server, and its keys.
+fn authenticated(addr: SocketAddr) -> (TcpStream, sessio_net::SessionKeys) {
+    let mut sock = raw(addr);
     let mut hs = Handshake::initiator(&Secret::from_bytes(SECRET), HOST).unwrap();
     while hs.established().is_none() {
         if let Some(out) = hs.take_output() {
@@ -433,21 +427,117 @@ fn an_unknown_frame_kind_gets_a_reject_on<B: Backend>() {
         sock.write_all(out.as_bytes()).unwrap();
     }
     let keys = hs.established().unwrap().keys;
+    (sock, keys)
+}
+
+/// The one message of the one record the server sent before closing.
+fn reject_before_close(
+    sock: &mut TcpStream,
+    keys: &sessio_net::SessionKeys,
+) -> (FrameKind, Vec<u8>) {
+    let mut reply = read_to_close(sock);
+    let len = reply.len();
+    // Sealed like everything after the handshake.
+    let (plain, used) = keys
+        .opener()
+        .open(&mut reply, 1024)
+        .unwrap()
+        .expect("a whole record before the close");
+    assert_eq!(used, len, "one record");
+    let (frame, n) = record::next_message(plain, 1024).unwrap();
+    assert_eq!(n, plain.len(), "one message");
+    (frame.kind, frame.body.to_vec())
+}
+
+/// An authenticated peer that sends a frame kind this build does not know,
+/// in a record's header or in a message inside a record, is told why (a
+/// `Reject` naming the kind) before the connection closes.
+#[test]
+fn an_unknown_frame_kind_gets_a_reject() {
+    on_test_backend!(B => an_unknown_frame_kind_gets_a_reject_on::<B>());
+}
+
+fn an_unknown_frame_kind_gets_a_reject_on<B: Backend>() {
+    let server = TestServer::start::<B>(fast_server());
+    let (mut sock, keys) = authenticated(server.addr);
     let mut unknown = [0u8; HEADER_LEN];
     unknown[..2].copy_from_slice(&frame::MAGIC.to_le_bytes());
     unknown[2] = frame::PROTOCOL_VERSION;
     unknown[3] = 0xEE;
     sock.write_all(&unknown).unwrap();
-    let mut reply = read_to_close(&mut sock);
-    // Sealed like every frame after the handshake.
-    let (frame, _) = keys
-        .opener()
-        .open(&mut reply, 1024)
-        .unwrap()
-        .expect("a whole Reject frame before the close");
-    assert_eq!(frame.kind, FrameKind::Reject);
-    assert_eq!(frame.body[4], 0xEE, "the detail names the kind");
+    let (kind, body) = reject_before_close(&mut sock, &keys);
+    assert_eq!(kind, FrameKind::Reject);
+    assert_eq!(body[4], 0xEE, "the detail names the kind");
     assert_eq!(server.stop().protocol_errors, 1);
+
+    // Inside a record, after a message the server answers: the Reject
+    // follows the reply, in the same order of counters.
+    let server = TestServer::start::<B>(fast_server());
+    let (mut sock, keys) = authenticated(server.addr);
+    let mut plain = Vec::new();
+    let ping = Message::Ping(sessio_net::Ping { nonce: 5 });
+    sessio_net::Codec::default()
+        .encode_message_into(&ping, &mut plain)
+        .unwrap();
+    let at = plain.len();
+    record::push_message(FrameKind::Ping, &[0; 8], &mut plain);
+    plain[at] = 0xED;
+    let mut wire = Vec::new();
+    keys.sealer().seal(&plain, &mut wire).unwrap();
+    sock.write_all(&wire).unwrap();
+    let mut reply = read_to_close(&mut sock);
+    let mut opener = keys.opener();
+    let mut kinds = Vec::new();
+    let mut at = 0;
+    while at < reply.len() {
+        let (plain, used) = opener.open(&mut reply[at..], 1024).unwrap().unwrap();
+        let mut p = 0;
+        while p < plain.len() {
+            let (frame, n) = record::next_message(&plain[p..], 1024).unwrap();
+            kinds.push((frame.kind, frame.body.get(4).copied()));
+            p += n;
+        }
+        at += used;
+    }
+    assert_eq!(kinds.len(), 2, "{kinds:?}");
+    assert_eq!(kinds[0].0, FrameKind::Pong);
+    assert_eq!(kinds[1], (FrameKind::Reject, Some(0xED)));
+    assert_eq!(server.stop().protocol_errors, 1);
+}
+
+/// What an authenticated peer may not send inside a record (a handshake
+/// kind, a malformed layout, a message over the frame limit) closes its
+/// connection as a protocol error; nothing panics.
+#[test]
+fn a_malformed_record_closes_the_connection() {
+    on_test_backend!(B => a_malformed_record_closes_the_connection_on::<B>());
+}
+
+fn a_malformed_record_closes_the_connection_on<B: Backend>() {
+    let mut over = Vec::new();
+    record::push_message(FrameKind::Ping, &vec![0; 2048], &mut over);
+    let mut nonzero_padding = Vec::new();
+    record::push_message(FrameKind::Ping, &[0; 8], &mut nonzero_padding);
+    nonzero_padding[30] = 1;
+    let mut auth = Vec::new();
+    record::push_message(FrameKind::Auth, &[0; 32], &mut auth);
+    for (what, plain) in [
+        ("a message over the frame limit", over),
+        ("nonzero padding", nonzero_padding),
+        ("a handshake kind", auth),
+    ] {
+        let mut config = fast_server();
+        config.limits.frame_bytes_max = 1024;
+        let server = TestServer::start::<B>(config);
+        let (mut sock, keys) = authenticated(server.addr);
+        let mut wire = Vec::new();
+        keys.sealer().seal(&plain, &mut wire).unwrap();
+        sock.write_all(&wire).unwrap();
+        let _ = read_to_close(&mut sock);
+        let snap = server.stop();
+        assert_eq!(snap.protocol_errors, 1, "{what}");
+        assert_eq!(snap.messages, 0, "{what}");
+    }
 }
 
 #[test]
@@ -539,6 +629,7 @@ fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
             Ok(0) => return out,
             Ok(n) => out.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return out,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => panic!("server did not close the connection: {e}"),
         }
     }
@@ -829,7 +920,7 @@ fn io_timeout_is_inactivity_not_a_deadline_on<B: Backend>() {
 }
 
 /// Bytes of the handshake from the host (`Hello` + `Auth`) and from the
-/// node (`HelloReply` + `Accept`): everything after them is sealed.
+/// node (`HelloReply` + `Accept`): every record after them is sealed.
 const HANDSHAKE_TO_NODE: usize = (HEADER_LEN + 48) + (HEADER_LEN + 32);
 const HANDSHAKE_TO_HOST: usize = (HEADER_LEN + 80) + (HEADER_LEN + 8);
 
@@ -840,7 +931,7 @@ enum Tamper {
     Nothing,
     /// Flips one bit of the byte this far past the handshake, host → node.
     FlipToNode(usize),
-    /// Sends the first sealed frame host → node twice.
+    /// Sends the first sealed record host → node twice.
     ReplayToNode,
     /// Flips one bit of the byte this far past the handshake, node → host.
     FlipToHost(usize),
@@ -890,7 +981,7 @@ impl Proxy {
 }
 
 /// Copies `src` to `dst` until either end closes, recording into `log`;
-/// flips a bit at offset `flip`, or sends the first frame after
+/// flips a bit at offset `flip`, or sends the first record after
 /// `handshake` bytes twice.
 fn relay(
     mut src: TcpStream,
@@ -918,8 +1009,8 @@ fn relay(
         }
         let mut upto = seen.len();
         if replay {
-            // Hold the first sealed frame until it is whole, then send it
-            // twice.
+            // Hold the first sealed record until it is whole, then send
+            // it twice.
             upto = upto.min(handshake);
             if let Some(head) = seen.get(handshake..handshake + HEADER_LEN) {
                 let len = HEADER_LEN + u32::from_le_bytes(head[4..8].try_into().unwrap()) as usize;
@@ -1006,7 +1097,7 @@ fn the_wire_carries_no_plaintext_on<B: Backend>() {
     assert_eq!(server.stop().protocol_errors, 0);
 }
 
-/// A flipped byte in a sealed frame, or a replayed frame, closes that
+/// A flipped byte in a sealed record, or a replayed record, closes that
 /// connection with a clear error, while the server keeps serving others.
 fn tampering_closes_the_connection<B: Backend>(tamper: Tamper) {
     let server = TestServer::start::<B>(fast_server());
@@ -1026,7 +1117,19 @@ fn tampering_closes_the_connection<B: Backend>(tamper: Tamper) {
         }
         let err = outcome.expect_err("a tampered connection went on");
         match tamper {
-            // The node refuses the frame and closes; the host sees the close.
+            // The record's kind byte turned into one this build does not
+            // know: the node says so (a sealed Reject) and closes.
+            Tamper::FlipToNode(3) => assert!(
+                matches!(
+                    err,
+                    TransportError::Message(sessio_net::MessageError::NotAMessage(
+                        FrameKind::Reject
+                    ))
+                ),
+                "{err:?}"
+            ),
+            // The node refuses the record and closes; the host sees the
+            // close.
             Tamper::FlipToNode(_) | Tamper::ReplayToNode => assert!(
                 matches!(err, TransportError::Closed | TransportError::Io(_)),
                 "{err:?}"
@@ -1072,30 +1175,36 @@ fn tampering_closes_the_connection<B: Backend>(tamper: Tamper) {
 }
 
 #[test]
-fn a_flipped_byte_in_a_sealed_frame_closes_the_connection() {
-    on_test_backend!(B => a_flipped_byte_in_a_sealed_frame_closes_the_connection_on::<B>());
+fn a_flipped_byte_in_a_sealed_record_closes_the_connection() {
+    on_test_backend!(B => a_flipped_byte_in_a_sealed_record_closes_the_connection_on::<B>());
 }
 
-fn a_flipped_byte_in_a_sealed_frame_closes_the_connection_on<B: Backend>() {
-    // The first sealed frame is the batch: its plaintext frame, then a tag.
-    let plain_len = sessio_net::Codec::default()
-        .encode(&marked_batch(&[0x3C; 32], [0; 16]))
-        .unwrap()
-        .len();
-    // In the header (kind: DeltaBatch becomes Invalidate; counter), the
-    // body, the tag. (A flipped length bit is caught by the unit tests:
-    // a longer frame waits for bytes that never come, until a timeout.)
-    for at in [3, 9, HEADER_LEN + 40, plain_len + 5] {
+fn a_flipped_byte_in_a_sealed_record_closes_the_connection_on<B: Backend>() {
+    // The first record is the batch alone (the client writes it before it
+    // waits for the ack): header, the message's header, its body, a tag.
+    let mut plain = Vec::new();
+    sessio_net::Codec::default()
+        .encode_message_into(&marked_batch(&[0x3C; 32], [0; 16]), &mut plain)
+        .unwrap();
+    let record_len = sessio_net::seal::RECORD_OVERHEAD + plain.len();
+    // In the header (kind; counter), the message's header (its kind: a
+    // DeltaBatch would become an Invalidate), its body, the tag. (A
+    // flipped length bit is caught by the unit tests: a longer record
+    // waits for bytes that never come, until a timeout.)
+    for at in [
+        3,
+        9,
+        HEADER_LEN,
+        HEADER_LEN + 4,
+        HEADER_LEN + 40,
+        record_len - 5,
+    ] {
         tampering_closes_the_connection::<B>(Tamper::FlipToNode(at));
     }
     tampering_closes_the_connection::<B>(Tamper::FlipToHost(HEADER_LEN + 3));
 }
 
 #[test]
-fn a_replayed_frame_closes_the_connection() {
-    on_test_backend!(B => a_replayed_frame_closes_the_connection_on::<B>());
-}
-
-fn a_replayed_frame_closes_the_connection_on<B: Backend>() {
-    tampering_closes_the_connection::<B>(Tamper::ReplayToNode);
+fn a_replayed_record_closes_the_connection() {
+    on_test_backend!(B => tampering_closes_the_connection::<B>(Tamper::ReplayToNode));
 }

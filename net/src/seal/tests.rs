@@ -1,9 +1,10 @@
-//! Sealing and opening: round trips, and every way a frame must fail to
+//! Sealing and opening: round trips, and every way a record must fail to
 //! open (wrong key, a flipped bit anywhere, replay, reordering, a dropped
-//! frame, the other direction, a cut tag).
+//! record, the other direction, a cut tag, a shape no record has).
 
 use super::*;
 use crate::frame::FRAME_BYTES_MAX_DEFAULT;
+use crate::record::push_message;
 
 const MAX: u32 = FRAME_BYTES_MAX_DEFAULT;
 
@@ -15,38 +16,44 @@ fn pair() -> (SessionKeys, SessionKeys) {
     (i, r)
 }
 
+/// A record's plaintext: one message of `kind` carrying `body`.
+fn plaintext(kind: FrameKind, body: &[u8]) -> Vec<u8> {
+    let mut p = Vec::new();
+    push_message(kind, body, &mut p);
+    p
+}
+
 fn sealed(sealer: &mut Sealer, kind: FrameKind, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    sealer.seal(kind, body, &mut out).unwrap();
+    sealer.seal(&plaintext(kind, body), &mut out).unwrap();
     out
 }
 
-/// Opens a copy of `bytes`: the frame's kind and plaintext, or the error.
-fn open(opener: &mut Opener, bytes: &[u8]) -> Result<Option<(FrameKind, Vec<u8>)>, SealError> {
+/// Opens a copy of `bytes`: the record's plaintext, or the error.
+fn open(opener: &mut Opener, bytes: &[u8]) -> Result<Option<Vec<u8>>, SealError> {
     let mut buf = bytes.to_vec();
-    Ok(opener.open(&mut buf, MAX)?.map(|(frame, used)| {
+    Ok(opener.open(&mut buf, MAX)?.map(|(plain, used)| {
         assert_eq!(used, bytes.len());
-        (frame.kind, frame.body.to_vec())
+        plain.to_vec()
     }))
 }
 
 #[test]
-fn frames_round_trip_in_both_directions() {
+fn records_round_trip_in_both_directions() {
     let (i, r) = pair();
     let (mut i_seal, mut r_open) = (i.sealer(), r.opener());
     let (mut r_seal, mut i_open) = (r.sealer(), i.opener());
     for n in 0..5u8 {
         let body = vec![n; usize::from(n) * 37];
         let bytes = sealed(&mut i_seal, FrameKind::DeltaBatch, &body);
-        assert_eq!(bytes.len(), HEADER_LEN + body.len() + TAG_LEN);
-        assert_eq!(
-            open(&mut r_open, &bytes).unwrap(),
-            Some((FrameKind::DeltaBatch, body.clone()))
-        );
+        let plain = plaintext(FrameKind::DeltaBatch, &body);
+        assert_eq!(bytes.len(), RECORD_OVERHEAD + plain.len());
+        assert_eq!(bytes.len() % BLOCK_LEN, 0);
+        assert_eq!(open(&mut r_open, &bytes).unwrap(), Some(plain));
         let bytes = sealed(&mut r_seal, FrameKind::Ack, &body);
         assert_eq!(
             open(&mut i_open, &bytes).unwrap(),
-            Some((FrameKind::Ack, body))
+            Some(plaintext(FrameKind::Ack, &body))
         );
     }
     assert_eq!(r_open.next_counter(), 5);
@@ -54,18 +61,20 @@ fn frames_round_trip_in_both_directions() {
 }
 
 #[test]
-fn several_frames_in_one_buffer_open_one_by_one() {
+fn several_records_in_one_buffer_open_one_by_one() {
     let (i, r) = pair();
     let mut sealer = i.sealer();
     let mut buf = Vec::new();
     for n in 0..3u8 {
-        sealer.seal(FrameKind::Ping, &[n; 8], &mut buf).unwrap();
+        sealer
+            .seal(&plaintext(FrameKind::Ping, &[n; 8]), &mut buf)
+            .unwrap();
     }
     let mut opener = r.opener();
     let mut at = 0;
     for n in 0..3u8 {
-        let (frame, used) = opener.open(&mut buf[at..], MAX).unwrap().unwrap();
-        assert_eq!(frame.body, &[n; 8]);
+        let (plain, used) = opener.open(&mut buf[at..], MAX).unwrap().unwrap();
+        assert_eq!(plain, plaintext(FrameKind::Ping, &[n; 8]));
         at += used;
     }
     assert_eq!(at, buf.len());
@@ -73,17 +82,19 @@ fn several_frames_in_one_buffer_open_one_by_one() {
 }
 
 #[test]
-fn the_body_is_not_in_the_clear() {
+fn the_plaintext_is_not_in_the_clear() {
     let (i, _) = pair();
     let marker = [0xC3u8; 32];
     let bytes = sealed(&mut i.sealer(), FrameKind::DeltaBatch, &marker);
     assert!(!bytes.windows(4).any(|w| w == [0xC3; 4]));
+    // Nor is the message kind: only the record's kind is in the header.
+    assert_eq!(bytes[3], FrameKind::Sealed as u8);
 }
 
 #[test]
 fn every_prefix_needs_more() {
     let (i, r) = pair();
-    let bytes = sealed(&mut i.sealer(), FrameKind::Ping, b"hello, sealed frames");
+    let bytes = sealed(&mut i.sealer(), FrameKind::Ping, b"hello, sealed records");
     for n in 0..bytes.len() {
         assert_eq!(open(&mut r.opener(), &bytes[..n]), Ok(None), "prefix {n}");
     }
@@ -96,10 +107,7 @@ fn a_wrong_key_fails_to_open() {
     let bytes = sealed(&mut i.sealer(), FrameKind::Ping, b"ping");
     assert_eq!(
         open(&mut other.opener(), &bytes),
-        Err(SealError::BadTag {
-            kind: FrameKind::Ping,
-            counter: 0
-        })
+        Err(SealError::BadTag { counter: 0 })
     );
 }
 
@@ -116,16 +124,17 @@ fn every_flipped_bit_is_caught() {
             let mut bad = bytes.clone();
             bad[at] ^= 1 << bit;
             match open(&mut r.opener(), &bad) {
-                // A longer length makes the frame a prefix: need more.
+                // A longer length makes the record a prefix: need more.
                 Ok(None) => assert!((4..8).contains(&at), "byte {at} bit {bit}"),
                 Ok(Some(_)) => panic!("flip at byte {at} bit {bit} opened"),
                 Err(e) => {
                     let expected = match at {
-                        0..4 => matches!(e, SealError::Frame(_) | SealError::BadTag { .. }),
+                        0..3 => matches!(e, SealError::Frame(_)),
+                        3 => matches!(e, SealError::Frame(_) | SealError::NotSealed { .. }),
                         4..8 => matches!(
                             e,
                             SealError::BadTag { .. }
-                                | SealError::TooShort { .. }
+                                | SealError::BadLength { .. }
                                 | SealError::Frame(_)
                         ),
                         8..16 => matches!(e, SealError::OutOfSequence { .. }),
@@ -139,7 +148,7 @@ fn every_flipped_bit_is_caught() {
 }
 
 #[test]
-fn a_replayed_frame_fails_to_open() {
+fn a_replayed_record_fails_to_open() {
     let (i, r) = pair();
     let mut sealer = i.sealer();
     let first = sealed(&mut sealer, FrameKind::DeltaBatch, b"batch 0");
@@ -155,14 +164,14 @@ fn a_replayed_frame_fails_to_open() {
     // Rewriting the counter in the header (associated data) breaks the tag.
     let mut relabelled = first.clone();
     relabelled[8..16].copy_from_slice(&1u64.to_le_bytes());
-    assert!(matches!(
+    assert_eq!(
         open(&mut opener, &relabelled),
-        Err(SealError::BadTag { counter: 1, .. })
-    ));
+        Err(SealError::BadTag { counter: 1 })
+    );
 }
 
 #[test]
-fn reordered_and_dropped_frames_fail_to_open() {
+fn reordered_and_dropped_records_fail_to_open() {
     let (i, r) = pair();
     let mut sealer = i.sealer();
     let f0 = sealed(&mut sealer, FrameKind::Ping, b"0");
@@ -189,7 +198,7 @@ fn reordered_and_dropped_frames_fail_to_open() {
 }
 
 #[test]
-fn a_frame_of_the_other_direction_fails_to_open() {
+fn a_record_of_the_other_direction_fails_to_open() {
     let (i, r) = pair();
     // Reflected back at its sender.
     let bytes = sealed(&mut i.sealer(), FrameKind::Ping, b"ping");
@@ -197,7 +206,7 @@ fn a_frame_of_the_other_direction_fails_to_open() {
         open(&mut i.opener(), &bytes),
         Err(SealError::BadTag { .. })
     ));
-    // A responder's frame offered to the responder.
+    // A responder's record offered to the responder.
     let bytes = sealed(&mut r.sealer(), FrameKind::Pong, b"pong");
     assert!(matches!(
         open(&mut r.opener(), &bytes),
@@ -207,37 +216,74 @@ fn a_frame_of_the_other_direction_fails_to_open() {
 }
 
 #[test]
-fn a_cut_tag_fails_to_open() {
+fn a_cut_tag_or_a_shape_no_record_has_fails_to_open() {
     let (i, r) = pair();
     let bytes = sealed(&mut i.sealer(), FrameKind::Ping, b"ping");
-    // One tag byte fewer, length adjusted: a wrong tag.
-    let mut cut = bytes[..bytes.len() - 1].to_vec();
-    let len = u32::from_le_bytes(cut[4..8].try_into().unwrap()) - 1;
+    // A whole block fewer, length adjusted: a wrong tag.
+    let mut cut = bytes[..bytes.len() - BLOCK_LEN].to_vec();
+    let len = u32::from_le_bytes(cut[4..8].try_into().unwrap()) - BLOCK_LEN as u32;
     cut[4..8].copy_from_slice(&len.to_le_bytes());
     assert!(matches!(
         open(&mut r.opener(), &cut),
         Err(SealError::BadTag { .. })
     ));
-    // A body shorter than a tag is refused from the header alone.
-    for body_len in 0..TAG_LEN as u32 {
+    // A body that is not a tag after whole, non-empty blocks is refused
+    // from the header alone.
+    for body_len in (0..=TAG_LEN as u32 + 1).chain([40, 47, 49]) {
         let mut short = bytes[..HEADER_LEN].to_vec();
         short[4..8].copy_from_slice(&body_len.to_le_bytes());
         assert_eq!(
             open(&mut r.opener(), &short),
-            Err(SealError::TooShort {
-                kind: FrameKind::Ping,
-                body_len
-            })
+            Err(SealError::BadLength { body_len })
         );
     }
+    // The sealer refuses such a record too, and leaves it alone.
+    let mut sealer = i.sealer();
+    for len in [0, 16, 31, 33, 47, 49] {
+        let mut record = vec![7u8; len];
+        assert!(matches!(
+            sealer.seal_in_place(&mut record),
+            Err(SealError::BadLength { .. })
+        ));
+        assert_eq!(record, vec![7u8; len]);
+    }
+    assert_eq!(sealer.next_counter(), 0);
 }
 
 #[test]
-fn a_checksummed_frame_does_not_open() {
+fn the_record_limit_is_checked_from_the_header() {
+    let (i, r) = pair();
+    let bytes = sealed(&mut i.sealer(), FrameKind::Ping, &[0; 200]);
+    let mut buf = bytes[..HEADER_LEN].to_vec();
+    assert!(matches!(
+        r.opener().open(&mut buf, 128),
+        Err(SealError::Frame(FrameError::TooLarge { .. }))
+    ));
+}
+
+#[test]
+fn frames_that_are_not_records_do_not_open() {
     let (_, r) = pair();
+    // A checksummed (handshake) frame.
     let mut plain = Vec::new();
     crate::frame::encode_into(FrameKind::Ping, &[0; 32], &mut plain);
-    assert!(open(&mut r.opener(), &plain).is_err());
+    assert_eq!(
+        open(&mut r.opener(), &plain),
+        Err(SealError::NotSealed {
+            kind: FrameKind::Ping
+        })
+    );
+    // A record whose kind byte was changed to a message kind: refused
+    // from the header.
+    let (i, _) = pair();
+    let mut bytes = sealed(&mut i.sealer(), FrameKind::Ping, b"x");
+    bytes[3] = FrameKind::DeltaBatch as u8;
+    assert_eq!(
+        open(&mut r.opener(), &bytes),
+        Err(SealError::NotSealed {
+            kind: FrameKind::DeltaBatch
+        })
+    );
 }
 
 #[test]
@@ -247,7 +293,7 @@ fn an_exhausted_sealer_refuses_and_leaves_the_buffer_alone() {
     sealer.set_next_counter(u64::MAX);
     let mut out = vec![1, 2, 3];
     assert_eq!(
-        sealer.seal(FrameKind::Ping, b"x", &mut out),
+        sealer.seal(&plaintext(FrameKind::Ping, b"x"), &mut out),
         Err(SealError::Exhausted)
     );
     assert_eq!(out, [1, 2, 3]);

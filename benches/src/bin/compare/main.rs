@@ -59,7 +59,7 @@ use sessio_benches::{
 use sessio_engine::{Arena, HugePages, Location, Sid};
 use sessio_net::{Epoll, FoundRecord, IoUring};
 
-use node::{Node, NodeServer};
+use node::{Frames, Node, NodeServer};
 use peers::{Memcache, PeerProcess, Reply, Resp};
 use report::{Report, Row, Stat, Unit};
 use sessio_net::Backend;
@@ -259,6 +259,11 @@ fn compare(run: &Run) -> Result<(), BoxError> {
     rep.finish(started.elapsed(), run.write_doc)
 }
 
+/// Rounds of each side of the sealed-vs-unsealed transport ratio: more
+/// than [`ROUNDS`], as the ratio is a target of its own and the gap it
+/// measures is small next to a shared machine's noise.
+const SEAL_ROUNDS: usize = 9;
+
 /// Runs `round` [`ROUNDS`] times; each returns one value.
 fn rounds(mut round: impl FnMut() -> Result<f64, BoxError>) -> Result<Stat, BoxError> {
     let mut v = Vec::with_capacity(ROUNDS);
@@ -274,8 +279,16 @@ fn rounds(mut round: impl FnMut() -> Result<f64, BoxError>) -> Result<Stat, BoxE
 fn interleaved(
     ws: &mut [&mut dyn FnMut() -> Result<f64, BoxError>],
 ) -> Result<Vec<Stat>, BoxError> {
-    let mut v = vec![Vec::with_capacity(ROUNDS); ws.len()];
-    for _ in 0..ROUNDS {
+    interleaved_n(ws, ROUNDS)
+}
+
+/// [`interleaved`], `rounds` rounds each.
+fn interleaved_n(
+    ws: &mut [&mut dyn FnMut() -> Result<f64, BoxError>],
+    rounds: usize,
+) -> Result<Vec<Stat>, BoxError> {
+    let mut v = vec![Vec::with_capacity(rounds); ws.len()];
+    for _ in 0..rounds {
         for (w, out) in ws.iter_mut().zip(&mut v) {
             out.push(w()?);
         }
@@ -634,6 +647,7 @@ fn random_sids(n: usize, seed: u64) -> Vec<[u8; 16]> {
 /// A node on backend `B` and a client pipelining batches to it.
 struct Pump<B: Backend> {
     node: NodeServer,
+    frames: Frames,
     sids: Vec<[u8; 16]>,
     versions: Vec<u64>,
     _b: std::marker::PhantomData<B>,
@@ -641,9 +655,14 @@ struct Pump<B: Backend> {
 
 impl<B: Backend> Pump<B> {
     fn start(kind: Node) -> Result<Pump<B>, BoxError> {
+        Self::start_with(kind, Frames::Sealed)
+    }
+
+    fn start_with(kind: Node, frames: Frames) -> Result<Pump<B>, BoxError> {
         let sids = random_sids(REPL_SESSIONS, 0x5E_4D);
         Ok(Pump {
-            node: NodeServer::start::<B>(kind)?,
+            node: NodeServer::start_with::<B>(kind, frames)?,
+            frames,
             versions: vec![0; sids.len()],
             sids,
             _b: std::marker::PhantomData,
@@ -654,6 +673,7 @@ impl<B: Backend> Pump<B> {
     fn round(&mut self, batch: usize, max_time: Duration) -> Result<f64, BoxError> {
         node::pump::<B>(
             self.node.addr,
+            self.frames,
             batch,
             DELTA_BYTES,
             &self.sids,
@@ -723,6 +743,29 @@ fn transport(run: &Run, rep: &mut Report) -> Result<(), BoxError> {
         .push(("sessio-net io_uring, ack only".into(), uring));
     rep.batch_curve
         .push(("sessio-net epoll, ack only".into(), epoll));
+
+    // What sealing costs: the same io_uring pump against a node whose
+    // records are laid out and counted the same but neither encrypted nor
+    // authenticated (a bench-only mode of `sessio-net`), rounds
+    // alternating in this run.
+    let mut plain = Pump::<IoUring>::start_with(Node::Ack, Frames::Unsealed)?;
+    for batch in [1, TRANSPORT_HEADLINE_BATCH] {
+        let mut sealed_round = || u.round(batch, run.round);
+        let mut plain_round = || plain.round(batch, run.round);
+        let s = interleaved_n(&mut [&mut sealed_round, &mut plain_round], SEAL_ROUNDS)?;
+        let [sealed, unsealed] = <[Stat; 2]>::try_from(s).expect("two stats");
+        rep.row(Row::new(
+            &format!("transport: sealed records (AES-256-GCM) vs unsealed, io_uring, `DeltaBatch` of {batch} × 100 B, acked deltas/s"),
+            Unit::PerSec,
+            sealed.clone(),
+            "unsealed (bench only)",
+            unsealed.clone(),
+        ));
+        rep.ratio(
+            &format!("transport_sealed_vs_plain_batch{batch}"),
+            sealed.median() / unsealed.median(),
+        );
+    }
     Ok(())
 }
 

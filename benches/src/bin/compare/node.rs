@@ -38,6 +38,17 @@ pub fn uring_available() -> Result<(), String> {
     IoUring::runtime().map(drop).map_err(|e| e.to_string())
 }
 
+/// How the connections of a node and its clients protect their records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frames {
+    /// Sealed, as always in production.
+    Sealed,
+    /// Laid out and counted the same, not encrypted or authenticated
+    /// (`sessio-net`'s bench-only `unsealed-bench` feature): the baseline
+    /// that tells what sealing costs in the same run.
+    Unsealed,
+}
+
 /// What the node does with what it receives.
 pub enum Node {
     /// Acknowledge every entry.
@@ -59,6 +70,12 @@ pub struct NodeServer {
 impl NodeServer {
     /// Starts a node of `kind` on a free loopback port, on backend `B`.
     pub fn start<B: Backend>(kind: Node) -> Result<NodeServer, BoxError> {
+        Self::start_with::<B>(kind, Frames::Sealed)
+    }
+
+    /// [`NodeServer::start`], its connections' records protected as
+    /// `frames` says.
+    pub fn start_with<B: Backend>(kind: Node, frames: Frames) -> Result<NodeServer, BoxError> {
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Shutdown::new();
         // Named, so a profile tells the two engines' node threads apart.
@@ -73,11 +90,15 @@ impl NodeServer {
                             id: NODE_ID,
                             incarnation: 1,
                         });
-                        let server = match Server::<B>::bind(
+                        let (addr, secret) = (
                             SocketAddr::from(([127, 0, 0, 1], 0)),
-                            config,
                             Secret::from_bytes(SECRET),
-                        ) {
+                        );
+                        let bound = match frames {
+                            Frames::Sealed => Server::<B>::bind(addr, config, secret),
+                            Frames::Unsealed => Server::<B>::bind_unsealed(addr, config, secret),
+                        };
+                        let server = match bound {
                             Ok(s) => s,
                             Err(e) => {
                                 let _ = tx.send(Err(e.to_string()));
@@ -189,20 +210,34 @@ fn replica_store(records: &[(Sid, FoundRecord)]) -> sessio_remote::Store {
 
 /// A client connection to a node, as the harness's host.
 pub async fn connect<B: Backend>(addr: SocketAddr) -> Result<Client<B>, BoxError> {
+    connect_with::<B>(addr, Frames::Sealed).await
+}
+
+/// [`connect`], its records protected as `frames` says (as the node's).
+pub async fn connect_with<B: Backend>(
+    addr: SocketAddr,
+    frames: Frames,
+) -> Result<Client<B>, BoxError> {
     let config = ClientConfig::new(Identity {
         id: HOST_ID,
         incarnation: 1,
     });
-    Ok(Client::<B>::connect(addr, config, Secret::from_bytes(SECRET)).await?)
+    let secret = Secret::from_bytes(SECRET);
+    Ok(match frames {
+        Frames::Sealed => Client::<B>::connect(addr, config, secret).await?,
+        Frames::Unsealed => Client::<B>::connect_unsealed(addr, config, secret).await?,
+    })
 }
 
 /// Deltas acknowledged per second by one client connection that pipelines
 /// batches of `batch` entries of `delta_bytes` each, up to `max_batches`
 /// batches or `max_time`, whichever ends first. `versions` holds the version
 /// the node has of each SID in `sids` and is advanced, so a `Store` node
-/// sees a proper version chain across rounds.
+/// sees a proper version chain across rounds. `frames` must be the node's.
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 pub fn pump<B: Backend>(
     addr: SocketAddr,
+    frames: Frames,
     batch: usize,
     delta_bytes: usize,
     sids: &[Sid],
@@ -213,7 +248,7 @@ pub fn pump<B: Backend>(
     assert_eq!(sids.len(), versions.len());
     assert!(sids.len() >= batch, "a batch names each SID at most once");
     block_on::<B, _>(async move {
-        let mut client = connect::<B>(addr).await?;
+        let mut client = connect_with::<B>(addr, frames).await?;
         let (record, ops) = sessio_benches::replica_payloads(delta_bytes);
         let entry = |sid| DeltaEntry {
             sid,

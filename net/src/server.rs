@@ -367,7 +367,18 @@ impl<B: Backend> Server<B> {
         let listener = self.listener;
         B::scope(async move {
             let mut shutdown = pin!(shutdown);
+            let mut accepted_in_a_row = 0u32;
             loop {
+                // Under a flood `accept` is always ready: every few accepts
+                // the loop sleeps for a timer tick, so the connections
+                // already in (the authenticated ones among them) get the
+                // thread. An engine whose accept never waits (epoll) would
+                // otherwise starve them: a host's lag went to seconds.
+                accepted_in_a_row += 1;
+                if accepted_in_a_row >= ACCEPTS_BEFORE_YIELD {
+                    accepted_in_a_row = 0;
+                    B::sleep(Duration::from_micros(1)).await;
+                }
                 let accepted = {
                     let accept = pin!(B::accept(&listener));
                     match futures_util::future::select(accept, shutdown.as_mut()).await {
@@ -388,6 +399,10 @@ impl<B: Backend> Server<B> {
         .await
     }
 }
+
+/// Connections accepted back to back before the accept loop lets the
+/// others run (see `Server::run`).
+const ACCEPTS_BEFORE_YIELD: u32 = 8;
 
 impl<H> Shared<H> {
     /// Evicts the oldest pending connection for which `which` holds, if it

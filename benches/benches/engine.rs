@@ -268,8 +268,8 @@ fn update_benches(c: &mut Criterion, run: &mut Run) {
     g.finish();
     let s = arena.stats();
     run.note(format!(
-        "update: after the runs {} of {} heap chunks in use ({} KiB each)",
-        s.chunks_used,
+        "update: after the runs {} of {} heap chunks touched ({} KiB each)",
+        s.chunks_touched,
         s.chunks,
         s.chunk_bytes / 1024
     ));

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::{Value, json};
 use sessio_engine::session::append_items;
-use sessio_engine::{Arena, Location, OpenError, Sid};
+use sessio_engine::{Arena, FREE_WALK_DEFAULT, Location, MemoryStats, OpenError, Sid};
 
 /// Sessions listed when `--limit` is not given.
 pub const LIST_LIMIT_DEFAULT: usize = 1000;
@@ -239,6 +239,7 @@ fn session(arena: &Arena, name: &str, sid: &str, json: bool) -> Result<String, S
 pub fn stats(a: &StatsArgs) -> Result<String, String> {
     let arena = a.arena.open()?;
     let s = arena.stats();
+    let m = arena.memory(FREE_WALK_DEFAULT);
     let path = arena.path().display().to_string();
     if a.json {
         let out = json!({
@@ -250,7 +251,7 @@ pub fn stats(a: &StatsArgs) -> Result<String, String> {
             "expired_total": s.expired_total,
             "removals_dropped": s.removals_dropped,
             "evicted_total": s.evicted_total,
-            "chunks_used": s.chunks_used,
+            "chunks_touched": s.chunks_touched,
             "chunks": s.chunks,
             "chunk_bytes": s.chunk_bytes,
             "mapped_bytes": s.mapped_bytes,
@@ -263,6 +264,7 @@ pub fn stats(a: &StatsArgs) -> Result<String, String> {
             "last_collect_pause_us": s.last_collect_pause_us,
             "quota_bytes": arena.quota_bytes(),
             "huge_pages": arena.huge_pages(),
+            "memory": memory_json(&m),
         });
         return Ok(format!("{out:#}\n"));
     }
@@ -275,8 +277,11 @@ pub fn stats(a: &StatsArgs) -> Result<String, String> {
         ("removals_dropped", s.removals_dropped.to_string()),
         ("evicted_total", s.evicted_total.to_string()),
         (
-            "heap chunks used",
-            format!("{} of {}", s.chunks_used, s.chunks),
+            "heap chunks",
+            format!(
+                "{} touched of {}, {} pooled",
+                s.chunks_touched, s.chunks, m.chunks_pooled
+            ),
         ),
         ("chunk_bytes", s.chunk_bytes.to_string()),
         ("mapped_bytes", s.mapped_bytes.to_string()),
@@ -299,7 +304,99 @@ pub fn stats(a: &StatsArgs) -> Result<String, String> {
     for (k, v) in rows {
         let _ = writeln!(out, "  {k:<18} {v}");
     }
+    memory_text(&mut out, &m);
     Ok(out)
+}
+
+/// `bytes`, and per live session when there is one.
+fn with_per_session(m: &MemoryStats, bytes: u64) -> String {
+    match m.per_session(bytes) {
+        Some(per) => format!("{bytes} ({per} per live session)"),
+        None => bytes.to_string(),
+    }
+}
+
+fn memory_text(out: &mut String, m: &MemoryStats) {
+    let _ = writeln!(out, "memory (bytes)");
+    let touched = m
+        .touched_bytes
+        .map_or_else(|| "unknown".to_string(), |t| with_per_session(m, t));
+    let partial = if m.free_walk_complete {
+        ""
+    } else {
+        " (free lists walked in part: free is a lower bound)"
+    };
+    let rows: [(&str, String); 9] = [
+        ("mapped", with_per_session(m, m.sizing.mapped_bytes)),
+        ("reserved", with_per_session(m, m.reserved_bytes)),
+        ("touched", touched),
+        ("index", format!("{} slots of 64", m.sizing.index_slots)),
+        ("fixed tables", m.sizing.fixed_bytes.to_string()),
+        ("heap", m.sizing.heap_bytes.to_string()),
+        ("heap in use", with_per_session(m, m.heap_in_use_bytes())),
+        (
+            "heap free",
+            format!("{} in classes{partial}", m.heap_class_free_bytes()),
+        ),
+        (
+            "heap unassigned",
+            format!("{} (pooled or never touched)", m.heap_unassigned_bytes()),
+        ),
+    ];
+    for (k, v) in rows {
+        let _ = writeln!(out, "  {k:<18} {v}");
+    }
+    if m.classes.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "  {:>10}  {:>6}  {:>10}  {:>12}  {:>12}",
+        "class", "chunks", "blocks", "in use", "free"
+    );
+    for c in &m.classes {
+        let _ = writeln!(
+            out,
+            "  {:>10}  {:>6}  {:>10}  {:>12}  {:>12}",
+            c.block_bytes,
+            c.chunks,
+            c.in_use_blocks(),
+            c.in_use_bytes(),
+            c.free_bytes()
+        );
+    }
+}
+
+fn memory_json(m: &MemoryStats) -> Value {
+    json!({
+        "live": m.live,
+        "mapped_bytes": m.sizing.mapped_bytes,
+        "reserved_bytes": m.reserved_bytes,
+        "touched_bytes": m.touched_bytes,
+        "index_slots": m.sizing.index_slots,
+        "index_bytes": m.sizing.index_bytes,
+        "fixed_bytes": m.sizing.fixed_bytes,
+        "heap_bytes": m.sizing.heap_bytes,
+        "heap_in_use_bytes": m.heap_in_use_bytes(),
+        "heap_class_free_bytes": m.heap_class_free_bytes(),
+        "heap_unassigned_bytes": m.heap_unassigned_bytes(),
+        "chunks_touched": m.chunks_touched,
+        "chunks_pooled": m.chunks_pooled,
+        "free_walk_complete": m.free_walk_complete,
+        "per_session": {
+            "mapped_bytes": m.per_session(m.sizing.mapped_bytes),
+            "touched_bytes": m.touched_bytes.and_then(|t| m.per_session(t)),
+            "heap_in_use_bytes": m.per_session(m.heap_in_use_bytes()),
+        },
+        "classes": m.classes.iter().map(|c| json!({
+            "block_bytes": c.block_bytes,
+            "chunks": c.chunks,
+            "in_use_blocks": c.in_use_blocks(),
+            "in_use_bytes": c.in_use_bytes(),
+            "free_blocks": c.free_blocks,
+            "free_bytes": c.free_bytes(),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// Characters of a value shown in text output.

@@ -491,10 +491,10 @@ fn arena_families(e: &mut Families<'_>, a: &sessio_engine::ArenaStats) -> fmt::R
             a.capacity,
         ),
         (
-            "heap_chunks_used",
+            "heap_chunks_touched",
             Gauge,
-            "Heap chunks ever handed to size classes (high-water mark).",
-            a.chunks_used,
+            "Heap chunks ever handed to size classes (high-water mark, not chunks in use).",
+            a.chunks_touched,
         ),
         ("heap_chunks", Gauge, "Heap chunks in all.", a.chunks),
         (
@@ -786,7 +786,7 @@ mod tests {
                 expired_total: 2,
                 removals_dropped: 0,
                 evicted_total: 0,
-                chunks_used: 3,
+                chunks_touched: 3,
                 chunks: 8,
                 chunk_bytes: 65536,
                 mapped_bytes: 1 << 20,

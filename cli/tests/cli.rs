@@ -155,6 +155,23 @@ fn stats_reports_the_arena_counters() {
     assert_eq!(json["mapped_bytes"], s.mapped_bytes);
     // This test's handle and the tool's own.
     assert_eq!(json["handles"], 2);
+    // What memory costs, per live session too.
+    let m = &json["memory"];
+    assert_eq!(m["live"], 2);
+    assert_eq!(m["mapped_bytes"], s.mapped_bytes);
+    assert!(
+        m["reserved_bytes"].as_u64().unwrap() >= s.mapped_bytes,
+        "{m}"
+    );
+    let in_use = m["heap_in_use_bytes"].as_u64().unwrap();
+    assert!(in_use >= 2 * 64, "{m}");
+    assert_eq!(m["per_session"]["heap_in_use_bytes"], in_use.div_ceil(2));
+    assert!(
+        m["classes"].as_array().is_some_and(|c| !c.is_empty()),
+        "{m}"
+    );
+    assert!(text.contains("heap in use"), "{text}");
+    assert!(text.contains("per live session"), "{text}");
 }
 
 /// The tools read an arena another user owns, and say so on stderr.

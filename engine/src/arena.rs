@@ -23,6 +23,7 @@ mod handle;
 mod heap;
 mod host;
 mod index;
+mod memory;
 mod reclaim;
 mod records;
 mod recovery;
@@ -34,6 +35,7 @@ pub use bell::DirtyBell;
 pub use collect::{CollectError, CollectReport};
 use combine::HeapNodes;
 pub use host::{FetchClaim, FetchGuard};
+pub use memory::{ClassUsage, FREE_WALK_DEFAULT, MemoryStats};
 
 /// Most op nodes one combine applies (a bound on the local scratch and on
 /// the time one combiner holds a session).
@@ -125,8 +127,11 @@ pub struct ArenaStats {
     /// Copies evicted because another host took their session over
     /// ([`Arena::evict_older`]).
     pub evicted_total: u64,
-    /// Heap chunks handed to size classes.
-    pub chunks_used: u64,
+    /// Heap chunks handed out at least once (the chunk pool's bump
+    /// pointer): the heap's high-water mark, not the chunks in use now,
+    /// since chunks given back stay below it. Chunks past it were never
+    /// written. [`Arena::memory`] tells chunks in use by size class.
+    pub chunks_touched: u64,
     /// Heap chunks in all.
     pub chunks: u64,
     /// Bytes of one chunk.

@@ -80,12 +80,16 @@ mod space;
 
 #[cfg(not(loom))]
 pub use arena::{
-    Arena, ArenaStats, CollectError, CollectReport, Delta, Dirty, DirtyBell, FetchClaim,
-    FetchGuard, NewSession, ReadGuard, RecoveryReport, SweepStats,
+    Arena, ArenaStats, ClassUsage, CollectError, CollectReport, Delta, Dirty, DirtyBell,
+    FREE_WALK_DEFAULT, FetchClaim, FetchGuard, MemoryStats, NewSession, ReadGuard, RecoveryReport,
+    SweepStats,
 };
 pub use error::{OpenError, SessionError};
 #[cfg(not(loom))]
-pub use map::{ArenaConfig, HugePages, Location, NAME_BYTES_MAX};
+pub use map::{
+    ArenaConfig, HEAP_BUDGET_MIN_BYTES, HEAP_SLACK_BYTES, HugePages, Location, NAME_BYTES_MAX,
+    SessionCost, Sizing,
+};
 pub use session::{Op, OpError, SessionData};
 #[cfg(not(loom))]
 pub use sid::{ParseSidError, Sid};

@@ -141,21 +141,126 @@ pub enum HugePages {
     Require,
 }
 
+/// What [`ArenaConfig::for_sessions`] budgets in the heap for one session
+/// of `payload_bytes`, term by term; the index slot and the arena's fixed
+/// tables come on top ([`ArenaConfig::sizing`]). `docs/OPERATIONS.md`
+/// ("Sizing") sets these against measured figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionCost {
+    /// The session's archived attributes (keys, values and rkyv's few bytes
+    /// per attribute), as the caller estimates them.
+    pub payload_bytes: u64,
+    /// The record block's header (checksum, version, epoch, SID).
+    pub record_header_bytes: u64,
+    /// The record's delta log once it has been updated: the recent op
+    /// batches kept for replication, at most
+    /// [`LOG_BYTES_MAX`](crate::session::LOG_BYTES_MAX).
+    pub log_bytes: u64,
+    /// Rounding the record up to the heap's 64 B blocks.
+    pub rounding_bytes: u64,
+    /// A quarter of the rounded record: the size class's rounding (classes
+    /// above 1 KiB step by about 1/8), the new copy a combine writes before
+    /// the old one is reclaimed, and queued op batches.
+    pub slack_bytes: u64,
+}
+
+impl SessionCost {
+    /// The budget of one session whose attributes archive to about
+    /// `payload_bytes`.
+    pub const fn new(payload_bytes: u64) -> SessionCost {
+        let record_header_bytes = crate::layout::BLOCK;
+        let log_bytes = crate::session::LOG_BYTES_MAX as u64;
+        let record = payload_bytes + record_header_bytes + log_bytes;
+        let rounded = record.next_multiple_of(crate::layout::BLOCK);
+        SessionCost {
+            payload_bytes,
+            record_header_bytes,
+            log_bytes,
+            rounding_bytes: rounded - record,
+            slack_bytes: rounded / 4,
+        }
+    }
+
+    /// Heap bytes budgeted per session: the sum of the terms.
+    pub const fn heap_bytes(&self) -> u64 {
+        self.payload_bytes
+            + self.record_header_bytes
+            + self.log_bytes
+            + self.rounding_bytes
+            + self.slack_bytes
+    }
+}
+
+/// Heap bytes every config of [`ArenaConfig::for_sessions`] adds, whatever
+/// its capacity: room for bursts of queued updates and records in limbo.
+pub const HEAP_SLACK_BYTES: u64 = 16 << 20;
+/// Least heap budget of [`ArenaConfig::for_sessions`] before that slack.
+pub const HEAP_BUDGET_MIN_BYTES: u64 = 8 << 20;
+
+/// Where an arena's mapped bytes go, as laid out for a config
+/// ([`ArenaConfig::sizing`]) or read from an open arena.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizing {
+    /// Index slots: a power of two at load factor at most 3/4.
+    pub index_slots: u64,
+    /// Bytes of the index, 64 B per slot.
+    pub index_bytes: u64,
+    /// Bytes of the record heap (whole chunks).
+    pub heap_bytes: u64,
+    /// The header, the participant table (one per open handle, with its
+    /// retire ring), the dirty bitmap, the chunk map and page alignment:
+    /// about 8.5 MiB whatever the capacity.
+    pub fixed_bytes: u64,
+    /// The whole file: what creation reserves on its filesystem.
+    pub mapped_bytes: u64,
+}
+
+impl Sizing {
+    pub(crate) fn of(geo: &Geometry) -> Sizing {
+        let index_bytes = geo.index_slots * 64;
+        Sizing {
+            index_slots: geo.index_slots,
+            index_bytes,
+            heap_bytes: geo.heap_bytes,
+            fixed_bytes: geo.total_bytes - index_bytes - geo.heap_bytes,
+            mapped_bytes: geo.total_bytes,
+        }
+    }
+}
+
 impl ArenaConfig {
-    /// A config for `capacity` sessions of about `session_bytes` each.
+    /// A config for `capacity` sessions whose attributes archive to about
+    /// `session_bytes` each: [`SessionCost::heap_bytes`] per session plus
+    /// [`HEAP_SLACK_BYTES`]. The index and fixed tables come on top; see
+    /// [`ArenaConfig::sizing`] for the whole mapping.
+    ///
+    /// An arena remembers the heap it was made with, and a config that
+    /// asks for another is refused on open: changing this formula would
+    /// refuse every arena made by an older build (a unit test pins it).
     pub fn for_sessions(capacity: u64, session_bytes: u64) -> ArenaConfig {
-        // Records are copied on write and updates queue in the same heap:
-        // leave room for one copy in flight per session plus slack.
-        // A record holds the attributes, its header and the bounded delta
-        // log (up to LOG_BYTES_MAX more once it is updated).
-        let record = session_bytes + 64 + crate::session::LOG_BYTES_MAX as u64;
-        let per = record.next_multiple_of(64) * 5 / 4;
+        let per = SessionCost::new(session_bytes).heap_bytes();
         ArenaConfig {
             capacity,
-            heap_bytes: (capacity * per).max(8 << 20) + (16 << 20),
+            heap_bytes: (capacity * per).max(HEAP_BUDGET_MIN_BYTES) + HEAP_SLACK_BYTES,
             quota_bytes: 64 * 1024,
             huge_pages: HugePages::Off,
         }
+    }
+
+    /// Where the bytes of an arena made with this config go, on 4 KiB
+    /// pages (2 MiB pages round the heap and the total up to 2 MiB).
+    pub fn sizing(&self) -> Sizing {
+        let align = if self.huge_pages == HugePages::Off {
+            4096
+        } else {
+            HUGE
+        };
+        Sizing::of(&Geometry::new(
+            self.capacity,
+            self.heap_bytes,
+            self.quota_bytes,
+            align,
+        ))
     }
 
     fn check(&self) -> Result<(), OpenError> {
@@ -191,6 +296,10 @@ fn free_huge_pages() -> u64 {
 }
 
 const HUGE: u64 = 2 << 20;
+
+/// Pages one `mincore` call of [`Map::touched_bytes`] looks at (1 GiB of
+/// 4 KiB pages, with a 256 KiB result vector).
+const MINCORE_WINDOW_PAGES: u64 = 1 << 18;
 
 impl Map {
     /// Creates the arena at `path` unless it exists; opens it either way.
@@ -463,6 +572,51 @@ impl Map {
             probe: file,
             dirty_levels,
         })
+    }
+
+    /// Bytes of the arena file its filesystem has allocated (`st_blocks`):
+    /// all of it once reserved, whether touched or not.
+    pub(crate) fn allocated_bytes(&self) -> u64 {
+        self.probe
+            .metadata()
+            .map_or(0, |m| m.blocks().saturating_mul(512))
+    }
+
+    /// Bytes of the mapping whose pages have been touched (written or
+    /// read) by any process since creation, as `mincore(2)` reports them.
+    /// On tmpfs a page reserved by `fallocate` and never touched is not
+    /// "in core" although it holds memory; hugetlbfs pages are in core
+    /// once reserved. Costs one `mincore` over the mapping, in windows of
+    /// [`MINCORE_WINDOW_PAGES`] pages, and a byte of scratch per page of a
+    /// window; `None` if the kernel refuses.
+    pub(crate) fn touched_bytes(&self) -> Option<u64> {
+        // SAFETY: sysconf has no memory effects.
+        let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+        let len = self.raw.len() as u64;
+        let mut vec = vec![0u8; MINCORE_WINDOW_PAGES as usize];
+        let mut touched = 0u64;
+        let mut off = 0u64;
+        while off < len {
+            let bytes = (len - off).min(MINCORE_WINDOW_PAGES * page);
+            // SAFETY: `off .. off + bytes` lies inside our mapping and `off`
+            // is page-aligned (the mapping is, and windows are whole pages);
+            // `vec` has a byte for each of its at most MINCORE_WINDOW_PAGES
+            // pages. mincore only reads page tables and writes `vec`.
+            let r = unsafe {
+                libc::mincore(
+                    self.base().add(off as usize).cast(),
+                    bytes as usize,
+                    vec.as_mut_ptr(),
+                )
+            };
+            if r != 0 {
+                return None;
+            }
+            let pages = bytes.div_ceil(page) as usize;
+            touched += vec[..pages].iter().filter(|&&b| b & 1 != 0).count() as u64 * page;
+            off += bytes;
+        }
+        Some(touched.min(len))
     }
 
     #[inline]

@@ -184,7 +184,7 @@ impl Arena {
             expired_total: h.expired_total.load(Ordering::Relaxed),
             removals_dropped: h.removals_dropped.load(Ordering::Relaxed),
             evicted_total: h.evicted_total.load(Ordering::Relaxed),
-            chunks_used: h.chunk_top.load(Ordering::Relaxed),
+            chunks_touched: h.chunk_top.load(Ordering::Relaxed),
             chunks: self.map.geo.chunks,
             chunk_bytes: self.map.geo.chunk_bytes,
             mapped_bytes: self.map.geo.total_bytes,

@@ -22,7 +22,9 @@
 //! `forged` (what made-up SIDs at 10k/s cost the bank) and `durability`
 //! (update latency with `Durability::Local` and `Replicated`), and one of
 //! the replicator alone, `idle` (its CPU with nothing to ship, and per
-//! update shipped, against the arena's capacity; see `idle.rs`).
+//! update shipped, against the arena's capacity; see `idle.rs`), and
+//! `memory`: bytes per session of the host arena, a replica node and
+//! Redis on the same data (see `memory.rs`).
 //!
 //! plus the scaling curves (read latency against sessions in the arena;
 //! transport and replication throughput against batch size), drawn into
@@ -33,7 +35,7 @@
 //! Every load loop stops at a count or a time limit, whichever comes first.
 //! Environment: `SESSIO_BENCH_MAX_SESSIONS` caps the read curve (default
 //! 10 000 000; `--quick` stops at 1M); `SESSIO_COMPARE_ONLY` (comma list of
-//! `read,update,transport,replication,failover,forged,durability,idle`) runs only
+//! `read,update,transport,replication,failover,forged,durability,idle,memory`) runs only
 //! those workloads, e.g. under a profiler, and then leaves the docs alone;
 //! the peers are started only when one of the selected workloads needs them.
 
@@ -43,6 +45,7 @@
 
 mod host;
 mod idle;
+mod memory;
 mod node;
 mod peers;
 mod report;
@@ -154,6 +157,21 @@ impl Peers {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [child, n] = &args[..]
+        && child == memory::NODE_CHILD_ARG
+    {
+        return match n
+            .parse()
+            .map_err(BoxError::from)
+            .and_then(memory::node_child)
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("memory node child: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!("usage: compare [--quick] [--no-doc]");
         return ExitCode::SUCCESS;
@@ -238,6 +256,9 @@ fn compare(run: &Run) -> Result<(), BoxError> {
         }
     }
     drop(peers);
+    if run.part("memory") {
+        memory::memory(run, &mut rep)?;
+    }
     if run.part("forged") || run.part("durability") || run.part("idle") {
         match node::uring_available() {
             Ok(()) => {
@@ -445,7 +466,7 @@ fn read_point(
     }
 }
 
-fn redis_hash_key(i: u64) -> Vec<u8> {
+pub(crate) fn redis_hash_key(i: u64) -> Vec<u8> {
     format!("s:{i}").into_bytes()
 }
 
@@ -575,7 +596,7 @@ fn read_peers(
     Ok(())
 }
 
-fn short_count(n: u64) -> String {
+pub(crate) fn short_count(n: u64) -> String {
     match n {
         n if n >= 1_000_000 && n % 1_000_000 == 0 => format!("{}M", n / 1_000_000),
         n if n >= 1000 && n % 1000 == 0 => format!("{}k", n / 1000),

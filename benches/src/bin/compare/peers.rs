@@ -256,6 +256,21 @@ impl Resp {
         }
     }
 
+    /// Field `field` of `INFO section` (e.g. `used_memory` of `memory`).
+    pub fn info(&mut self, section: &str, field: &str) -> Result<u64, BoxError> {
+        match self.call(&[b"INFO", section.as_bytes()])? {
+            Reply::Bulk(_) => {}
+            r => return Err(format!("INFO answered {r:?}").into()),
+        }
+        let text = String::from_utf8_lossy(&self.0.payload);
+        text.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .ok_or_else(|| format!("INFO {section} has no {field}"))?
+            .trim()
+            .parse()
+            .map_err(Into::into)
+    }
+
     /// One synchronous round trip.
     pub fn call(&mut self, args: &[&[u8]]) -> Result<Reply, BoxError> {
         self.queue(args);

@@ -85,7 +85,7 @@ pub(super) async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorSta
                             s.epoch = epoch;
                             s.removed = false;
                             s.fenced = false;
-                            s.since.get_or_insert(now);
+                            s.note_unacked(now, version);
                         }
                         sid
                     }
@@ -98,7 +98,7 @@ pub(super) async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorSta
                             s.epoch = 1;
                         }
                         s.removed = true;
-                        s.since.get_or_insert(now);
+                        s.note_unacked(now, 0);
                         sid
                     }
                 };
@@ -821,6 +821,7 @@ fn record_acks(
                 ss.fenced = true;
                 ss.clear_sent(id);
                 ss.since = None;
+                ss.next = None;
                 // Another host owns it under a newer epoch: our copy at
                 // this one is stale.
                 evict.push(sessio_net::InvalidateEntry {

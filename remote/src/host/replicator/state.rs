@@ -22,13 +22,40 @@ pub(super) struct SidState {
     /// not on what was acknowledged, so a session that changes while a
     /// batch is in flight is not sent again from the same base).
     pub(super) sent: Vec<(u16, u64)>,
-    /// When the current, not yet fully acknowledged, version was first seen.
+    /// When the oldest version not yet acknowledged by R nodes was first
+    /// seen, and that version (0 for a removal: only the whole settles it).
     pub(super) since: Option<Instant>,
+    pub(super) since_version: u64,
+    /// The first newer version seen while `since` waits, and when: once
+    /// `since_version` has its acks but the current one does not, the
+    /// wait is counted from here (so a session that changes faster than a
+    /// round trip shows the age of its oldest waiting update, not of the
+    /// first change of the whole streak).
+    pub(super) next: Option<(Instant, u64)>,
     pub(super) removed: bool,
     pub(super) fenced: bool,
 }
 
 impl SidState {
+    /// Version `version` (0: a removal) was seen at `now`, not yet acked.
+    pub(super) fn note_unacked(&mut self, now: Instant, version: u64) {
+        match self.since {
+            None => {
+                self.since = Some(now);
+                self.since_version = version;
+            }
+            Some(_) if self.next.is_none() && version > self.since_version => {
+                self.next = Some((now, version));
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// Whether `r` nodes acknowledged `version` or newer.
+    fn covered(&self, version: u64, r: usize) -> bool {
+        self.acks.iter().filter(|(_, v)| *v >= version).count() >= r
+    }
+
     pub(super) fn acked_by(&self, node: u16) -> u64 {
         self.acks
             .iter()
@@ -378,9 +405,21 @@ pub(super) fn settle(st: &mut State, sid: Sid) {
         if let Some(t) = s.since.take() {
             st.lag.record(t.elapsed());
         }
+        s.next = None;
         if s.removed {
             st.sids.remove(&sid);
         }
+    } else if let Some(t) = s.since
+        && !s.removed
+        && s.since_version > 0
+        && s.covered(s.since_version, r)
+    {
+        // The oldest waiting update got its acks; a newer one still
+        // waits, counted from when it was first seen.
+        st.lag.record(t.elapsed());
+        let (at, v) = s.next.take().unwrap_or((Instant::now(), s.version));
+        s.since = Some(at);
+        s.since_version = v;
     }
 }
 

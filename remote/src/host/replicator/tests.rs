@@ -74,3 +74,54 @@ fn acks_are_per_node_and_counted_against_the_current_version() {
     assert_eq!(s.acked_by(1), 0);
     assert_eq!(s.acked_by(2), 5);
 }
+
+#[test]
+fn the_oldest_wait_moves_on_once_its_version_is_acked() {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 1));
+    let placement = Placement::new(
+        vec![
+            crate::placement::Member { id: 1, addr },
+            crate::placement::Member { id: 2, addr },
+        ],
+        2,
+    )
+    .unwrap();
+    let mut st = state::State {
+        placement,
+        sids: HashMap::new(),
+        nodes: Vec::new(),
+        lag: Lag::default(),
+        lag_snapshot: None,
+        ticks: 0,
+        dispatcher: state::Wake::default(),
+        rate_mark: (Instant::now(), 0),
+        bytes_per_sec: 0,
+    };
+    let sid = sessio_engine::Sid([7; 16]);
+    let t0 = Instant::now().checked_sub(Duration::from_secs(3)).unwrap();
+    let t1 = Instant::now().checked_sub(Duration::from_secs(1)).unwrap();
+    let s = st.sids.entry(sid).or_default();
+    // Version 1 seen 3 s ago, version 2 1 s ago, 3 just now.
+    s.version = 3;
+    s.note_unacked(t0, 1);
+    s.note_unacked(t1, 2);
+    s.note_unacked(Instant::now(), 3);
+    s.set_ack(1, 1);
+    state::settle(&mut st, sid);
+    assert_eq!(st.sids[&sid].since, Some(t0), "one ack of 1: still waiting");
+    st.sids.get_mut(&sid).unwrap().set_ack(2, 2);
+    state::settle(&mut st, sid);
+    let s = &st.sids[&sid];
+    assert_eq!(
+        (s.since, s.since_version),
+        (Some(t1), 2),
+        "1 has its acks: the oldest waiting update is 2, seen 1 s ago"
+    );
+    assert_eq!(st.lag.count(), 1, "1's wait was recorded");
+    for n in [1, 2] {
+        st.sids.get_mut(&sid).unwrap().set_ack(n, 3);
+    }
+    state::settle(&mut st, sid);
+    assert_eq!(st.sids[&sid].since, None, "all acked");
+    assert_eq!(st.lag.count(), 2);
+}

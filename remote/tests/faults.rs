@@ -37,7 +37,8 @@
 //! `SESSIO_SOAK_S=600` runs instead one `soak` test that loops the
 //! scenarios on one bank for that long, and checks that the RSS of the host
 //! process and of a node that is never restarted grows by at most 10% after
-//! the first round (warm-up), and that neither leaks descriptors.
+//! the first round (warm-up), that neither leaks descriptors, and that
+//! node 1 holds no copy of a session once the round's hosts ended it.
 //!
 //! These tests need root (namespaces, links, qdiscs) and `ip`/`tc`
 //! (iproute2); without them they fail, they do not skip. Namespaces and
@@ -749,14 +750,21 @@ impl Host {
         behind
     }
 
-    /// Ends every session and waits (a little) for the bank to drop them,
-    /// so a long run does not pile copies up on the nodes.
+    /// Ends every session and waits (a little) for the removals to be
+    /// taken, sent and acknowledged, so a long run does not pile copies up
+    /// on the nodes (the soak checks that node 1 holds none after a round).
     fn finish(&mut self) {
         for &sid in &self.sids {
             let _ = self.arena.invalidate(sid);
         }
         let t = Instant::now();
-        while self.stats().dirty > 0 && t.elapsed() < Duration::from_secs(3) {
+        let busy = |s: &ReplicatorStats| {
+            s.dirty > 0
+                || s.nodes
+                    .iter()
+                    .any(|n| n.up && (n.pending > 0 || n.in_flight > 0))
+        };
+        while busy(&self.stats()) && t.elapsed() < Duration::from_secs(3) {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -1476,7 +1484,9 @@ fn fds(pid: u32) -> usize {
 
 /// Loops every scenario on one lab for `d`. Node 1 is never restarted:
 /// its RSS and descriptors, and this process's (the hosts'), are measured
-/// after the first round (warm-up) and at the end.
+/// after the first round (warm-up) and at the end. Every host ends its
+/// sessions before it goes, so node 1 must hold no copy after a round:
+/// a copy left is a removal lost, and memory the node keeps for good.
 fn soak(scenarios: &[(&'static str, Scenario)], d: Duration) {
     let mut lab = Lab::new();
     let me = std::process::id();
@@ -1484,6 +1494,7 @@ fn soak(scenarios: &[(&'static str, Scenario)], d: Duration) {
     let t = Instant::now();
     let mut baseline = None;
     let mut rounds = 0;
+    let mut copies_left = Vec::new();
     while rounds < 2 || t.elapsed() < d {
         for (name, f) in scenarios {
             let figures = f(&mut lab, Duration::from_secs(3));
@@ -1491,14 +1502,17 @@ fn soak(scenarios: &[(&'static str, Scenario)], d: Duration) {
         }
         assert_eq!(lab.node(1).pid(), node1);
         let now = (rss_kib(me), rss_kib(node1), fds(me), fds(node1));
+        let held = node_stats(lab.addr("a", 1));
+        let (sessions, bytes) = (stat(&held, "sessions"), stat(&held, "bytes"));
         eprintln!(
-            "soak: round {rounds} at {:?}: host rss {} KiB, node 1 rss {} KiB, host fds {}, node 1 fds {}",
+            "soak: round {rounds} at {:?}: host rss {} KiB, node 1 rss {} KiB, host fds {}, node 1 fds {}, node 1 copies {sessions} ({bytes} bytes)",
             t.elapsed(),
             now.0,
             now.1,
             now.2,
             now.3
         );
+        copies_left.push(sessions);
         baseline.get_or_insert(now);
         rounds += 1;
     }
@@ -1507,6 +1521,10 @@ fn soak(scenarios: &[(&'static str, Scenario)], d: Duration) {
     eprintln!(
         "soak: {rounds} rounds in {:?}: after warm-up {base:?}, at the end {end:?}",
         t.elapsed()
+    );
+    assert!(
+        copies_left.iter().all(|&n| n == 0),
+        "node 1 kept copies of sessions its hosts ended (removals lost), after each round: {copies_left:?}"
     );
     assert!(
         end.0 * 10 <= base.0 * 11,

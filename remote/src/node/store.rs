@@ -106,7 +106,10 @@ pub struct Store {
     /// map's order).
     expire_cursor: usize,
     /// Absolute expiry deadlines of the copies held, earliest first
-    /// (entries of copies since gone are skipped when they come up).
+    /// (entries of copies since gone are skipped when they come up, or
+    /// dropped by [`Store::compact_deadlines`] before they outnumber the
+    /// copies: sessions created and ended long before their expiry would
+    /// otherwise pile up here until it).
     deadlines: std::collections::BinaryHeap<std::cmp::Reverse<(u64, Sid)>>,
     /// Per host, the sessions it wrote that another host has taken over
     /// since, until its next ping collects them (at most [`STALE_MAX`] in
@@ -116,6 +119,10 @@ pub struct Store {
     /// Counters since start.
     pub counters: NodeCounters,
 }
+
+/// Deadlines the heap may hold beyond twice the copies before it is
+/// compacted (see [`Store::compact_deadlines`]).
+pub const DEADLINES_SLACK: usize = 1024;
 
 /// Takeover notices a store keeps for hosts that have not pinged yet; more
 /// are dropped (counted): their hosts learn at their next write instead.
@@ -174,6 +181,31 @@ impl Store {
             return dropped;
         }
         dropped + self.expire_idle(now_ms, rule, budget)
+    }
+
+    /// Keeps one deadline per copy held with that absolute expiry: drops
+    /// those of copies gone (and duplicates, from a copy removed and sent
+    /// again). Called once the heap holds more than twice the copies plus
+    /// [`DEADLINES_SLACK`], so its cost, linear in the heap, is paid for
+    /// by the pushes since the last call, and the heap never holds more
+    /// than that.
+    fn compact_deadlines(&mut self) {
+        let Store {
+            deadlines,
+            copies,
+            scratch,
+            ..
+        } = self;
+        let mut kept = std::mem::take(deadlines).into_vec();
+        kept.sort_unstable();
+        kept.dedup();
+        kept.retain(|&std::cmp::Reverse((at, sid))| {
+            copies
+                .get(&sid)
+                .is_some_and(|c| c.record.view(scratch).expires_at_ms.to_native() == at)
+        });
+        kept.shrink_to_fit();
+        *deadlines = kept.into();
     }
 
     /// The idle part of [`Store::expire`]: a walk over `budget` copies from
@@ -412,6 +444,9 @@ impl Store {
                 // per copy the store did not hold before is enough.
                 if status == AckStatus::Applied && held.is_none() && expires != 0 {
                     self.deadlines.push(std::cmp::Reverse((expires, e.sid)));
+                    if self.deadlines.len() > 2 * self.copies.len() + DEADLINES_SLACK {
+                        self.compact_deadlines();
+                    }
                 }
                 (status, self.version_of(&e.sid))
             }

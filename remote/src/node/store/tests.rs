@@ -301,6 +301,65 @@ fn expiry_drops_expired_and_idle_copies_within_budget() {
     assert!(s.copies.values().all(|c| c.pending_batches() == 0));
 }
 
+/// Sessions with a long absolute lifetime, created and ended over and
+/// over (and some sent again after a removal), leave the deadline heap no
+/// larger than twice the copies held plus `DEADLINES_SLACK`, and expiry
+/// still drops the copies that remain when their time comes.
+#[test]
+fn deadlines_of_copies_gone_do_not_pile_up() {
+    let rec = |expires_at_ms: u64| {
+        encode_session(&SessionData {
+            expires_at_ms,
+            ..SessionData::default()
+        })
+        .to_vec()
+    };
+    let sid = |i: u32| {
+        let mut s = [0u8; 16];
+        s[..4].copy_from_slice(&i.to_le_bytes());
+        s
+    };
+    let full = |i: u32, expires: u64| DeltaEntry {
+        sid: sid(i),
+        ..entry(0, 1, 1, Delta::Full(rec(expires)))
+    };
+    let remove = |i: u32| DeltaEntry {
+        sid: sid(i),
+        ..entry(1, 1, 1, Delta::Remove)
+    };
+    let mut s = Store::new(NodeLimits::default(), 1);
+    // 100 copies that stay, due at 5 000.
+    for i in 0..100 {
+        assert_eq!(one(&mut s, full(i, 5_000)).status, AckStatus::Applied);
+    }
+    let mut peak = 0;
+    for round in 0..20u32 {
+        // 1 000 sessions of a day, each ended at once; every other one
+        // comes back (a host's resend) and is ended again.
+        for k in 0..1_000 {
+            let i = 1_000 + round * 1_000 + k;
+            for _ in 0..=(k % 2) {
+                assert_eq!(one(&mut s, full(i, 86_400_000)).status, AckStatus::Applied);
+                assert_eq!(one(&mut s, remove(i)).status, AckStatus::Applied);
+            }
+            peak = peak.max(s.deadlines.len());
+        }
+    }
+    assert_eq!(s.len(), 100);
+    assert!(
+        peak <= 2 * (s.len() + 1) + DEADLINES_SLACK,
+        "the deadline heap reached {peak} entries for {} copies",
+        s.len()
+    );
+    let rule = ExpiryRule {
+        grace_ms: 0,
+        idle_max_ms: 0,
+    };
+    assert_eq!(s.expire(4_999, rule, 10_000), 0);
+    assert_eq!(s.expire(5_000, rule, 10_000), 100);
+    assert!(s.is_empty());
+}
+
 fn set_n(i: usize, bytes: usize) -> Delta {
     set(&format!("k{}", i % 5), &vec![i as u8; bytes])
 }

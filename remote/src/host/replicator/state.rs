@@ -396,17 +396,27 @@ pub(super) fn stand_in(
 }
 
 /// Records the lag of a session whose current version reached `R` nodes.
+///
+/// A removal is forgotten only once no node still has it queued or owed:
+/// the owners' acks of the last copy count towards it, so the first owner
+/// to ack the `Remove` used to settle it, and the other owner's link, whose
+/// batch was not built yet, skipped the session it no longer knew. That
+/// owner kept the ended session's copy, for a failover fetch to bring back.
 pub(super) fn settle(st: &mut State, sid: Sid) {
     let r = st.placement.replicas();
+    let queued = st
+        .nodes
+        .iter()
+        .any(|n| n.pending.contains(&sid) || n.owed.contains(&sid));
     let Some(s) = st.sids.get_mut(&sid) else {
         return;
     };
-    if s.since.is_some() && s.holders() >= r {
+    if s.holders() >= r && (s.since.is_some() || s.removed) {
         if let Some(t) = s.since.take() {
             st.lag.record(t.elapsed());
         }
         s.next = None;
-        if s.removed {
+        if s.removed && !queued {
             st.sids.remove(&sid);
         }
     } else if let Some(t) = s.since

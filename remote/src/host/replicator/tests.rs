@@ -125,3 +125,54 @@ fn the_oldest_wait_moves_on_once_its_version_is_acked() {
     assert_eq!(st.sids[&sid].since, None, "all acked");
     assert_eq!(st.lag.count(), 2);
 }
+
+#[test]
+fn a_removal_is_kept_until_every_node_queued_for_it_has_it() {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 1));
+    let placement = Placement::new(
+        vec![
+            crate::placement::Member { id: 1, addr },
+            crate::placement::Member { id: 2, addr },
+        ],
+        2,
+    )
+    .unwrap();
+    let link = |id: u16| state::NodeLink {
+        stats: NodeStats {
+            id,
+            up: true,
+            ..NodeStats::default()
+        },
+        ..state::NodeLink::default()
+    };
+    let mut st = state::State {
+        placement,
+        sids: HashMap::new(),
+        nodes: vec![link(1), link(2)],
+        lag: Lag::default(),
+        lag_snapshot: None,
+        ticks: 0,
+        dispatcher: state::Wake::default(),
+        rate_mark: (Instant::now(), 0),
+        bytes_per_sec: 0,
+    };
+    let sid = sessio_engine::Sid([9; 16]);
+    let s = st.sids.entry(sid).or_default();
+    // Both owners acked the last copy (version 4); then the session ended.
+    s.version = 4;
+    s.set_ack(1, 4);
+    s.set_ack(2, 4);
+    s.removed = true;
+    s.note_unacked(Instant::now(), 0);
+    // Node 1 acked the Remove; node 2's batch is not built yet.
+    st.nodes[1].pending.insert(sid);
+    state::settle(&mut st, sid);
+    assert!(
+        st.sids.contains_key(&sid),
+        "forgotten while node 2 still has the removal queued: its copy would stay"
+    );
+    // Node 2 took and acked it.
+    st.nodes[1].pending.remove(&sid);
+    state::settle(&mut st, sid);
+    assert!(!st.sids.contains_key(&sid), "forgotten once no node waits");
+}

@@ -41,9 +41,7 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
 
-use hashbrown::HashMap;
 use sessio_engine::{Arena, Location, OpenError};
 use sessio_net::{Epoll, IoUring, Secret};
 
@@ -354,17 +352,7 @@ fn run<B: Rt>(
             ..NodeLink::default()
         })
         .collect();
-    let state = RefCell::new(State {
-        placement,
-        sids: HashMap::new(),
-        nodes,
-        lag: Lag::default(),
-        lag_snapshot: None,
-        ticks: 0,
-        dispatcher: state::Wake::default(),
-        rate_mark: (Instant::now(), 0),
-        bytes_per_sec: 0,
-    });
+    let state = RefCell::new(State::new(placement, nodes));
     // A fresh replicator looks at every session once: what an earlier
     // replicator saw acknowledged by nodes that kept their incarnation is
     // not sent again (`seed_acks`); the rest is.

@@ -211,6 +211,21 @@ pub(super) struct State {
 }
 
 impl State {
+    /// A fresh table: no session known yet, the links to `nodes`.
+    pub(super) fn new(placement: Placement, nodes: Vec<NodeLink>) -> State {
+        State {
+            placement,
+            sids: HashMap::new(),
+            nodes,
+            lag: Lag::default(),
+            lag_snapshot: None,
+            ticks: 0,
+            dispatcher: Wake::default(),
+            rate_mark: (Instant::now(), 0),
+            bytes_per_sec: 0,
+        }
+    }
+
     pub(super) fn link(&mut self, id: u16) -> Option<&mut NodeLink> {
         self.nodes.iter_mut().find(|n| n.stats.id == id)
     }

@@ -2,7 +2,7 @@
 
 use super::state::SidState;
 use super::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[test]
 fn lag_quantiles_over_an_interval() {
@@ -75,8 +75,9 @@ fn acks_are_per_node_and_counted_against_the_current_version() {
     assert_eq!(s.acked_by(2), 5);
 }
 
-#[test]
-fn the_oldest_wait_moves_on_once_its_version_is_acked() {
+/// A replicator's table for two nodes, 1 and 2, both owners (R = 2), both
+/// links up.
+fn two_owners() -> state::State {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 1));
     let placement = Placement::new(
         vec![
@@ -86,17 +87,20 @@ fn the_oldest_wait_moves_on_once_its_version_is_acked() {
         2,
     )
     .unwrap();
-    let mut st = state::State {
-        placement,
-        sids: HashMap::new(),
-        nodes: Vec::new(),
-        lag: Lag::default(),
-        lag_snapshot: None,
-        ticks: 0,
-        dispatcher: state::Wake::default(),
-        rate_mark: (Instant::now(), 0),
-        bytes_per_sec: 0,
+    let link = |id: u16| state::NodeLink {
+        stats: NodeStats {
+            id,
+            up: true,
+            ..NodeStats::default()
+        },
+        ..state::NodeLink::default()
     };
+    state::State::new(placement, vec![link(1), link(2)])
+}
+
+#[test]
+fn the_oldest_wait_moves_on_once_its_version_is_acked() {
+    let mut st = two_owners();
     let sid = sessio_engine::Sid([7; 16]);
     let t0 = Instant::now().checked_sub(Duration::from_secs(3)).unwrap();
     let t1 = Instant::now().checked_sub(Duration::from_secs(1)).unwrap();
@@ -128,34 +132,7 @@ fn the_oldest_wait_moves_on_once_its_version_is_acked() {
 
 #[test]
 fn a_removal_is_kept_until_every_node_queued_for_it_has_it() {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 1));
-    let placement = Placement::new(
-        vec![
-            crate::placement::Member { id: 1, addr },
-            crate::placement::Member { id: 2, addr },
-        ],
-        2,
-    )
-    .unwrap();
-    let link = |id: u16| state::NodeLink {
-        stats: NodeStats {
-            id,
-            up: true,
-            ..NodeStats::default()
-        },
-        ..state::NodeLink::default()
-    };
-    let mut st = state::State {
-        placement,
-        sids: HashMap::new(),
-        nodes: vec![link(1), link(2)],
-        lag: Lag::default(),
-        lag_snapshot: None,
-        ticks: 0,
-        dispatcher: state::Wake::default(),
-        rate_mark: (Instant::now(), 0),
-        bytes_per_sec: 0,
-    };
+    let mut st = two_owners();
     let sid = sessio_engine::Sid([9; 16]);
     let s = st.sids.entry(sid).or_default();
     // Both owners acked the last copy (version 4); then the session ended.

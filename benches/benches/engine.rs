@@ -28,7 +28,6 @@
 use criterion::{BenchmarkId, Criterion, black_box};
 use sessio_benches::{
     ArenaFixture, Floor, HugePagePool, KEYS, arena_config, huge_pages_needed, picks,
-    updated_arena_config,
 };
 use sessio_engine::{HugePages, Location, Op, Sid};
 use std::fmt::Write as _;
@@ -243,7 +242,7 @@ fn read_benches(
 
 fn update_benches(c: &mut Criterion, run: &mut Run) {
     let n = 10_000;
-    let fx = ArenaFixture::build_with("update", n, &updated_arena_config(n))
+    let fx = ArenaFixture::build_with("update", n, &arena_config(n, HugePages::Off))
         .unwrap_or_else(|e| panic!("building the update arena: {e}"));
     let arena = fx.arena();
     let ops = sessio_benches::update_ops();
@@ -300,7 +299,7 @@ impl Drop for Worker {
 fn two_processes(run: &mut Run) {
     let count = if run.quick { 1_000 } else { TWO_PROC_COUNT };
     let rounds = if run.quick { 1 } else { TWO_PROC_ROUNDS };
-    let fx = ArenaFixture::build_with("two-proc", 1, &updated_arena_config(1))
+    let fx = ArenaFixture::build_with("two-proc", 1, &arena_config(1, HugePages::Off))
         .unwrap_or_else(|e| panic!("building the two-process arena: {e}"));
     let Location::Shm(name) = fx.location().clone() else {
         unreachable!("fixtures are named shared-memory arenas")

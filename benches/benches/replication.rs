@@ -17,7 +17,7 @@
 
 use criterion::Criterion;
 use sessio_benches::ArenaFixture;
-use sessio_engine::{Arena, ArenaConfig, HugePages, Location, Op};
+use sessio_engine::{Arena, HugePages, Location, Op};
 use sessio_net::{Epoll, IoUring, Secret};
 use sessio_remote::failover::{FailoverConfig, NodeClients, Singleflight, fetch_and_install};
 use sessio_remote::node::{LocalNode, NodeConfig};
@@ -87,7 +87,7 @@ fn synced(node: &Node, secret: &Secret, label: &str, batch: usize) -> (ArenaFixt
     let fx = ArenaFixture::build_with(
         label,
         SESSIONS,
-        &sessio_benches::updated_arena_config(SESSIONS),
+        &sessio_benches::arena_config(SESSIONS, HugePages::Off),
     )
     .expect("arena");
     let repl = replicator(&fx, node, secret, batch);
@@ -257,10 +257,7 @@ fn failover(c: &mut Criterion, secret: &Secret) {
     )
     .unwrap();
     let loc = Location::Shm(format!("bench-{}-repl-fo-b", std::process::id()));
-    let cfg = ArenaConfig {
-        huge_pages: HugePages::Off,
-        ..sessio_benches::updated_arena_config(SESSIONS)
-    };
+    let cfg = sessio_benches::arena_config(SESSIONS, HugePages::Off);
     let host_b = Arena::open(&loc, &cfg).expect("host b");
     let mut clients = NodeClients::<IoUring>::new(
         FailoverConfig::new(2, secret.clone()),

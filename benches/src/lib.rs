@@ -80,28 +80,16 @@ pub fn arena_config(sessions: u64, huge: HugePages) -> ArenaConfig {
     }
 }
 
-/// Bytes a benchmark session's record grows to once it has been updated
-/// often: its ~1.1 KB of attributes plus the delta log the engine keeps in
-/// every record (up to `LOG_BYTES_MAX` = 1 KiB of encoded batches, plus
-/// 16 B of bookkeeping per entry). `ArenaConfig::for_sessions` sizes the heap
-/// for the attributes only, so an arena sized with [`SESSION_BYTES`] runs out
-/// of heap under steady updates; arenas that are updated use this instead.
-pub const UPDATED_SESSION_BYTES: u64 = 2560;
-
-/// The configuration of an arena whose `sessions` sessions are updated.
-pub fn updated_arena_config(sessions: u64) -> ArenaConfig {
-    ArenaConfig::for_sessions(sessions, UPDATED_SESSION_BYTES)
-}
-
 /// 2 MiB pages an arena made with `cfg` needs, with some slack. The engine
 /// does not expose its geometry, so this follows `ArenaConfig`'s fields:
-/// heap, 64 B index slots at load ≤ 3/4, the dirty bitmap, the
+/// heap, its delta log, 64 B index slots at load ≤ 3/4, the dirty bitmap, the
 /// participant table, headers and alignment.
 pub fn huge_pages_needed(cfg: &ArenaConfig) -> u64 {
     let slots = (cfg.capacity * 4 / 3 + 1).next_power_of_two().max(64);
     let chunk = (cfg.quota_bytes + 64).next_power_of_two().max(64 * 1024);
     let heap = cfg.heap_bytes.div_ceil(chunk) * chunk;
-    let bytes = heap + slots * 64 + slots / 8 + (16 << 20);
+    let delta_log = (heap / 64).clamp(256 << 10, 64 << 20);
+    let bytes = heap + delta_log + slots * 64 + slots / 8 + (16 << 20);
     bytes.div_ceil(HUGE_PAGE) + 4
 }
 

@@ -326,12 +326,13 @@ fn memory_text(out: &mut String, m: &MemoryStats) {
     } else {
         " (free lists walked in part: free is a lower bound)"
     };
-    let rows: [(&str, String); 9] = [
+    let rows: [(&str, String); 10] = [
         ("mapped", with_per_session(m, m.sizing.mapped_bytes)),
         ("reserved", with_per_session(m, m.reserved_bytes)),
         ("touched", touched),
         ("index", format!("{} slots of 64", m.sizing.index_slots)),
         ("fixed tables", m.sizing.fixed_bytes.to_string()),
+        ("delta log", m.sizing.delta_log_bytes.to_string()),
         ("heap", m.sizing.heap_bytes.to_string()),
         ("heap in use", with_per_session(m, m.heap_in_use_bytes())),
         (
@@ -376,6 +377,7 @@ fn memory_json(m: &MemoryStats) -> Value {
         "index_slots": m.sizing.index_slots,
         "index_bytes": m.sizing.index_bytes,
         "fixed_bytes": m.sizing.fixed_bytes,
+        "delta_log_bytes": m.sizing.delta_log_bytes,
         "heap_bytes": m.sizing.heap_bytes,
         "heap_in_use_bytes": m.heap_in_use_bytes(),
         "heap_class_free_bytes": m.heap_class_free_bytes(),

@@ -18,6 +18,7 @@ use std::sync::Arc;
 mod bell;
 mod collect;
 mod combine;
+mod deltas;
 mod expiry;
 mod handle;
 mod heap;
@@ -34,6 +35,7 @@ mod test_support;
 pub use bell::DirtyBell;
 pub use collect::{CollectError, CollectReport};
 use combine::HeapNodes;
+pub use deltas::DELTA_BATCHES_MAX;
 pub use host::{FetchClaim, FetchGuard};
 pub use memory::{ClassUsage, FREE_WALK_DEFAULT, MemoryStats};
 
@@ -187,6 +189,11 @@ impl ReadGuard<'_> {
     #[inline]
     pub fn epoch(&self) -> u64 {
         self.header.epoch
+    }
+
+    /// The delta log entry of this version, 0 = none (`arena::deltas`).
+    pub(crate) fn log_at(&self) -> u32 {
+        self.header.log_at
     }
 
     /// The archived bytes (what `install` takes and a replica stores).

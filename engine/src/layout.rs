@@ -3,7 +3,7 @@
 //! `docs/ARCHITECTURE.md`.
 //!
 //! ```text
-//! | header (4 KiB) | participants | index slots | dirty bitmap + summaries | chunk map | heap |
+//! | header (4 KiB) | participants | index slots | dirty bitmap + summaries | chunk map | delta log | heap |
 //! ```
 //!
 //! Only fixed-width integers and atomics live here: no `usize`, no pointers.
@@ -16,7 +16,7 @@ use std::mem::size_of;
 /// First eight bytes of every arena.
 pub(crate) const MAGIC: [u8; 8] = *b"SESSIO\x00A";
 /// Bumped whenever a layout below changes meaning.
-pub(crate) const FORMAT_VERSION: u32 = 4;
+pub(crate) const FORMAT_VERSION: u32 = 5;
 /// Bytes of the header page.
 pub(crate) const HEADER_BYTES: u64 = 4096;
 /// The heap's allocation unit; every block starts on a multiple of it.
@@ -103,6 +103,9 @@ pub(crate) struct Header {
     /// Until when (ms since the Unix epoch) a writer waits for acks: the
     /// replicator ships as soon as a link is free rather than on its tick.
     pub urgent_until_ms: AtomicU64,
+    /// Bytes ever reserved in the delta log: the next entry starts here
+    /// (modulo the log's size). See `arena::deltas`.
+    pub delta_head: AtomicU64,
 }
 const _: () = assert!(size_of::<Header>() as u64 <= HEADER_BYTES);
 
@@ -179,13 +182,15 @@ pub(crate) struct Shape {
     pub chunk_map_off: u64,
     pub heap_off: u64,
     pub total_bytes: u64,
+    pub delta_off: u64,
+    pub delta_bytes: u64,
 }
 // Where the shape's fields were when they stood in the header one by one:
 // nesting them changed no byte of the file.
 const _: () = {
     use std::mem::offset_of;
-    assert!(offset_of!(Header, shape) == 24 && size_of::<Shape>() == 104);
-    assert!(offset_of!(Header, created_ms) == 128);
+    assert!(offset_of!(Header, shape) == 24 && size_of::<Shape>() == 120);
+    assert!(offset_of!(Header, created_ms) == 144);
     assert!(offset_of!(Shape, class_count) == 48 && offset_of!(Shape, page_bytes) == 52);
     assert!(offset_of!(Shape, participants_off) == 56 && offset_of!(Shape, total_bytes) == 96);
 };
@@ -307,7 +312,9 @@ pub(crate) struct RecordHeader {
     pub sid: [u64; 2],
     /// Newest queue seq this record includes.
     pub applied_seq: u32,
-    pub reserved: u32,
+    /// Where the delta log entry of this record's version starts
+    /// (`arena::deltas`, `log_at`); 0 = none.
+    pub log_at: u32,
 }
 
 /// The first 64 bytes of an op node block; the encoded ops follow.
@@ -353,21 +360,40 @@ const _: () = {
     assert!(size_of::<RecordHeader>() as u64 == BLOCK);
     assert!(align_of::<RecordHeader>() as u64 <= BLOCK);
     assert!(offset_of!(RecordHeader, start) == 0 && offset_of!(RecordHeader, checksum) == 16);
-    assert!(offset_of!(RecordHeader, sid) == 40 && offset_of!(RecordHeader, reserved) == 60);
+    assert!(offset_of!(RecordHeader, sid) == 40 && offset_of!(RecordHeader, log_at) == 60);
     assert!(size_of::<NodeHeader>() as u64 == BLOCK);
     assert!(align_of::<NodeHeader>() as u64 <= BLOCK);
     assert!(offset_of!(NodeHeader, start) == 0 && offset_of!(NodeHeader, seq) == 16);
     assert!(offset_of!(NodeHeader, sid) == 32 && offset_of!(NodeHeader, detail) == 56);
 };
 
+/// Least and most bytes of the delta log.
+pub(crate) const DELTA_LOG_MIN: u64 = 256 * 1024;
+pub(crate) const DELTA_LOG_MAX: u64 = 64 << 20;
+
+/// Bytes of the delta log of a heap of `heap_bytes`: 1/64 of it, within
+/// [`DELTA_LOG_MIN`] and [`DELTA_LOG_MAX`], in whole pages.
+pub(crate) const fn delta_log_bytes(heap_bytes: u64) -> u64 {
+    let b = heap_bytes / 64;
+    let b = if b < DELTA_LOG_MIN {
+        DELTA_LOG_MIN
+    } else if b > DELTA_LOG_MAX {
+        DELTA_LOG_MAX
+    } else {
+        b
+    };
+    b.next_multiple_of(4096)
+}
+
 /// Block sizes of the heap's classes, smallest first: steps of 64 bytes up
-/// to 1 KiB, then steps of about 1/8, so a block wastes at most ~12 %.
+/// to 2 KiB, where most sessions are (a record there wastes at most 63 B,
+/// 3–6 %), then steps of about 1/8, so a block wastes at most ~12 %.
 pub(crate) fn class_sizes(chunk_bytes: u64) -> Vec<u64> {
     let mut sizes = Vec::new();
     let mut s = BLOCK;
     while s < chunk_bytes && sizes.len() < CLASSES_MAX - 1 {
         sizes.push(s);
-        let step = if s < 1024 {
+        let step = if s < 2048 {
             BLOCK
         } else {
             (s / 8).next_multiple_of(BLOCK)
@@ -412,7 +438,9 @@ impl Geometry {
             .next_multiple_of(4096);
         let dirty_off = index_off + index_slots * 64;
         let chunk_map_off = dirty_off + dirty_level_offs(index_slots).1;
-        let heap_off = (chunk_map_off + chunks).next_multiple_of(align.max(4096));
+        let delta_off = (chunk_map_off + chunks).next_multiple_of(4096);
+        let delta_bytes = delta_log_bytes(chunks * chunk_bytes);
+        let heap_off = (delta_off + delta_bytes).next_multiple_of(align.max(4096));
         let total_bytes = (heap_off + chunks * chunk_bytes).next_multiple_of(align.max(4096));
         let classes = class_sizes(chunk_bytes);
         Geometry {
@@ -431,6 +459,8 @@ impl Geometry {
                 chunk_map_off,
                 heap_off,
                 total_bytes,
+                delta_off,
+                delta_bytes,
             },
             classes,
         }
@@ -461,6 +491,8 @@ impl Geometry {
             self.chunk_map_off,
             self.heap_off,
             self.total_bytes,
+            self.delta_off,
+            self.delta_bytes,
         ];
         words.extend(&self.classes);
         let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
@@ -487,8 +519,16 @@ mod tests {
         for w in c.windows(2) {
             assert!(w[0] < w[1]);
             assert_eq!(w[0] % BLOCK, 0);
-            // No class wastes more than an eighth plus one block.
+            // No class wastes more than an eighth plus one block, and
+            // none below 2 KiB more than a block.
             assert!(w[1] - w[0] <= w[0] / 8 + BLOCK);
+            assert!(w[0] >= 2048 || w[1] - w[0] == BLOCK);
+        }
+        // The largest quota's chunks still get classes all the way up.
+        let big = class_sizes(128 << 20);
+        assert!(big.len() <= CLASSES_MAX);
+        for w in big.windows(2) {
+            assert!(w[1] - w[0] <= w[0] / 8 + BLOCK, "{w:?}");
         }
     }
 
@@ -501,6 +541,7 @@ mod tests {
         assert!(g.total_bytes >= g.heap_off + g.heap_bytes);
         assert_eq!(g.class_for(1).unwrap(), 0);
         assert_eq!(g.classes[g.class_for(1100).unwrap()], 1152);
+        assert_eq!(g.classes[g.class_for(1064).unwrap()], 1088);
         assert!(g.class_for(g.chunk_bytes + 1).is_none());
         let h = Geometry::new(1001, 4 << 20, 64 * 1024, 4096);
         assert_eq!(g.fingerprint(), g.clone().fingerprint());

@@ -152,10 +152,6 @@ pub struct SessionCost {
     pub payload_bytes: u64,
     /// The record block's header (checksum, version, epoch, SID).
     pub record_header_bytes: u64,
-    /// The record's delta log once it has been updated: the recent op
-    /// batches kept for replication, at most
-    /// [`LOG_BYTES_MAX`](crate::session::LOG_BYTES_MAX).
-    pub log_bytes: u64,
     /// Rounding the record up to the heap's 64 B blocks.
     pub rounding_bytes: u64,
     /// A quarter of the rounded record: the size class's rounding (classes
@@ -169,13 +165,11 @@ impl SessionCost {
     /// `payload_bytes`.
     pub const fn new(payload_bytes: u64) -> SessionCost {
         let record_header_bytes = crate::layout::BLOCK;
-        let log_bytes = crate::session::LOG_BYTES_MAX as u64;
-        let record = payload_bytes + record_header_bytes + log_bytes;
+        let record = payload_bytes + record_header_bytes;
         let rounded = record.next_multiple_of(crate::layout::BLOCK);
         SessionCost {
             payload_bytes,
             record_header_bytes,
-            log_bytes,
             rounding_bytes: rounded - record,
             slack_bytes: rounded / 4,
         }
@@ -183,11 +177,7 @@ impl SessionCost {
 
     /// Heap bytes budgeted per session: the sum of the terms.
     pub const fn heap_bytes(&self) -> u64 {
-        self.payload_bytes
-            + self.record_header_bytes
-            + self.log_bytes
-            + self.rounding_bytes
-            + self.slack_bytes
+        self.payload_bytes + self.record_header_bytes + self.rounding_bytes + self.slack_bytes
     }
 }
 
@@ -207,6 +197,9 @@ pub struct Sizing {
     pub index_bytes: u64,
     /// Bytes of the record heap (whole chunks).
     pub heap_bytes: u64,
+    /// Bytes of the delta log: the recent op batches of every session, kept
+    /// so the replicator ships deltas (1/64 of the heap, 256 KiB to 64 MiB).
+    pub delta_log_bytes: u64,
     /// The header, the participant table (one per open handle, with its
     /// retire ring), the dirty bitmap, the chunk map and page alignment:
     /// about 8.5 MiB whatever the capacity.
@@ -222,7 +215,8 @@ impl Sizing {
             index_slots: geo.index_slots,
             index_bytes,
             heap_bytes: geo.heap_bytes,
-            fixed_bytes: geo.total_bytes - index_bytes - geo.heap_bytes,
+            delta_log_bytes: geo.delta_bytes,
+            fixed_bytes: geo.total_bytes - index_bytes - geo.heap_bytes - geo.delta_bytes,
             mapped_bytes: geo.total_bytes,
         }
     }
@@ -682,6 +676,16 @@ impl Map {
     #[inline]
     pub(crate) fn dirty_level_len(&self, level: usize) -> u64 {
         self.dirty_levels[level].1
+    }
+
+    /// Word `w` of the delta log, taken modulo its length (the log is a
+    /// ring of words).
+    #[inline]
+    pub(crate) fn delta_word(&self, w: u64) -> &AtomicU64 {
+        let words = self.geo.delta_bytes / 8;
+        // SAFETY: `w % words` lies inside the delta log, which starts on a
+        // page and holds only words.
+        unsafe { self.table(self.geo.delta_off + (w % words) * 8) }
     }
 
     /// The dirty hint word's address, for futex calls.

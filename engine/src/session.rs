@@ -11,11 +11,6 @@ pub const KEY_BYTES_MAX: usize = 255;
 pub const ATTRS_MAX: usize = 1024;
 /// Most items a bounded append may keep.
 pub const APPEND_ITEMS_MAX: u32 = 4096;
-/// Bytes of recent op batches a record keeps so the replicator can ship
-/// deltas instead of whole records.
-pub const LOG_BYTES_MAX: usize = 1024;
-/// Most op batches kept in that log.
-pub const LOG_ENTRIES_MAX: usize = 32;
 
 /// A session's contents, as archived in a record.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
@@ -28,9 +23,6 @@ pub struct SessionData {
     pub idle_ttl_ms: u64,
     /// Absolute expiry, ms since the Unix epoch; 0 = none.
     pub expires_at_ms: u64,
-    /// The most recent op batches, oldest first (bounded by
-    /// [`LOG_BYTES_MAX`] and [`LOG_ENTRIES_MAX`]).
-    pub log: Vec<LogEntry>,
     /// Attributes sorted by key, keys unique. Declared last so the archived
     /// attribute array sits right before the archive's root, at the end of
     /// the record, where a reader's first fetch already brings it.
@@ -46,15 +38,6 @@ pub struct Attr {
     pub key: String,
     /// The value.
     pub value: Vec<u8>,
-}
-
-/// One applied op batch: the version it produced and its encoding.
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct LogEntry {
-    /// The record version after this batch.
-    pub version: u64,
-    /// The batch as encoded by [`encode_ops`].
-    pub ops: Vec<u8>,
 }
 
 pub use op::{ArchivedOp, Op};
@@ -449,24 +432,6 @@ impl SessionData {
         Ok(())
     }
 
-    /// Records an applied batch in the bounded log (a replica does the
-    /// same, so its record matches the host's byte for byte).
-    pub fn log_batch(&mut self, version: u64, encoded: &[u8]) {
-        self.log.push(LogEntry {
-            version,
-            ops: encoded.to_vec(),
-        });
-        let mut bytes: usize = self.log.iter().map(|e| e.ops.len()).sum();
-        let mut drop = 0;
-        while drop < self.log.len()
-            && (bytes > LOG_BYTES_MAX || self.log.len() - drop > LOG_ENTRIES_MAX)
-        {
-            bytes -= self.log[drop].ops.len();
-            drop += 1;
-        }
-        self.log.drain(..drop);
-    }
-
     /// Whether the session has expired at `now_ms`, given its last read.
     pub fn expired(&self, now_ms: u64, last_read_ms: u64) -> bool {
         let last = self.updated_ms.max(last_read_ms);
@@ -686,9 +651,7 @@ mod tests {
                 let flat: Vec<(String, Vec<u8>)> = m.iter().map(|(k, v)| (k.clone(), encode(v))).collect();
                 let ours: Vec<(String, Vec<u8>)> = s.attrs.iter().map(|a| (a.key.clone(), a.value.clone())).collect();
                 prop_assert_eq!(flat, ours);
-                s.log_batch(i as u64 + 1, &encode_ops(batch));
             }
-            prop_assert!(s.log.iter().map(|e| e.ops.len()).sum::<usize>() <= LOG_BYTES_MAX.max(s.log.last().map_or(0, |e| e.ops.len())));
             let bytes = encode_session(&s);
             prop_assert_eq!(decode_session(&bytes).unwrap(), s);
         }

@@ -7,13 +7,17 @@
 //! - no reader ever sees a torn record (workers verify checksums);
 //! - survivors never hang: after a death they go on within a bounded time;
 //! - a file-backed arena whose processes all died reopens with every
-//!   session intact, and recovery gives leaked capacity back.
+//!   session intact, and recovery gives leaked capacity back;
+//! - a replica that follows the sessions through `delta_since` (the delta
+//!   log, or whole records where it breaks) ends equal to the arena.
 //!
 //! `SESSIO_KILLS=N` sets the number of kills of the random-kill test
 //! (default 200); `SESSIO_KILLS=5000` is a good long local run.
 
-use sessio_engine::session::append_items;
-use sessio_engine::{Arena, ArenaConfig, Location, NewSession, Op, SessionError, Sid};
+use sessio_engine::session::{append_items, decode_ops, decode_session};
+use sessio_engine::{
+    Arena, ArenaConfig, Delta, Location, NewSession, Op, SessionData, SessionError, Sid,
+};
 use std::io::Write;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -274,6 +278,65 @@ fn setup(s: &Scratch) -> (Arena, Vec<Sid>) {
     (arena, sids)
 }
 
+/// A replica of the shared sessions fed as the replicator feeds a node:
+/// the batches since its version from the delta log, or the whole record.
+struct Follower {
+    copies: Vec<(u64, SessionData)>,
+    /// Deltas it took as op batches, and as whole records.
+    ops: u64,
+    fulls: u64,
+}
+
+impl Follower {
+    fn new(n: usize) -> Follower {
+        Follower {
+            copies: vec![(0, SessionData::default()); n],
+            ops: 0,
+            fulls: 0,
+        }
+    }
+
+    fn follow(&mut self, arena: &Arena, sids: &[Sid]) {
+        for (copy, &sid) in self.copies.iter_mut().zip(sids) {
+            match arena.delta_since(sid, copy.0).unwrap() {
+                Delta::UpToDate => {}
+                Delta::Ops {
+                    version, batches, ..
+                } => {
+                    assert_eq!(batches.len() as u64, version - copy.0);
+                    for b in &batches {
+                        let ops = decode_ops(b).expect("a logged batch decodes");
+                        // The host applied it to the same state, so it applies.
+                        copy.1
+                            .apply(&ops, 0, config().quota_bytes)
+                            .expect("a logged batch applies on its base");
+                    }
+                    copy.0 = version;
+                    self.ops += 1;
+                }
+                Delta::Full { version, bytes, .. } => {
+                    *copy = (version, decode_session(&bytes).unwrap());
+                    self.fulls += 1;
+                }
+            }
+        }
+    }
+
+    /// Every copy holds the attributes of the arena's record.
+    fn check(&mut self, arena: &Arena, sids: &[Sid]) {
+        self.follow(arena, sids);
+        for (j, (copy, &sid)) in self.copies.iter().zip(sids).enumerate() {
+            let g = arena.read(sid).unwrap();
+            assert_eq!(copy.0, g.version(), "session {j}: follower's version");
+            let want = decode_session(g.bytes()).unwrap();
+            assert_eq!(
+                copy.1.attrs, want.attrs,
+                "session {j}: follower's attributes"
+            );
+        }
+    }
+}
+
 /// Checks the final state against the workers' ack logs.
 fn check(arena: &Arena, sids: &[Sid], workers: &[(u32, std::path::PathBuf)]) {
     // Whatever a killed worker left queued is applied by the next update.
@@ -363,6 +426,7 @@ fn random_kills() {
     let mut total_acked = 0;
     let mut done = 0;
     let mut in_use: Vec<u64> = Vec::new();
+    let mut follower = Follower::new(sids.len());
     while done < kills {
         let mut live: Vec<Worker> = Vec::new();
         let mut logs = Vec::new();
@@ -373,6 +437,7 @@ fn random_kills() {
         }
         for k in 0..ROUND.min(kills - done) {
             std::thread::sleep(Duration::from_micros(rng.below(15_000)));
+            follower.follow(&arena, &sids);
             let victim = rng.below(live.len() as u64) as usize;
             let mut w = live.swap_remove(victim);
             kill9(&mut w);
@@ -408,6 +473,7 @@ fn random_kills() {
             kill9(&mut w);
         }
         check(&arena, &sids, &logs);
+        follower.check(&arena, &sids);
         for (_, p) in &logs {
             total_acked += acked(p).len();
         }
@@ -435,6 +501,13 @@ fn random_kills() {
     assert!(
         total_acked > kills,
         "the workers did too little work to test anything ({total_acked} acks)"
+    );
+    // Most of what the follower took came as op batches from the log.
+    assert!(
+        follower.ops > follower.fulls,
+        "deltas: {} as ops, {} whole",
+        follower.ops,
+        follower.fulls
     );
     // The round's records are of similar size every round; what dead
     // workers retired is freed by the collection itself. So the heap in use

@@ -102,21 +102,24 @@ fn the_free_walk_is_bounded_and_says_so() {
 fn for_sessions_is_the_sum_of_its_terms_and_does_not_drift() {
     let c = SessionCost::new(1024);
     assert_eq!(
-        (
-            c.record_header_bytes,
-            c.log_bytes,
-            c.rounding_bytes,
-            c.slack_bytes
-        ),
-        (64, 1024, 0, 528)
+        (c.record_header_bytes, c.rounding_bytes, c.slack_bytes),
+        (64, 0, 272)
     );
-    assert_eq!(c.heap_bytes(), 2640);
+    assert_eq!(c.heap_bytes(), 1360);
     let cfg = ArenaConfig::for_sessions(1_000_000, 1024);
-    assert_eq!(cfg.heap_bytes, 1_000_000 * 2640 + HEAP_SLACK_BYTES);
+    assert_eq!(cfg.heap_bytes, 1_000_000 * 1360 + HEAP_SLACK_BYTES);
     let s = cfg.sizing();
     assert_eq!(s.index_slots, 1 << 21);
     assert_eq!(s.index_bytes, 128 << 20);
-    assert_eq!(s.mapped_bytes, s.index_bytes + s.heap_bytes + s.fixed_bytes);
+    assert_eq!(
+        s.mapped_bytes,
+        s.index_bytes + s.heap_bytes + s.delta_log_bytes + s.fixed_bytes
+    );
+    // 1/64 of the heap (1.36 GB), within its bounds.
+    assert_eq!(
+        s.delta_log_bytes,
+        (s.heap_bytes / 64).next_multiple_of(4096)
+    );
     assert!(s.fixed_bytes < 16 << 20, "{s:?}");
     assert_eq!(SessionCost::new(1000).rounding_bytes, 24);
 }

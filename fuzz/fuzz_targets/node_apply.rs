@@ -172,10 +172,7 @@ fuzz_target!(|batches: Vec<Vec<Entry>>| {
             if let Some(c) = store.folded(&sid) {
                 assert_eq!(c.pending_batches(), 0);
                 assert_eq!(Some((c.version(), c.epoch())), model.get(&sid).copied());
-                let d = decode_session(c.record()).expect("a folded record is valid");
-                if let Some(last) = d.log.last() {
-                    assert!(last.version <= c.version());
-                }
+                decode_session(c.record()).expect("a folded record is valid");
                 assert!(c.bytes() <= charged.unwrap(), "a fold grew past its charge");
             }
         }

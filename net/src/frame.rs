@@ -28,9 +28,11 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 pub const MAGIC: u16 = 0x5E55;
 /// Wire protocol version spoken by this crate.
 /// Version 2 sealed every frame after the handshake; version 3 seals
-/// records of many messages instead (one per write). Peers of other
-/// versions are refused with a version `Reject`.
-pub const PROTOCOL_VERSION: u8 = 3;
+/// records of many messages instead (one per write); version 4 ships
+/// session records without their op log (the host keeps recent batches in
+/// its arena's delta log instead). Peers of other versions are refused
+/// with a version `Reject`.
+pub const PROTOCOL_VERSION: u8 = 4;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 16;
 /// Smallest `frame_bytes_max` a peer may configure: room for the largest

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use common::{Host, runtime, sid_of, start_bank};
 use serde_json::{Value, json};
 use sessio_engine::session::decode_ops;
-use sessio_engine::{Op, Sid};
+use sessio_engine::{Delta, Op, Sid};
 use sessio_web::{LOADED_KEY, SessioStore, StoreExpiry, WebHost};
 use time::OffsetDateTime;
 
@@ -29,19 +29,21 @@ use time::OffsetDateTime;
 /// (none if it was never updated).
 fn version_and_last_ops(host: &WebHost, sid: Sid) -> (u64, Vec<Op>) {
     host.with(|s| {
-        let g = s
+        let version = s
             .arena()
             .read(sid)
-            .expect("the session is in this host's arena");
-        let ops = g.data().log.last().map_or_else(Vec::new, |e| {
-            assert_eq!(
-                e.version.to_native(),
-                g.version(),
-                "the last log entry is the last update"
-            );
-            decode_ops(e.ops.as_slice()).expect("a logged batch decodes")
-        });
-        (g.version(), ops)
+            .expect("the session is in this host's arena")
+            .version();
+        // What the replicator would ship a replica one version behind: the
+        // last update's batch, from the arena's delta log.
+        let ops = match s.arena().delta_since(sid, version - 1).unwrap() {
+            Delta::Ops { batches, .. } => {
+                assert_eq!(batches.len(), 1, "one batch made the last version");
+                decode_ops(&batches[0]).expect("a logged batch decodes")
+            }
+            _ => Vec::new(),
+        };
+        (version, ops)
     })
     .unwrap()
 }

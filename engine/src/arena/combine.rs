@@ -357,6 +357,8 @@ struct Draft {
     /// The published record it replaces.
     replaced: u64,
     now_ms: u64,
+    /// The delta log entry of `version` (`arena::deltas`), 0 = none.
+    log_at: u32,
 }
 
 impl<'a> Combine for SlotCombine<'a> {
@@ -401,6 +403,7 @@ impl<'a> Combine for SlotCombine<'a> {
             epoch: rh.epoch,
             replaced,
             now_ms: crate::clock::now_ms(),
+            log_at: rh.log_at,
         })
     }
 
@@ -468,7 +471,11 @@ impl<'a> Combine for SlotCombine<'a> {
         match outcome {
             Ok(Applied::Changed) => {
                 draft.version += 1;
-                draft.data.log_batch(draft.version, op_bytes);
+                // Logged now, published with the record: if the record
+                // never is, nothing names this entry.
+                draft.log_at =
+                    self.arena
+                        .log_batch(draft.sid, draft.version, draft.log_at, op_bytes);
                 node.detail.store(draft.version, Ordering::Relaxed);
                 node.result
                     .store(ResultCode::Done.encode(), Ordering::Release);
@@ -519,24 +526,29 @@ impl<'a> Combine for SlotCombine<'a> {
     ) -> Result<Option<u64>, SessionError> {
         let a = self.arena;
         let track = Some((self.i, draft.replaced));
-        let new_off =
-            match a.write_record_tracked(draft.sid, &draft.data, draft.version, draft.epoch, track)
-            {
-                Ok(off) => off,
-                Err(SessionError::HeapFull(_) | SessionError::TooLarge(_)) => {
-                    // No room for the new copy: cancel the batch (a final
-                    // result every later combiner respects) and leave the
-                    // record as is.
-                    for &n in applied {
-                        self.nodes
-                            .node(n)
-                            .result
-                            .store(ResultCode::CancelledHeapFull.encode(), Ordering::Release);
-                    }
-                    return Ok(None);
+        let new_off = match a.write_record_tracked(
+            draft.sid,
+            &draft.data,
+            draft.version,
+            draft.epoch,
+            track,
+            draft.log_at,
+        ) {
+            Ok(off) => off,
+            Err(SessionError::HeapFull(_) | SessionError::TooLarge(_)) => {
+                // No room for the new copy: cancel the batch (a final
+                // result every later combiner respects) and leave the
+                // record as is.
+                for &n in applied {
+                    self.nodes
+                        .node(n)
+                        .result
+                        .store(ResultCode::CancelledHeapFull.encode(), Ordering::Release);
                 }
-                Err(e) => return Err(e),
-            };
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
         a.set_applied(new_off, last);
         a.mark_dirty(self.i);
         // The commit point: one store publishes the new copy and, with its

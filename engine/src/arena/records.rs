@@ -21,12 +21,13 @@ impl Arena {
         version: u64,
         epoch: u64,
     ) -> Result<u64, SessionError> {
-        self.write_record_tracked(sid, data, version, epoch, None)
+        self.write_record_tracked(sid, data, version, epoch, None, 0)
     }
 
     /// Writes a record block; with `track = Some((slot, replaced))` the
     /// block is recorded in our participant slot as "being built" right
-    /// after it is allocated (see `resolve_dead_build`).
+    /// after it is allocated (see `resolve_dead_build`). `log_at` names the
+    /// delta log entry of `version` (`arena::deltas`), 0 = none.
     pub(super) fn write_record_tracked(
         &self,
         sid: Sid,
@@ -34,6 +35,7 @@ impl Arena {
         version: u64,
         epoch: u64,
         track: Option<(u64, u64)>,
+        log_at: u32,
     ) -> Result<u64, SessionError> {
         // One serialization buffer per handle, reused: no allocation per
         // record once it has grown to the largest record seen.
@@ -41,7 +43,7 @@ impl Arena {
         buf.clear();
         let buf = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(data, buf)
             .expect("serializing a session into memory");
-        let r = self.write_record_bytes(sid, &buf, version, epoch, track);
+        let r = self.write_record_bytes(sid, &buf, version, epoch, track, log_at);
         *self.ser.borrow_mut() = buf;
         r
     }
@@ -53,6 +55,7 @@ impl Arena {
         version: u64,
         epoch: u64,
         track: Option<(u64, u64)>,
+        log_at: u32,
     ) -> Result<u64, SessionError> {
         let len = bytes.len() as u64;
         let off = self.alloc(BLOCK + len)?;
@@ -76,7 +79,7 @@ impl Arena {
             (*p).epoch = epoch;
             (*p).sid = [lo, hi];
             (*p).applied_seq = 0;
-            (*p).reserved = 0;
+            (*p).log_at = log_at;
         }
         // Paired assertion: what we publish is what we meant to write.
         debug_assert!(self.record_valid(off, sid));

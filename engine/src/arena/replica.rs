@@ -140,22 +140,15 @@ impl Arena {
         if base == version {
             return Ok(Delta::UpToDate);
         }
-        let log = g.data().log.as_slice();
-        if base != 0 && base < version {
-            let first = log.iter().position(|e| e.version.to_native() == base + 1);
-            if let Some(first) = first
-                && log.len() - first == (version - base) as usize
-            {
-                let batches = log[first..]
-                    .iter()
-                    .map(|e| e.ops.as_slice().to_vec())
-                    .collect();
-                return Ok(Delta::Ops {
-                    version,
-                    epoch,
-                    batches,
-                });
-            }
+        if base != 0
+            && base < version
+            && let Some(batches) = self.logged_batches(sid, g.log_at(), version, base)
+        {
+            return Ok(Delta::Ops {
+                version,
+                epoch,
+                batches,
+            });
         }
         Ok(Delta::Full {
             version,

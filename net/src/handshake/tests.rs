@@ -124,19 +124,19 @@ fn wrong_version_is_named() {
     let s = Secret::from_bytes([3; 32]);
     let mut i = Handshake::initiator(&s, A).unwrap();
     let mut hello = i.take_output().unwrap().as_bytes().to_vec();
-    // A version 2 peer (one sealed frame per message after the handshake).
-    hello[2] = 2;
+    // A version 3 peer (session records with their op log).
+    hello[2] = 3;
     let mut r = Handshake::responder(&s, B, 4096).unwrap();
     assert!(matches!(
         r.receive(&hello),
-        Err(HandshakeError::VersionMismatch { theirs: 2 })
+        Err(HandshakeError::VersionMismatch { theirs: 3 })
     ));
     let reject = r.take_output().unwrap();
     assert!(matches!(
         i.receive(reject.as_bytes()),
         Err(HandshakeError::Rejected {
             reason: RejectReason::Version,
-            detail: 3
+            detail: 4
         })
     ));
 }

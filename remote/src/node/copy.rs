@@ -7,8 +7,7 @@ use rkyv::rancor;
 use rkyv::util::AlignedVec;
 use rkyv::vec::ArchivedVec;
 use sessio_engine::session::{
-    Applied, ArchivedOp, ArchivedSessionData, KEY_BYTES_MAX, LOG_BYTES_MAX, LOG_ENTRIES_MAX, OpRef,
-    SessionData,
+    Applied, ArchivedOp, ArchivedSessionData, KEY_BYTES_MAX, OpRef, SessionData,
 };
 
 use super::{ALIGN, APPLY_QUOTA_BYTES, PENDING_OVERHEAD_BYTES};
@@ -333,8 +332,7 @@ pub(super) fn shape(batch: &ArchivedVec<ArchivedOp>) -> Shape {
 /// which write without reading and cannot fail within the copy's bounds,
 /// so applying them one by one leaves each key with its last write and
 /// `updated_ms` at the last batch's time: the fold applies just those
-/// writes, once. The op log ends as the host's does, with the longest run
-/// of the latest batches that `SessionData::log_batch` keeps.
+/// writes, once.
 pub(super) fn materialize(copy: &Copy, scratch: &mut AlignedVec<ALIGN>) -> Option<SessionData> {
     let archived = copy.record.view(scratch);
     let mut data = rkyv::deserialize::<SessionData, rancor::Error>(archived).ok()?;
@@ -368,24 +366,6 @@ pub(super) fn materialize(copy: &Copy, scratch: &mut AlignedVec<ALIGN>) -> Optio
     debug_assert_eq!(applied, Ok(Applied::Changed));
     if applied != Ok(Applied::Changed) {
         return None;
-    }
-    // Batches older than the latest run the log can hold would be pushed
-    // and dropped again; so would the old log if one of them is.
-    let (mut kept, mut kept_bytes) = (0, 0);
-    for &(_, ops) in batches.iter().rev() {
-        if kept == LOG_ENTRIES_MAX || kept_bytes + ops.bytes().len() > LOG_BYTES_MAX {
-            break;
-        }
-        kept += 1;
-        kept_bytes += ops.bytes().len();
-    }
-    let first = batches.len() - kept;
-    if first > 0 {
-        data.log.clear();
-    }
-    let base = copy.base_version();
-    for (i, &(_, ops)) in batches.iter().enumerate().skip(first) {
-        data.log_batch(base + i as u64 + 1, ops.bytes());
     }
     Some(data)
 }

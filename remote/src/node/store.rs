@@ -555,7 +555,6 @@ impl Store {
         let copy = self.copies.get_mut(&sid).expect("materialized above");
         // Only reached past `append_ops`' check, so this does not wrap.
         let version = copy.version.saturating_add(1);
-        data.log_batch(version, ops);
         serialize(&data, &mut self.ser);
         let new_len = self.ser.len() as u64;
         if self.bytes - copy.bytes + new_len > self.limits.bytes_max {

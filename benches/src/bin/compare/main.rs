@@ -55,10 +55,7 @@ use std::hint::black_box;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use sessio_benches::{
-    ArenaFixture, Floor, KEYS, VALUE_BYTES, arena_config, picks, session_values,
-    updated_arena_config,
-};
+use sessio_benches::{ArenaFixture, Floor, KEYS, VALUE_BYTES, arena_config, picks, session_values};
 use sessio_engine::{Arena, HugePages, Location, Sid};
 use sessio_net::{Epoll, FoundRecord, IoUring};
 
@@ -608,7 +605,7 @@ fn update(run: &Run, rep: &mut Report, redis: &PeerProcess) -> Result<(), BoxErr
     let fx = ArenaFixture::build_with(
         "compare-update",
         UPDATE_SESSIONS,
-        &updated_arena_config(UPDATE_SESSIONS),
+        &arena_config(UPDATE_SESSIONS, HugePages::Off),
     )?;
     let arena = fx.arena();
     let ops = sessio_benches::update_ops();

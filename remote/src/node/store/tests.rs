@@ -3,7 +3,7 @@
 use super::*;
 use proptest::prelude::*;
 use sessio_engine::Op;
-use sessio_engine::session::{KEY_BYTES_MAX, LOG_ENTRIES_MAX};
+use sessio_engine::session::KEY_BYTES_MAX;
 use sessio_engine::session::{decode_ops, decode_session, encode_ops, encode_session};
 use sessio_net::InvalidateEntry;
 
@@ -67,7 +67,6 @@ fn ops_need_the_base_version() {
     assert_eq!((c.version(), c.pending_batches()), (2, 0));
     let d = decode_session(c.record()).unwrap();
     assert_eq!(d.get("a"), Some(&b"x"[..]));
-    assert_eq!(d.log.last().unwrap().version, 2);
 }
 
 #[test]
@@ -399,8 +398,6 @@ fn op_deltas_wait_until_a_fetch_folds_them() {
     let d = decode_session(&found.record).unwrap();
     assert_eq!(d.get("a"), Some(&b"0"[..]));
     assert_eq!(d.get("k4"), Some(&[4u8; 100][..]));
-    let logged: Vec<u64> = d.log.iter().map(|l| l.version).collect();
-    assert_eq!(logged.last(), Some(&6));
     assert_eq!(s.counters.folds, 1);
     let c = s.get(&SID).unwrap();
     assert_eq!((c.pending_batches(), c.base_version()), (0, 6));
@@ -599,7 +596,6 @@ impl Eager {
                     }
                     Err(_) => return AckStatus::NeedFull,
                 }
-                data.log_batch(e.new_version, ops);
                 self.put(e, encode_session(&data).to_vec())
             }
         }
@@ -616,7 +612,7 @@ impl Eager {
 }
 
 #[test]
-fn fold_keeps_the_log_the_host_keeps() {
+fn fold_gives_the_record_eager_applies_give() {
     let touch = || vec![Op::Touch];
     let setb = |n: usize| {
         vec![Op::Set {
@@ -625,11 +621,11 @@ fn fold_keeps_the_log_the_host_keeps() {
         }]
     };
     let runs: Vec<Vec<Vec<Op>>> = vec![
-        // More batches than the log keeps entries.
-        (0..LOG_ENTRIES_MAX + 8).map(|_| touch()).collect(),
-        // More bytes than it keeps.
+        // Many batches that change nothing but the time.
+        (0..40).map(|_| touch()).collect(),
+        // Many that rewrite one value.
         (0..10).map(|_| setb(300)).collect(),
-        // One batch over the log's bytes: it and all before it go.
+        // Values that grow and shrink.
         vec![setb(10), setb(10), setb(1100), setb(10), setb(20)],
         vec![setb(10), setb(1100)],
     ];
@@ -642,8 +638,8 @@ fn fold_keeps_the_log_the_host_keeps() {
         let full = entry(0, 1, 1, Delta::Full(record(&[("a", b"0")])));
         eager.apply(&full, 0);
         one(&mut s, full);
-        // Half the run eagerly (on the record's log), then the rest
-        // pending, so both the old log and the new batches count.
+        // Half the run folded along the way, then the rest pending, so
+        // both a folded record and pending batches count.
         for (i, ops) in run.iter().enumerate() {
             let v = i as u64 + 1;
             let e = entry(v, v + 1, 1, Delta::Ops(encode_ops(ops).to_vec()));
@@ -701,7 +697,7 @@ fn any_op() -> impl Strategy<Value = Op> {
     prop_oneof![
         8 => (key.clone(), prop_oneof![
                 8 => prop::collection::vec(any::<u8>(), 0..120),
-                // Past what the op log keeps: it drops older batches.
+                // Large values.
                 1 => prop::collection::vec(any::<u8>(), 900..1100),
             ])
             .prop_map(|(key, value)| Op::Set { key, value }),

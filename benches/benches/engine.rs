@@ -274,7 +274,7 @@ fn update_benches(c: &mut Criterion, run: &mut Run) {
     ));
     if let Ok(r) = arena.read(sid) {
         run.note(format!(
-            "update: the updated session's record is now {} B (it was ~1.1 KB when created; the delta log grows it)",
+            "update: the updated session's record is now {} B (as when it was created: updates do not grow a record)",
             r.bytes().len()
         ));
     }

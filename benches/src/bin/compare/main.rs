@@ -362,6 +362,41 @@ impl ReadSetup {
             Ok(())
         })
     }
+
+    /// [`ReadSetup::round`] with each read waiting for the one before (its
+    /// byte goes into the next pick through an opaque zero): the isolated
+    /// latency a request pays, where `round` lets reads overlap.
+    fn round_chained(&self, max_time: Duration) -> Result<f64, BoxError> {
+        let arena = self.fx.arena();
+        let dep = black_box(0usize);
+        let mut j = 0usize;
+        timed(LOCAL_OPS_MAX, max_time, |_| {
+            let (sid, attr) = self.order[j & (PICKS - 1)];
+            let s = arena.read(sid)?;
+            let x = s.get(KEYS[attr as usize]).ok_or("attribute missing")?[0];
+            j = j.wrapping_add(1 + (usize::from(x) & dep));
+            black_box(x);
+            Ok(())
+        })
+    }
+}
+
+/// [`floor_round`] with each read waiting for the one before, as
+/// [`ReadSetup::round_chained`].
+fn floor_round_chained(
+    floor: &Floor,
+    order: &[(u64, u8)],
+    max_time: Duration,
+) -> Result<f64, BoxError> {
+    let dep = black_box(0usize);
+    let mut j = 0usize;
+    timed(LOCAL_OPS_MAX, max_time, |_| {
+        let (key, field) = order[j & (PICKS - 1)];
+        let x = floor.read(key, field).ok_or("floor key missing")?[0];
+        j = j.wrapping_add(1 + (usize::from(x) & dep));
+        black_box(x);
+        Ok(())
+    })
 }
 
 fn floor_round(floor: &Floor, order: &[(u64, u8)], max_time: Duration) -> Result<f64, BoxError> {
@@ -433,7 +468,7 @@ fn read_point(
 ) -> Result<(Stat, Stat, Option<ReadSetup>), BoxError> {
     let setup = ReadSetup::build(n, rep)?;
     let mapped = setup.fx.mapped_bytes();
-    let floor = |setup: Option<&ReadSetup>| -> Result<(Option<Stat>, Stat), BoxError> {
+    let mut floor = |setup: Option<&ReadSetup>| -> Result<(Option<Stat>, Stat), BoxError> {
         let floor = Floor::build(n, mapped, false).map_err(|e| {
             format!(
                 "building the floor ({:.1} GiB): {e}",
@@ -444,9 +479,29 @@ fn read_point(
         let mut f = || floor_round(&floor, &order, run.round);
         match setup {
             Some(setup) => {
+                // The overlapped reads and, beside them, the chained ones:
+                // what one request pays for one read.
                 let mut e = || setup.round(run.round);
-                let s = interleaved(&mut [&mut e, &mut f])?;
-                let [e, f] = <[Stat; 2]>::try_from(s).expect("two stats");
+                let mut ec = || setup.round_chained(run.round);
+                let mut fc = || floor_round_chained(&floor, &order, run.round);
+                let s = interleaved(&mut [&mut e, &mut f, &mut ec, &mut fc])?;
+                let [e, f, ec, fc] = <[Stat; 4]>::try_from(s).expect("four stats");
+                println!(
+                    "read n={n} chained: sessio {} ns, floor {} ns",
+                    ec.fmt(),
+                    fc.fmt()
+                );
+                rep.row(Row::new(
+                    &format!(
+                        "read, chained (each read waits for the one before): {} sessions (sessio) vs the chained floor",
+                        short_count(n)
+                    ),
+                    Unit::Ns,
+                    ec.clone(),
+                    "floor, chained",
+                    fc.clone(),
+                ));
+                rep.ratio("read_vs_floor_chained", fc.median() / ec.median());
                 Ok((Some(e), f))
             }
             None => Ok((None, rounds(f)?)),

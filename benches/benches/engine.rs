@@ -10,11 +10,14 @@
 //! - `read_2m/{engine,floor}/N`: the same at 1M and 10M on 2 MiB pages
 //!   (`HugePages::Try`, after reserving pages when the process may).
 //! - `update/{random_of_10k,same_session}`: one `Op::Set` of 100 B.
+//! - `scope/{lone,pinned}_x4`: four reads of one random session among 10k
+//!   (four of its attributes), each pinning itself, or all under one
+//!   `Arena::pinned` scope.
 //! - two processes updating one SID: total updates/s, and a check that no
 //!   update was lost (outside criterion: it is a throughput of two processes).
 //!
 //! Environment: `SESSIO_BENCH_MAX_SESSIONS` (default 10 000 000) caps the
-//! sizes; `SESSIO_BENCH_ONLY` (comma list of `read,huge,update,two_process`)
+//! sizes; `SESSIO_BENCH_ONLY` (comma list of `read,huge,update,scope,two_process`)
 //! picks parts. Without `--bench` (e.g. `cargo test --benches`) every part
 //! runs once at 10k sessions, as a smoke test.
 //!
@@ -121,6 +124,9 @@ fn main() {
     }
     if run.part("update") {
         update_benches(&mut c, &mut run);
+    }
+    if run.part("scope") {
+        scope_benches(&mut c);
     }
     if run.part("two_process") {
         two_processes(&mut run);
@@ -237,6 +243,48 @@ fn read_benches(
         drop(floor);
         run.reads.push((group, n, arena_huge, floor_huge));
     }
+    g.finish();
+}
+
+/// Four reads of one session per request, each pinning itself or all
+/// under one scope.
+fn scope_benches(c: &mut Criterion) {
+    let n = 10_000;
+    let fx = ArenaFixture::build("scope", n, HugePages::Off)
+        .unwrap_or_else(|e| panic!("building the scope arena: {e}"));
+    let arena = fx.arena();
+    let order = picks(fx.sids(), PICKS, 0x0005_C09E);
+    let mut g = c.benchmark_group("scope");
+    let mut i = 0usize;
+    // One request's reads: four attributes of its own session.
+    let mut four = |read: &dyn Fn(sessio_engine::Sid, u8) -> u8| {
+        let (sid, attr) = order[i & (PICKS - 1)];
+        i = i.wrapping_add(1);
+        (0..4u8).fold(0, |x, k| x ^ read(sid, (attr + k) % KEYS.len() as u8))
+    };
+    g.bench_function("lone_x4", |b| {
+        b.iter(|| {
+            black_box(four(&|sid, attr| {
+                arena
+                    .read(sid)
+                    .expect("read")
+                    .get(KEYS[attr as usize])
+                    .expect("attr")[0]
+            }))
+        });
+    });
+    g.bench_function("pinned_x4", |b| {
+        b.iter(|| {
+            let scope = arena.pinned();
+            black_box(four(&|sid, attr| {
+                scope
+                    .read(sid)
+                    .expect("read")
+                    .get(KEYS[attr as usize])
+                    .expect("attr")[0]
+            }))
+        });
+    });
     g.finish();
 }
 

@@ -5,6 +5,7 @@
 //! ring. It is `Send` but not `Sync`; a thread that needs its own handle
 //! calls [`Arena::try_clone`], which shares the mapping.
 
+use crate::error::SessionError;
 use crate::layout::{BLOCK, RecordHeader};
 use crate::map::Map;
 use crate::session::{ArchivedSessionData, SessionData};
@@ -215,6 +216,28 @@ impl ReadGuard<'_> {
 }
 
 impl Drop for ReadGuard<'_> {
+    fn drop(&mut self) {
+        self.arena.unpin();
+    }
+}
+
+/// One pin held over several reads ([`Arena::pinned`]): a read under it
+/// skips the `SeqCst` store and fence a lone read pays to pin itself, and
+/// the unpin after it. Blocks retired meanwhile, by any process, wait for
+/// it to end, so hold one for a request, not for a connection.
+pub struct PinnedScope<'a> {
+    arena: &'a Arena,
+}
+
+impl<'a> PinnedScope<'a> {
+    /// [`Arena::read`] under this scope's pin.
+    #[inline]
+    pub fn read(&self, sid: Sid) -> Result<ReadGuard<'a>, SessionError> {
+        self.arena.read(sid)
+    }
+}
+
+impl Drop for PinnedScope<'_> {
     fn drop(&mut self) {
         self.arena.unpin();
     }

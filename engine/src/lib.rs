@@ -81,8 +81,8 @@ mod space;
 #[cfg(not(loom))]
 pub use arena::{
     Arena, ArenaStats, ClassUsage, CollectError, CollectReport, DELTA_BATCHES_MAX, Delta, Dirty,
-    DirtyBell, FREE_WALK_DEFAULT, FetchClaim, FetchGuard, MemoryStats, NewSession, ReadGuard,
-    RecoveryReport, SweepStats,
+    DirtyBell, FREE_WALK_DEFAULT, FetchClaim, FetchGuard, MemoryStats, NewSession, PinnedScope,
+    ReadGuard, RecoveryReport, SweepStats,
 };
 pub use error::{OpenError, SessionError};
 #[cfg(not(loom))]

@@ -2,7 +2,7 @@
 //! (prefetch, zero-copy view), and the API calls that create, read and
 //! install whole sessions.
 
-use super::{Arena, NewSession, PREFETCH_TAIL_LINES, ReadGuard, rec_len, rec_off};
+use super::{Arena, NewSession, PREFETCH_TAIL_LINES, PinnedScope, ReadGuard, rec_len, rec_off};
 use crate::error::SessionError;
 use crate::layout::{BLOCK, IndexSlot, RECORD_MAGIC, RecordHeader};
 use crate::lock;
@@ -226,6 +226,7 @@ impl Arena {
     /// Expired sessions read as `NotFound` (a sweep removes them).
     #[inline]
     pub fn read(&self, sid: Sid) -> Result<ReadGuard<'_>, SessionError> {
+        // Under a pin already (a guard or a `PinnedScope`) this only counts.
         self.pin();
         match self.read_pinned(sid) {
             Ok(g) => Ok(g),
@@ -234,6 +235,14 @@ impl Arena {
                 Err(e)
             }
         }
+    }
+
+    /// Pins this handle once for several reads: see [`PinnedScope`]. Reads
+    /// through the scope, or through the arena while it lives, cost no
+    /// fence of their own.
+    pub fn pinned(&self) -> PinnedScope<'_> {
+        self.pin();
+        PinnedScope { arena: self }
     }
 
     #[inline]

@@ -462,8 +462,15 @@ fn summary(run: &Run, elapsed: Duration) {
     if !run.quick {
         let _ = writeln!(
             s,
-            "{:<8} {:>9} {:>10} {:>9} {:>7} {:>9} {:>9}  pages (arena / floor)",
-            "group", "sessions", "engine ns", "floor ns", "ratio", "fenced ns", "chain ns"
+            "{:<8} {:>9} {:>10} {:>9} {:>7} {:>9} {:>9} {:>9}  pages (arena / floor)",
+            "group",
+            "sessions",
+            "engine ns",
+            "floor ns",
+            "ratio",
+            "fenced ns",
+            "chain ns",
+            "vs chain"
         );
         for &(group, n, ah, fh) in &run.reads {
             let e = median_ns(group, &format!("engine/{n}"));
@@ -475,10 +482,16 @@ fn summary(run: &Run, elapsed: Duration) {
                 (Some(e), Some(f)) => format!("{:.2}x", e / f),
                 _ => "-".into(),
             };
+            // The engine's read (each pins itself, so reads barely
+            // overlap) against the floor's isolated latency.
+            let vs_chain = match (e, fc) {
+                (Some(e), Some(fc)) => format!("{:.2}x", e / fc),
+                _ => "-".into(),
+            };
             let pages = |h: bool| if h { "2M" } else { "4K" };
             let _ = writeln!(
                 s,
-                "{group:<8} {n:>9} {:>10} {:>9} {ratio:>7} {:>9} {:>9}  {} / {}",
+                "{group:<8} {n:>9} {:>10} {:>9} {ratio:>7} {:>9} {:>9} {vs_chain:>9}  {} / {}",
                 fmt(e),
                 fmt(f),
                 fmt(ff),

@@ -228,6 +228,11 @@ impl ArenaConfig {
     /// [`HEAP_SLACK_BYTES`]. The index and fixed tables come on top; see
     /// [`ArenaConfig::sizing`] for the whole mapping.
     ///
+    /// It asks for 2 MiB pages where the system has them
+    /// ([`HugePages::Try`]: a mounted hugetlbfs with enough free pages),
+    /// where a read's page walks cost less, and falls back to 4 KiB pages
+    /// otherwise.
+    ///
     /// An arena remembers the heap it was made with, and a config that
     /// asks for another is refused on open: changing this formula would
     /// refuse every arena made by an older build (a unit test pins it).
@@ -237,12 +242,14 @@ impl ArenaConfig {
             capacity,
             heap_bytes: (capacity * per).max(HEAP_BUDGET_MIN_BYTES) + HEAP_SLACK_BYTES,
             quota_bytes: 64 * 1024,
-            huge_pages: HugePages::Off,
+            huge_pages: HugePages::Try,
         }
     }
 
-    /// Where the bytes of an arena made with this config go, on 4 KiB
-    /// pages (2 MiB pages round the heap and the total up to 2 MiB).
+    /// Where the bytes of an arena made with this config go, on the pages
+    /// it asks for: 2 MiB pages unless `huge_pages` is `Off` (they round the
+    /// heap and the total up to 2 MiB). An arena that fell back to 4 KiB
+    /// pages is laid out as the same config with `Off`.
     pub fn sizing(&self) -> Sizing {
         let align = if self.huge_pages == HugePages::Off {
             4096

@@ -73,10 +73,12 @@ impl PendingLog {
     pub(super) fn push(&mut self, at_ms: u64, ops: ValidOps<'_>) {
         let ops = ops.bytes();
         let len = u32::try_from(ops.len()).expect("a batch is under the frame limit");
-        if self.buf.capacity() == 0 {
-            // Room for a few of these before the first regrowth.
-            self.buf
-                .reserve(4 * (PENDING_HEADER_BYTES + ops.len()).next_multiple_of(ALIGN));
+        let need = (PENDING_HEADER_BYTES + ops.len()).next_multiple_of(ALIGN);
+        if self.buf.capacity() - self.buf.len() < need {
+            // Grown by half at least, but exactly (`AlignedVec::reserve`
+            // rounds up to a power of two): a copy updated a few times
+            // holds what its batches take and little more.
+            self.buf.reserve_exact(need.max(self.buf.len() / 2));
         }
         self.buf.extend_from_slice(&at_ms.to_le_bytes());
         self.buf.extend_from_slice(&len.to_le_bytes());

@@ -35,7 +35,7 @@
 //! Every load loop stops at a count or a time limit, whichever comes first.
 //! Environment: `SESSIO_BENCH_MAX_SESSIONS` caps the read curve (default
 //! 10 000 000; `--quick` stops at 1M); `SESSIO_COMPARE_ONLY` (comma list of
-//! `read,update,transport,replication,failover,forged,durability,idle,memory`) runs only
+//! `read,update,transport,fanin,replication,failover,forged,durability,idle,memory`) runs only
 //! those workloads, e.g. under a profiler, and then leaves the docs alone;
 //! the peers are started only when one of the selected workloads needs them.
 
@@ -43,6 +43,7 @@
 // figure here comes near 2^52.
 #![allow(clippy::cast_precision_loss)]
 
+mod fanin;
 mod host;
 mod idle;
 mod memory;
@@ -242,6 +243,12 @@ fn compare(run: &Run) -> Result<(), BoxError> {
             Err(e) => rep.note(format!(
                 "io_uring unavailable ({e}): transport rows skipped"
             )),
+        }
+    }
+    if run.part("fanin") {
+        match node::uring_available() {
+            Ok(()) => fanin::fanin(run, &mut rep)?,
+            Err(e) => rep.note(format!("io_uring unavailable ({e}): fan-in rows skipped")),
         }
     }
     if let Some(p) = &peers {

@@ -26,7 +26,7 @@ use crate::BoxError;
 /// The secret every node and client of the harness shares.
 pub const SECRET: [u8; 32] = [0x5E; 32];
 const NODE_ID: u64 = 1000;
-const HOST_ID: u64 = 7;
+pub const HOST_ID: u64 = 7;
 
 /// Runs `f` to completion on a fresh runtime of `B`'s kind.
 pub fn block_on<B: Backend, F: Future>(f: F) -> Result<F::Output, BoxError> {

@@ -5,7 +5,10 @@
 //! epoll. The clients run on one thread on epoll for both, so the node's
 //! engine is the only difference; node and clients share the two cores.
 //! Each round connects its clients first (handshakes are not timed), then
-//! counts acknowledged deltas for the round's time.
+//! counts acknowledged deltas for the round's time. The one client thread
+//! saturates a core first, so throughput says as much about it as about
+//! the node: the node's CPU time per delta (its thread's `schedstat`) is
+//! the measure of the node's engine at equal work.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -15,8 +18,8 @@ use sessio_engine::Sid;
 use sessio_net::{Backend, Delta, DeltaBatch, DeltaEntry, Epoll, IoUring, Message, TransportError};
 
 use crate::node::{Frames, Node, NodeServer, connect_with};
-use crate::report::{Report, Row, Unit};
-use crate::{BoxError, Run, interleaved_n};
+use crate::report::{Report, Row, Stat, Unit};
+use crate::{BoxError, Run, interleaved_n, threads_cpu_ns};
 
 /// Connection counts measured.
 const FANIN_CONNS: [usize; 2] = [64, 256];
@@ -34,14 +37,18 @@ pub fn fanin(run: &Run, rep: &mut Report) -> Result<(), BoxError> {
     let uring = NodeServer::start::<IoUring>(Node::Store)?;
     let epoll = NodeServer::start::<Epoll>(Node::Store)?;
     for conns in FANIN_CONNS {
-        let mut u = || round(uring.addr, conns, run.round);
-        let mut e = || round(epoll.addr, conns, run.round);
+        let (mut cpu_u, mut cpu_e) = (Vec::new(), Vec::new());
+        let mut u = || round(uring.addr, conns, run.round, "node-io_uring", &mut cpu_u);
+        let mut e = || round(epoll.addr, conns, run.round, "node-epoll", &mut cpu_e);
         let s = interleaved_n(&mut [&mut u, &mut e], FANIN_ROUNDS)?;
-        let [u, e] = <[crate::Stat; 2]>::try_from(s).expect("two stats");
+        let [u, e] = <[Stat; 2]>::try_from(s).expect("two stats");
+        let (cpu_u, cpu_e) = (Stat::new(cpu_u), Stat::new(cpu_e));
         println!(
-            "fanin conns={conns}: io_uring node {} deltas/s, epoll node {} deltas/s",
+            "fanin conns={conns}: io_uring node {} deltas/s, {} ns of node CPU per delta; epoll node {} deltas/s, {} ns",
             u.fmt(),
-            e.fmt()
+            cpu_u.fmt(),
+            e.fmt(),
+            cpu_e.fmt()
         );
         rep.row(Row::new(
             &format!(
@@ -52,8 +59,20 @@ pub fn fanin(run: &Run, rep: &mut Report) -> Result<(), BoxError> {
             "node on epoll",
             e.clone(),
         ));
+        rep.row(Row::new(
+            &format!("fan-in, {conns} connections: node CPU per acked delta (node on io_uring)"),
+            Unit::Ns,
+            cpu_u.clone(),
+            "node on epoll",
+            cpu_e.clone(),
+        ));
+        // At equal work: the node's CPU per delta, epoll's over io_uring's.
         rep.ratio(
             &format!("uring_vs_epoll_fanin{conns}"),
+            cpu_e.median() / cpu_u.median(),
+        );
+        rep.ratio(
+            &format!("uring_vs_epoll_fanin{conns}_throughput"),
             u.median() / e.median(),
         );
     }
@@ -61,9 +80,16 @@ pub fn fanin(run: &Run, rep: &mut Report) -> Result<(), BoxError> {
 }
 
 /// One round against the node at `addr`: acknowledged deltas per second
-/// over `conns` connections for `max_time`.
-fn round(addr: std::net::SocketAddr, conns: usize, max_time: Duration) -> Result<f64, BoxError> {
-    crate::node::block_on::<Epoll, _>(Epoll::scope(async move {
+/// over `conns` connections for `max_time`; pushes the CPU time of the
+/// node's thread (named `node_thread`) per acked delta, in ns, to `cpu`.
+fn round(
+    addr: std::net::SocketAddr,
+    conns: usize,
+    max_time: Duration,
+    node_thread: &str,
+    cpu: &mut Vec<f64>,
+) -> Result<f64, BoxError> {
+    let (rate, deltas, node_ns) = crate::node::block_on::<Epoll, _>(Epoll::scope(async move {
         let mut clients = Vec::with_capacity(conns);
         for _ in 0..conns {
             clients.push(connect_with::<Epoll>(addr, Frames::Sealed).await?);
@@ -73,6 +99,7 @@ fn round(addr: std::net::SocketAddr, conns: usize, max_time: Duration) -> Result
         let acked = Rc::new(Cell::new(0u64));
         let failed: Rc<Cell<Option<String>>> = Rc::new(Cell::new(None));
         let running = Rc::new(Cell::new(conns));
+        let cpu0 = threads_cpu_ns(&[node_thread])?;
         let start = Instant::now();
         let until = start + max_time;
         for client in clients {
@@ -91,11 +118,17 @@ fn round(addr: std::net::SocketAddr, conns: usize, max_time: Duration) -> Result
             Epoll::sleep(Duration::from_millis(1)).await;
         }
         let secs = start.elapsed().as_secs_f64();
+        let node_ns = threads_cpu_ns(&[node_thread])? - cpu0;
         if let Some(e) = failed.take() {
             return Err(format!("a fan-in connection failed: {e}").into());
         }
-        Ok(acked.get() as f64 / secs)
-    }))?
+        Ok::<_, BoxError>((acked.get() as f64 / secs, acked.get(), node_ns))
+    }))??;
+    if deltas == 0 {
+        return Err("no delta acknowledged in a fan-in round".into());
+    }
+    cpu.push(node_ns as f64 / deltas as f64);
+    Ok(rate)
 }
 
 /// One connection's loop: a batch, its ack, until `until`.

@@ -39,29 +39,7 @@ const THREADS: [&str; 2] = ["sessio-replicat", "sessio-doorbell"];
 
 /// CPU time, in ns, of this process's threads named in [`THREADS`].
 fn replicator_cpu_ns() -> Result<u64, BoxError> {
-    let mut sum = 0;
-    let mut found = false;
-    for t in std::fs::read_dir("/proc/self/task")? {
-        let dir = t?.path();
-        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
-            continue; // the thread ended meanwhile
-        };
-        if !THREADS.contains(&comm.trim_end()) {
-            continue;
-        }
-        let sched = std::fs::read_to_string(dir.join("schedstat"))?;
-        let ns: u64 = sched
-            .split_whitespace()
-            .next()
-            .and_then(|f| f.parse().ok())
-            .ok_or_else(|| format!("unreadable schedstat {sched:?}"))?;
-        sum += ns;
-        found = true;
-    }
-    if !found {
-        return Err(format!("no replicator thread ({THREADS:?}) in this process").into());
-    }
-    Ok(sum)
+    crate::threads_cpu_ns(&THREADS)
 }
 
 /// One capacity's figures.

@@ -307,6 +307,34 @@ fn interleaved(
     interleaved_n(ws, ROUNDS)
 }
 
+/// CPU time, in ns, of this process's threads named `names` (as the
+/// kernel keeps them: 15 bytes), from the kernel's `schedstat`.
+fn threads_cpu_ns(names: &[&str]) -> Result<u64, BoxError> {
+    let mut sum = 0;
+    let mut found = false;
+    for t in std::fs::read_dir("/proc/self/task")? {
+        let dir = t?.path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue; // the thread ended meanwhile
+        };
+        if !names.contains(&comm.trim_end()) {
+            continue;
+        }
+        let sched = std::fs::read_to_string(dir.join("schedstat"))?;
+        let ns: u64 = sched
+            .split_whitespace()
+            .next()
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| format!("unreadable schedstat {sched:?}"))?;
+        sum += ns;
+        found = true;
+    }
+    if !found {
+        return Err(format!("no thread named {names:?} in this process").into());
+    }
+    Ok(sum)
+}
+
 /// [`interleaved`], `rounds` rounds each.
 fn interleaved_n(
     ws: &mut [&mut dyn FnMut() -> Result<f64, BoxError>],

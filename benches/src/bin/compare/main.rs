@@ -956,6 +956,24 @@ fn replication(run: &Run, rep: &mut Report, redis: &PeerProcess) -> Result<(), B
         "replication_vs_redis_pipelined_set",
         s.median() / r.median(),
     );
+    // What the store costs beside the transport: the same pump against a
+    // node that only acknowledges, rounds alternating.
+    let mut ack = Pump::<IoUring>::start(Node::Ack)?;
+    let mut store_round = || node.round(REDIS_PIPELINE, run.round);
+    let mut ack_round = || ack.round(REDIS_PIPELINE, run.round);
+    let st = interleaved(&mut [&mut store_round, &mut ack_round])?;
+    let [store, ack_only] = <[Stat; 2]>::try_from(st).expect("two stats");
+    rep.row(Row::new(
+        "replication: the replica node (store) vs the ack-only transport, batch 64, io_uring, 1 connection",
+        Unit::PerSec,
+        store.clone(),
+        "ack only",
+        ack_only.clone(),
+    ));
+    rep.ratio(
+        "replication_vs_transport_batch64",
+        store.median() / ack_only.median(),
+    );
     rep.batch_curve.push((
         "replica node (io_uring, sessio-remote store)".into(),
         stand_in,

@@ -155,8 +155,8 @@ pub struct SessionCost {
     /// Rounding the record up to the heap's 64 B blocks.
     pub rounding_bytes: u64,
     /// A quarter of the rounded record: the size class's rounding (classes
-    /// above 1 KiB step by about 1/8), the new copy a combine writes before
-    /// the old one is reclaimed, and queued op batches.
+    /// step by 64 B up to 2 KiB, then by about 1/8), the new copy a combine
+    /// writes before the old one is reclaimed, and queued op batches.
     pub slack_bytes: u64,
 }
 

@@ -140,8 +140,8 @@ impl Arena {
         if base == version {
             return Ok(Delta::UpToDate);
         }
+        // `logged_batches` answers `None` for a base at or past `version`.
         if base != 0
-            && base < version
             && let Some(batches) = self.logged_batches(sid, g.log_at(), version, base)
         {
             return Ok(Delta::Ops {

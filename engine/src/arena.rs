@@ -77,6 +77,7 @@ pub struct Arena {
     muts: Cell<u32>,
     scratch: RefCell<Vec<u32>>,
     ser: RefCell<rkyv::util::AlignedVec>,
+    ops_buf: Cell<rkyv::util::AlignedVec>,
     sweep_cursor: Cell<u64>,
     /// The top-level summary word `take_dirty` starts at.
     dirty_cursor: Cell<u64>,

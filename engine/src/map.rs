@@ -685,14 +685,32 @@ impl Map {
         self.dirty_levels[level].1
     }
 
-    /// Word `w` of the delta log, taken modulo its length (the log is a
-    /// ring of words).
+    /// Words `w .. w + n` of the delta log (positions taken modulo its
+    /// length), as at most two runs: the ring wraps once at most, since
+    /// `n` is at most its length. One division, not one per word.
     #[inline]
-    pub(crate) fn delta_word(&self, w: u64) -> &AtomicU64 {
+    pub(crate) fn delta_run(&self, w: u64, n: u64) -> (&[AtomicU64], &[AtomicU64]) {
         let words = self.geo.delta_bytes / 8;
-        // SAFETY: `w % words` lies inside the delta log, which starts on a
-        // page and holds only words.
-        unsafe { self.table(self.geo.delta_off + (w % words) * 8) }
+        assert!(
+            n <= words,
+            "a delta log run of {n} words, over the log's {words}"
+        );
+        let start = w % words;
+        let first = n.min(words - start);
+        // SAFETY: `start + first <= words` and `n - first <= start`: both
+        // runs lie inside the delta log, which starts on a page and holds
+        // only words (atomics, valid at any bit pattern).
+        unsafe {
+            let at = |i: u64, len: u64| {
+                std::slice::from_raw_parts(
+                    self.base()
+                        .add((self.geo.delta_off + i * 8) as usize)
+                        .cast::<AtomicU64>(),
+                    len as usize,
+                )
+            };
+            (at(start, first), at(0, n - first))
+        }
     }
 
     /// The dirty hint word's address, for futex calls.

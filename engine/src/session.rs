@@ -3,6 +3,9 @@
 //! and rkyv; the arena stores the archives.
 
 use crate::words::ResultCode;
+
+mod draft;
+pub(crate) use draft::SessionDraft;
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Longest attribute key, in bytes.
@@ -274,6 +277,211 @@ pub fn append_items(value: &[u8]) -> Option<Vec<&[u8]>> {
     Some(items)
 }
 
+/// Whether a session last used at `last_ms` has expired at `now_ms`.
+pub(crate) fn expired_at(now_ms: u64, last_ms: u64, idle_ttl_ms: u64, expires_at_ms: u64) -> bool {
+    (expires_at_ms != 0 && now_ms >= expires_at_ms)
+        || (idle_ttl_ms != 0 && now_ms >= last_ms.saturating_add(idle_ttl_ms))
+}
+
+/// The attributes a batch of ops changes, kept sorted by key: the owned
+/// ones of a [`SessionData`], or the combiner's draft, which borrows its
+/// keys and values from the record it replaces and from the queued ops
+/// (`session::draft`). One [`apply_ops`] serves both.
+pub(crate) trait Attrs<'a> {
+    /// A value as this side keeps it.
+    type Value: AsRef<[u8]>;
+    /// A value given by an op, which lives as long as `'a`.
+    fn borrowed(v: &'a [u8]) -> Self::Value;
+    /// A value computed by an op.
+    fn owned(v: Vec<u8>) -> Self::Value;
+    /// Where `key` is, or where it would go.
+    fn find(&self, key: &str) -> Result<usize, usize>;
+    fn value(&self, i: usize) -> &[u8];
+    fn count(&self) -> usize;
+    /// Replaces the value at `i`; returns the old one.
+    fn replace(&mut self, i: usize, v: Self::Value) -> Self::Value;
+    fn insert(&mut self, i: usize, key: &'a str, v: Self::Value);
+    /// Removes the attribute at `i`; returns its value.
+    fn remove(&mut self, i: usize) -> Self::Value;
+    /// Bytes the attributes take, the measure the quota applies to.
+    fn attr_bytes(&self) -> u64;
+
+    fn get(&self, key: &str) -> Option<&[u8]> {
+        self.find(key).ok().map(|i| self.value(i))
+    }
+}
+
+/// Bytes an attribute counts against the quota.
+const fn attr_cost(key_len: usize, value_len: usize) -> u64 {
+    (key_len + value_len + 16) as u64
+}
+
+/// What a batch changed, to put back if it fails: a key and the value it
+/// had (`None`: it had none). Kept inline for the batches most updates are.
+type Undo<'a, V> = smallvec::SmallVec<[(&'a str, Option<V>); 4]>;
+
+/// Applies a batch to `attrs` and commits it only if every op succeeds: on
+/// an error the attributes are left exactly as they were (an undo log, not a
+/// copy).
+pub(crate) fn apply_ops<'a, A: Attrs<'a>>(
+    attrs: &mut A,
+    ops: impl IntoIterator<Item = OpRef<'a>>,
+    quota: u64,
+) -> Result<Applied, OpError> {
+    let mut undo: Undo<'a, A::Value> = Undo::new();
+    let mut outcome = Applied::Changed;
+    let mut result = Ok(());
+    for op in ops {
+        let step = match op {
+            OpRef::Set { key, value } => put(attrs, key, A::borrowed(value), &mut undo),
+            OpRef::Remove { key } => check_key(key).map(|()| {
+                if let Ok(i) = attrs.find(key) {
+                    undo.push((key, Some(attrs.remove(i))));
+                }
+            }),
+            OpRef::Append {
+                key,
+                item,
+                max_items,
+            } => {
+                if max_items == 0 || max_items > APPEND_ITEMS_MAX {
+                    Err(OpError::NotAList)
+                } else {
+                    let old = attrs.get(key).unwrap_or(&[]);
+                    match append_items(old) {
+                        None => Err(OpError::NotAList),
+                        Some(items) => {
+                            let keep = items.len().saturating_sub(max_items as usize - 1);
+                            let mut value = Vec::with_capacity(old.len() + item.len() + 4);
+                            for it in &items[keep..] {
+                                value.extend_from_slice(&(it.len() as u32).to_le_bytes());
+                                value.extend_from_slice(it);
+                            }
+                            value.extend_from_slice(&(item.len() as u32).to_le_bytes());
+                            value.extend_from_slice(item);
+                            put(attrs, key, A::owned(value), &mut undo)
+                        }
+                    }
+                }
+            }
+            OpRef::Incr { key, by } => {
+                let cur = match attrs.get(key) {
+                    None => Ok(0),
+                    Some(v) => <[u8; 8]>::try_from(v)
+                        .map(i64::from_le_bytes)
+                        .map_err(|_| OpError::NotACounter),
+                };
+                match cur.and_then(|c| c.checked_add(by).ok_or(OpError::NotACounter)) {
+                    Ok(new) => put(attrs, key, A::owned(new.to_le_bytes().to_vec()), &mut undo),
+                    Err(e) => Err(e),
+                }
+            }
+            OpRef::Touch => Ok(()),
+            OpRef::Invalidate => {
+                outcome = Applied::Invalidated;
+                Ok(())
+            }
+        };
+        if let Err(e) = step {
+            result = Err(e);
+            break;
+        }
+    }
+    if result.is_ok() {
+        let needed = attrs.attr_bytes();
+        if needed > quota {
+            result = Err(OpError::OverQuota { needed, quota });
+        }
+    }
+    if let Err(e) = result {
+        for (key, old) in undo.into_iter().rev() {
+            match (attrs.find(key), old) {
+                (Ok(i), Some(v)) => {
+                    attrs.replace(i, v);
+                }
+                (Ok(i), None) => {
+                    attrs.remove(i);
+                }
+                (Err(i), Some(v)) => attrs.insert(i, key, v),
+                (Err(_), None) => {}
+            }
+        }
+        return Err(e);
+    }
+    Ok(outcome)
+}
+
+/// Sets `key` to `value`, remembering what was there.
+fn put<'a, A: Attrs<'a>>(
+    attrs: &mut A,
+    key: &'a str,
+    value: A::Value,
+    undo: &mut Undo<'a, A::Value>,
+) -> Result<(), OpError> {
+    check_key(key)?;
+    match attrs.find(key) {
+        Ok(i) => {
+            let old = attrs.replace(i, value);
+            undo.push((key, Some(old)));
+        }
+        Err(i) => {
+            if attrs.count() >= ATTRS_MAX {
+                return Err(OpError::TooManyAttrs);
+            }
+            attrs.insert(i, key, value);
+            undo.push((key, None));
+        }
+    }
+    Ok(())
+}
+
+impl<'a> Attrs<'a> for SessionData {
+    type Value = Vec<u8>;
+
+    fn borrowed(v: &'a [u8]) -> Vec<u8> {
+        v.to_vec()
+    }
+
+    fn owned(v: Vec<u8>) -> Vec<u8> {
+        v
+    }
+
+    fn find(&self, key: &str) -> Result<usize, usize> {
+        self.attrs.binary_search_by(|a| a.key.as_str().cmp(key))
+    }
+
+    fn value(&self, i: usize) -> &[u8] {
+        &self.attrs[i].value
+    }
+
+    fn count(&self) -> usize {
+        self.attrs.len()
+    }
+
+    fn replace(&mut self, i: usize, v: Vec<u8>) -> Vec<u8> {
+        std::mem::replace(&mut self.attrs[i].value, v)
+    }
+
+    fn insert(&mut self, i: usize, key: &'a str, value: Vec<u8>) {
+        self.attrs.insert(
+            i,
+            Attr {
+                hash: key_hash(key),
+                key: key.to_owned(),
+                value,
+            },
+        );
+    }
+
+    fn remove(&mut self, i: usize) -> Vec<u8> {
+        self.attrs.remove(i).value
+    }
+
+    fn attr_bytes(&self) -> u64 {
+        SessionData::attr_bytes(self)
+    }
+}
+
 impl SessionData {
     /// The value of attribute `key`.
     pub fn get(&self, key: &str) -> Option<&[u8]> {
@@ -283,15 +491,11 @@ impl SessionData {
             .map(|i| self.attrs[i].value.as_slice())
     }
 
-    fn slot(&mut self, key: &str) -> Result<usize, usize> {
-        self.attrs.binary_search_by(|a| a.key.as_str().cmp(key))
-    }
-
     /// Bytes the attributes take, the measure the quota applies to.
     pub fn attr_bytes(&self) -> u64 {
         self.attrs
             .iter()
-            .map(|a| (a.key.len() + a.value.len() + 16) as u64)
+            .map(|a| attr_cost(a.key.len(), a.value.len()))
             .sum()
     }
 
@@ -302,141 +506,28 @@ impl SessionData {
         self.apply_refs(ops.iter().map(Op::as_ref), now_ms, quota)
     }
 
-    /// [`SessionData::apply`] over borrowed ops (owned or archived), so the
-    /// combiner applies queued batches without deserializing them. Changes
-    /// are made in place with an undo log, not on a copy of the session.
+    /// [`SessionData::apply`] over borrowed ops (owned or archived), so a
+    /// replica applies a delta without deserializing it. Changes are made
+    /// in place with an undo log, not on a copy of the session.
     pub fn apply_refs<'a>(
         &mut self,
         ops: impl IntoIterator<Item = OpRef<'a>>,
         now_ms: u64,
         quota: u64,
     ) -> Result<Applied, OpError> {
-        let mut undo: Vec<(&'a str, Option<Vec<u8>>)> = Vec::new();
-        let mut outcome = Applied::Changed;
-        let mut result = Ok(());
-        for op in ops {
-            let step = match op {
-                OpRef::Set { key, value } => self.put(key, value.to_vec(), &mut undo),
-                OpRef::Remove { key } => check_key(key).map(|()| {
-                    if let Ok(i) = self.slot(key) {
-                        let old = self.attrs.remove(i);
-                        undo.push((key, Some(old.value)));
-                    }
-                }),
-                OpRef::Append {
-                    key,
-                    item,
-                    max_items,
-                } => {
-                    if max_items == 0 || max_items > APPEND_ITEMS_MAX {
-                        Err(OpError::NotAList)
-                    } else {
-                        let old = self.get(key).unwrap_or(&[]);
-                        match append_items(old) {
-                            None => Err(OpError::NotAList),
-                            Some(items) => {
-                                let keep = items.len().saturating_sub(max_items as usize - 1);
-                                let mut value = Vec::with_capacity(old.len() + item.len() + 4);
-                                for it in &items[keep..] {
-                                    value.extend_from_slice(&(it.len() as u32).to_le_bytes());
-                                    value.extend_from_slice(it);
-                                }
-                                value.extend_from_slice(&(item.len() as u32).to_le_bytes());
-                                value.extend_from_slice(item);
-                                self.put(key, value, &mut undo)
-                            }
-                        }
-                    }
-                }
-                OpRef::Incr { key, by } => {
-                    let cur = match self.get(key) {
-                        None => Ok(0),
-                        Some(v) => <[u8; 8]>::try_from(v)
-                            .map(i64::from_le_bytes)
-                            .map_err(|_| OpError::NotACounter),
-                    };
-                    match cur.and_then(|c| c.checked_add(by).ok_or(OpError::NotACounter)) {
-                        Ok(new) => self.put(key, new.to_le_bytes().to_vec(), &mut undo),
-                        Err(e) => Err(e),
-                    }
-                }
-                OpRef::Touch => Ok(()),
-                OpRef::Invalidate => {
-                    outcome = Applied::Invalidated;
-                    Ok(())
-                }
-            };
-            if let Err(e) = step {
-                result = Err(e);
-                break;
-            }
-        }
-        if result.is_ok() {
-            let needed = self.attr_bytes();
-            if needed > quota {
-                result = Err(OpError::OverQuota { needed, quota });
-            }
-        }
-        if let Err(e) = result {
-            for (key, old) in undo.into_iter().rev() {
-                match (self.slot(key), old) {
-                    (Ok(i), Some(v)) => self.attrs[i].value = v,
-                    (Ok(i), None) => {
-                        self.attrs.remove(i);
-                    }
-                    (Err(i), Some(v)) => self.attrs.insert(
-                        i,
-                        Attr {
-                            hash: key_hash(key),
-                            key: key.to_owned(),
-                            value: v,
-                        },
-                    ),
-                    (Err(_), None) => {}
-                }
-            }
-            return Err(e);
-        }
+        let outcome = apply_ops(self, ops, quota)?;
         self.updated_ms = now_ms;
         Ok(outcome)
     }
 
-    /// Sets `key` to `value`, remembering what was there.
-    fn put<'a>(
-        &mut self,
-        key: &'a str,
-        value: Vec<u8>,
-        undo: &mut Vec<(&'a str, Option<Vec<u8>>)>,
-    ) -> Result<(), OpError> {
-        check_key(key)?;
-        match self.slot(key) {
-            Ok(i) => {
-                let old = std::mem::replace(&mut self.attrs[i].value, value);
-                undo.push((key, Some(old)));
-            }
-            Err(i) => {
-                if self.attrs.len() >= ATTRS_MAX {
-                    return Err(OpError::TooManyAttrs);
-                }
-                self.attrs.insert(
-                    i,
-                    Attr {
-                        hash: key_hash(key),
-                        key: key.to_owned(),
-                        value,
-                    },
-                );
-                undo.push((key, None));
-            }
-        }
-        Ok(())
-    }
-
     /// Whether the session has expired at `now_ms`, given its last read.
     pub fn expired(&self, now_ms: u64, last_read_ms: u64) -> bool {
-        let last = self.updated_ms.max(last_read_ms);
-        (self.expires_at_ms != 0 && now_ms >= self.expires_at_ms)
-            || (self.idle_ttl_ms != 0 && now_ms >= last.saturating_add(self.idle_ttl_ms))
+        expired_at(
+            now_ms,
+            self.updated_ms.max(last_read_ms),
+            self.idle_ttl_ms,
+            self.expires_at_ms,
+        )
     }
 }
 
@@ -462,17 +553,26 @@ impl ArchivedSessionData {
 
     /// Whether the session has expired at `now_ms`, given its last read.
     pub fn expired(&self, now_ms: u64, last_read_ms: u64) -> bool {
-        let last = self.updated_ms.to_native().max(last_read_ms);
-        let expires = self.expires_at_ms.to_native();
-        let idle = self.idle_ttl_ms.to_native();
-        (expires != 0 && now_ms >= expires) || (idle != 0 && now_ms >= last.saturating_add(idle))
+        expired_at(
+            now_ms,
+            self.updated_ms.to_native().max(last_read_ms),
+            self.idle_ttl_ms.to_native(),
+            self.expires_at_ms.to_native(),
+        )
     }
 }
 
 /// Encodes an op batch (the bytes stored in the queue and shipped as a delta).
 pub fn encode_ops(ops: &[Op]) -> rkyv::util::AlignedVec {
+    encode_ops_in(ops, rkyv::util::AlignedVec::new())
+}
+
+/// [`encode_ops`] into `buf` (cleared first), so a caller can reuse it.
+pub(crate) fn encode_ops_in(ops: &[Op], mut buf: rkyv::util::AlignedVec) -> rkyv::util::AlignedVec {
+    buf.clear();
     // Serializing plain owned data into a growable buffer cannot fail.
-    rkyv::to_bytes::<rkyv::rancor::Error>(&OpSlice(ops)).expect("serializing ops into memory")
+    rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&OpSlice(ops), buf)
+        .expect("serializing ops into memory")
 }
 
 /// A borrowed batch that archives exactly as `Vec<Op>` does, so encoding a
@@ -641,6 +741,18 @@ mod tests {
                 let before = s.clone();
                 let expect = model_apply(&m, batch, quota);
                 let got = s.apply(batch, i as u64, quota);
+                // The combiner's draft of the record before: the same answer,
+                // and when it applies, the same archive byte for byte.
+                let archive = encode_session(&before);
+                let archived = rkyv::access::<ArchivedSessionData, rkyv::rancor::Error>(&archive).unwrap();
+                let mut draft = SessionDraft::new(archived);
+                let drafted = draft.apply_refs(batch.iter().map(Op::as_ref), i as u64, quota);
+                prop_assert_eq!(&drafted, &got);
+                if got.is_ok() {
+                    let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&draft).unwrap();
+                    let want = encode_session(&s);
+                    prop_assert_eq!(bytes.as_slice(), want.as_slice());
+                }
                 if let Some(next) = expect {
                     prop_assert!(got.is_ok(), "model accepted, engine refused: {got:?}");
                     m = next;

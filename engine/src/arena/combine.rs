@@ -2,13 +2,13 @@
 //! session's queue into a new record, finishing a removal, and finishing
 //! what a combiner that died left (its half-built record).
 
-use super::{Arena, COMBINE_BATCH_MAX, SPINS_BEFORE_LIVENESS, rec_off};
+use super::{Arena, COMBINE_BATCH_MAX, SPINS_BEFORE_LIVENESS, rec_len, rec_off};
 use crate::error::SessionError;
 use crate::layout::{BLOCK, IndexSlot, NODE_MAGIC, NodeHeader, PARTICIPANTS_MAX, RecordHeader};
 use crate::lock;
 use crate::map::Map;
 use crate::queue::{self, Combine, Combined, EMPTY, Nodes, Step};
-use crate::session::{Applied, ArchivedOp, Op, OpError, SessionData, encode_ops};
+use crate::session::{Applied, ArchivedOp, Op, OpError, SessionDraft, encode_ops_in};
 use crate::sid::Sid;
 use crate::sync::{AtomicU64, Backoff, Ordering};
 use crate::words::{
@@ -53,8 +53,12 @@ impl Arena {
     /// in the order of this handle's calls. Returns the version the batch
     /// produced. Returns only once the batch is applied.
     pub fn update(&self, sid: Sid, ops: &[Op]) -> Result<u64, SessionError> {
-        let encoded = encode_ops(ops);
-        self.push_and_wait(sid, &encoded, 0)
+        // One encoding buffer per handle, reused (taken out of its cell, so
+        // nothing the push calls can find it borrowed).
+        let encoded = encode_ops_in(ops, self.ops_buf.take());
+        let r = self.push_and_wait(sid, &encoded, 0);
+        self.ops_buf.replace(encoded);
+        r
     }
 
     /// Ends a session.
@@ -92,6 +96,10 @@ impl Arena {
         flags: u64,
     ) -> Result<u64, SessionError> {
         let (i, s) = self.lookup(sid).ok_or(SessionError::NotFound)?;
+        // The combine that follows, ours most likely, reads the whole
+        // record: its misses overlap with the push.
+        let word = s.record.load(Ordering::Acquire);
+        self.prefetch_all(rec_off(word), BLOCK + rec_len(word));
         let node_off = self.alloc(BLOCK + encoded.len() as u64)?;
         let (lo, hi) = sid.words();
         // SAFETY: freshly allocated, not yet pushed: ours alone (stale
@@ -348,10 +356,12 @@ struct SlotCombine<'a> {
     nodes: HeapNodes<'a>,
 }
 
-/// The new copy of a record a combine builds.
-struct Draft {
+/// The new copy of a record a combine builds: it borrows from the record
+/// it replaces and from the op nodes, which stay in place until the combine
+/// has published.
+struct Draft<'a> {
     sid: Sid,
-    data: SessionData,
+    data: SessionDraft<'a>,
     version: u64,
     epoch: u64,
     /// The published record it replaces.
@@ -363,7 +373,7 @@ struct Draft {
 
 impl<'a> Combine for SlotCombine<'a> {
     type Nodes = HeapNodes<'a>;
-    type Draft = Draft;
+    type Draft = Draft<'a>;
     /// The replaced record.
     type Published = u64;
     type Error = SessionError;
@@ -388,11 +398,11 @@ impl<'a> Combine for SlotCombine<'a> {
         Ok(rh.applied_seq)
     }
 
-    fn draft(&self) -> Result<Draft, SessionError> {
+    fn draft(&self) -> Result<Draft<'a>, SessionError> {
         let replaced = rec_off(self.s.record.load(Ordering::Acquire));
-        let (rh, bytes) = self.arena.record_at(replaced)?;
-        let data = rkyv::deserialize::<SessionData, rkyv::rancor::Error>(Arena::archived(bytes))
-            .map_err(|_| SessionError::Corrupt("record does not deserialize"))?;
+        let arena: &'a Arena = self.arena;
+        let (rh, bytes) = arena.record_at(replaced)?;
+        let data = SessionDraft::new(Arena::archived(bytes));
         Ok(Draft {
             sid: Sid::from_words(
                 self.s.sid_lo.load(Ordering::Relaxed),
@@ -407,7 +417,7 @@ impl<'a> Combine for SlotCombine<'a> {
         })
     }
 
-    fn apply(&self, draft: &mut Draft, n: u32) -> Step {
+    fn apply(&self, draft: &mut Draft<'a>, n: u32) -> Step {
         let node = self.nodes.node(n);
         if node.result.load(Ordering::Acquire) == ResultCode::CancelledHeapFull.encode() {
             return Step::Next;
@@ -520,7 +530,7 @@ impl<'a> Combine for SlotCombine<'a> {
 
     fn publish(
         &self,
-        draft: Draft,
+        draft: Draft<'a>,
         last: u32,
         applied: &[u32],
     ) -> Result<Option<u64>, SessionError> {
@@ -650,7 +660,9 @@ mod tests {
             .find(|sid| a.home(*sid) == i)
             .unwrap();
         a.begin_mut();
-        let rec = a.write_record(new, &SessionData::default(), 1, 1).unwrap();
+        let rec = a
+            .write_record(new, &crate::session::SessionData::default(), 1, 1)
+            .unwrap();
         assert_eq!(a.insert(new, rec, true).unwrap(), Ok(i));
         // The stale combiner: its state word no longer matches, so it
         // neither sees a live session nor removes one.

@@ -85,36 +85,40 @@ impl Arena {
         fence(Ordering::Release);
         let (lo, hi) = sid.words();
         let sum = checksum([lo, hi], version, prev, ops);
-        let w = |i: u64| self.map.delta_word(pos + i);
-        for (i, v) in [lo, hi, version, prev, ops.len() as u64, sum]
-            .into_iter()
-            .enumerate()
-        {
-            w(1 + i as u64).store(v, Ordering::Relaxed);
-        }
-        for (i, chunk) in ops.chunks(8).enumerate() {
+        let (a, b) = self.map.delta_run(pos, words);
+        let mut run = a.iter().chain(b);
+        let commit = run.next().expect("an entry has a commit word");
+        let head = [lo, hi, version, prev, ops.len() as u64, sum];
+        let body = ops.chunks(8).map(|chunk| {
             let mut b = [0u8; 8];
             b[..chunk.len()].copy_from_slice(chunk);
-            w(ENTRY_WORDS + i as u64).store(u64::from_le_bytes(b), Ordering::Relaxed);
+            u64::from_le_bytes(b)
+        });
+        for (w, v) in run.zip(head.into_iter().chain(body)) {
+            w.store(v, Ordering::Relaxed);
         }
-        w(0).store(pos + 1, Ordering::Release);
+        commit.store(pos + 1, Ordering::Release);
         (pos as u32).wrapping_add(1)
     }
 
     /// A copy of the entry at position `pos`, if it is whole and still in
     /// the log.
     fn read_entry(&self, pos: u64) -> Option<Entry> {
-        let w = |i: u64| self.map.delta_word(pos + i).load(Ordering::Relaxed);
-        if self.map.delta_word(pos).load(Ordering::Acquire) != pos + 1 {
+        let (a, b) = self.map.delta_run(pos, ENTRY_WORDS);
+        let mut run = a.iter().chain(b);
+        if run.next().map(|w| w.load(Ordering::Acquire)) != Some(pos + 1) {
             return None;
         }
-        let (sid, version, prev, len, sum) = ([w(1), w(2)], w(3), w(4), w(5), w(6));
-        if len.div_ceil(8) + ENTRY_WORDS > self.delta_words() / 4 {
+        let mut w = || run.next().map_or(0, |w| w.load(Ordering::Relaxed));
+        let (sid, version, prev, len, sum) = ([w(), w()], w(), w(), w(), w());
+        let body = len.div_ceil(8);
+        if body + ENTRY_WORDS > self.delta_words() / 4 {
             return None;
         }
         let mut ops = Vec::with_capacity(len.next_multiple_of(8) as usize);
-        for i in 0..len.div_ceil(8) {
-            ops.extend_from_slice(&w(ENTRY_WORDS + i).to_le_bytes());
+        let (a, b) = self.map.delta_run(pos + ENTRY_WORDS, body);
+        for w in a.iter().chain(b) {
+            ops.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
         }
         ops.truncate(len as usize);
         // Like a seqlock reader: if any word above came from a writer that
@@ -202,6 +206,30 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_across_the_end_of_the_ring_reads_back_whole() {
+        let scratch = Scratch::new("deltas-wrap");
+        let a = scratch.open();
+        let sid = Sid::random();
+        let ring = a.map.geo.delta_bytes / 8;
+        // Entries of 7 + 13 words, logged until one straddles the end.
+        let ops: Vec<u8> = (0..100u8).collect();
+        let (mut at, mut v) = (0, 0u64);
+        loop {
+            v += 1;
+            at = a.log_batch(sid, v, at, &ops);
+            let pos = u64::from(at - 1);
+            if pos % ring + 20 > ring {
+                assert!(pos / ring == 0, "no entry straddled the first wrap");
+                break;
+            }
+        }
+        // It, the one before it and the one after it, in order.
+        at = a.log_batch(sid, v + 1, at, &ops);
+        let got = a.logged_batches(sid, at, v + 1, v - 2).unwrap();
+        assert_eq!(got, vec![ops.clone(); 3]);
+    }
+
+    #[test]
     fn a_torn_entry_is_not_read() {
         let scratch = Scratch::new("deltas-torn");
         let a = scratch.open();
@@ -213,14 +241,12 @@ mod tests {
         );
         // A byte of its ops changed (as a writer dying mid-entry leaves it).
         let pos = u64::from(at - 1);
-        let w = a.map.delta_word(pos + super::ENTRY_WORDS);
+        let w = &a.map.delta_run(pos + super::ENTRY_WORDS, 1).0[0];
         w.fetch_xor(1, crate::sync::Ordering::Relaxed);
         assert!(a.logged_batches(sid, at, 1, 0).is_none());
         // Its commit word not written yet.
         let at = a.log_batch(sid, 2, at, b"x");
-        a.map
-            .delta_word(u64::from(at - 1))
-            .store(0, crate::sync::Ordering::Relaxed);
+        a.map.delta_run(u64::from(at - 1), 1).0[0].store(0, crate::sync::Ordering::Relaxed);
         assert!(a.logged_batches(sid, at, 2, 1).is_none());
     }
 }

@@ -113,6 +113,7 @@ impl Arena {
             muts: Cell::new(0),
             scratch: RefCell::new(Vec::new()),
             ser: RefCell::new(rkyv::util::AlignedVec::new()),
+            ops_buf: Cell::new(rkyv::util::AlignedVec::new()),
             sweep_cursor: Cell::new(0),
             dirty_cursor: Cell::new(0),
             dirty_sweep: Cell::new(0),

@@ -12,6 +12,30 @@ use crate::sid::Sid;
 use crate::sync::Ordering;
 use crate::words::{SLOT_LIVE, slot_kind};
 
+/// What a record archives from: a [`SessionData`], or a combine's
+/// [`SessionDraft`](crate::session::SessionDraft), which archives the same.
+pub(super) trait RecordData:
+    for<'b> rkyv::Serialize<
+        rkyv::api::high::HighSerializer<
+            rkyv::util::AlignedVec,
+            rkyv::ser::allocator::ArenaHandle<'b>,
+            rkyv::rancor::Error,
+        >,
+    > + rkyv::Archive<Archived = ArchivedSessionData>
+{
+}
+
+impl<T> RecordData for T where
+    T: for<'b> rkyv::Serialize<
+            rkyv::api::high::HighSerializer<
+                rkyv::util::AlignedVec,
+                rkyv::ser::allocator::ArenaHandle<'b>,
+                rkyv::rancor::Error,
+            >,
+        > + rkyv::Archive<Archived = ArchivedSessionData>
+{
+}
+
 impl Arena {
     /// Writes a record block; returns its offset.
     pub(super) fn write_record(
@@ -31,7 +55,7 @@ impl Arena {
     pub(super) fn write_record_tracked(
         &self,
         sid: Sid,
-        data: &SessionData,
+        data: &impl RecordData,
         version: u64,
         epoch: u64,
         track: Option<(u64, u64)>,
@@ -115,6 +139,18 @@ impl Arena {
     /// instead of a chain of dependent ones; only the value itself is left.
     #[inline]
     pub(super) fn prefetch(&self, off: u64, len: u64) {
+        self.prefetch_lines(off, len, PREFETCH_TAIL_LINES);
+    }
+
+    /// Asks for every cache line of a record, as a combine reads all of it.
+    #[inline]
+    pub(super) fn prefetch_all(&self, off: u64, len: u64) {
+        self.prefetch_lines(off, len, u64::MAX / BLOCK);
+    }
+
+    /// Asks for the header of a record and its last `tail` lines.
+    #[inline]
+    fn prefetch_lines(&self, off: u64, len: u64, tail: u64) {
         #[cfg(target_arch = "x86_64")]
         if self.map.heap_bytes(off, len).is_some() {
             let fetch = |line: u64| {
@@ -129,7 +165,7 @@ impl Arena {
             let end = (off + len).next_multiple_of(BLOCK);
             fetch(off);
             let tail = end
-                .saturating_sub(PREFETCH_TAIL_LINES * BLOCK)
+                .saturating_sub(tail.saturating_mul(BLOCK))
                 .max(off + BLOCK);
             let mut line = tail;
             while line < end {
@@ -138,7 +174,7 @@ impl Arena {
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (off, len);
+        let _ = (off, len, tail);
     }
 
     /// The header and archive of a published record.

@@ -16,7 +16,7 @@ use std::mem::size_of;
 /// First eight bytes of every arena.
 pub(crate) const MAGIC: [u8; 8] = *b"SESSIO\x00A";
 /// Bumped whenever a layout below changes meaning.
-pub(crate) const FORMAT_VERSION: u32 = 5;
+pub(crate) const FORMAT_VERSION: u32 = 6;
 /// Bytes of the header page.
 pub(crate) const HEADER_BYTES: u64 = 4096;
 /// The heap's allocation unit; every block starts on a multiple of it.
@@ -426,8 +426,10 @@ impl Geometry {
     /// Lays out an arena; `align` is the page size the file is mapped with.
     pub(crate) fn new(capacity: u64, heap_bytes: u64, quota_bytes: u64, align: u64) -> Geometry {
         // Load factor at most 3/4 of live sessions (tombstones are reused
-        // under the insert lock, so they do not pile up).
-        let index_slots = (capacity * 4 / 3 + 1).next_power_of_two().max(64);
+        // under the insert lock, so they do not pile up). Any multiple of 64
+        // (one dirty bitmap word, one page of slots): a SID's home slot is
+        // a multiply-shift, not a mask.
+        let index_slots = (capacity * 4 / 3 + 1).next_multiple_of(64);
         let chunk_bytes = (quota_bytes + BLOCK)
             .next_power_of_two()
             .max(CHUNK_BYTES_MIN);

@@ -191,7 +191,7 @@ pub const HEAP_BUDGET_MIN_BYTES: u64 = 8 << 20;
 /// ([`ArenaConfig::sizing`]) or read from an open arena.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sizing {
-    /// Index slots: a power of two at load factor at most 3/4.
+    /// Index slots: a multiple of 64 at load factor at most 3/4.
     pub index_slots: u64,
     /// Bytes of the index, 64 B per slot.
     pub index_bytes: u64,

@@ -119,8 +119,9 @@ fn for_sessions_is_the_sum_of_its_terms_and_does_not_drift() {
     let cfg = ArenaConfig::for_sessions(1_000_000, 1024);
     assert_eq!(cfg.heap_bytes, 1_000_000 * 1360 + HEAP_SLACK_BYTES);
     let s = cfg.sizing();
-    assert_eq!(s.index_slots, 1 << 21);
-    assert_eq!(s.index_bytes, 128 << 20);
+    // 4/3 of the capacity, to a multiple of 64: 85 B a session.
+    assert_eq!(s.index_slots, 1_333_376);
+    assert_eq!(s.index_bytes, 1_333_376 * 64);
     assert_eq!(
         s.mapped_bytes,
         s.index_bytes + s.heap_bytes + s.delta_log_bytes + s.fixed_bytes

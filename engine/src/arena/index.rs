@@ -20,16 +20,33 @@ impl Arena {
         let (lo, hi) = sid.words();
         let x =
             (lo ^ self.header().hash_seed ^ hi.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        (x ^ (x >> 32)) & (self.map.geo.index_slots - 1)
+        // The high half of x × slots: uniform over any slot count (not only
+        // powers of two, which would leave up to half the index unused).
+        ((u128::from(x) * u128::from(self.map.geo.index_slots)) >> 64) as u64
+    }
+
+    /// The slot after `i`, wrapping.
+    #[inline]
+    fn next_slot(&self, i: u64) -> u64 {
+        let j = i + 1;
+        if j == self.map.geo.index_slots { 0 } else { j }
+    }
+
+    /// The slot before `i`, wrapping.
+    fn prev_slot(&self, i: u64) -> u64 {
+        if i == 0 {
+            self.map.geo.index_slots - 1
+        } else {
+            i - 1
+        }
     }
 
     /// Finds the live slot of `sid`.
     #[inline]
     pub(super) fn lookup(&self, sid: Sid) -> Option<(u64, &IndexSlot)> {
         let (lo, hi) = sid.words();
-        let mask = self.map.geo.index_slots - 1;
         let mut i = self.home(sid);
-        for _ in 0..=mask {
+        for _ in 0..self.map.geo.index_slots {
             let s = self.map.slot(i);
             let st = s.state.load(Ordering::Acquire);
             match slot_kind(st) {
@@ -47,7 +64,7 @@ impl Arena {
                 }
                 _ => {}
             }
-            i = (i + 1) & mask;
+            i = self.next_slot(i);
         }
         None
     }
@@ -105,13 +122,12 @@ impl Arena {
         let _g = self.insert_lock();
         let h = self.header();
         let (lo, hi) = sid.words();
-        let mask = self.map.geo.index_slots - 1;
         let mut i = self.home(sid);
         let mut target = None;
         // A tombstone whose removal the replicator has not taken yet, in
         // case no other slot is free.
         let mut pending = None;
-        for _ in 0..=mask {
+        for _ in 0..self.map.geo.index_slots {
             let s = self.map.slot(i);
             let st = s.state.load(Ordering::Acquire);
             match slot_kind(st) {
@@ -144,7 +160,7 @@ impl Arena {
                 }
                 _ => {}
             }
-            i = (i + 1) & mask;
+            i = self.next_slot(i);
         }
         if h.live.load(Ordering::Acquire) >= self.map.geo.capacity {
             return Err(SessionError::Full(h.live.load(Ordering::Relaxed)));
@@ -243,13 +259,12 @@ impl Arena {
     /// after it is empty: no probe chain passes through them any more.
     /// Called under the insert lock.
     pub(super) fn prune_tombstones(&self, i: u64) {
-        let mask = self.map.geo.index_slots - 1;
-        let next = self.map.slot((i + 1) & mask);
+        let next = self.map.slot(self.next_slot(i));
         if slot_kind(next.state.load(Ordering::Acquire)) != SLOT_EMPTY {
             return;
         }
         let mut j = i;
-        for _ in 0..=mask {
+        for _ in 0..self.map.geo.index_slots {
             let s = self.map.slot(j);
             let st = s.state.load(Ordering::Acquire);
             if slot_kind(st) != SLOT_TOMB {
@@ -261,7 +276,7 @@ impl Arena {
             if !self.removal_pending(j) {
                 s.state.store(slot_next(st, SLOT_EMPTY), Ordering::Release);
             }
-            j = j.wrapping_sub(1) & mask;
+            j = self.prev_slot(j);
         }
     }
 }

@@ -96,7 +96,7 @@ pub use host::{failover, replicator, sessions};
 pub use failover::{
     FailoverConfig, FailoverError, Fetched, NodeClients, Singleflight, fetch_and_install,
 };
-pub use node::{NodeConfig, NodeLimits, Store};
+pub use node::{FOLD_IDLE_MS, NodeConfig, NodeLimits, Store};
 pub use placement::{Member, Placement, PlacementError};
 pub use replicator::{NodeStats, Replicator, ReplicatorConfig, ReplicatorError, ReplicatorStats};
 pub use samples::Samples;

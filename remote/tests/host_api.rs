@@ -9,6 +9,8 @@
 //! - a session that is only read keeps its idle clock across failover;
 //! - a `Replicated` update returns once the bank acked it, and times out,
 //!   applied locally, when the bank is gone;
+//! - the nodes fold the op batches of a copy that went idle into its
+//!   record by themselves, and a failover then finds the last write;
 //! - a host whose session another host took over drops its stale copy
 //!   (the bank tells it), so when the session comes back it is fetched
 //!   anew, not served stale.
@@ -71,6 +73,10 @@ fn main() {
         (
             "durable_writes_among_local_bursts_are_all_acked",
             durable_writes_among_local_bursts_are_all_acked,
+        ),
+        (
+            "the_bank_folds_copies_gone_idle",
+            the_bank_folds_copies_gone_idle,
         ),
     ];
     run::run_tests(tests, true);
@@ -448,6 +454,44 @@ fn replicated_updates_wait_for_the_bank() {
         .update(sid, &[set(b"3")], Durability::Local)
         .unwrap();
     drop(repl);
+}
+
+/// A session updated a few times, then left alone: its copies hold the
+/// updates as pending op batches until the nodes' idle pass (every expiry
+/// interval, a second by default) folds them in; the record a failover
+/// fetches then has every update.
+fn the_bank_folds_copies_gone_idle() {
+    let bank = Bank::start(2, 2);
+    let h = Host::new("idle-fold");
+    let sessions = Sessions::open(h.config(&bank, 1, 64)).unwrap();
+    let repl = h.replicator(&bank, 1);
+    let sid = sessions.create(NewSession::default(), &[]).unwrap();
+    let durable = Durability::Replicated {
+        timeout: Duration::from_secs(5),
+    };
+    for i in 0..5u8 {
+        let op = Op::Set {
+            key: format!("k{i}"),
+            value: vec![i; 100],
+        };
+        sessions.update(sid, &[op], durable).unwrap();
+    }
+    drop(repl);
+    assert_eq!(bank.counter("idle_folds"), 0, "nothing is idle yet");
+    // Both owners fold their copy once it has been idle for a second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bank.counter("idle_folds") < 2 {
+        assert!(Instant::now() < deadline, "no idle fold within 10 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(bank.counter("idle_folds"), 2, "each copy folds once");
+    // Another host fails over to the folded copy.
+    let b = Host::new("idle-fold-b");
+    let other = Sessions::open(b.config(&bank, 2, 64)).unwrap();
+    let r = other.read(sid).unwrap();
+    for i in 0..5u8 {
+        assert_eq!(r.get(&format!("k{i}")), Some(&vec![i; 100][..]));
+    }
 }
 
 /// Sequential `Replicated` writes between bursts of `Local` ones, as a web

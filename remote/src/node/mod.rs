@@ -60,6 +60,6 @@ pub use copy::pending_charge;
 pub use serve::{LocalBank, LocalNode, NodeConfig, serve};
 pub use shards::{SHARDS_MAX, Shards};
 pub use store::{
-    DEADLINES_SLACK, EXPIRE_INTERVAL_MS_DEFAULT, EXPIRY_GRACE_MS_DEFAULT, ExpiryRule, NodeCounters,
-    NodeLimits, STALE_MAX, STALE_PER_PONG, Store,
+    DEADLINES_SLACK, EXPIRE_INTERVAL_MS_DEFAULT, EXPIRY_GRACE_MS_DEFAULT, ExpiryRule, FOLD_IDLE_MS,
+    NodeCounters, NodeLimits, STALE_MAX, STALE_PER_PONG, Store,
 };

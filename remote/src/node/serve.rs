@@ -207,16 +207,22 @@ pub fn serve<B: Rt>(
                 let (shards, net) = (Arc::clone(&shards), Arc::clone(&net));
                 move |peer: PeerInfo, msg: Message| answer(&shards, &net, &peer, msg)
             };
-            // Expiry passes run on this thread between messages.
+            // Expiry and idle-fold passes run on this thread between
+            // messages.
             let expire = async {
                 if expiry_every.is_zero() {
                     return std::future::pending().await;
                 }
                 loop {
                     B::sleep(expiry_every).await;
-                    let dropped = shards.expire(sessio_engine::clock::now_ms(), expiry);
+                    let now = sessio_engine::clock::now_ms();
+                    let dropped = shards.expire(now, expiry);
                     if dropped > 0 {
                         tracing::debug!(dropped, "expired copies");
+                    }
+                    let folded = shards.fold_idle(now);
+                    if folded > 0 {
+                        tracing::debug!(folded, "folded idle copies");
                     }
                 }
             };

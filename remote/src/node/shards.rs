@@ -17,12 +17,17 @@ use sessio_net::{
     Sid, Stats, StatsRequest,
 };
 
-use super::{ExpiryRule, NodeLimits, STALE_PER_PONG, Store};
+use super::{ExpiryRule, FOLD_IDLE_MS, NodeLimits, STALE_PER_PONG, Store};
 
 /// Most shards (and so node threads) one node runs.
 pub const SHARDS_MAX: usize = 64;
 /// Most deadlines, and most copies walked, in one shard's expiry pass.
 const EXPIRE_BUDGET: usize = 4_096;
+/// Idle copies one shard folds per pass (a fold rewrites a record: a few
+/// µs each), so a pass holds a shard's lock for a few ms at most.
+const FOLD_IDLE_BUDGET: usize = 1_024;
+/// Folds in one pass after which the process trims its heap.
+const TRIM_AFTER_FOLDS: u64 = 256;
 
 /// A node's copies, in shards by SID.
 #[derive(Debug)]
@@ -159,6 +164,26 @@ impl Shards {
         (0..self.shards.len())
             .map(|i| self.lock_at(i).expire(now_ms, rule, EXPIRE_BUDGET))
             .sum()
+    }
+
+    /// Folds the copies gone idle in every shard ([`Store::fold_idle`]),
+    /// each shard's lock held for at most `FOLD_IDLE_BUDGET` copies;
+    /// returns the copies folded. After a pass that freed much, the
+    /// process gives the allocator's free pages back to the kernel, so an
+    /// idle node's resident memory follows what it holds.
+    pub fn fold_idle(&self, now_ms: u64) -> u64 {
+        let folded: u64 = (0..self.shards.len())
+            .map(|i| {
+                self.lock_at(i)
+                    .fold_idle(now_ms, FOLD_IDLE_MS, FOLD_IDLE_BUDGET)
+            })
+            .sum();
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        if folded >= TRIM_AFTER_FOLDS {
+            // SAFETY: malloc_trim only returns free heap pages to the kernel.
+            unsafe { libc::malloc_trim(0) };
+        }
+        folded
     }
 
     /// The counters of every shard, summed by name.

@@ -56,6 +56,8 @@ pub struct NodeCounters {
     pub invalidated: u64,
     /// Records rewritten with their pending op batches folded in.
     pub folds: u64,
+    /// Of those, folds of copies gone idle ([`Store::fold_idle`]).
+    pub idle_folds: u64,
     /// Copies dropped as expired ([`Store::expire`]).
     pub expired: u64,
     /// Takeovers: a host wrote a session another host wrote before, under
@@ -91,6 +93,10 @@ pub const EXPIRE_INTERVAL_MS_DEFAULT: u64 = 1_000;
 /// Default for [`ExpiryRule::grace_ms`].
 pub const EXPIRY_GRACE_MS_DEFAULT: u64 = 60_000;
 
+/// A copy not written for this long has its pending batches folded into
+/// its record ([`Store::fold_idle`]), in ms.
+pub const FOLD_IDLE_MS: u64 = 1_000;
+
 /// The node's state: copies keyed by SID, within [`NodeLimits`].
 #[derive(Debug)]
 pub struct Store {
@@ -116,6 +122,11 @@ pub struct Store {
     /// all).
     stale: HashMap<u64, Vec<InvalidateEntry>>,
     stale_len: usize,
+    /// Copies that took a pending batch, with the time of their first one,
+    /// oldest first: where [`Store::fold_idle`] looks. An entry whose copy
+    /// went, or folded meanwhile, is skipped when it comes up (or dropped
+    /// by [`Store::compact_unfolded`] before they outnumber the copies).
+    unfolded: std::collections::VecDeque<(u64, Sid)>,
     /// Counters since start.
     pub counters: NodeCounters,
 }
@@ -144,6 +155,7 @@ impl Store {
             deadlines: std::collections::BinaryHeap::new(),
             stale: HashMap::new(),
             stale_len: 0,
+            unfolded: std::collections::VecDeque::new(),
             counters: NodeCounters::default(),
         }
     }
@@ -241,6 +253,55 @@ impl Store {
         }
         self.counters.expired += doomed.len() as u64;
         doomed.len() as u64
+    }
+
+    /// Folds the pending batches of copies not written for `idle_ms` into
+    /// their records, looking at up to `budget` of them; returns the copies
+    /// folded. A busy session keeps its batches pending (folding each one
+    /// as it comes would cost a record rewrite per delta); once it goes
+    /// quiet it costs its record alone, not its record and its recent
+    /// batches.
+    pub fn fold_idle(&mut self, now_ms: u64, idle_ms: u64, budget: usize) -> u64 {
+        let mut folded = 0;
+        let mut looked = 0;
+        while looked < budget
+            && let Some(&(at, sid)) = self.unfolded.front()
+            && now_ms >= at.saturating_add(idle_ms)
+        {
+            self.unfolded.pop_front();
+            looked += 1;
+            let Some(last) = self
+                .copies
+                .get(&sid)
+                .and_then(|c| c.pending.iter().last().map(|(at, _)| at))
+            else {
+                continue; // gone, or folded already
+            };
+            if now_ms < last.saturating_add(idle_ms) {
+                // Written since: it comes up again once that write is old.
+                self.unfolded.push_back((last, sid));
+                continue;
+            }
+            self.fold(&sid);
+            self.counters.idle_folds += 1;
+            folded += 1;
+        }
+        folded
+    }
+
+    /// Keeps one entry per copy that has pending batches: drops those of
+    /// copies gone or folded, and repeats. Called once the queue holds
+    /// more than twice the copies plus [`DEADLINES_SLACK`], so its cost is
+    /// paid for by the pushes since the last call.
+    fn compact_unfolded(&mut self) {
+        let Store {
+            unfolded, copies, ..
+        } = self;
+        let mut seen = hashbrown::HashSet::with_capacity(unfolded.len().min(copies.len()));
+        unfolded.retain(|(_, sid)| {
+            copies.get(sid).is_some_and(|c| !c.pending.is_empty()) && seen.insert(*sid)
+        });
+        unfolded.shrink_to_fit();
     }
 
     /// Sessions held.
@@ -459,11 +520,15 @@ impl Store {
     /// appended, or the copy dropped if it invalidates it. `None` when the
     /// batch must be applied at once: it is left in `scratch`, validated.
     fn append_ops(&mut self, e: &DeltaEntry, ops: &[u8], now_ms: u64) -> Option<(AckStatus, u64)> {
+        if self.unfolded.len() > 2 * self.copies.len() + DEADLINES_SLACK {
+            self.compact_unfolded();
+        }
         let Store {
             copies,
             bytes,
             limits,
             scratch,
+            unfolded,
             ..
         } = self;
         let Some(copy) = copies.get_mut(&e.sid) else {
@@ -501,6 +566,9 @@ impl Store {
             && *bytes + charge <= limits.bytes_max
         {
             copy.pending.push(now_ms, valid);
+            if copy.pending.len() == 1 {
+                unfolded.push_back((now_ms, sid));
+            }
             copy.version += 1;
             copy.epoch = epoch;
             copy.bytes += charge;
@@ -686,6 +754,7 @@ impl Store {
             fetch_hits,
             invalidated,
             folds,
+            idle_folds,
             expired,
             takeovers,
             stale_dropped

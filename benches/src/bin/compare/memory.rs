@@ -166,8 +166,9 @@ fn redis_point(n: u64) -> Result<(Phases, Phases), BoxError> {
 }
 
 /// The node: runs this binary as a child holding a replica store, and
-/// reads the per-session RSS it prints.
-fn node_point(n: u64) -> Result<Phases, BoxError> {
+/// reads the per-session RSS it prints: after each phase, then once its
+/// copies went idle and were folded.
+fn node_point(n: u64) -> Result<(Phases, u64), BoxError> {
     let out = Command::new(std::env::current_exe()?)
         .args([NODE_CHILD_ARG, &n.to_string()])
         .output()?;
@@ -179,12 +180,15 @@ fn node_point(n: u64) -> Result<Phases, BoxError> {
         .into());
     }
     let text = String::from_utf8(out.stdout)?;
-    let v: Vec<u64> = text
+    let mut v: Vec<u64> = text
         .split_whitespace()
         .map(str::parse)
         .collect::<Result<_, _>>()?;
-    v.try_into()
-        .map_err(|v| format!("the node child printed {v:?}").into())
+    let idle = v.pop().ok_or("the node child printed nothing")?;
+    let phases = v
+        .try_into()
+        .map_err(|v| format!("the node child printed {v:?}"))?;
+    Ok((phases, idle))
 }
 
 /// Anonymous resident bytes of this process (`RssAnon`): the heap, not the
@@ -257,6 +261,17 @@ pub fn node_child(n: u64) -> Result<(), BoxError> {
         }
         out.push(per(rss_anon()?.saturating_sub(base), n).to_string());
     }
+    // Time passes with no writes: the node folds every idle copy (a served
+    // node does it a budget at a time, every expiry interval) and gives
+    // the freed heap back, as its fold pass does.
+    let later = sessio_engine::clock::now_ms() + sessio_remote::FOLD_IDLE_MS;
+    let folded = store.fold_idle(later, sessio_remote::FOLD_IDLE_MS, usize::MAX);
+    if folded != n {
+        return Err(format!("the idle pass folded {folded} of {n} copies").into());
+    }
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe { libc::malloc_trim(0) };
+    out.push(per(rss_anon()?.saturating_sub(base), n).to_string());
     println!("{}", out.join(" "));
     Ok(())
 }
@@ -295,9 +310,10 @@ pub fn memory(run: &Run, rep: &mut Report) -> Result<(), BoxError> {
         rep.note("memory: no size fits SESSIO_BENCH_MAX_SESSIONS; skipped".into());
         return Ok(());
     };
-    let node = node_point(n)?;
+    let (node, node_idle) = node_point(n)?;
     rep.note(format!(
-        "memory node at {} (R = 1, store RSS per copy): {} B (after creation / rounds 1 / 2 / 3)",
+        "memory node at {} (R = 1, store RSS per copy): {} B (after creation / rounds 1 / 2 / 3); \
+         {node_idle} B once idle and folded",
         short_count(n),
         show(&node)
     ));
@@ -313,6 +329,8 @@ pub fn memory(run: &Run, rep: &mut Report) -> Result<(), BoxError> {
     // Like with like: pages in RAM against pages in RAM.
     rep.ratio("memory_host_vs_redis", ratio(rss[last], h.touched[last]));
     rep.ratio("memory_node_vs_redis", ratio(rss[last], node[last]));
+    // The same copies a second later, with no writes in between.
+    rep.ratio("memory_node_idle_vs_redis", ratio(rss[last], node_idle));
     rep.ratio(
         "memory_host_heap_vs_redis_used",
         ratio(used[last], h.heap[last]),

@@ -411,6 +411,88 @@ fn op_deltas_wait_until_a_fetch_folds_them() {
 }
 
 #[test]
+fn idle_copies_fold_and_busy_ones_wait() {
+    let at = |s: &mut Store, sid: Sid, base: u64, now_ms: u64, d: Delta| {
+        let ack = s.apply_batch_at(
+            DeltaBatch {
+                host_id: 1,
+                entries: vec![DeltaEntry {
+                    sid,
+                    ..entry(base, base + 1, 1, d)
+                }],
+            },
+            now_ms,
+        );
+        assert_eq!(ack.entries[0].status, AckStatus::Applied);
+    };
+    let (quiet, busy, gone) = ([1; 16], [2; 16], [3; 16]);
+    let mut s = Store::new(NodeLimits::default(), 1);
+    for sid in [quiet, busy, gone] {
+        at(&mut s, sid, 0, 1_000, Delta::Full(record(&[("a", b"0")])));
+        at(&mut s, sid, 1, 1_000, set_n(1, 100));
+        at(&mut s, sid, 2, 1_100, set_n(2, 100));
+    }
+    // `busy` is written again later; `gone` is removed.
+    at(&mut s, busy, 3, 1_900, set_n(3, 100));
+    s.invalidate(&Invalidate {
+        entries: vec![InvalidateEntry {
+            sid: gone,
+            epoch: 2,
+        }],
+    });
+    let unfolded_bytes = s.bytes();
+    // Not yet idle: nothing folds.
+    assert_eq!(s.fold_idle(1_500, 1_000, 10), 0);
+    assert_eq!(s.get(&quiet).unwrap().pending_batches(), 2);
+    // `quiet` was last written at 1100: idle at 2100. `busy` at 2900.
+    assert_eq!(s.fold_idle(2_100, 1_000, 10), 1);
+    let q = s.get(&quiet).unwrap();
+    assert_eq!((q.pending_batches(), q.version()), (0, 3));
+    assert_eq!(s.get(&busy).unwrap().pending_batches(), 3);
+    assert!(
+        s.bytes() < unfolded_bytes,
+        "a fold gives back the pending charge"
+    );
+    assert_eq!(s.fold_idle(2_899, 1_000, 10), 0);
+    assert_eq!(s.fold_idle(2_900, 1_000, 10), 1);
+    assert_eq!(s.counters.idle_folds, 2);
+    assert_eq!(s.counters.folds, 2);
+    // What was folded is what the host wrote.
+    let d = decode_session(
+        &s.fetch(Fetch {
+            request_id: 1,
+            sid: busy,
+        })
+        .found
+        .unwrap()
+        .record,
+    )
+    .unwrap();
+    assert_eq!(d.get("k3"), Some(&[3u8; 100][..]));
+    assert_eq!(d.updated_ms, 1_900, "a fold keeps the last write's time");
+    // Nothing is left to look at.
+    assert!(s.unfolded.is_empty());
+    assert_eq!(s.fold_idle(u64::MAX, 1_000, 10), 0);
+}
+
+#[test]
+fn the_idle_queue_stays_bounded_by_the_copies() {
+    // One copy, folded by a fetch after each write: every write queues it
+    // anew; the queue is compacted before it holds more than twice the
+    // copies plus the slack.
+    let mut s = loaded(0, 0);
+    for v in 1..(3 * DEADLINES_SLACK as u64) {
+        let a = one(&mut s, entry(v, v + 1, 1, set_n(v as usize, 10)));
+        assert_eq!(a.status, AckStatus::Applied);
+        s.fetch(Fetch {
+            request_id: v,
+            sid: SID,
+        });
+        assert!(s.unfolded.len() <= 2 * s.len() + DEADLINES_SLACK + 1);
+    }
+}
+
+#[test]
 fn pending_batches_are_bounded_by_count_and_bytes() {
     let n = (PENDING_BATCHES_MAX + 1) * 3 + 5;
     let s = loaded(n, 10);

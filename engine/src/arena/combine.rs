@@ -483,9 +483,13 @@ impl<'a> Combine for SlotCombine<'a> {
                 draft.version += 1;
                 // Logged now, published with the record: if the record
                 // never is, nothing names this entry.
-                draft.log_at =
-                    self.arena
-                        .log_batch(draft.sid, draft.version, draft.log_at, op_bytes);
+                draft.log_at = self.arena.log_batch(
+                    draft.sid,
+                    draft.version,
+                    draft.log_at,
+                    op_bytes,
+                    node.checksum,
+                );
                 node.detail.store(draft.version, Ordering::Relaxed);
                 node.result
                     .store(ResultCode::Done.encode(), Ordering::Release);

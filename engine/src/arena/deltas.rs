@@ -40,11 +40,18 @@ struct Entry {
     ops: Vec<u8>,
 }
 
-/// The entry's check: xxh3 of its ops, seeded with its other words, so a
-/// torn entry (words of two writers) fails it.
-fn checksum(sid: [u64; 2], version: u64, prev: u64, ops: &[u8]) -> u64 {
-    let seed = sid[0] ^ sid[1].rotate_left(17) ^ version.rotate_left(31) ^ prev.rotate_left(47);
-    xxhash_rust::xxh3::xxh3_64_with_seed(ops, seed)
+/// The entry's check: xxh3 of its other words and of `ops_sum`, the xxh3
+/// of its ops (which the combiner has already computed to check the op
+/// node), so a torn entry (words of two writers) fails it.
+fn checksum(sid: [u64; 2], version: u64, prev: u64, ops_sum: u64) -> u64 {
+    let mut words = [0u8; 40];
+    for (i, w) in [sid[0], sid[1], version, prev, ops_sum]
+        .into_iter()
+        .enumerate()
+    {
+        words[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    xxhash_rust::xxh3::xxh3_64(&words)
 }
 
 impl Arena {
@@ -69,7 +76,15 @@ impl Arena {
     /// `prev_at` (a `log_at`, 0 = none). Returns the new entry's `log_at`
     /// for the record's header; 0 when the batch is too large for the log
     /// (over a quarter of it), so the record has no delta behind it.
-    pub(super) fn log_batch(&self, sid: Sid, version: u64, prev_at: u32, ops: &[u8]) -> u32 {
+    pub(super) fn log_batch(
+        &self,
+        sid: Sid,
+        version: u64,
+        prev_at: u32,
+        ops: &[u8],
+        ops_sum: u64,
+    ) -> u32 {
+        debug_assert_eq!(ops_sum, xxhash_rust::xxh3::xxh3_64(ops));
         let words = ENTRY_WORDS + (ops.len() as u64).div_ceil(8);
         if words > self.delta_words() / 4 {
             return 0;
@@ -84,16 +99,23 @@ impl Arena {
         // whoever sees one of our words below sees our reservation too.
         fence(Ordering::Release);
         let (lo, hi) = sid.words();
-        let sum = checksum([lo, hi], version, prev, ops);
+        let sum = checksum([lo, hi], version, prev, ops_sum);
         let (a, b) = self.map.delta_run(pos, words);
         let mut run = a.iter().chain(b);
         let commit = run.next().expect("an entry has a commit word");
         let head = [lo, hi, version, prev, ops.len() as u64, sum];
-        let body = ops.chunks(8).map(|chunk| {
+        // Whole words straight from the bytes (no copy call per word), then
+        // the tail, zero-padded.
+        let words_of = ops.chunks_exact(8);
+        let tail = words_of.remainder();
+        let tail = (!tail.is_empty()).then(|| {
             let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
+            b[..tail.len()].copy_from_slice(tail);
             u64::from_le_bytes(b)
         });
+        let body = words_of
+            .map(|w| u64::from_le_bytes(w.try_into().expect("chunks of 8")))
+            .chain(tail);
         for (w, v) in run.zip(head.into_iter().chain(body)) {
             w.store(v, Ordering::Relaxed);
         }
@@ -126,7 +148,7 @@ impl Arena {
         fence(Ordering::Acquire);
         let head = self.header().delta_head.load(Ordering::Relaxed) / 8;
         if head.saturating_sub(pos) > self.delta_words()
-            || checksum(sid, version, prev, &ops) != sum
+            || checksum(sid, version, prev, xxhash_rust::xxh3::xxh3_64(&ops)) != sum
         {
             return None;
         }
@@ -174,8 +196,13 @@ impl Arena {
 
 #[cfg(test)]
 mod tests {
+    use crate::arena::Arena;
     use crate::arena::test_support::Scratch;
     use crate::sid::Sid;
+
+    fn log(a: &Arena, sid: Sid, version: u64, prev_at: u32, ops: &[u8]) -> u32 {
+        a.log_batch(sid, version, prev_at, ops, xxhash_rust::xxh3::xxh3_64(ops))
+    }
 
     #[test]
     fn entries_chain_back_and_fall_out_of_the_ring() {
@@ -186,8 +213,8 @@ mod tests {
         // Versions 3 to 7 logged; the record came in at version 2 whole.
         let mut at = 0;
         for v in 3..=7u64 {
-            at = a.log_batch(sid, v, at, &vec![v as u8; v as usize]);
-            a.log_batch(other, v, 0, b"noise");
+            at = log(&a, sid, v, at, &vec![v as u8; v as usize]);
+            log(&a, other, v, 0, b"noise");
         }
         let got = a.logged_batches(sid, at, 7, 4).unwrap();
         assert_eq!(got, vec![vec![5u8; 5], vec![6; 6], vec![7; 7]]);
@@ -200,7 +227,7 @@ mod tests {
         // Write a whole ring of other entries: the chain is gone.
         let big = vec![7u8; 1000];
         for v in 0..=(a.map.geo.delta_bytes / 1000) {
-            a.log_batch(other, v, 0, &big);
+            log(&a, other, v, 0, &big);
         }
         assert!(a.logged_batches(sid, at, 7, 6).is_none());
     }
@@ -216,7 +243,7 @@ mod tests {
         let (mut at, mut v) = (0, 0u64);
         loop {
             v += 1;
-            at = a.log_batch(sid, v, at, &ops);
+            at = log(&a, sid, v, at, &ops);
             let pos = u64::from(at - 1);
             if pos % ring + 20 > ring {
                 assert!(pos / ring == 0, "no entry straddled the first wrap");
@@ -224,7 +251,7 @@ mod tests {
             }
         }
         // It, the one before it and the one after it, in order.
-        at = a.log_batch(sid, v + 1, at, &ops);
+        at = log(&a, sid, v + 1, at, &ops);
         let got = a.logged_batches(sid, at, v + 1, v - 2).unwrap();
         assert_eq!(got, vec![ops.clone(); 3]);
     }
@@ -234,7 +261,7 @@ mod tests {
         let scratch = Scratch::new("deltas-torn");
         let a = scratch.open();
         let sid = Sid::random();
-        let at = a.log_batch(sid, 1, 0, b"abcdefghij");
+        let at = log(&a, sid, 1, 0, b"abcdefghij");
         assert_eq!(
             a.logged_batches(sid, at, 1, 0).unwrap(),
             vec![b"abcdefghij".to_vec()]
@@ -245,7 +272,7 @@ mod tests {
         w.fetch_xor(1, crate::sync::Ordering::Relaxed);
         assert!(a.logged_batches(sid, at, 1, 0).is_none());
         // Its commit word not written yet.
-        let at = a.log_batch(sid, 2, at, b"x");
+        let at = log(&a, sid, 2, at, b"x");
         a.map.delta_run(u64::from(at - 1), 1).0[0].store(0, crate::sync::Ordering::Relaxed);
         assert!(a.logged_batches(sid, at, 2, 1).is_none());
     }

@@ -23,13 +23,19 @@ use super::{ALIGN, APPLY_QUOTA_BYTES, PENDING_OVERHEAD_BYTES};
 /// Every batch starts at a multiple of 16, where rkyv reads it in place.
 #[derive(Debug, Clone, Default)]
 pub(super) struct PendingLog {
-    pub(super) buf: AlignedVec<ALIGN>,
-    pub(super) count: u32,
+    buf: AlignedVec<ALIGN>,
+    count: u32,
+}
+
+impl PendingLog {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..]
+    }
 }
 
 impl PartialEq for PendingLog {
     fn eq(&self, other: &Self) -> bool {
-        self.count == other.count && self.buf[..] == other.buf[..]
+        self.len() == other.len() && self.bytes() == other.bytes()
     }
 }
 
@@ -97,15 +103,16 @@ impl PendingLog {
 
     /// Each batch with its time, oldest first.
     pub(super) fn iter(&self) -> impl Iterator<Item = (u64, ValidOps<'_>)> {
+        let buf = self.bytes();
         let mut at = 0;
         std::iter::from_fn(move || {
-            let head = self.buf.get(at..at + PENDING_HEADER_BYTES)?;
+            let head = buf.get(at..at + PENDING_HEADER_BYTES)?;
             let at_ms = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
             let len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) as usize;
             let start = at + PENDING_HEADER_BYTES;
             at = (start + len).next_multiple_of(ALIGN);
             // Only validated batches are pushed, each at an `ALIGN` boundary.
-            Some((at_ms, ValidOps(&self.buf[start..start + len])))
+            Some((at_ms, ValidOps(&buf[start..start + len])))
         })
     }
 }
@@ -130,6 +137,10 @@ pub struct Copy {
     /// takes the session over ([`Store::take_stale`](super::Store::take_stale)).
     pub(super) writer: u64,
 }
+
+// A node holds one per session, in a hash table that is up to half empty:
+// each byte here costs about two per session.
+const _: () = assert!(std::mem::size_of::<Copy>() <= 96);
 
 impl Copy {
     /// A copy of `record` (validated) at `version`; `attrs` is what
@@ -216,21 +227,22 @@ pub(super) fn aligned<'a>(bytes: &'a [u8], scratch: &'a mut AlignedVec<ALIGN>) -
 /// [`ValidRecord::serialized`] build one, and its bytes never change after,
 /// so [`ValidRecord::view`] reads them without checking again: the one
 /// unchecked read of a record on a node.
+///
+/// A boxed slice, not a `Vec`: a copy holds one per session, and a record
+/// is replaced whole, never grown.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ValidRecord(Vec<u8>);
+pub struct ValidRecord(Box<[u8]>);
 
 impl ValidRecord {
     /// `bytes` if they are an archived `SessionData`.
     pub(super) fn validate(bytes: Vec<u8>, scratch: &mut AlignedVec<ALIGN>) -> Option<ValidRecord> {
         rkyv::access::<ArchivedSessionData, rancor::Error>(aligned(&bytes, scratch)).ok()?;
-        Some(ValidRecord(bytes))
+        Some(ValidRecord(bytes.into_boxed_slice()))
     }
 
-    /// Becomes a record this node serialized (`serialize`), reusing its
-    /// memory.
+    /// Becomes a record this node serialized (`serialize`).
     pub(super) fn set_serialized(&mut self, ser: &AlignedVec<ALIGN>) {
-        self.0.clear();
-        self.0.extend_from_slice(ser);
+        self.0 = Box::from(&ser[..]);
     }
 
     /// The archived session, at `ALIGN` (in `scratch` if the bytes are not).

@@ -100,7 +100,9 @@ pub const FOLD_IDLE_MS: u64 = 1_000;
 /// The node's state: copies keyed by SID, within [`NodeLimits`].
 #[derive(Debug)]
 pub struct Store {
-    copies: HashMap<Sid, Copy>,
+    /// Boxed: the table runs half empty after it doubles, and an empty
+    /// slot then costs a pointer rather than a whole copy's bookkeeping.
+    copies: HashMap<Sid, Box<Copy>>,
     bytes: u64,
     limits: NodeLimits,
     incarnation: u64,
@@ -321,14 +323,14 @@ impl Store {
 
     /// The copy of `sid`, as it stands: its pending batches not folded in.
     pub fn get(&self, sid: &Sid) -> Option<&Copy> {
-        self.copies.get(sid)
+        self.copies.get(sid).map(|c| &**c)
     }
 
     /// The copy of `sid` with its pending batches folded in, so that its
     /// record is the session at its version.
     pub fn folded(&mut self, sid: &Sid) -> Option<&Copy> {
         self.fold(sid);
-        self.copies.get(sid)
+        self.copies.get(sid).map(|c| &**c)
     }
 
     /// Answers one message from host `from` (its handshake id); `None` for
@@ -694,7 +696,7 @@ impl Store {
     fn remove(&mut self, sid: &Sid) -> Option<Copy> {
         let c = self.copies.remove(sid)?;
         self.bytes -= c.bytes;
-        Some(c)
+        Some(*c)
     }
 
     fn put(&mut self, sid: Sid, copy: Copy) -> AckStatus {
@@ -705,7 +707,7 @@ impl Store {
             return AckStatus::Refused;
         }
         self.bytes = bytes;
-        self.copies.insert(sid, copy);
+        self.copies.insert(sid, Box::new(copy));
         AckStatus::Applied
     }
 

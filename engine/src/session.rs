@@ -305,6 +305,8 @@ pub(crate) trait Attrs<'a> {
     fn remove(&mut self, i: usize) -> Self::Value;
     /// Bytes the attributes take, the measure the quota applies to.
     fn attr_bytes(&self) -> u64;
+    /// Records that a batch changed the session at `now_ms`.
+    fn set_updated_ms(&mut self, now_ms: u64);
 
     fn get(&self, key: &str) -> Option<&[u8]> {
         self.find(key).ok().map(|i| self.value(i))
@@ -320,12 +322,13 @@ const fn attr_cost(key_len: usize, value_len: usize) -> u64 {
 /// had (`None`: it had none). Kept inline for the batches most updates are.
 type Undo<'a, V> = smallvec::SmallVec<[(&'a str, Option<V>); 4]>;
 
-/// Applies a batch to `attrs` and commits it only if every op succeeds: on
-/// an error the attributes are left exactly as they were (an undo log, not a
-/// copy).
+/// Applies a batch to `attrs` at `now_ms` and commits it only if every op
+/// succeeds: on an error the attributes are left exactly as they were (an
+/// undo log, not a copy).
 pub(crate) fn apply_ops<'a, A: Attrs<'a>>(
     attrs: &mut A,
     ops: impl IntoIterator<Item = OpRef<'a>>,
+    now_ms: u64,
     quota: u64,
 ) -> Result<Applied, OpError> {
     let mut undo: Undo<'a, A::Value> = Undo::new();
@@ -408,6 +411,7 @@ pub(crate) fn apply_ops<'a, A: Attrs<'a>>(
         }
         return Err(e);
     }
+    attrs.set_updated_ms(now_ms);
     Ok(outcome)
 }
 
@@ -480,6 +484,10 @@ impl<'a> Attrs<'a> for SessionData {
     fn attr_bytes(&self) -> u64 {
         SessionData::attr_bytes(self)
     }
+
+    fn set_updated_ms(&mut self, now_ms: u64) {
+        self.updated_ms = now_ms;
+    }
 }
 
 impl SessionData {
@@ -515,9 +523,7 @@ impl SessionData {
         now_ms: u64,
         quota: u64,
     ) -> Result<Applied, OpError> {
-        let outcome = apply_ops(self, ops, quota)?;
-        self.updated_ms = now_ms;
-        Ok(outcome)
+        apply_ops(self, ops, now_ms, quota)
     }
 
     /// Whether the session has expired at `now_ms`, given its last read.

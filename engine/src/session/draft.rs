@@ -65,9 +65,7 @@ impl<'a> SessionDraft<'a> {
         now_ms: u64,
         quota: u64,
     ) -> Result<Applied, OpError> {
-        let outcome = apply_ops(self, ops, quota)?;
-        self.updated_ms = now_ms;
-        Ok(outcome)
+        apply_ops(self, ops, now_ms, quota)
     }
 
     /// [`SessionData::expired`] of the draft.
@@ -128,6 +126,10 @@ impl<'a> Attrs<'a> for SessionDraft<'a> {
             .iter()
             .map(|a| attr_cost(a.key.len(), a.value.len()))
             .sum()
+    }
+
+    fn set_updated_ms(&mut self, now_ms: u64) {
+        self.updated_ms = now_ms;
     }
 }
 

@@ -5,7 +5,7 @@
 use crate::words::ResultCode;
 
 mod draft;
-pub(crate) use draft::SessionDraft;
+pub use draft::SessionDraft;
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Longest attribute key, in bytes.

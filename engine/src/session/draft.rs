@@ -1,5 +1,6 @@
-//! The combiner's draft of a session: the record it replaces, changed by the
-//! queued batches without deserializing it. Keys and values borrow from the
+//! A draft of a session: an archived record, changed by op batches without
+//! deserializing it. The arena's combiner builds each new record this way,
+//! and a replica node folds its pending batches this way. Keys and values borrow from the
 //! old record and from the op nodes (both stay in place for the whole
 //! combine); only a value an op computes (`Append`, `Incr`) is owned. The
 //! draft archives exactly as [`SessionData`] does, so the new record is
@@ -19,9 +20,11 @@ use rkyv::{Archive, Place, Serialize, munge::munge};
 use smallvec::SmallVec;
 use std::borrow::Cow;
 
-/// A session being changed by a combine.
+/// A session being changed: keys and values borrowed from the archived
+/// record it started from and from the ops applied to it, for as long as
+/// `'a`. It archives exactly as the [`SessionData`] it stands for.
 #[derive(Debug)]
-pub(crate) struct SessionDraft<'a> {
+pub struct SessionDraft<'a> {
     created_ms: u64,
     updated_ms: u64,
     idle_ttl_ms: u64,
@@ -40,7 +43,8 @@ struct AttrDraft<'a> {
 
 impl<'a> SessionDraft<'a> {
     /// A draft equal to `record`, borrowing all of it.
-    pub(crate) fn new(record: &'a ArchivedSessionData) -> SessionDraft<'a> {
+    #[must_use]
+    pub fn new(record: &'a ArchivedSessionData) -> SessionDraft<'a> {
         SessionDraft {
             created_ms: record.created_ms.to_native(),
             updated_ms: record.updated_ms.to_native(),
@@ -59,7 +63,7 @@ impl<'a> SessionDraft<'a> {
     }
 
     /// [`SessionData::apply_refs`] on the draft: all or nothing.
-    pub(crate) fn apply_refs(
+    pub fn apply_refs(
         &mut self,
         ops: impl IntoIterator<Item = OpRef<'a>>,
         now_ms: u64,
@@ -68,8 +72,18 @@ impl<'a> SessionDraft<'a> {
         apply_ops(self, ops, now_ms, quota)
     }
 
+    /// Attributes the session holds.
+    pub fn attr_count(&self) -> usize {
+        self.attrs.len()
+    }
+
+    /// [`SessionData::attr_bytes`] of the draft.
+    pub fn attr_bytes(&self) -> u64 {
+        Attrs::attr_bytes(self)
+    }
+
     /// [`SessionData::expired`] of the draft.
-    pub(crate) fn expired(&self, now_ms: u64, last_read_ms: u64) -> bool {
+    pub fn expired(&self, now_ms: u64, last_read_ms: u64) -> bool {
         expired_at(
             now_ms,
             self.updated_ms.max(last_read_ms),

@@ -2,12 +2,11 @@
 //! plus the op batches acknowledged since, back to back in one buffer and
 //! folded into the record on demand.
 
-use hashbrown::HashMap;
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
 use rkyv::vec::ArchivedVec;
 use sessio_engine::session::{
-    Applied, ArchivedOp, ArchivedSessionData, KEY_BYTES_MAX, OpRef, SessionData,
+    Applied, ArchivedOp, ArchivedSessionData, KEY_BYTES_MAX, OpRef, SessionDraft,
 };
 
 use super::{ALIGN, APPLY_QUOTA_BYTES, PENDING_OVERHEAD_BYTES};
@@ -338,54 +337,78 @@ pub(super) fn shape(batch: &ArchivedVec<ArchivedOp>) -> Shape {
     s
 }
 
-/// The session `copy` holds at its version: its record with every pending
-/// batch applied, as the host applied them. `None` if the record does not
-/// deserialize (it was validated, so it does).
-///
-/// Pending batches hold only `Set`, `Remove` and `Touch` (see [`shape`]),
-/// which write without reading and cannot fail within the copy's bounds,
-/// so applying them one by one leaves each key with its last write and
-/// `updated_ms` at the last batch's time: the fold applies just those
-/// writes, once.
-pub(super) fn materialize(copy: &Copy, scratch: &mut AlignedVec<ALIGN>) -> Option<SessionData> {
-    let archived = copy.record.view(scratch);
-    let mut data = rkyv::deserialize::<SessionData, rancor::Error>(archived).ok()?;
-    if copy.pending.is_empty() {
-        return Some(data);
-    }
-    let mut batches: Vec<(u64, ValidOps<'_>)> = Vec::with_capacity(copy.pending.len());
-    batches.extend(copy.pending.iter());
-    let mut writes: Vec<OpRef<'_>> = Vec::with_capacity(batches.len());
-    let mut slot: HashMap<&str, usize> = HashMap::with_capacity(batches.len());
-    for &(_, ops) in &batches {
-        for op in ops.archived().iter().map(ArchivedOp::as_ref) {
-            let key = match op {
-                OpRef::Set { key, .. } | OpRef::Remove { key } => key,
-                OpRef::Touch => continue,
-                // Never appended (see `Store::append_ops`).
-                OpRef::Append { .. } | OpRef::Incr { .. } | OpRef::Invalidate => return None,
-            };
-            match slot.entry(key) {
-                hashbrown::hash_map::Entry::Occupied(o) => writes[*o.get()] = op,
-                hashbrown::hash_map::Entry::Vacant(v) => {
-                    v.insert(writes.len());
-                    writes.push(op);
-                }
-            }
-        }
-    }
-    let last_ms = batches.last().map_or(0, |b| b.0);
-    let applied = data.apply_refs(writes, last_ms, APPLY_QUOTA_BYTES);
-    // The bounds checked on append rule out every error.
-    debug_assert_eq!(applied, Ok(Applied::Changed));
-    if applied != Ok(Applied::Changed) {
-        return None;
-    }
-    Some(data)
+/// What [`fold_into`] made of a copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Folded {
+    /// The session, serialized into `ser`: its attribute count and bytes.
+    Written { attrs: u64, attr_bytes: u64 },
+    /// The extra batch ended the session.
+    Invalidated,
+    /// The extra batch failed: nothing was written.
+    Refused,
+    /// A pending batch failed. It cannot (they were checked on append, the
+    /// record on receipt); the caller drops the copy back to its record.
+    Broken,
 }
 
-/// Serializes `data` into `ser` (reused: no allocation once it has grown).
-pub(super) fn serialize(data: &SessionData, ser: &mut AlignedVec<ALIGN>) {
+/// The session `copy` holds at its version, then with `extra` (a batch and
+/// its time) applied on top, serialized into `ser`: its record with every
+/// pending batch applied, as the host applied them.
+///
+/// The record is not deserialized: a [`SessionDraft`] borrows its keys and
+/// values and those of the batches, so a fold allocates nothing per
+/// attribute. Pending batches hold only `Set`, `Remove` and `Touch` (see
+/// [`shape`]), which cannot fail within the copy's bounds; each is applied
+/// at its own time, so `updated_ms` ends at the last one's.
+pub(super) fn fold_into(
+    copy: &Copy,
+    extra: Option<(&ArchivedVec<ArchivedOp>, u64)>,
+    scratch: &mut AlignedVec<ALIGN>,
+    ser: &mut AlignedVec<ALIGN>,
+) -> Folded {
+    let mut draft = SessionDraft::new(copy.record.view(scratch));
+    for (at_ms, ops) in copy.pending.iter() {
+        let applied = draft.apply_refs(
+            ops.archived().iter().map(ArchivedOp::as_ref),
+            at_ms,
+            APPLY_QUOTA_BYTES,
+        );
+        if applied != Ok(Applied::Changed) {
+            // The bounds checked on append rule out every error.
+            debug_assert!(false, "a pending batch did not apply: {applied:?}");
+            return Folded::Broken;
+        }
+    }
+    if let Some((batch, now_ms)) = extra {
+        match draft.apply_refs(
+            batch.iter().map(ArchivedOp::as_ref),
+            now_ms,
+            APPLY_QUOTA_BYTES,
+        ) {
+            Ok(Applied::Changed) => {}
+            Ok(Applied::Invalidated) => return Folded::Invalidated,
+            Err(_) => return Folded::Refused,
+        }
+    }
+    serialize(&draft, ser);
+    Folded::Written {
+        attrs: draft.attr_count() as u64,
+        attr_bytes: draft.attr_bytes(),
+    }
+}
+
+/// Serializes `data` (a session, or a draft of one) into `ser` (reused: no
+/// allocation once it has grown).
+pub(super) fn serialize(
+    data: &impl for<'b> rkyv::Serialize<
+        rkyv::api::high::HighSerializer<
+            AlignedVec<ALIGN>,
+            rkyv::ser::allocator::ArenaHandle<'b>,
+            rancor::Error,
+        >,
+    >,
+    ser: &mut AlignedVec<ALIGN>,
+) {
     let mut buf = std::mem::take(ser);
     buf.clear();
     *ser = rkyv::api::high::to_bytes_in::<_, rancor::Error>(data, buf)

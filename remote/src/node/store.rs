@@ -3,15 +3,16 @@
 
 use hashbrown::HashMap;
 use rkyv::util::AlignedVec;
-use sessio_engine::session::{ATTRS_MAX, Applied, ArchivedOp, SessionData};
+use rkyv::vec::ArchivedVec;
+use sessio_engine::session::{ATTRS_MAX, ArchivedOp};
 use sessio_net::{
     Ack, AckEntry, AckStatus, Counter, Delta, DeltaBatch, DeltaEntry, Fetch, FetchReply,
     FoundRecord, Invalidate, InvalidateEntry, Message, Pong, Sid, Stats, StatsRequest,
 };
 
 use super::copy::{
-    Copy, PendingLog, ValidOps, ValidRecord, aligned, attr_measure, materialize, pending_charge,
-    serialize, shape,
+    Copy, Folded, PendingLog, ValidOps, ValidRecord, aligned, attr_measure, fold_into,
+    pending_charge, shape,
 };
 use super::{
     ALIGN, APPLY_QUOTA_BYTES, BYTES_MAX_DEFAULT, PENDING_BATCHES_MAX, PENDING_BYTES_MAX,
@@ -598,41 +599,33 @@ impl Store {
     }
 
     fn apply_now_with(&mut self, sid: Sid, epoch: u64, ops: &[u8], now_ms: u64) -> AckStatus {
-        let Some(mut data) = self.materialize_or_drop(&sid) else {
-            // What was pending is gone (see `materialize_or_drop`), and
-            // with it this batch's base.
-            return AckStatus::NeedFull;
-        };
         // Validated by `append_ops` already; checked again here, on the
-        // slow path that deserializes the whole record anyway, so no
-        // unchecked read depends on the caller.
+        // slow path that rewrites the whole record anyway, so no unchecked
+        // read depends on the caller.
         let Some((_, batch)) = ValidOps::validate(ops) else {
             return AckStatus::Refused;
         };
-        match data.apply_refs(
-            batch.iter().map(ArchivedOp::as_ref),
-            now_ms,
-            APPLY_QUOTA_BYTES,
-        ) {
-            Ok(Applied::Changed) => {}
-            Ok(Applied::Invalidated) => {
+        let (attrs, attr_bytes) = match self.fold_copy(&sid, Some((batch, now_ms))) {
+            Some(Folded::Written { attrs, attr_bytes }) => (attrs, attr_bytes),
+            Some(Folded::Invalidated) => {
                 self.remove(&sid);
                 return AckStatus::Applied;
             }
-            // The host applied this batch; we could not: resync.
-            Err(_) => return AckStatus::NeedFull,
-        }
-        let copy = self.copies.get_mut(&sid).expect("materialized above");
+            // The host applied this batch; we could not: resync. Or what
+            // was pending is gone (see `fold_copy`), and with it this
+            // batch's base.
+            Some(Folded::Refused | Folded::Broken) | None => return AckStatus::NeedFull,
+        };
+        let copy = self.copies.get_mut(&sid).expect("folded above");
         // Only reached past `append_ops`' check, so this does not wrap.
         let version = copy.version.saturating_add(1);
-        serialize(&data, &mut self.ser);
         let new_len = self.ser.len() as u64;
         if self.bytes - copy.bytes + new_len > self.limits.bytes_max {
             return AckStatus::Refused;
         }
         copy.version = version;
         copy.epoch = epoch;
-        self.commit_serialized(&sid, &data);
+        self.commit_serialized(&sid, attrs, attr_bytes);
         AckStatus::Applied
     }
 
@@ -641,40 +634,44 @@ impl Store {
         if self.copies.get(sid).is_none_or(|c| c.pending.is_empty()) {
             return;
         }
-        if let Some(data) = self.materialize_or_drop(sid) {
-            serialize(&data, &mut self.ser);
-            self.commit_serialized(sid, &data);
+        if let Some(Folded::Written { attrs, attr_bytes }) = self.fold_copy(sid, None) {
+            self.commit_serialized(sid, attrs, attr_bytes);
         }
     }
 
-    /// [`materialize`] for the copy of `sid`. Should that fail (it cannot:
-    /// pending batches were checked on append and the record on receipt),
-    /// the copy drops back to its record, its version with it, so the
-    /// host's next delta meets a base mismatch and gets `NeedFull`; and a
-    /// record that does not deserialize drops the copy.
-    fn materialize_or_drop(&mut self, sid: &Sid) -> Option<SessionData> {
-        let copy = self.copies.get_mut(sid)?;
-        if let Some(data) = materialize(copy, &mut self.scratch) {
-            return Some(data);
+    /// [`fold_into`] for the copy of `sid` (`None` if there is none), into
+    /// `ser`. Should a pending batch fail (it cannot: they were checked on
+    /// append and the record on receipt), the copy drops back to its
+    /// record, its version with it, so the host's next delta meets a base
+    /// mismatch and gets `NeedFull`.
+    fn fold_copy(
+        &mut self,
+        sid: &Sid,
+        extra: Option<(&ArchivedVec<ArchivedOp>, u64)>,
+    ) -> Option<Folded> {
+        let Store {
+            copies,
+            scratch,
+            ser,
+            ..
+        } = self;
+        let folded = fold_into(copies.get(sid)?, extra, scratch, ser);
+        if folded == Folded::Broken {
+            let copy = self.copies.get_mut(sid)?;
+            let charged = copy.bytes - copy.record.len() as u64;
+            self.bytes -= charged;
+            copy.bytes -= charged;
+            copy.version = copy.base_version();
+            copy.pending = PendingLog::default();
+            copy.attrs_bound = ATTRS_MAX as u64 + 1;
+            copy.attr_bytes_bound = APPLY_QUOTA_BYTES + 1;
         }
-        debug_assert!(false, "a copy did not fold");
-        if copy.pending.is_empty() {
-            self.remove(sid);
-            return None;
-        }
-        let charged = copy.bytes - copy.record.len() as u64;
-        self.bytes -= charged;
-        copy.bytes -= charged;
-        copy.version = copy.base_version();
-        copy.pending = PendingLog::default();
-        copy.attrs_bound = ATTRS_MAX as u64 + 1;
-        copy.attr_bytes_bound = APPLY_QUOTA_BYTES + 1;
-        None
+        Some(folded)
     }
 
-    /// Makes the record in `ser` (`data`, serialized) the copy of `sid`'s,
-    /// with nothing pending.
-    fn commit_serialized(&mut self, sid: &Sid, data: &SessionData) {
+    /// Makes the record in `ser` (holding `attrs` attributes of
+    /// `attr_bytes`) the copy of `sid`'s, with nothing pending.
+    fn commit_serialized(&mut self, sid: &Sid, attrs: u64, attr_bytes: u64) {
         let Some(copy) = self.copies.get_mut(sid) else {
             return;
         };
@@ -688,8 +685,8 @@ impl Store {
         copy.record.set_serialized(&self.ser);
         copy.pending = PendingLog::default();
         copy.bytes = new_len;
-        copy.attrs_bound = data.attrs.len() as u64;
-        copy.attr_bytes_bound = data.attr_bytes();
+        copy.attrs_bound = attrs;
+        copy.attr_bytes_bound = attr_bytes;
         self.counters.folds += 1;
     }
 

@@ -3,7 +3,7 @@
 use super::*;
 use proptest::prelude::*;
 use sessio_engine::Op;
-use sessio_engine::session::KEY_BYTES_MAX;
+use sessio_engine::session::{Applied, KEY_BYTES_MAX, SessionData};
 use sessio_engine::session::{decode_ops, decode_session, encode_ops, encode_session};
 use sessio_net::InvalidateEntry;
 

@@ -26,15 +26,9 @@ pub(super) struct PendingLog {
     count: u32,
 }
 
-impl PendingLog {
-    fn bytes(&self) -> &[u8] {
-        &self.buf[..]
-    }
-}
-
 impl PartialEq for PendingLog {
     fn eq(&self, other: &Self) -> bool {
-        self.len() == other.len() && self.bytes() == other.bytes()
+        self.count == other.count && self.buf[..] == other.buf[..]
     }
 }
 
@@ -102,7 +96,7 @@ impl PendingLog {
 
     /// Each batch with its time, oldest first.
     pub(super) fn iter(&self) -> impl Iterator<Item = (u64, ValidOps<'_>)> {
-        let buf = self.bytes();
+        let buf = &self.buf[..];
         let mut at = 0;
         std::iter::from_fn(move || {
             let head = buf.get(at..at + PENDING_HEADER_BYTES)?;
@@ -137,8 +131,8 @@ pub struct Copy {
     pub(super) writer: u64,
 }
 
-// A node holds one per session, in a hash table that is up to half empty:
-// each byte here costs about two per session.
+// A node holds one per session (boxed, so the store's half-empty table
+// costs a pointer per slot, not this): each byte here is one per session.
 const _: () = assert!(std::mem::size_of::<Copy>() <= 96);
 
 impl Copy {

@@ -102,6 +102,11 @@ pub struct Args {
     /// Internal: serve as a worker on this inherited listening socket.
     #[arg(long, hide = true)]
     pub listen_fd: Option<i32>,
+    /// Diagnostic: run no replicator, so changes are never shipped (the
+    /// bank only answers fetches). Measures what the sessions cost the
+    /// host alone; never for use in production.
+    #[arg(long, hide = true)]
+    pub no_replicator: bool,
 }
 
 /// What the shop's setup can fail with.
@@ -140,6 +145,9 @@ impl Args {
         ];
         if let Some(f) = &self.secret_file {
             v.push(format!("--secret-file={}", f.display()));
+        }
+        if self.no_replicator {
+            v.push("--no-replicator".into());
         }
         v
     }
@@ -202,10 +210,15 @@ fn host(args: &Args, reexec: &[&str]) -> Result<(), BoxError> {
     // among the workers).
     let arena_and_replicator = if args.uses_sessio() {
         let web = WebHost::open(args.web_config(false)?)?;
-        let repl = Replicator::spawn(
-            &args.location(),
-            ReplicatorConfig::new(args.placement()?, args.secret()?, args.host_id),
-        )?;
+        let repl = if args.no_replicator {
+            eprintln!("shop: --no-replicator: changes stay on this host (diagnostic only)");
+            None
+        } else {
+            Some(Replicator::spawn(
+                &args.location(),
+                ReplicatorConfig::new(args.placement()?, args.secret()?, args.host_id),
+            )?)
+        };
         Some((web, repl))
     } else {
         None

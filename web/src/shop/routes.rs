@@ -35,7 +35,7 @@ pub struct Add {
 pub async fn app(args: &Args) -> Result<Router, BoxError> {
     let host = axum::http::HeaderValue::from(args.host_id);
     let app = match args.mode {
-        Mode::Native => native(WebHost::open(args.web_config(true)?)?),
+        Mode::Native => native(WebHost::open(args.web_config(true)?)?, !args.no_replicator),
         Mode::Store => with_store(SessioStore::new(WebHost::open(args.web_config(true)?)?)),
         Mode::Memory => with_store(ts::MemoryStore::default()),
         Mode::Redis => {
@@ -65,12 +65,19 @@ pub async fn app(args: &Args) -> Result<Router, BoxError> {
 
 // ----- native ------------------------------------------------------------
 
-fn native(host: WebHost) -> Router {
+/// A login waits for its session to reach the bank, unless the host runs
+/// no replicator (the `--no-replicator` diagnostic), where it would only
+/// time out.
+#[derive(Clone, Copy)]
+struct DurableLogin(bool);
+
+fn native(host: WebHost, durable_login: bool) -> Router {
     Router::new()
         .route("/login", post(native_login))
         .route("/cart/add", post(native_add))
         .route("/cart", get(native_view))
         .route("/logout", post(native_logout))
+        .layer(axum::Extension(DurableLogin(durable_login)))
         .layer(SessionLayer::new(host))
 }
 
@@ -82,13 +89,19 @@ fn cart_len(session: &Session) -> usize {
     })
 }
 
-async fn native_login(session: Session, Query(q): Query<Login>) -> Result<String, WebError> {
+async fn native_login(
+    session: Session,
+    axum::Extension(durable): axum::Extension<DurableLogin>,
+    Query(q): Query<Login>,
+) -> Result<String, WebError> {
     session.create(&[("user", q.user.as_bytes())])?;
     // The next request may reach the other host, which fetches the
     // session from the bank: it must be there before we answer.
-    session.set_durability(Durability::Replicated {
-        timeout: DURABLE_TIMEOUT,
-    });
+    if durable.0 {
+        session.set_durability(Durability::Replicated {
+            timeout: DURABLE_TIMEOUT,
+        });
+    }
     session.set("since", sessio_engine::clock::now_ms().to_le_bytes());
     let v = session.commit().await?;
     Ok(format!("ok v={v}"))

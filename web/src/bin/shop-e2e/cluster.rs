@@ -265,8 +265,14 @@ impl Cluster {
     }
 
     /// Starts shop host `host_id` with `workers` workers in `mode`.
-    pub fn start_host(&mut self, host_id: u64, workers: usize, mode: &str) -> Result<(), BoxError> {
-        let arena = format!("{}-{mode}-h{host_id}", self.tag);
+    pub fn start_host(&mut self, host_id: u64, workers: usize, way: &str) -> Result<(), BoxError> {
+        let arena = format!("{}-{way}-h{host_id}", self.tag);
+        // `native-solo` is the native layer with no replicator: what the
+        // sessions cost the host without the bank's share (a diagnostic).
+        let (mode, solo) = match way {
+            "native-solo" => ("native", true),
+            m => (m, false),
+        };
         let _ = sessio_engine::Arena::remove(&sessio_engine::Location::Shm(arena.clone()));
         self.arenas.push(arena.clone());
         let mut cmd = Command::new(std::env::current_exe()?);
@@ -279,6 +285,9 @@ impl Cluster {
             .arg(format!("--mode={mode}"))
             .arg("--secret-file")
             .arg(&self.secret);
+        if solo {
+            cmd.arg("--no-replicator");
+        }
         if let Some((_, addr)) = &self.redis {
             cmd.arg(format!("--redis={addr}"));
         }

@@ -64,7 +64,8 @@ struct Opts {
     /// Seconds of wrk per way (with --compare).
     #[arg(long, default_value_t = 10)]
     compare_secs: u64,
-    /// Which ways to compare, comma-separated (default: all five).
+    /// Which ways to compare, comma-separated (default: all five, then the
+    /// `native-solo` diagnostic).
     #[arg(long, value_delimiter = ',')]
     ways: Vec<String>,
 }
@@ -237,6 +238,16 @@ fn compare(opts: &Opts) -> Result<(), BoxError> {
         ("memory", "tower-sessions MemoryStore", 1, 1),
         ("redis", "tower-sessions RedisStore", 2, 2),
         ("none", "no sessions", 2, 2),
+        // A diagnostic, not one of the five: the native layer with no
+        // replicator, so the bank's share of these two cores is visible.
+        // One host of four workers: with no bank behind them, a session
+        // nginx moved to the other host would be unknown there.
+        (
+            "native-solo",
+            "sessio native layer, no replicator, 1 host x 4 workers (diagnostic)",
+            1,
+            4,
+        ),
     ];
     let mut rows = Vec::new();
     for (mode, label, hosts, workers) in all {
@@ -282,5 +293,11 @@ fn compare(opts: &Opts) -> Result<(), BoxError> {
         "ratio shop_sessio_store_vs_redis_store={:.2}",
         rps("store") / rps("redis").max(1.0)
     );
+    if rps("native-solo") > 0.0 {
+        println!(
+            "ratio shop_sessio_unreplicated_vs_no_sessions={:.2}",
+            rps("native-solo") / rps("none").max(1.0)
+        );
+    }
     Ok(())
 }

@@ -15,7 +15,7 @@
 //! accidents; the handshake's MACs are what authenticate. Every frame after
 //! the handshake is a sealed record ([`crate::seal`]) of kind `Sealed`:
 //! `check` is its counter, the body is the ciphertext of one or more
-//! messages ([`crate::record`]) and ends with an AES-GCM tag.
+//! messages ([`crate::record`]) and ends with an AEGIS-256X4 tag.
 //!
 //! The decoder never allocates: it returns a [`Frame`] that borrows the body
 //! from the caller's buffer, after checking the declared length against
@@ -30,9 +30,10 @@ pub const MAGIC: u16 = 0x5E55;
 /// Version 2 sealed every frame after the handshake; version 3 seals
 /// records of many messages instead (one per write); version 4 ships
 /// session records without their op log (the host keeps recent batches in
-/// its arena's delta log instead). Peers of other versions are refused
+/// its arena's delta log instead); version 5 seals records with
+/// AEGIS-256X4 instead of AES-256-GCM. Peers of other versions are refused
 /// with a version `Reject`.
-pub const PROTOCOL_VERSION: u8 = 4;
+pub const PROTOCOL_VERSION: u8 = 5;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 16;
 /// Smallest `frame_bytes_max` a peer may configure: room for the largest

@@ -7,7 +7,7 @@
 //! the [handshake](handshake): a mutual BLAKE3-keyed challenge–response over
 //! a shared 32-byte secret that also exchanges ids and process incarnations
 //! and derives one key per direction. After it, every frame is a
-//! [sealed](seal) record (AES-256-GCM under a per-direction counter) of one
+//! [sealed](seal) record (AEGIS-256X4 under a per-direction counter) of one
 //! or more [messages](record), as many as one socket write carries; each is
 //! one rkyv-archived [message](message), validated with bytecheck and
 //! bounded by [`Limits`] before use.

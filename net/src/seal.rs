@@ -1,5 +1,6 @@
-//! Protection of everything after the handshake: AES-256-GCM (`ring`),
-//! one key per direction, a 64-bit counter per direction as the nonce.
+//! Protection of everything after the handshake: AEGIS-256X4 (the `aegis`
+//! crate), one key per direction, a 64-bit counter per direction as the
+//! nonce.
 //!
 //! The handshake ends with both peers holding the same two keys
 //! ([`SessionKeys`]), derived from the shared secret and the whole
@@ -21,17 +22,16 @@
 //!
 //! `body_len` counts the ciphertext and the tag; the ciphertext is a
 //! whole, non-empty number of 16-byte blocks. The 16 header bytes are the
-//! associated data; the nonce is `[0; 4] | counter as u64 LE`. The counter
+//! associated data; the nonce is `counter as u64 LE | [0; 24]`. The counter
 //! starts at 0 and goes up by one per record in each direction; the opener
 //! accepts only the counter it expects next, so a replayed, reordered,
 //! dropped or reflected (other direction) record fails to open. Sealing
 //! and opening work in place in the connection's buffers: no copy and no
-//! allocation per record, and the key schedule is computed once per
-//! connection.
+//! allocation per record.
 
 use std::fmt;
 
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use aegis::aegis256x4::Aegis256X4;
 
 use crate::frame::{FrameError, FrameHeader, FrameKind, HEADER_LEN, MAGIC, PROTOCOL_VERSION};
 
@@ -45,9 +45,9 @@ pub const BLOCK_LEN: usize = 16;
 pub const RECORD_OVERHEAD: usize = HEADER_LEN + TAG_LEN;
 
 /// KDF context of the initiator → responder key (BLAKE3 `derive_key`).
-const CONTEXT_I2R: &str = "sessio v3 record key, initiator to responder";
+const CONTEXT_I2R: &str = "sessio v5 record key, initiator to responder";
 /// KDF context of the responder → initiator key.
-const CONTEXT_R2I: &str = "sessio v3 record key, responder to initiator";
+const CONTEXT_R2I: &str = "sessio v5 record key, responder to initiator";
 
 /// Why a record cannot be opened, or cannot be sealed. The connection
 /// must be closed.
@@ -225,27 +225,52 @@ impl Protection {
     }
 }
 
-/// A direction's key, expanded once (`ring` keeps the AES key schedule and
-/// the GHASH table in it). `Debug` shows the algorithm only, never the key.
-/// (One per direction of a connection, never moved per record: its size
-/// does not matter, and a box would cost a pointer chase per record.)
-#[derive(Debug)]
-#[allow(clippy::large_enum_variant)]
+/// A direction's cipher: AEGIS-256X4 under the direction's key. AEGIS has
+/// no key schedule to expand, so the key is all it keeps; its `Debug`
+/// never shows the key.
 enum Cipher {
-    Aead(LessSafeKey),
+    Aead(AeadKey),
     #[cfg(feature = "unsealed-bench")]
     Unsealed,
 }
 
-fn aead_key(bytes: &[u8; KEY_LEN]) -> LessSafeKey {
-    // A 32-byte key is always a valid AES-256 key.
-    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, bytes).expect("a 32-byte AES-256 key"))
+impl fmt::Debug for Cipher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cipher::Aead(_) => f.write_str("Cipher(AEGIS-256X4)"),
+            #[cfg(feature = "unsealed-bench")]
+            Cipher::Unsealed => f.write_str("Cipher(unsealed, bench only)"),
+        }
+    }
 }
 
-fn nonce(counter: u64) -> Nonce {
+/// One direction's 32-byte key, wiped when the connection ends.
+struct AeadKey([u8; KEY_LEN]);
+
+impl Drop for AeadKey {
+    fn drop(&mut self) {
+        for b in &mut self.0 {
+            // SAFETY: a valid, aligned `u8` of this key; volatile so the
+            // wipe is not optimized away as a dead store.
+            unsafe { std::ptr::write_volatile(b, 0) };
+        }
+    }
+}
+
+fn aead_key(bytes: &[u8; KEY_LEN]) -> AeadKey {
+    AeadKey(*bytes)
+}
+
+/// Bytes of an AEGIS-256 nonce.
+const NONCE_LEN: usize = 32;
+
+/// The nonce of record `counter`: the counter, little-endian, then zeros.
+/// Unique per key, since each connection and direction has a key of its
+/// own and the counter never repeats.
+fn nonce(counter: u64) -> [u8; NONCE_LEN] {
     let mut n = [0u8; NONCE_LEN];
-    n[4..].copy_from_slice(&counter.to_le_bytes());
-    Nonce::assume_unique_for_key(n)
+    n[..8].copy_from_slice(&counter.to_le_bytes());
+    n
 }
 
 /// Whether a sealed body of `body_len` bytes (ciphertext and tag) has a
@@ -313,15 +338,9 @@ impl Sealer {
         let (plain, tag_out) = rest.split_at_mut(body - TAG_LEN);
         match &self.cipher {
             Cipher::Aead(key) => {
-                let tag = key
-                    .seal_in_place_separate_tag(nonce(counter), Aad::from(header), plain)
-                    // ring fails only for inputs over ~64 GiB, which no
-                    // record (under 4 GiB) is.
-                    .map_err(|_| FrameError::TooLarge {
-                        frame_bytes: total,
-                        frame_bytes_max: u32::MAX,
-                    })?;
-                tag_out.copy_from_slice(tag.as_ref());
+                let tag = Aegis256X4::<TAG_LEN>::new(&key.0, &nonce(counter))
+                    .encrypt_in_place(plain, &header);
+                tag_out.copy_from_slice(&tag);
             }
             #[cfg(feature = "unsealed-bench")]
             Cipher::Unsealed => tag_out.fill(0),
@@ -413,10 +432,12 @@ impl Opener {
         let (head, sealed) = record.split_at_mut(HEADER_LEN);
         let plain: &'a [u8] = match &self.cipher {
             Cipher::Aead(key) => {
-                let mut aad = [0u8; HEADER_LEN];
-                aad.copy_from_slice(head);
-                key.open_in_place(nonce(self.next), Aad::from(aad), sealed)
-                    .map_err(|_| SealError::BadTag { counter: self.next })?
+                let (body, tag) = sealed.split_at_mut(sealed.len() - TAG_LEN);
+                let tag: &[u8; TAG_LEN] = (&*tag).try_into().expect("a 16-byte tag");
+                Aegis256X4::<TAG_LEN>::new(&key.0, &nonce(self.next))
+                    .decrypt_in_place(body, tag, head)
+                    .map_err(|_| SealError::BadTag { counter: self.next })?;
+                body
             }
             #[cfg(feature = "unsealed-bench")]
             Cipher::Unsealed => &sealed[..sealed.len() - TAG_LEN],

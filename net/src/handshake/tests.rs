@@ -124,19 +124,19 @@ fn wrong_version_is_named() {
     let s = Secret::from_bytes([3; 32]);
     let mut i = Handshake::initiator(&s, A).unwrap();
     let mut hello = i.take_output().unwrap().as_bytes().to_vec();
-    // A version 3 peer (session records with their op log).
-    hello[2] = 3;
+    // A version 4 peer (records sealed with AES-256-GCM).
+    hello[2] = 4;
     let mut r = Handshake::responder(&s, B, 4096).unwrap();
     assert!(matches!(
         r.receive(&hello),
-        Err(HandshakeError::VersionMismatch { theirs: 3 })
+        Err(HandshakeError::VersionMismatch { theirs: 4 })
     ));
     let reject = r.take_output().unwrap();
     assert!(matches!(
         i.receive(reject.as_bytes()),
         Err(HandshakeError::Rejected {
             reason: RejectReason::Version,
-            detail: 4
+            detail: 5
         })
     ));
 }

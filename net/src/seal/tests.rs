@@ -60,6 +60,32 @@ fn records_round_trip_in_both_directions() {
     assert_eq!(i_seal.next_counter(), 5);
 }
 
+/// The wire as `docs/PROTOCOL.md` describes it: a record is the header,
+/// then AEGIS-256X4 of the plaintext under the direction's key, with
+/// nonce `counter LE | [0; 24]` and the header as associated data, then
+/// the tag. Computed here with the crate's own allocating API, apart from
+/// the in-place path the sealer takes.
+#[test]
+fn a_record_is_aegis_256x4_as_documented() {
+    let (i, _) = pair();
+    let mut sealer = i.sealer();
+    let plain = plaintext(FrameKind::DeltaBatch, b"what the bank is sent");
+    for counter in 0..3u64 {
+        let mut out = Vec::new();
+        sealer.seal(&plain, &mut out).unwrap();
+        let body_len = u32::try_from(plain.len() + TAG_LEN).unwrap();
+        let header = record_header(body_len, counter);
+        let mut nonce = [0u8; 32];
+        nonce[..8].copy_from_slice(&counter.to_le_bytes());
+        let (cipher, tag) =
+            aegis::aegis256x4::Aegis256X4::<16>::new(&i.send, &nonce).encrypt(&plain, &header);
+        assert_eq!(out[..HEADER_LEN], header);
+        assert_eq!(out[HEADER_LEN..HEADER_LEN + plain.len()], cipher[..]);
+        assert_eq!(out[HEADER_LEN + plain.len()..], tag);
+        assert_eq!(out[2], PROTOCOL_VERSION);
+    }
+}
+
 #[test]
 fn several_records_in_one_buffer_open_one_by_one() {
     let (i, r) = pair();

@@ -863,7 +863,7 @@ fn transport(run: &Run, rep: &mut Report) -> Result<(), BoxError> {
         let s = interleaved_n(&mut [&mut sealed_round, &mut plain_round], SEAL_ROUNDS)?;
         let [sealed, unsealed] = <[Stat; 2]>::try_from(s).expect("two stats");
         rep.row(Row::new(
-            &format!("transport: sealed records (AES-256-GCM) vs unsealed, io_uring, `DeltaBatch` of {batch} × 100 B, acked deltas/s"),
+            &format!("transport: sealed records (AEGIS-256X4) vs unsealed, io_uring, `DeltaBatch` of {batch} × 100 B, acked deltas/s"),
             Unit::PerSec,
             sealed.clone(),
             "unsealed (bench only)",

@@ -1,10 +1,10 @@
 //! A draft of a session: an archived record, changed by op batches without
 //! deserializing it. The arena's combiner builds each new record this way,
-//! and a replica node folds its pending batches this way. Keys and values borrow from the
-//! old record and from the op nodes (both stay in place for the whole
-//! combine); only a value an op computes (`Append`, `Incr`) is owned. The
-//! draft archives exactly as [`SessionData`] does, so the new record is
-//! written straight from it.
+//! and a replica node folds its pending batches this way. Keys and values
+//! borrow from the old record and from the ops (both stay in place for as
+//! long as the draft lives); only a value an op computes (`Append`, `Incr`)
+//! is owned. The draft archives exactly as [`SessionData`] does, so the new
+//! record is written straight from it.
 
 #[cfg(doc)]
 use super::SessionData;

@@ -5,7 +5,9 @@
 //! - `node/apply_ops_100B_batch64`: batches of 64 op deltas, each one
 //!   `Set` of 100 B on a 1 KB session, round-robin over 10 000 sessions
 //!   (the comparison harness's replication workload without the
-//!   transport); throughput in deltas.
+//!   transport); throughput in deltas. The first `Set` of each session
+//!   adds its attribute and waits to be folded; once folded, every later
+//!   one rewrites the value at its length, in place.
 //! - `node/fetch_after_8_ops`: a fetch of a 1 KB session with 8 op deltas
 //!   pending, so it folds them.
 //!

@@ -217,9 +217,11 @@ pub(super) fn aligned<'a>(bytes: &'a [u8], scratch: &'a mut AlignedVec<ALIGN>) -
 
 /// A record's bytes that passed `rkyv::access` when they arrived, or that
 /// this node serialized itself. Only [`ValidRecord::validate`] and
-/// [`ValidRecord::serialized`] build one, and its bytes never change after,
-/// so [`ValidRecord::view`] reads them without checking again: the one
-/// unchecked read of a record on a node.
+/// [`ValidRecord::set_serialized`] build one, and its structure never
+/// changes after: [`ValidRecord::patch`] writes only over bytes no check of
+/// rkyv's looks at (a value's bytes, a timestamp) and that overlap nothing
+/// else. So [`ValidRecord::view`] reads them without checking again: the
+/// one unchecked read of a record on a node.
 ///
 /// A boxed slice, not a `Vec`: a copy holds one per session, and a record
 /// is replaced whole, never grown.
@@ -257,7 +259,98 @@ impl ValidRecord {
     pub(super) fn len(&self) -> usize {
         self.0.len()
     }
+
+    /// Asks for the cache lines [`ValidRecord::patch`] reads first: the
+    /// root and the attribute array, which rkyv puts at the end.
+    pub(super) fn prefetch_tail(&self) {
+        let len = self.0.len();
+        prefetch_range(self.0.as_ptr(), len.saturating_sub(TAIL_BYTES), len);
+    }
+
+    /// Applies `batch` at `now_ms` by writing over the record where it
+    /// lies, when that gives what a fold would: every op a `Touch`, or a
+    /// `Set` of an attribute the record holds whose value has the new
+    /// value's length. Then the record keeps its layout and size, and only
+    /// those values and `updated_ms` change. Returns whether it did; if
+    /// not, nothing was written.
+    ///
+    /// The caller checks the batch's keys and the copy's bounds ([`shape`])
+    /// and that no batch is pending (each must apply first).
+    ///
+    /// A record from the network passed rkyv's checks, which do not rule
+    /// out every overlap, so each value written over is first checked to
+    /// share no byte with the root, the attribute array, a key or another
+    /// value: a write never reaches what rkyv would read as structure.
+    pub(super) fn patch(&mut self, batch: &ArchivedVec<ArchivedOp>, now_ms: u64) -> bool {
+        if batch.len() > PATCH_OPS_MAX || self.0.as_ptr().align_offset(ALIGN) != 0 {
+            return false;
+        }
+        let mut at = [0usize; PATCH_OPS_MAX];
+        let mut sets = 0;
+        let updated_at;
+        {
+            // SAFETY: see `view`; the bytes are at `ALIGN` (checked above).
+            let data = unsafe { rkyv::access_unchecked::<ArchivedSessionData>(&self.0) };
+            let base = self.0.as_ptr() as usize;
+            let attrs = data.attrs.as_slice();
+            let span = |p: *const u8, len: usize| (p as usize - base, p as usize - base + len);
+            let root = span(
+                std::ptr::from_ref(data).cast(),
+                std::mem::size_of::<ArchivedSessionData>(),
+            );
+            let array = span(attrs.as_ptr().cast(), std::mem::size_of_val(attrs));
+            let apart = |a: (usize, usize), b: (usize, usize)| a.1 <= b.0 || b.1 <= a.0;
+            for op in batch.iter() {
+                match op.as_ref() {
+                    OpRef::Touch => {}
+                    OpRef::Set { key, value } => {
+                        let Ok(i) = attrs.binary_search_by(|a| a.key.as_str().cmp(key)) else {
+                            return false;
+                        };
+                        let old = attrs[i].value.as_slice();
+                        if old.len() != value.len() {
+                            return false;
+                        }
+                        let target = span(old.as_ptr(), old.len());
+                        let clear = apart(target, root)
+                            && apart(target, array)
+                            && attrs.iter().enumerate().all(|(j, a)| {
+                                let key = a.key.as_str();
+                                let value = a.value.as_slice();
+                                apart(target, span(key.as_ptr(), key.len()))
+                                    && (j == i || apart(target, span(value.as_ptr(), value.len())))
+                            });
+                        if !clear {
+                            return false;
+                        }
+                        at[sets] = target.0;
+                        sets += 1;
+                    }
+                    _ => return false,
+                }
+            }
+            updated_at = span(std::ptr::from_ref(&data.updated_ms).cast(), 8).0;
+        }
+        let mut next = at[..sets].iter();
+        for op in batch.iter() {
+            if let OpRef::Set { value, .. } = op.as_ref() {
+                let from = *next.next().expect("one offset per Set");
+                self.0[from..from + value.len()].copy_from_slice(value);
+            }
+        }
+        // Archived integers are little-endian (rkyv's default format).
+        self.0[updated_at..updated_at + 8].copy_from_slice(&now_ms.to_le_bytes());
+        true
+    }
 }
+
+/// Bytes at the end of a record asked for before it is patched: the root
+/// and an attribute array of up to 8 attributes, and the line before.
+const TAIL_BYTES: usize = 256;
+
+/// Most ops a batch written over a record in place ([`ValidRecord::patch`])
+/// holds; a longer one is folded as before.
+const PATCH_OPS_MAX: usize = 8;
 
 /// An op batch that passed `rkyv::access`, at `ALIGN`: built by
 /// [`ValidOps::validate`], or by [`PendingLog::iter`] over batches that were
@@ -407,4 +500,84 @@ pub(super) fn serialize(
     buf.clear();
     *ser = rkyv::api::high::to_bytes_in::<_, rancor::Error>(data, buf)
         .expect("serializing a session into memory");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sessio_engine::Op;
+    use sessio_engine::session::{SessionData, decode_session, encode_ops, encode_session};
+
+    fn record(attrs: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut d = SessionData::default();
+        d.apply(&Op::sets(attrs), 1, 1 << 20).unwrap();
+        encode_session(&d).to_vec()
+    }
+
+    /// `bytes` as a record, trusted as `validate` would trust it.
+    fn trusted(bytes: Vec<u8>) -> ValidRecord {
+        let r = ValidRecord(bytes.into_boxed_slice());
+        assert_eq!(
+            r.0.as_ptr().align_offset(ALIGN),
+            0,
+            "else nothing is patched"
+        );
+        r
+    }
+
+    fn patch(r: &mut ValidRecord, key: &str, value: &[u8]) -> bool {
+        let ops = encode_ops(&[Op::Set {
+            key: key.into(),
+            value: value.to_vec(),
+        }]);
+        let (_, batch) = ValidOps::validate(&ops).unwrap();
+        r.patch(batch, 9)
+    }
+
+    #[test]
+    fn values_that_overlap_are_never_written_over() {
+        // Two attributes whose values are the same bytes: the second
+        // value's relative pointer aimed at the first value. Writing one
+        // in place would change the other.
+        let base = record(&[("a", b"aaaa"), ("b", b"bbbb")]);
+        let mut bytes = AlignedVec::<ALIGN>::new();
+        bytes.extend_from_slice(&base);
+        let (field, target) = {
+            let data = rkyv::access::<ArchivedSessionData, rancor::Error>(&bytes).unwrap();
+            let at = |p: *const u8| p as usize - bytes.as_ptr() as usize;
+            let attrs = data.attrs.as_slice();
+            (
+                at(std::ptr::from_ref(&attrs[1].value).cast()),
+                at(attrs[0].value.as_slice().as_ptr()),
+            )
+        };
+        let rel = i32::try_from(target as i64 - field as i64).unwrap();
+        bytes[field..field + 4].copy_from_slice(&rel.to_le_bytes());
+        // rkyv's checks refuse such a record, so no peer can hand a node
+        // one; `patch` does not rely on that.
+        assert!(rkyv::access::<ArchivedSessionData, rancor::Error>(&bytes).is_err());
+        let crafted = bytes.to_vec();
+        let mut r = trusted(crafted.clone());
+        assert_eq!(
+            r.view(&mut AlignedVec::new()).get("b"),
+            Some(&b"aaaa"[..]),
+            "the values alias"
+        );
+        assert!(!patch(&mut r, "b", b"zzzz"));
+        assert!(!patch(&mut r, "a", b"zzzz"));
+        assert_eq!(r.bytes(), &crafted[..], "nothing written");
+
+        // The record as serialized: each value on its own.
+        let mut r = trusted(base.clone());
+        assert!(patch(&mut r, "b", b"zzzz"));
+        let d = decode_session(r.bytes()).unwrap();
+        assert_eq!(
+            (d.get("a"), d.get("b")),
+            (Some(&b"aaaa"[..]), Some(&b"zzzz"[..]))
+        );
+        assert_eq!(d.updated_ms, 9);
+        // A key that is not there, a value of another length.
+        assert!(!patch(&mut r, "c", b"zzzz"));
+        assert!(!patch(&mut r, "a", b"zzz"));
+    }
 }

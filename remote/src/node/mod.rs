@@ -23,7 +23,10 @@
 //! they pass [`PENDING_BATCHES_MAX`] or [`PENDING_BYTES_MAX`]. An op delta
 //! is validated and appended only when it cannot fail to apply (see
 //! [`Store::apply_batch_at`]); any other is applied at once, as the host
-//! did, so every answer is the one an eager apply would give.
+//! did, so every answer is the one an eager apply would give. The most
+//! common delta, a value rewritten at the same length, is written over
+//! the record where it lies when nothing is pending: no pending bytes, no
+//! fold.
 
 //!
 //! Modules: `copy` (one copy and its pending batches), [`store`] (the

@@ -55,6 +55,10 @@ pub struct NodeCounters {
     pub fetch_hits: u64,
     /// Copies dropped by `Invalidate`.
     pub invalidated: u64,
+    /// Op batches written over their copy's record where it lies (each a
+    /// `Set` of an attribute's value at the same length, or a `Touch`):
+    /// nothing pending, nothing to fold.
+    pub patched: u64,
     /// Records rewritten with their pending op batches folded in.
     pub folds: u64,
     /// Of those, folds of copies gone idle ([`Store::fold_idle`]).
@@ -364,8 +368,12 @@ impl Store {
     /// [`Store::apply_batch`] with op deltas applied at `now_ms` (the time
     /// a record's `updated_ms` takes).
     ///
-    /// An op delta on the right base is validated, then appended to the
-    /// copy's pending batches if it cannot fail to apply: only `Set`,
+    /// An op delta on the right base is validated, then, if it cannot
+    /// fail to apply and nothing is pending, written over the record where
+    /// it lies when it only writes values of the length they have (see
+    /// `ValidRecord::patch`: `Set` of an attribute the copy holds, `Touch`).
+    /// Else it is appended to the copy's pending batches if it cannot fail
+    /// to apply: only `Set`,
     /// `Remove`, `Touch` and `Invalidate` with valid keys, and the copy's
     /// attribute count and bytes, bounded from above, stay within the
     /// limits an apply checks. A batch that invalidates drops the copy at
@@ -384,7 +392,11 @@ impl Store {
             if let Delta::Ops(ops) = &e.body
                 && let Some(c) = self.copies.get(&e.sid)
             {
-                c.pending.prefetch_push(ops.len());
+                if c.pending.is_empty() {
+                    c.record.prefetch_tail();
+                } else {
+                    c.pending.prefetch_push(ops.len());
+                }
             }
         }
         let host = batch.host_id;
@@ -532,6 +544,7 @@ impl Store {
             limits,
             scratch,
             unfolded,
+            counters,
             ..
         } = self;
         let Some(copy) = copies.get_mut(&e.sid) else {
@@ -561,6 +574,12 @@ impl Store {
         if cannot_fail && shape.invalidates {
             self.remove(&sid);
             return Some((AckStatus::Applied, 0));
+        }
+        if cannot_fail && copy.pending.is_empty() && copy.record.patch(batch, now_ms) {
+            copy.version += 1;
+            copy.epoch = epoch;
+            counters.patched += 1;
+            return Some((AckStatus::Applied, copy.version));
         }
         let charge = pending_charge(ops.len());
         if cannot_fail
@@ -752,6 +771,7 @@ impl Store {
             fetches,
             fetch_hits,
             invalidated,
+            patched,
             folds,
             idle_folds,
             expired,

@@ -62,11 +62,110 @@ fn ops_need_the_base_version() {
         one(&mut s, entry(1, 2, 1, set("a", b"y"))).status,
         AckStatus::NeedFull
     );
-    assert_eq!(s.get(&SID).unwrap().pending_batches(), 1);
+    // A value of the same length: written over the record where it lies.
+    assert_eq!(s.get(&SID).unwrap().pending_batches(), 0);
+    assert_eq!(s.counters.patched, 1);
     let c = s.folded(&SID).unwrap();
     assert_eq!((c.version(), c.pending_batches()), (2, 0));
     let d = decode_session(c.record()).unwrap();
     assert_eq!(d.get("a"), Some(&b"x"[..]));
+}
+
+/// Applies `ops` to the copy of `SID` at `v` → `v + 1`, at `now_ms`.
+fn ops_at(s: &mut Store, v: u64, ops: &[Op], now_ms: u64) -> AckEntry {
+    let ack = s.apply_batch_at(
+        DeltaBatch {
+            host_id: 1,
+            entries: vec![entry(v, v + 1, 1, Delta::Ops(encode_ops(ops).to_vec()))],
+        },
+        now_ms,
+    );
+    ack.entries[0]
+}
+
+fn set_op(key: &str, value: &[u8]) -> Op {
+    Op::Set {
+        key: key.into(),
+        value: value.to_vec(),
+    }
+}
+
+#[test]
+fn a_value_of_the_same_length_is_written_where_it_lies() {
+    let mut s = Store::new(NodeLimits::default(), 1);
+    let base = record(&[("a", b"aaa"), ("b", b"bbb"), ("c", b"ccc")]);
+    one(&mut s, entry(0, 1, 1, Delta::Full(base.clone())));
+    let mut eager = decode_session(&base).unwrap();
+    // Applies `ops` to both; then `patched` batches were written in place
+    // in all, and `pending` wait.
+    let check =
+        |s: &mut Store, eager: &mut SessionData, v, ops: &[Op], now_ms, patched, pending| {
+            let a = ops_at(s, v, ops, now_ms);
+            assert_eq!((a.status, a.version), (AckStatus::Applied, v + 1));
+            eager.apply(ops, now_ms, 1 << 20).unwrap();
+            let c = s.get(&SID).unwrap();
+            assert_eq!(
+                (s.counters.patched, c.pending_batches()),
+                (patched, pending)
+            );
+            assert_eq!(
+                c.bytes(),
+                s.bytes(),
+                "one copy, charged all the store holds"
+            );
+        };
+    // Two values and the time, in one batch; a touch alone.
+    check(
+        &mut s,
+        &mut eager,
+        1,
+        &[set_op("a", b"xyz"), set_op("c", b"123"), Op::Touch],
+        50,
+        1,
+        0,
+    );
+    check(&mut s, &mut eager, 2, &[Op::Touch], 60, 2, 0);
+    // The same key twice in a batch: the last write wins, as in a fold.
+    check(
+        &mut s,
+        &mut eager,
+        3,
+        &[set_op("b", b"one"), set_op("b", b"two")],
+        70,
+        3,
+        0,
+    );
+    let c = s.get(&SID).unwrap();
+    assert_eq!(c.record().len(), base.len(), "same layout, same size");
+    assert_eq!(c.bytes(), base.len() as u64);
+    assert_eq!(
+        c.record(),
+        &encode_session(&eager)[..],
+        "what a fold writes"
+    );
+    assert_eq!(decode_session(c.record()).unwrap().updated_ms, 70);
+    // Another length, or a new key: pending, as before; and while a batch
+    // is pending, even a same-length value waits behind it.
+    check(&mut s, &mut eager, 4, &[set_op("a", b"longer")], 80, 3, 1);
+    check(&mut s, &mut eager, 5, &[set_op("d", b"new")], 90, 3, 2);
+    check(&mut s, &mut eager, 6, &[set_op("b", b"xxx")], 95, 3, 3);
+    // A batch with an op that is not a plain write is not written over
+    // the record either.
+    let c = s.folded(&SID).unwrap();
+    assert_eq!(c.record(), &encode_session(&eager)[..]);
+    check(
+        &mut s,
+        &mut eager,
+        7,
+        &[set_op("b", b"yyy"), Op::Remove { key: "d".into() }],
+        99,
+        3,
+        1,
+    );
+    assert_eq!(
+        s.folded(&SID).unwrap().record(),
+        &encode_session(&eager)[..]
+    );
 }
 
 #[test]
@@ -359,8 +458,10 @@ fn deadlines_of_copies_gone_do_not_pile_up() {
     assert!(s.is_empty());
 }
 
+/// The `i`th of a run of `Set`s over five keys; each key's value changes
+/// length from one write to the next, so none is written in place.
 fn set_n(i: usize, bytes: usize) -> Delta {
-    set(&format!("k{}", i % 5), &vec![i as u8; bytes])
+    set(&format!("k{}", i % 5), &vec![i as u8; bytes + (i / 5) % 2])
 }
 
 /// Full at version 1, then `n` op deltas of one `bytes`-byte `Set`.
@@ -711,6 +812,7 @@ fn fold_gives_the_record_eager_applies_give() {
         vec![setb(10), setb(10), setb(1100), setb(10), setb(20)],
         vec![setb(10), setb(1100)],
     ];
+    let (mut patched, mut pending) = (0, 0);
     for run in runs {
         let mut s = Store::new(NodeLimits::default(), 1);
         let mut eager = Eager {
@@ -737,10 +839,13 @@ fn fold_gives_the_record_eager_applies_give() {
                 s.fold(&SID);
             }
         }
-        assert!(s.get(&SID).unwrap().pending_batches() > 0);
         let want = &eager.copies[&SID].2;
+        patched += s.counters.patched;
+        pending += s.get(&SID).unwrap().pending_batches();
         assert_eq!(s.folded(&SID).unwrap().record(), &want[..]);
     }
+    // Both ways were taken: batches written in place, batches folded.
+    assert!(patched > 0 && pending > 0, "{patched} {pending}");
 }
 
 #[derive(Debug, Clone)]
@@ -779,6 +884,8 @@ fn any_op() -> impl Strategy<Value = Op> {
     prop_oneof![
         8 => (key.clone(), prop_oneof![
                 8 => prop::collection::vec(any::<u8>(), 0..120),
+                // One length, so a value is often rewritten where it lies.
+                4 => prop::collection::vec(any::<u8>(), 16..17),
                 // Large values.
                 1 => prop::collection::vec(any::<u8>(), 900..1100),
             ])

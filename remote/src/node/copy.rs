@@ -151,6 +151,21 @@ impl Copy {
         }
     }
 
+    /// Asks for the cache lines an op delta of `ops_len` bytes on this
+    /// copy reads first: the end of its pending log, or, with nothing
+    /// pending, the record's root and attribute array, which rkyv puts at
+    /// its end. (Asking for the value last written in place as well, where
+    /// the next write most likely goes, measured slower: a write does not
+    /// wait for its line.)
+    pub(super) fn prefetch_update(&self, ops_len: usize) {
+        if self.pending.is_empty() {
+            let len = self.record.len();
+            prefetch_range(self.record.0.as_ptr(), len.saturating_sub(TAIL_BYTES), len);
+        } else {
+            self.pending.prefetch_push(ops_len);
+        }
+    }
+
     /// The host's record version this copy stands at (acknowledged).
     pub fn version(&self) -> u64 {
         self.version
@@ -217,11 +232,12 @@ pub(super) fn aligned<'a>(bytes: &'a [u8], scratch: &'a mut AlignedVec<ALIGN>) -
 
 /// A record's bytes that passed `rkyv::access` when they arrived, or that
 /// this node serialized itself. Only [`ValidRecord::validate`] and
-/// [`ValidRecord::set_serialized`] build one, and its structure never
-/// changes after: [`ValidRecord::patch`] writes only over bytes no check of
-/// rkyv's looks at (a value's bytes, a timestamp) and that overlap nothing
-/// else. So [`ValidRecord::view`] reads them without checking again: the
-/// one unchecked read of a record on a node.
+/// [`ValidRecord::set_serialized`] build one, its parts share no byte
+/// ([`apart`]; what rkyv serializes never does), and its structure never
+/// changes after: [`ValidRecord::patch`] writes only over a value's bytes
+/// and a timestamp, which no check of rkyv's looks at. So
+/// [`ValidRecord::view`] reads them without checking again: the one
+/// unchecked read of a record on a node.
 ///
 /// A boxed slice, not a `Vec`: a copy holds one per session, and a record
 /// is replaced whole, never grown.
@@ -229,9 +245,14 @@ pub(super) fn aligned<'a>(bytes: &'a [u8], scratch: &'a mut AlignedVec<ALIGN>) -
 pub struct ValidRecord(Box<[u8]>);
 
 impl ValidRecord {
-    /// `bytes` if they are an archived `SessionData`.
+    /// `bytes` if they are an archived `SessionData` whose parts share no
+    /// byte ([`apart`]).
     pub(super) fn validate(bytes: Vec<u8>, scratch: &mut AlignedVec<ALIGN>) -> Option<ValidRecord> {
-        rkyv::access::<ArchivedSessionData, rancor::Error>(aligned(&bytes, scratch)).ok()?;
+        let at = aligned(&bytes, scratch);
+        let data = rkyv::access::<ArchivedSessionData, rancor::Error>(at).ok()?;
+        if !apart(data, at.as_ptr()) {
+            return None;
+        }
         Some(ValidRecord(bytes.into_boxed_slice()))
     }
 
@@ -260,13 +281,6 @@ impl ValidRecord {
         self.0.len()
     }
 
-    /// Asks for the cache lines [`ValidRecord::patch`] reads first: the
-    /// root and the attribute array, which rkyv puts at the end.
-    pub(super) fn prefetch_tail(&self) {
-        let len = self.0.len();
-        prefetch_range(self.0.as_ptr(), len.saturating_sub(TAIL_BYTES), len);
-    }
-
     /// Applies `batch` at `now_ms` by writing over the record where it
     /// lies, when that gives what a fold would: every op a `Touch`, or a
     /// `Set` of an attribute the record holds whose value has the new
@@ -275,12 +289,10 @@ impl ValidRecord {
     /// not, nothing was written.
     ///
     /// The caller checks the batch's keys and the copy's bounds ([`shape`])
-    /// and that no batch is pending (each must apply first).
-    ///
-    /// A record from the network passed rkyv's checks, which do not rule
-    /// out every overlap, so each value written over is first checked to
-    /// share no byte with the root, the attribute array, a key or another
-    /// value: a write never reaches what rkyv would read as structure.
+    /// and that no batch is pending (each must apply first). A value
+    /// written over shares no byte with anything else of the record
+    /// ([`apart`], checked when it arrived), so nothing rkyv reads as
+    /// structure changes.
     pub(super) fn patch(&mut self, batch: &ArchivedVec<ArchivedOp>, now_ms: u64) -> bool {
         if batch.len() > PATCH_OPS_MAX || self.0.as_ptr().align_offset(ALIGN) != 0 {
             return false;
@@ -292,14 +304,9 @@ impl ValidRecord {
             // SAFETY: see `view`; the bytes are at `ALIGN` (checked above).
             let data = unsafe { rkyv::access_unchecked::<ArchivedSessionData>(&self.0) };
             let base = self.0.as_ptr() as usize;
+            // The same lookup as a fold's (`SessionDraft`), so both find
+            // the same attribute in any record.
             let attrs = data.attrs.as_slice();
-            let span = |p: *const u8, len: usize| (p as usize - base, p as usize - base + len);
-            let root = span(
-                std::ptr::from_ref(data).cast(),
-                std::mem::size_of::<ArchivedSessionData>(),
-            );
-            let array = span(attrs.as_ptr().cast(), std::mem::size_of_val(attrs));
-            let apart = |a: (usize, usize), b: (usize, usize)| a.1 <= b.0 || b.1 <= a.0;
             for op in batch.iter() {
                 match op.as_ref() {
                     OpRef::Touch => {}
@@ -311,25 +318,13 @@ impl ValidRecord {
                         if old.len() != value.len() {
                             return false;
                         }
-                        let target = span(old.as_ptr(), old.len());
-                        let clear = apart(target, root)
-                            && apart(target, array)
-                            && attrs.iter().enumerate().all(|(j, a)| {
-                                let key = a.key.as_str();
-                                let value = a.value.as_slice();
-                                apart(target, span(key.as_ptr(), key.len()))
-                                    && (j == i || apart(target, span(value.as_ptr(), value.len())))
-                            });
-                        if !clear {
-                            return false;
-                        }
-                        at[sets] = target.0;
+                        at[sets] = old.as_ptr() as usize - base;
                         sets += 1;
                     }
                     _ => return false,
                 }
             }
-            updated_at = span(std::ptr::from_ref(&data.updated_ms).cast(), 8).0;
+            updated_at = std::ptr::from_ref(&data.updated_ms) as usize - base;
         }
         let mut next = at[..sets].iter();
         for op in batch.iter() {
@@ -342,6 +337,38 @@ impl ValidRecord {
         self.0[updated_at..updated_at + 8].copy_from_slice(&now_ms.to_le_bytes());
         true
     }
+}
+
+/// Whether the parts of `data` (archived at `base`) share no byte: its
+/// root, its attribute array, and each key stored outside that array and
+/// each value. rkyv's checks refuse overlapping parts already; a node
+/// checks it itself, once per record, because it writes values in place
+/// ([`ValidRecord::patch`]) and then reads the record unchecked: a value
+/// that overlapped a key or a pointer would change them.
+fn apart(data: &ArchivedSessionData, base: *const u8) -> bool {
+    let base = base as usize;
+    let span = |p: *const u8, len: usize| (p as usize - base, p as usize - base + len);
+    let attrs = data.attrs.as_slice();
+    let array = span(attrs.as_ptr().cast(), std::mem::size_of_val(attrs));
+    let mut spans = Vec::with_capacity(2 * attrs.len() + 2);
+    spans.push(span(
+        std::ptr::from_ref(data).cast(),
+        std::mem::size_of::<ArchivedSessionData>(),
+    ));
+    spans.push(array);
+    for a in attrs {
+        let (key, value) = (a.key.as_str(), a.value.as_slice());
+        let key = span(key.as_ptr(), key.len());
+        // A short key lies inside its attribute, in the array.
+        if key.0 < key.1 && !(array.0 <= key.0 && key.1 <= array.1) {
+            spans.push(key);
+        }
+        if !value.is_empty() {
+            spans.push(span(value.as_ptr(), value.len()));
+        }
+    }
+    spans.sort_unstable();
+    spans.windows(2).all(|w| w[0].1 <= w[1].0)
 }
 
 /// Bytes at the end of a record asked for before it is patched: the root
@@ -514,17 +541,6 @@ mod tests {
         encode_session(&d).to_vec()
     }
 
-    /// `bytes` as a record, trusted as `validate` would trust it.
-    fn trusted(bytes: Vec<u8>) -> ValidRecord {
-        let r = ValidRecord(bytes.into_boxed_slice());
-        assert_eq!(
-            r.0.as_ptr().align_offset(ALIGN),
-            0,
-            "else nothing is patched"
-        );
-        r
-    }
-
     fn patch(r: &mut ValidRecord, key: &str, value: &[u8]) -> bool {
         let ops = encode_ops(&[Op::Set {
             key: key.into(),
@@ -535,7 +551,7 @@ mod tests {
     }
 
     #[test]
-    fn values_that_overlap_are_never_written_over() {
+    fn values_that_overlap_are_refused_and_others_written_over() {
         // Two attributes whose values are the same bytes: the second
         // value's relative pointer aimed at the first value. Writing one
         // in place would change the other.
@@ -553,22 +569,23 @@ mod tests {
         };
         let rel = i32::try_from(target as i64 - field as i64).unwrap();
         bytes[field..field + 4].copy_from_slice(&rel.to_le_bytes());
-        // rkyv's checks refuse such a record, so no peer can hand a node
-        // one; `patch` does not rely on that.
+        // rkyv's checks refuse such a record; the node's own check, which
+        // it does not rely on them for, does too.
         assert!(rkyv::access::<ArchivedSessionData, rancor::Error>(&bytes).is_err());
-        let crafted = bytes.to_vec();
-        let mut r = trusted(crafted.clone());
-        assert_eq!(
-            r.view(&mut AlignedVec::new()).get("b"),
-            Some(&b"aaaa"[..]),
-            "the values alias"
-        );
-        assert!(!patch(&mut r, "b", b"zzzz"));
-        assert!(!patch(&mut r, "a", b"zzzz"));
-        assert_eq!(r.bytes(), &crafted[..], "nothing written");
+        // SAFETY: the bytes are a serialized record but for one relative
+        // pointer, which still points at 4 bytes inside them.
+        let data = unsafe { rkyv::access_unchecked::<ArchivedSessionData>(&bytes) };
+        assert_eq!(data.get("b"), Some(&b"aaaa"[..]), "the values alias");
+        assert!(!apart(data, bytes.as_ptr()));
+        assert!(ValidRecord::validate(bytes.to_vec(), &mut AlignedVec::new()).is_none());
 
-        // The record as serialized: each value on its own.
-        let mut r = trusted(base.clone());
+        // The record as serialized: each part on its own.
+        let mut r = ValidRecord::validate(base.clone(), &mut AlignedVec::new()).unwrap();
+        assert_eq!(
+            r.0.as_ptr().align_offset(ALIGN),
+            0,
+            "else nothing is patched"
+        );
         assert!(patch(&mut r, "b", b"zzzz"));
         let d = decode_session(r.bytes()).unwrap();
         assert_eq!(

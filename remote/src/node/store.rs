@@ -392,11 +392,7 @@ impl Store {
             if let Delta::Ops(ops) = &e.body
                 && let Some(c) = self.copies.get(&e.sid)
             {
-                if c.pending.is_empty() {
-                    c.record.prefetch_tail();
-                } else {
-                    c.pending.prefetch_push(ops.len());
-                }
+                c.prefetch_update(ops.len());
             }
         }
         let host = batch.host_id;

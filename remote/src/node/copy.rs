@@ -6,7 +6,7 @@ use rkyv::rancor;
 use rkyv::util::AlignedVec;
 use rkyv::vec::ArchivedVec;
 use sessio_engine::session::{
-    Applied, ArchivedOp, ArchivedSessionData, KEY_BYTES_MAX, OpRef, SessionDraft,
+    Applied, ArchivedOp, ArchivedSessionData, KEY_BYTES_MAX, OpRef, SessionDraft, key_hash,
 };
 
 use super::{ALIGN, APPLY_QUOTA_BYTES, PENDING_OVERHEAD_BYTES};
@@ -245,12 +245,12 @@ pub(super) fn aligned<'a>(bytes: &'a [u8], scratch: &'a mut AlignedVec<ALIGN>) -
 pub struct ValidRecord(Box<[u8]>);
 
 impl ValidRecord {
-    /// `bytes` if they are an archived `SessionData` whose parts share no
-    /// byte ([`apart`]).
+    /// `bytes` if they are an archived `SessionData` the engine could have
+    /// written ([`sound`]).
     pub(super) fn validate(bytes: Vec<u8>, scratch: &mut AlignedVec<ALIGN>) -> Option<ValidRecord> {
         let at = aligned(&bytes, scratch);
         let data = rkyv::access::<ArchivedSessionData, rancor::Error>(at).ok()?;
-        if !apart(data, at.as_ptr()) {
+        if !sound(data, at.as_ptr()) {
             return None;
         }
         Some(ValidRecord(bytes.into_boxed_slice()))
@@ -304,17 +304,16 @@ impl ValidRecord {
             // SAFETY: see `view`; the bytes are at `ALIGN` (checked above).
             let data = unsafe { rkyv::access_unchecked::<ArchivedSessionData>(&self.0) };
             let base = self.0.as_ptr() as usize;
-            // The same lookup as a fold's (`SessionDraft`), so both find
-            // the same attribute in any record.
-            let attrs = data.attrs.as_slice();
+            // The engine's own lookup (stored hashes, then one string
+            // compare): in a record whose keys are sorted and hashed
+            // ([`sound`]) it finds what a fold's binary search finds.
             for op in batch.iter() {
                 match op.as_ref() {
                     OpRef::Touch => {}
                     OpRef::Set { key, value } => {
-                        let Ok(i) = attrs.binary_search_by(|a| a.key.as_str().cmp(key)) else {
+                        let Some(old) = data.get(key) else {
                             return false;
                         };
-                        let old = attrs[i].value.as_slice();
                         if old.len() != value.len() {
                             return false;
                         }
@@ -339,12 +338,29 @@ impl ValidRecord {
     }
 }
 
+/// Whether `data` (archived at `base`) is a record the engine could have
+/// written, beyond what rkyv checks: its keys sorted and unique, each with
+/// its [`key_hash`] beside it (the engine's lookups rely on both), and its
+/// parts sharing no byte ([`apart`]). A node checks this once per record,
+/// when it arrives, because it then writes values in place
+/// ([`ValidRecord::patch`], which finds them as the engine's reads do) and
+/// reads the record unchecked.
+fn sound(data: &ArchivedSessionData, base: *const u8) -> bool {
+    let attrs = data.attrs.as_slice();
+    attrs
+        .iter()
+        .all(|a| a.hash.to_native() == key_hash(a.key.as_str()))
+        && attrs
+            .windows(2)
+            .all(|w| w[0].key.as_str() < w[1].key.as_str())
+        && apart(data, base)
+}
+
 /// Whether the parts of `data` (archived at `base`) share no byte: its
 /// root, its attribute array, and each key stored outside that array and
-/// each value. rkyv's checks refuse overlapping parts already; a node
-/// checks it itself, once per record, because it writes values in place
-/// ([`ValidRecord::patch`]) and then reads the record unchecked: a value
-/// that overlapped a key or a pointer would change them.
+/// each value. rkyv's checks refuse overlapping parts already; the node
+/// does not rely on them: a value written in place that overlapped a key
+/// or a pointer would change them.
 fn apart(data: &ArchivedSessionData, base: *const u8) -> bool {
     let base = base as usize;
     let span = |p: *const u8, len: usize| (p as usize - base, p as usize - base + len);
@@ -548,6 +564,29 @@ mod tests {
         }]);
         let (_, batch) = ValidOps::validate(&ops).unwrap();
         r.patch(batch, 9)
+    }
+
+    #[test]
+    fn a_record_the_engine_would_misread_is_refused() {
+        use sessio_engine::session::Attr;
+        let attr = |key: &str, hash: u32| Attr {
+            hash,
+            key: key.into(),
+            value: b"v".to_vec(),
+        };
+        let valid = |attrs: Vec<Attr>| {
+            let d = SessionData {
+                attrs,
+                ..SessionData::default()
+            };
+            ValidRecord::validate(encode_session(&d).to_vec(), &mut AlignedVec::new()).is_some()
+        };
+        let (a, b) = (key_hash("a"), key_hash("b"));
+        assert!(valid(vec![attr("a", a), attr("b", b)]));
+        assert!(valid(Vec::new()));
+        assert!(!valid(vec![attr("b", b), attr("a", a)]), "unsorted");
+        assert!(!valid(vec![attr("a", a), attr("a", a)]), "a key twice");
+        assert!(!valid(vec![attr("a", a), attr("b", a)]), "a wrong hash");
     }
 
     #[test]

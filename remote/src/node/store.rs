@@ -400,12 +400,8 @@ impl Store {
             .entries
             .into_iter()
             .map(|e| {
-                let (sid, epoch) = (e.sid, e.epoch);
-                let before = self.copies.get(&sid).map(|c| (c.epoch, c.writer));
-                let (status, version) = self.apply_entry(e, now_ms);
-                if status == AckStatus::Applied {
-                    self.note_writer(sid, epoch, host, before);
-                }
+                let sid = e.sid;
+                let (status, version) = self.apply_entry(e, host, now_ms);
                 match status {
                     AckStatus::Applied => self.counters.applied += 1,
                     AckStatus::NeedFull => self.counters.need_full += 1,
@@ -428,22 +424,18 @@ impl Store {
         if let Some(c) = self.copies.get_mut(&sid) {
             c.writer = host;
         }
-        let Some((old_epoch, old_writer)) = before else {
-            return;
-        };
-        if epoch <= old_epoch || old_writer == 0 || old_writer == host {
-            return;
+        let Store {
+            stale,
+            stale_len,
+            counters,
+            ..
+        } = self;
+        Takeover {
+            stale,
+            stale_len,
+            counters,
         }
-        self.counters.takeovers += 1;
-        if self.stale_len >= STALE_MAX {
-            self.counters.stale_dropped += 1;
-            return;
-        }
-        self.stale_len += 1;
-        self.stale
-            .entry(old_writer)
-            .or_default()
-            .push(InvalidateEntry { sid, epoch });
+        .note(sid, epoch, host, before);
     }
 
     /// Takes up to `max` takeover notices for `host`: sessions it wrote
@@ -466,17 +458,36 @@ impl Store {
         self.copies.get(sid).map_or(0, |c| c.version)
     }
 
-    /// One entry's answer, and the version held after it.
-    fn apply_entry(&mut self, e: DeltaEntry, now_ms: u64) -> (AckStatus, u64) {
+    /// One entry's answer from host `host`, and the version held after it;
+    /// an applied entry makes `host` the copy's writer.
+    fn apply_entry(&mut self, e: DeltaEntry, host: u64, now_ms: u64) -> (AckStatus, u64) {
+        let (sid, epoch) = (e.sid, e.epoch);
         if let Delta::Ops(ops) = &e.body {
-            // The common case, with one lookup.
-            if let Some(done) = self.append_ops(&e, ops, now_ms) {
+            // The common case, with one lookup (the writer noted in it).
+            if let Some(done) = self.append_ops(&e, ops, host, now_ms) {
                 return done;
             }
-            let status = self.apply_now(e.sid, e.epoch, now_ms);
-            return (status, self.version_of(&e.sid));
+            let before = self.copies.get(&sid).map(|c| (c.epoch, c.writer));
+            let status = self.apply_now(sid, epoch, now_ms);
+            if status == AckStatus::Applied {
+                self.note_writer(sid, epoch, host, before);
+            }
+            return (status, self.version_of(&sid));
         }
-        let held = self.copies.get(&e.sid).map(|c| (c.version, c.epoch));
+        let held = self
+            .copies
+            .get(&sid)
+            .map(|c| (c.version, c.epoch, c.writer));
+        let (status, version) = self.apply_whole(e, held.map(|(v, ep, _)| (v, ep)));
+        if status == AckStatus::Applied {
+            self.note_writer(sid, epoch, host, held.map(|(_, ep, w)| (ep, w)));
+        }
+        (status, version)
+    }
+
+    /// A removal's or a full record's answer (`held`: the version and
+    /// epoch of the copy held), and the version held after it.
+    fn apply_whole(&mut self, e: DeltaEntry, held: Option<(u64, u64)>) -> (AckStatus, u64) {
         if let Some((version, epoch)) = held
             && e.epoch < epoch
         {
@@ -530,7 +541,13 @@ impl Store {
     /// (fencing, base version) and, on the right base, validated and
     /// appended, or the copy dropped if it invalidates it. `None` when the
     /// batch must be applied at once: it is left in `scratch`, validated.
-    fn append_ops(&mut self, e: &DeltaEntry, ops: &[u8], now_ms: u64) -> Option<(AckStatus, u64)> {
+    fn append_ops(
+        &mut self,
+        e: &DeltaEntry,
+        ops: &[u8],
+        host: u64,
+        now_ms: u64,
+    ) -> Option<(AckStatus, u64)> {
         if self.unfolded.len() > 2 * self.copies.len() + DEADLINES_SLACK {
             self.compact_unfolded();
         }
@@ -541,6 +558,8 @@ impl Store {
             scratch,
             unfolded,
             counters,
+            stale,
+            stale_len,
             ..
         } = self;
         let Some(copy) = copies.get_mut(&e.sid) else {
@@ -554,6 +573,7 @@ impl Store {
             return Some((AckStatus::NeedFull, copy.version));
         }
         let (sid, epoch) = (e.sid, e.epoch);
+        let before = Some((copy.epoch, copy.writer));
         // Validated where it arrived, still in cache (or in `scratch` if it
         // is not aligned), then copied to the pending log. That log is
         // cold, and nothing reads it back before a fold, so the copy's
@@ -569,12 +589,20 @@ impl Store {
             && copy.attr_bytes_bound + shape.set_bytes <= APPLY_QUOTA_BYTES;
         if cannot_fail && shape.invalidates {
             self.remove(&sid);
+            self.note_writer(sid, epoch, host, before);
             return Some((AckStatus::Applied, 0));
         }
+        let takeover = Takeover {
+            stale,
+            stale_len,
+            counters,
+        };
         if cannot_fail && copy.pending.is_empty() && copy.record.patch(batch, now_ms) {
             copy.version += 1;
             copy.epoch = epoch;
-            counters.patched += 1;
+            copy.writer = host;
+            takeover.counters.patched += 1;
+            takeover.note(sid, epoch, host, before);
             return Some((AckStatus::Applied, copy.version));
         }
         let charge = pending_charge(ops.len());
@@ -592,7 +620,9 @@ impl Store {
             copy.bytes += charge;
             copy.attrs_bound += shape.sets;
             copy.attr_bytes_bound += shape.set_bytes;
+            copy.writer = host;
             *bytes += charge;
+            takeover.note(sid, epoch, host, before);
             return Some((AckStatus::Applied, copy.version));
         }
         if in_place {
@@ -790,6 +820,38 @@ impl Store {
             incarnation: self.incarnation,
             counters,
         }
+    }
+}
+
+/// Where a takeover notice goes: the store's notices and counters, apart
+/// from its copies (so a write can note one while it holds its copy).
+struct Takeover<'a> {
+    stale: &'a mut HashMap<u64, Vec<InvalidateEntry>>,
+    stale_len: &'a mut usize,
+    counters: &'a mut NodeCounters,
+}
+
+impl Takeover<'_> {
+    /// After host `host` wrote `sid` under `epoch`: when the copy was
+    /// written before (`before`: its epoch and writer then) by another
+    /// host under an older epoch, keeps a notice for that host.
+    fn note(self, sid: Sid, epoch: u64, host: u64, before: Option<(u64, u64)>) {
+        let Some((old_epoch, old_writer)) = before else {
+            return;
+        };
+        if epoch <= old_epoch || old_writer == 0 || old_writer == host {
+            return;
+        }
+        self.counters.takeovers += 1;
+        if *self.stale_len >= STALE_MAX {
+            self.counters.stale_dropped += 1;
+            return;
+        }
+        *self.stale_len += 1;
+        self.stale
+            .entry(old_writer)
+            .or_default()
+            .push(InvalidateEntry { sid, epoch });
     }
 }
 

@@ -203,6 +203,67 @@ fn older_epochs_are_fenced() {
     assert_eq!((r.status, r.version), (AckStatus::Applied, 6));
 }
 
+/// `e` from host `host`.
+fn from_host(store: &mut Store, host: u64, e: DeltaEntry) -> AckEntry {
+    store
+        .apply_batch(DeltaBatch {
+            host_id: host,
+            entries: vec![e],
+        })
+        .entries[0]
+}
+
+#[test]
+fn each_kind_of_write_under_a_newer_epoch_leaves_a_takeover_notice() {
+    let mut s = Store::new(NodeLimits::default(), 1);
+    let sids: Vec<InvalidateEntry> = Vec::new();
+    assert_eq!(s.take_stale(1, 10), sids);
+    let base = || Delta::Full(record(&[("a", b"aaa")]));
+    // Host 1 writes at epoch 1, then host 2 takes over at epoch 2 with an
+    // op delta written in place.
+    from_host(&mut s, 1, entry(0, 1, 1, base()));
+    let r = from_host(&mut s, 2, entry(1, 2, 2, set("a", b"bbb")));
+    assert_eq!(r.status, AckStatus::Applied);
+    assert_eq!(s.counters.patched, 1);
+    let notice = |epoch| vec![InvalidateEntry { sid: SID, epoch }];
+    assert_eq!(s.take_stale(1, 10), notice(2));
+    // Host 3 at epoch 3, with an op delta that waits pending (a new
+    // attribute: not written in place).
+    let r = from_host(&mut s, 3, entry(2, 3, 3, set("new", b"x")));
+    assert_eq!(r.status, AckStatus::Applied);
+    assert_eq!(s.get(&SID).unwrap().pending_batches(), 1);
+    assert_eq!(s.take_stale(2, 10), notice(3));
+    // Host 3 again: its own writes leave no notice.
+    from_host(&mut s, 3, entry(3, 4, 3, set("a", b"ccc")));
+    assert_eq!(s.take_stale(3, 10), sids);
+    // Host 4 at epoch 4 with a full record, host 5 at epoch 5 with an op
+    // batch that applies at once (an `Incr` may fail, so it never waits).
+    from_host(&mut s, 4, entry(0, 9, 4, base()));
+    assert_eq!(s.take_stale(3, 10), notice(4));
+    let incr = Delta::Ops(
+        encode_ops(&[Op::Incr {
+            key: "n".into(),
+            by: 1,
+        }])
+        .to_vec(),
+    );
+    assert_eq!(
+        from_host(&mut s, 5, entry(9, 10, 5, incr)).status,
+        AckStatus::Applied
+    );
+    assert_eq!(s.take_stale(4, 10), notice(5));
+    // Host 6 at epoch 6 removes it.
+    from_host(&mut s, 6, entry(10, 0, 6, Delta::Remove));
+    assert_eq!(s.take_stale(5, 10), notice(6));
+    assert!(s.get(&SID).is_none());
+    assert_eq!(s.counters.takeovers, 5);
+    // A fenced write (older epoch) is no takeover.
+    from_host(&mut s, 7, entry(0, 1, 7, base()));
+    from_host(&mut s, 8, entry(1, 2, 6, set("a", b"ddd")));
+    assert_eq!(s.take_stale(7, 10), sids);
+    assert_eq!(s.counters.takeovers, 5);
+}
+
 #[test]
 fn bad_records_and_full_stores_are_refused() {
     let mut s = Store::new(

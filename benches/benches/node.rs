@@ -41,7 +41,7 @@ fn loaded(record: &[u8]) -> Store {
                 body: Delta::Full(record.to_vec()),
             })
             .collect();
-        store.apply_batch(DeltaBatch {
+        store.apply_batch(&DeltaBatch {
             host_id: 1,
             entries,
         });
@@ -91,7 +91,7 @@ fn main() {
                     entries,
                 };
                 let t = Instant::now();
-                let ack = store.apply_batch(batch);
+                let ack = store.apply_batch(&batch);
                 spent += t.elapsed();
                 assert!(ack.entries.iter().all(|e| e.status == AckStatus::Applied));
             }
@@ -120,7 +120,7 @@ fn main() {
                         body: Delta::Ops(ops.clone()),
                     })
                     .collect();
-                store.apply_batch(DeltaBatch {
+                store.apply_batch(&DeltaBatch {
                     host_id: 1,
                     entries,
                 });

@@ -2,7 +2,9 @@
 //! against a model of what the node must hold: per session the version and
 //! ownership epoch, fencing of older epochs, base-version checks for op
 //! deltas, and byte accounting (records plus the charge of op batches not
-//! yet folded in). Bodies are drawn from valid records and op batches as
+//! yet folded in). Whole batches go through the wire format and are read
+//! where they lie, as a node reads them; single entries go as owned
+//! values. Bodies are drawn from valid records and op batches as
 //! well as from raw fuzz bytes, so both paths are exercised; fetches fold
 //! pending batches in between.
 #![no_main]
@@ -11,6 +13,7 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use sessio_engine::session::{Op, SessionData, decode_session, encode_ops, encode_session};
 use sessio_net::message::{AckStatus, Delta, DeltaBatch, DeltaEntry};
+use sessio_net::{Codec, Frame, Limits, Message, Received};
 use sessio_remote::node::PENDING_BATCHES_MAX;
 use sessio_remote::{NodeLimits, Store};
 use std::collections::HashMap;
@@ -82,7 +85,18 @@ fuzz_target!(|batches: Vec<Vec<Entry>>| {
         let whole = entries.len() % 2 == 0;
         let sent = entries.clone();
         let acks: Vec<_> = if whole {
-            let ack = store.apply_batch(DeltaBatch { host_id: 7, entries });
+            // Through the wire: archived, then read where it lies, as a
+            // node reads what a host sends.
+            let msg = Message::DeltaBatch(DeltaBatch { host_id: 7, entries });
+            let mut codec = Codec::new(Limits::default());
+            let mut wire = Vec::new();
+            codec.encode_into(&msg, &mut wire).unwrap();
+            let (frame, _) = Frame::decode(&wire, Limits::default().frame_bytes_max).unwrap().unwrap();
+            let received = codec.receive(&frame).unwrap();
+            assert!(matches!(received, Received::DeltaBatch(_)), "a batch is read where it lies");
+            let Some(Message::Ack(ack)) = store.handle(7, received) else {
+                panic!("a delta batch is answered with an ack")
+            };
             assert_eq!(ack.entries.len(), sent.len(), "one ack entry per delta");
             ack.entries
         } else {
@@ -92,7 +106,7 @@ fuzz_target!(|batches: Vec<Vec<Entry>>| {
             let a = if whole {
                 acks[k].clone()
             } else {
-                let ack = store.apply_batch(DeltaBatch { host_id: 7, entries: vec![e.clone()] });
+                let ack = store.apply_batch(&DeltaBatch { host_id: 7, entries: vec![e.clone()] });
                 assert_eq!(ack.entries.len(), 1);
                 ack.entries[0].clone()
             };

@@ -36,7 +36,7 @@
 //! ```
 //! use std::sync::{Arc, atomic::{AtomicBool, Ordering}};
 //! use std::time::Duration;
-//! use sessio_net::{Client, ClientConfig, Identity, Message, Ping, Pong, Secret, Server, ServerConfig};
+//! use sessio_net::{Client, ClientConfig, Identity, Message, Ping, Pong, Received, Secret, Server, ServerConfig};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # assert!(sessio_net::IoUring::runtime().is_ok(), "this example runs on io_uring");
@@ -49,8 +49,11 @@
 //!         let config = ServerConfig::new(Identity::with_random_incarnation(1).unwrap());
 //!         let server: Server = Server::bind("127.0.0.1:0".parse().unwrap(), config, secret)?;
 //!         addr_tx.send(server.local_addr()).unwrap();
-//!         let handler = |_peer, msg| match msg {
-//!             Message::Ping(Ping { nonce }) => Some(Message::Pong(Pong { nonce, stale: Vec::new() })),
+//!         // A delta batch comes as `Received::DeltaBatch`, read where it arrived.
+//!         let handler = |_peer, msg: Received<'_>| match msg {
+//!             Received::Message(Message::Ping(Ping { nonce })) => {
+//!                 Some(Message::Pong(Pong { nonce, stale: Vec::new() }))
+//!             }
 //!             _ => None,
 //!         };
 //!         let shutdown = async move {
@@ -96,8 +99,8 @@ pub use frame::{Frame, FrameError, FrameKind};
 pub use handshake::{Handshake, HandshakeError, Identity, Secret, SecretError};
 pub use message::{
     Ack, AckEntry, AckStatus, Codec, Counter, Delta, DeltaBatch, DeltaEntry, Fetch, FetchReply,
-    FoundRecord, Invalidate, InvalidateEntry, Limits, Message, MessageError, Ping, Pong, Sid,
-    Stats, StatsRequest,
+    FoundRecord, Invalidate, InvalidateEntry, Limits, Message, MessageError, Ping, Pong, Received,
+    Sid, Stats, StatsRequest,
 };
 pub use record::RecordWriter;
 pub use seal::{Opener, SealError, Sealer, SessionKeys};

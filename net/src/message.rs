@@ -58,6 +58,7 @@ impl Default for Limits {
 
 /// The change one [`DeltaEntry`] carries.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
 pub enum Delta {
     /// Ops to apply on top of `base_version` (engine-defined bytes).
     Ops(Vec<u8>),
@@ -69,6 +70,7 @@ pub enum Delta {
 
 /// One session's change in a [`DeltaBatch`].
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
 pub struct DeltaEntry {
     /// The session.
     pub sid: Sid,
@@ -84,6 +86,7 @@ pub struct DeltaEntry {
 
 /// Changes from one web host, answered by an [`Ack`].
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
 pub struct DeltaBatch {
     /// The sending host.
     pub host_id: u64,
@@ -316,6 +319,24 @@ where
         + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rancor::Error>>
         + CheckLimits,
 {
+    let archived = access_limited::<T>(kind, body, limits, scratch)?;
+    owned(kind, archived)
+}
+
+/// `body` validated as an archived `T` and checked against `limits`,
+/// where it lies if it is aligned, else copied into `scratch`.
+fn access_limited<'a, T>(
+    kind: FrameKind,
+    body: &'a [u8],
+    limits: Limits,
+    scratch: &'a mut AlignedVec<ARCHIVE_ALIGN>,
+) -> Result<&'a T::Archived, MessageError>
+where
+    T: rkyv::Archive,
+    T::Archived: rkyv::Portable
+        + for<'b> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'b, rancor::Error>>
+        + CheckLimits,
+{
     let bytes: &[u8] = if body.as_ptr().align_offset(ARCHIVE_ALIGN) == 0 {
         body
     } else {
@@ -330,6 +351,16 @@ where
             reason: readable(&e.to_string(), base),
         })?;
     archived.check_limits(limits)?;
+    Ok(archived)
+}
+
+/// An archived `T`, already validated, copied into owned values.
+fn owned<T>(kind: FrameKind, archived: &T::Archived) -> Result<T, MessageError>
+where
+    T: rkyv::Archive,
+    T::Archived: rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rancor::Error>>,
+{
+    let base = std::ptr::from_ref(archived) as usize;
     rkyv::deserialize::<T, rancor::Error>(archived).map_err(|e| MessageError::Invalid {
         kind,
         reason: readable(&e.to_string(), base),
@@ -611,6 +642,45 @@ impl Codec {
             FrameKind::Stats => Message::Stats(access_checked(kind, body, l, s)?),
             other => return Err(MessageError::NotAMessage(other)),
         })
+    }
+
+    /// Checks one frame's message as [`Codec::decode`] does, but leaves a
+    /// [`DeltaBatch`] where it lies (in `frame`, or in this codec's
+    /// scratch if it is not aligned): a node reads the bulk of its traffic
+    /// without copying it into owned values first.
+    pub fn receive<'a>(&'a mut self, frame: &Frame<'a>) -> Result<Received<'a>, MessageError> {
+        if frame.kind != FrameKind::DeltaBatch {
+            return self.decode(frame).map(Received::Message);
+        }
+        let batch =
+            access_limited::<DeltaBatch>(frame.kind, frame.body, self.limits, &mut self.scratch)?;
+        Ok(Received::DeltaBatch(batch))
+    }
+}
+
+/// A message as a server's handler gets it: validated and checked
+/// against the limits, a [`DeltaBatch`] still where it arrived.
+#[derive(Debug)]
+pub enum Received<'a> {
+    /// A delta batch, read in the connection's buffer.
+    DeltaBatch(&'a ArchivedDeltaBatch),
+    /// Any other message, decoded.
+    Message(Message),
+}
+
+impl Received<'_> {
+    /// The message as owned values (a delta batch copied out).
+    pub fn into_message(self) -> Result<Message, MessageError> {
+        match self {
+            Received::DeltaBatch(b) => owned(FrameKind::DeltaBatch, b).map(Message::DeltaBatch),
+            Received::Message(m) => Ok(m),
+        }
+    }
+}
+
+impl From<Message> for Received<'_> {
+    fn from(msg: Message) -> Self {
+        Received::Message(msg)
     }
 }
 

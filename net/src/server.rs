@@ -38,7 +38,7 @@ use futures_util::future::{Either, select};
 use crate::backend::{Backend, IoUring, Stream};
 use crate::frame::FrameKind;
 use crate::handshake::{Handshake, Identity, RejectReason, Secret, reject_body, reject_frame};
-use crate::message::{Codec, Limits, Message};
+use crate::message::{Codec, Limits, Message, Received};
 use crate::record::RecordWriter;
 use crate::seal::{Opener, Protection};
 use crate::transport::{FrameReader, PeerInfo, SocketOptions, TransportError, drive_handshake, ms};
@@ -337,18 +337,23 @@ impl<B: Backend> Server<B> {
     /// Serves forever. See [`Server::serve_until`].
     pub async fn serve<H>(self, handler: H) -> io::Result<()>
     where
-        H: FnMut(PeerInfo, Message) -> Option<Message> + 'static,
+        H: for<'m> FnMut(PeerInfo, Received<'m>) -> Option<Message> + 'static,
     {
         self.serve_until(handler, std::future::pending()).await
     }
 
     /// Accepts and serves connections until `shutdown` completes. The
     /// handler gets every message of every authenticated peer, in order per
-    /// connection; what it returns is sent back on that connection.
+    /// connection, validated and within the limits; a [`DeltaBatch`] it
+    /// gets where it arrived, to read without a copy
+    /// ([`Received::into_message`] copies it out). What it returns is sent
+    /// back on that connection.
+    ///
+    /// [`DeltaBatch`]: crate::DeltaBatch
     /// Connections still open when this returns end when the runtime drops.
     pub async fn serve_until<H, F>(self, handler: H, shutdown: F) -> io::Result<()>
     where
-        H: FnMut(PeerInfo, Message) -> Option<Message> + 'static,
+        H: for<'m> FnMut(PeerInfo, Received<'m>) -> Option<Message> + 'static,
         F: Future<Output = ()>,
     {
         let shared = Rc::new(Shared {
@@ -465,7 +470,7 @@ impl<H> Shared<H> {
 
 fn on_accept<B: Backend, H>(shared: &Rc<Shared<H>>, stream: B::Stream, addr: SocketAddr)
 where
-    H: FnMut(PeerInfo, Message) -> Option<Message> + 'static,
+    H: for<'m> FnMut(PeerInfo, Received<'m>) -> Option<Message> + 'static,
 {
     let stats = &shared.stats;
     let cfg = &shared.config;
@@ -528,7 +533,7 @@ async fn connection<B: Backend, H>(
     evict: futures_util::future::AbortRegistration,
 ) -> Result<(), TransportError>
 where
-    H: FnMut(PeerInfo, Message) -> Option<Message>,
+    H: for<'m> FnMut(PeerInfo, Received<'m>) -> Option<Message>,
 {
     let cfg = &shared.config;
     let stats = &shared.stats;
@@ -710,7 +715,7 @@ async fn serve_messages<B: Backend, H>(
     opener: Opener,
 ) -> Result<(), TransportError>
 where
-    H: FnMut(PeerInfo, Message) -> Option<Message>,
+    H: for<'m> FnMut(PeerInfo, Received<'m>) -> Option<Message>,
 {
     let reading = pin!(read_side::<B, H>(shared, stream, peer, outbox, opener));
     let writing = pin!(write_side::<B>(stream, outbox));
@@ -730,14 +735,14 @@ async fn read_side<B: Backend, H>(
     opener: Opener,
 ) -> Result<(), TransportError>
 where
-    H: FnMut(PeerInfo, Message) -> Option<Message>,
+    H: for<'m> FnMut(PeerInfo, Received<'m>) -> Option<Message>,
 {
     let limits = shared.config.limits;
     let write_max = shared.config.write_bytes_max as usize;
     let mut reader = FrameReader::new(limits, opener);
     let mut codec = Codec::new(limits);
     loop {
-        while let Some(msg) = reader.try_next()? {
+        while let Some(msg) = reader.try_receive()? {
             bump(&shared.stats.messages);
             let reply = (shared.handler.borrow_mut())(peer, msg);
             if let Some(reply) = reply {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::backend::{Backend, Stream};
 use crate::frame::{FrameError, FrameHeader, HEADER_LEN};
 use crate::handshake::{Established, Handshake, HandshakeError, Identity};
-use crate::message::{Codec, EncodeError, Limits, Message, MessageError};
+use crate::message::{Codec, EncodeError, Limits, Message, MessageError, Received};
 use crate::record::{self, RecordWriter};
 use crate::seal::{Opener, Protection, RECORD_OVERHEAD, SealError, SessionKeys};
 
@@ -245,7 +245,20 @@ impl FrameReader {
 
     /// The next complete message already buffered, if any.
     pub(crate) fn try_next(&mut self) -> Result<Option<Message>, TransportError> {
+        match self.try_receive()? {
+            Some(r) => Ok(Some(r.into_message()?)),
+            None => Ok(None),
+        }
+    }
+
+    /// [`FrameReader::try_next`], a delta batch left where it lies.
+    pub(crate) fn try_receive(&mut self) -> Result<Option<Received<'_>>, TransportError> {
         if self.pending.is_empty() {
+            if self.rstart == self.rbuf.len() {
+                // Every record taken: start the buffer over.
+                self.rbuf.clear();
+                self.rstart = 0;
+            }
             let max = self.record_bytes_max();
             let Some((_, used)) = self.opener.open(&mut self.rbuf[self.rstart..], max)? else {
                 return Ok(None);
@@ -256,14 +269,8 @@ impl FrameReader {
         }
         let (frame, used) =
             record::next_message(&self.rbuf[self.pending.clone()], self.frame_bytes_max())?;
-        let msg = self.codec.decode(&frame)?;
         self.pending.start += used;
-        if self.pending.is_empty() && self.rstart == self.rbuf.len() {
-            self.rbuf.clear();
-            self.rstart = 0;
-            self.pending = 0..0;
-        }
-        Ok(Some(msg))
+        Ok(Some(self.codec.receive(&frame)?))
     }
 
     /// Reads more bytes from `stream`. `Ok(false)` on a clean end of stream.

@@ -19,7 +19,7 @@ use sessio_net::message::samples;
 use sessio_net::record;
 use sessio_net::{
     Ack, AckEntry, AckStatus, Backend, Client, ClientConfig, Delta, DeltaBatch, DeltaEntry, Epoll,
-    FetchReply, Handshake, Identity, Message, Pong, Secret, Server, ServerConfig, Stats,
+    FetchReply, Handshake, Identity, Message, Pong, Received, Secret, Server, ServerConfig, Stats,
     TransportError, on_test_backend,
 };
 
@@ -67,7 +67,8 @@ impl TestServer {
                     .unwrap();
                     tx.send(server.local_addr()).unwrap();
                     let stats = server.stats();
-                    let handler = move |_peer, msg: Message| {
+                    let handler = move |_peer, msg: Received<'_>| {
+                        let msg = msg.into_message().expect("a checked message copies out");
                         received.lock().unwrap().push(msg.clone());
                         reply_to(msg)
                     };

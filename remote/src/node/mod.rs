@@ -34,6 +34,7 @@
 //! threads), [`serve`](mod@serve) (the I/O loop and its threads).
 
 mod copy;
+mod entry;
 pub mod serve;
 pub mod shards;
 pub mod store;

@@ -5,7 +5,9 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 
-use sessio_net::{FireOnDrop, Identity, Message, PeerInfo, Secret, Server, ServerConfig, Shutdown};
+use sessio_net::{
+    FireOnDrop, Identity, Message, PeerInfo, Received, Secret, Server, ServerConfig, Shutdown,
+};
 
 use super::{BIND_RETRY_MS, EXPIRE_INTERVAL_MS_DEFAULT, ExpiryRule, NodeLimits};
 use crate::runtime::Rt;
@@ -67,7 +69,7 @@ fn answer(
     shards: &super::shards::Shards,
     net: &sessio_net::ServerStats,
     peer: &PeerInfo,
-    msg: Message,
+    msg: Received<'_>,
 ) -> Option<Message> {
     match shards.handle(peer.identity.id, msg) {
         Some(Message::Stats(mut s)) => {
@@ -176,8 +178,9 @@ pub fn serve<B: Rt>(
                                 }
                             };
                         let _ = tx.send(Ok(()));
-                        let handler =
-                            move |peer: PeerInfo, msg: Message| answer(&shards, &net, &peer, msg);
+                        let handler = move |peer: PeerInfo, msg: Received<'_>| {
+                            answer(&shards, &net, &peer, msg)
+                        };
                         server.serve_until(handler, stop.wait()).await
                     })
                 });
@@ -205,7 +208,7 @@ pub fn serve<B: Rt>(
             on_bound(addr, identity.incarnation);
             let handler = {
                 let (shards, net) = (Arc::clone(&shards), Arc::clone(&net));
-                move |peer: PeerInfo, msg: Message| answer(&shards, &net, &peer, msg)
+                move |peer: PeerInfo, msg: Received<'_>| answer(&shards, &net, &peer, msg)
             };
             // Expiry and idle-fold passes run on this thread between
             // messages.

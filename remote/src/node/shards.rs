@@ -13,10 +13,11 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use hashbrown::HashMap;
 use sessio_net::{
-    Ack, AckEntry, Counter, DeltaBatch, DeltaEntry, Invalidate, InvalidateEntry, Message, Pong,
-    Sid, Stats, StatsRequest,
+    Ack, AckEntry, Counter, DeltaBatch, Invalidate, InvalidateEntry, Message, Pong, Received, Sid,
+    Stats, StatsRequest,
 };
 
+use super::entry::{AsEntry, EntryRef};
 use super::{ExpiryRule, FOLD_IDLE_MS, NodeLimits, STALE_PER_PONG, Store};
 
 /// Most shards (and so node threads) one node runs.
@@ -82,9 +83,16 @@ impl Shards {
     }
 
     /// Answers one message from host `from`, as [`Store::handle`] does.
-    pub fn handle(&self, from: u64, msg: Message) -> Option<Message> {
+    pub fn handle(&self, from: u64, msg: Received<'_>) -> Option<Message> {
+        let msg = match msg {
+            Received::DeltaBatch(b) => {
+                let ack = self.apply_entries(b.host_id.to_native(), &b.entries);
+                return Some(Message::Ack(ack));
+            }
+            Received::Message(m) => m,
+        };
         match msg {
-            Message::DeltaBatch(b) => Some(Message::Ack(self.apply_batch(b))),
+            Message::DeltaBatch(b) => Some(Message::Ack(self.apply_batch(&b))),
             Message::Fetch(f) => Some(Message::FetchReply(self.lock(&f.sid).fetch(f))),
             Message::Invalidate(inv) => {
                 self.invalidate(inv);
@@ -112,14 +120,21 @@ impl Shards {
 
     /// Applies a batch: each shard's entries in order under its lock; one
     /// ack entry per delta entry, in the batch's order.
-    pub fn apply_batch(&self, batch: DeltaBatch) -> Ack {
+    pub fn apply_batch(&self, batch: &DeltaBatch) -> Ack {
+        self.apply_entries(batch.host_id, &batch.entries)
+    }
+
+    /// [`Shards::apply_batch`] of entries in either form.
+    fn apply_entries<T: AsEntry>(&self, host: u64, entries: &[T]) -> Ack {
+        let now_ms = sessio_engine::clock::now_ms();
         if self.shards.len() == 1 {
-            return self.lock_at(0).apply_batch(batch);
+            return self.lock_at(0).apply_entries(host, entries, now_ms);
         }
-        let n = batch.entries.len();
-        let mut parts: Vec<(Vec<usize>, Vec<DeltaEntry>)> =
+        let n = entries.len();
+        let mut parts: Vec<(Vec<usize>, Vec<EntryRef<'_>>)> =
             (0..self.shards.len()).map(|_| Default::default()).collect();
-        for (at, e) in batch.entries.into_iter().enumerate() {
+        for (at, e) in entries.iter().enumerate() {
+            let e = e.entry();
             let p = &mut parts[self.index(&e.sid)];
             p.0.push(at);
             p.1.push(e);
@@ -129,10 +144,7 @@ impl Shards {
             if entries.is_empty() {
                 continue;
             }
-            let ack = self.lock_at(i).apply_batch(DeltaBatch {
-                host_id: batch.host_id,
-                entries,
-            });
+            let ack = self.lock_at(i).apply_entries(host, &entries, now_ms);
             for (pos, entry) in at.into_iter().zip(ack.entries) {
                 out[pos] = Some(entry);
             }
@@ -215,7 +227,7 @@ impl Shards {
 mod tests {
     use super::*;
     use sessio_engine::session::{SessionData, encode_session};
-    use sessio_net::{AckStatus, Delta, Fetch, InvalidateEntry};
+    use sessio_net::{AckStatus, Delta, DeltaEntry, Fetch, InvalidateEntry};
 
     fn full(sid: Sid, version: u64, epoch: u64) -> DeltaEntry {
         DeltaEntry {
@@ -252,8 +264,8 @@ mod tests {
             host_id: 9,
             entries,
         };
-        let a1 = one.apply_batch(batch.clone());
-        let a4 = four.apply_batch(batch.clone());
+        let a1 = one.apply_batch(&batch);
+        let a4 = four.apply_batch(&batch);
         assert_eq!(a1, a4, "sharding changes no answer");
         assert_eq!(a4.entries.len(), batch.entries.len());
         for (e, a) in batch.entries.iter().zip(&a4.entries) {
@@ -270,7 +282,8 @@ mod tests {
             Message::Fetch(Fetch {
                 request_id: 1,
                 sid: sid(9),
-            }),
+            })
+            .into(),
         );
         let Some(Message::FetchReply(r)) = reply else {
             panic!("{reply:?}")
@@ -303,7 +316,7 @@ mod tests {
             1,
             2,
         );
-        let ack = s.apply_batch(DeltaBatch {
+        let ack = s.apply_batch(&DeltaBatch {
             host_id: 1,
             entries: (0..32).map(|i| full(sid(i), 1, 1)).collect(),
         });

@@ -5,15 +5,17 @@ use hashbrown::HashMap;
 use rkyv::util::AlignedVec;
 use rkyv::vec::ArchivedVec;
 use sessio_engine::session::{ATTRS_MAX, ArchivedOp};
+use sessio_net::message::ArchivedDeltaBatch;
 use sessio_net::{
-    Ack, AckEntry, AckStatus, Counter, Delta, DeltaBatch, DeltaEntry, Fetch, FetchReply,
-    FoundRecord, Invalidate, InvalidateEntry, Message, Pong, Sid, Stats, StatsRequest,
+    Ack, AckEntry, AckStatus, Counter, DeltaBatch, Fetch, FetchReply, FoundRecord, Invalidate,
+    InvalidateEntry, Message, Pong, Received, Sid, Stats, StatsRequest,
 };
 
 use super::copy::{
     Copy, Folded, PendingLog, ValidOps, ValidRecord, aligned, attr_measure, fold_into,
     pending_charge, shape,
 };
+use super::entry::{AsEntry, BodyRef, EntryRef};
 use super::{
     ALIGN, APPLY_QUOTA_BYTES, BYTES_MAX_DEFAULT, PENDING_BATCHES_MAX, PENDING_BYTES_MAX,
     SESSIONS_MAX_DEFAULT,
@@ -340,10 +342,14 @@ impl Store {
 
     /// Answers one message from host `from` (its handshake id); `None` for
     /// messages that get no answer. A ping's pong carries the takeover
-    /// notices kept for `from`.
-    pub fn handle(&mut self, from: u64, msg: Message) -> Option<Message> {
+    /// notices kept for `from`. A delta batch is read where it arrived.
+    pub fn handle(&mut self, from: u64, msg: Received<'_>) -> Option<Message> {
+        let msg = match msg {
+            Received::DeltaBatch(b) => return Some(Message::Ack(self.apply_archived(b))),
+            Received::Message(m) => m,
+        };
         match msg {
-            Message::DeltaBatch(b) => Some(Message::Ack(self.apply_batch(b))),
+            Message::DeltaBatch(b) => Some(Message::Ack(self.apply_batch(&b))),
             Message::Fetch(f) => Some(Message::FetchReply(self.fetch(f))),
             Message::Invalidate(inv) => {
                 self.invalidate(&inv);
@@ -361,8 +367,19 @@ impl Store {
 
     /// Applies a batch in order, op deltas at this node's clock; one ack
     /// entry per delta entry.
-    pub fn apply_batch(&mut self, batch: DeltaBatch) -> Ack {
+    pub fn apply_batch(&mut self, batch: &DeltaBatch) -> Ack {
         self.apply_batch_at(batch, sessio_engine::clock::now_ms())
+    }
+
+    /// [`Store::apply_batch`] of a batch read where it arrived: its bodies
+    /// are copied only into what the store keeps.
+    pub fn apply_archived(&mut self, batch: &ArchivedDeltaBatch) -> Ack {
+        self.apply_archived_at(batch, sessio_engine::clock::now_ms())
+    }
+
+    /// [`Store::apply_archived`] with op deltas applied at `now_ms`.
+    pub fn apply_archived_at(&mut self, batch: &ArchivedDeltaBatch, now_ms: u64) -> Ack {
+        self.apply_entries(batch.host_id.to_native(), &batch.entries, now_ms)
     }
 
     /// [`Store::apply_batch`] with op deltas applied at `now_ms` (the time
@@ -381,25 +398,35 @@ impl Store {
     /// passed, a copy at [`PENDING_BATCHES_MAX`] or [`PENDING_BYTES_MAX`],
     /// a store near `bytes_max`) folds the pending batches and is applied
     /// at once, with the outcome an eager apply gives.
-    pub fn apply_batch_at(&mut self, batch: DeltaBatch, now_ms: u64) -> Ack {
+    pub fn apply_batch_at(&mut self, batch: &DeltaBatch, now_ms: u64) -> Ack {
+        self.apply_entries(batch.host_id, &batch.entries, now_ms)
+    }
+
+    /// Applies `entries` from host `host` in order ([`Store::apply_batch_at`]).
+    pub(crate) fn apply_entries<T: AsEntry>(
+        &mut self,
+        host: u64,
+        entries: &[T],
+        now_ms: u64,
+    ) -> Ack {
         // In a large store the copies are cold, and one entry's work is
         // too long for the processor to have two entries' misses in flight
         // at once. Asking for the lines the batch's op deltas will touch
         // first (the copies' slots here, the ends of their pending logs)
         // lets those misses overlap. (Asking for all of a copy about to
         // fold as well measured no better: its reads are sequential.)
-        for e in &batch.entries {
-            if let Delta::Ops(ops) = &e.body
+        for e in entries {
+            let e = e.entry();
+            if let BodyRef::Ops(ops) = e.body
                 && let Some(c) = self.copies.get(&e.sid)
             {
                 c.prefetch_update(ops.len());
             }
         }
-        let host = batch.host_id;
-        let entries = batch
-            .entries
-            .into_iter()
+        let entries = entries
+            .iter()
             .map(|e| {
+                let e = e.entry();
                 let sid = e.sid;
                 let (status, version) = self.apply_entry(e, host, now_ms);
                 match status {
@@ -460,9 +487,9 @@ impl Store {
 
     /// One entry's answer from host `host`, and the version held after it;
     /// an applied entry makes `host` the copy's writer.
-    fn apply_entry(&mut self, e: DeltaEntry, host: u64, now_ms: u64) -> (AckStatus, u64) {
+    fn apply_entry(&mut self, e: EntryRef<'_>, host: u64, now_ms: u64) -> (AckStatus, u64) {
         let (sid, epoch) = (e.sid, e.epoch);
-        if let Delta::Ops(ops) = &e.body {
+        if let BodyRef::Ops(ops) = e.body {
             // The common case, with one lookup (the writer noted in it).
             if let Some(done) = self.append_ops(&e, ops, host, now_ms) {
                 return done;
@@ -487,14 +514,14 @@ impl Store {
 
     /// A removal's or a full record's answer (`held`: the version and
     /// epoch of the copy held), and the version held after it.
-    fn apply_whole(&mut self, e: DeltaEntry, held: Option<(u64, u64)>) -> (AckStatus, u64) {
+    fn apply_whole(&mut self, e: EntryRef<'_>, held: Option<(u64, u64)>) -> (AckStatus, u64) {
         if let Some((version, epoch)) = held
             && e.epoch < epoch
         {
             return (AckStatus::Fenced, version);
         }
         match e.body {
-            Delta::Remove => {
+            BodyRef::Remove => {
                 if let Some((version, epoch)) = held
                     && e.epoch == epoch
                     && e.new_version != 0
@@ -507,7 +534,7 @@ impl Store {
                 self.remove(&e.sid);
                 (AckStatus::Applied, 0)
             }
-            Delta::Full(record) => {
+            BodyRef::Full(record) => {
                 if let Some((version, epoch)) = held
                     && e.epoch == epoch
                     && e.new_version <= version
@@ -515,7 +542,7 @@ impl Store {
                     // A replay or a reordered older copy: ours is as new.
                     return (AckStatus::Applied, version);
                 }
-                let Some(record) = ValidRecord::validate(record, &mut self.scratch) else {
+                let Some(record) = ValidRecord::validate(record.to_vec(), &mut self.scratch) else {
                     return (AckStatus::Refused, self.version_of(&e.sid));
                 };
                 let archived = record.view(&mut self.scratch);
@@ -533,7 +560,7 @@ impl Store {
                 }
                 (status, self.version_of(&e.sid))
             }
-            Delta::Ops(_) => unreachable!("handled above"),
+            BodyRef::Ops(_) => unreachable!("handled above"),
         }
     }
 
@@ -543,7 +570,7 @@ impl Store {
     /// batch must be applied at once: it is left in `scratch`, validated.
     fn append_ops(
         &mut self,
-        e: &DeltaEntry,
+        e: &EntryRef<'_>,
         ops: &[u8],
         host: u64,
         now_ms: u64,

@@ -251,7 +251,7 @@ pub fn node_child(n: u64) -> Result<(), BoxError> {
                     },
                 })
                 .collect();
-            let ack = store.apply_batch(DeltaBatch {
+            let ack = store.apply_batch(&DeltaBatch {
                 host_id: 7,
                 entries,
             });

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use sessio_net::{
     Ack, AckEntry, AckStatus, Backend, Client, ClientConfig, Delta, DeltaBatch, DeltaEntry, Fetch,
-    FetchReply, FoundRecord, Identity, IoUring, Message, Secret, Server, ServerConfig, Shutdown,
-    Sid,
+    FetchReply, FoundRecord, Identity, IoUring, Message, Received, Secret, Server, ServerConfig,
+    Shutdown, Sid,
 };
 
 use crate::BoxError;
@@ -110,14 +110,14 @@ impl NodeServer {
                             Node::Ack => server.serve_until(ack_all, shutdown).await,
                             Node::Store => {
                                 let mut store = replica_store(&[]);
-                                let h = move |peer: sessio_net::PeerInfo, msg| {
+                                let h = move |peer: sessio_net::PeerInfo, msg: Received<'_>| {
                                     store.handle(peer.identity.id, msg)
                                 };
                                 server.serve_until(h, shutdown).await
                             }
                             Node::Records(records) => {
                                 let mut store = replica_store(&records);
-                                let h = move |peer: sessio_net::PeerInfo, msg| {
+                                let h = move |peer: sessio_net::PeerInfo, msg: Received<'_>| {
                                     store.handle(peer.identity.id, msg)
                                 };
                                 server.serve_until(h, shutdown).await
@@ -158,20 +158,22 @@ impl Drop for NodeServer {
     }
 }
 
-fn ack_all(_peer: sessio_net::PeerInfo, msg: Message) -> Option<Message> {
+#[allow(clippy::needless_pass_by_value)] // the signature the server calls
+fn ack_all(_peer: sessio_net::PeerInfo, msg: Received<'_>) -> Option<Message> {
+    // Read where it arrived, as the store node reads it.
     match msg {
-        Message::DeltaBatch(b) => Some(Message::Ack(Ack {
+        Received::DeltaBatch(b) => Some(Message::Ack(Ack {
             entries: b
                 .entries
                 .iter()
                 .map(|e| AckEntry {
                     sid: e.sid,
-                    version: e.new_version,
+                    version: e.new_version.to_native(),
                     status: AckStatus::Applied,
                 })
                 .collect(),
         })),
-        _ => None,
+        Received::Message(_) => None,
     }
 }
 
@@ -196,7 +198,7 @@ fn replica_store(records: &[(Sid, FoundRecord)]) -> sessio_remote::Store {
                 body: Delta::Full(r.record.clone()),
             })
             .collect();
-        let ack = store.apply_batch(DeltaBatch {
+        let ack = store.apply_batch(&DeltaBatch {
             host_id: HOST_ID,
             entries,
         });

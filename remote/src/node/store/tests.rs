@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use sessio_engine::Op;
 use sessio_engine::session::{Applied, KEY_BYTES_MAX, SessionData};
 use sessio_engine::session::{decode_ops, decode_session, encode_ops, encode_session};
-use sessio_net::InvalidateEntry;
+use sessio_net::{Delta, DeltaEntry, InvalidateEntry};
 
 const SID: Sid = [7; 16];
 
@@ -31,7 +31,7 @@ fn one(store: &mut Store, e: DeltaEntry) -> AckEntry {
 
 /// `e` from host `host`.
 fn from_host(store: &mut Store, host: u64, e: DeltaEntry) -> AckEntry {
-    let ack = store.apply_batch(DeltaBatch {
+    let ack = store.apply_batch(&DeltaBatch {
         host_id: host,
         entries: vec![e],
     });
@@ -79,7 +79,7 @@ fn ops_need_the_base_version() {
 /// Applies `ops` to the copy of `SID` at `v` → `v + 1`, at `now_ms`.
 fn ops_at(s: &mut Store, v: u64, ops: &[Op], now_ms: u64) -> AckEntry {
     let ack = s.apply_batch_at(
-        DeltaBatch {
+        &DeltaBatch {
             host_id: 1,
             entries: vec![entry(v, v + 1, 1, Delta::Ops(encode_ops(ops).to_vec()))],
         },
@@ -384,7 +384,7 @@ fn expiry_drops_expired_and_idle_copies_within_budget() {
     let mut s = Store::new(NodeLimits::default(), 1);
     let (a, b, c) = ([1; 16], [2; 16], [3; 16]);
     let ack = s.apply_batch_at(
-        DeltaBatch {
+        &DeltaBatch {
             host_id: 1,
             entries: vec![
                 full(a, rec(500, 1_000)),
@@ -397,7 +397,7 @@ fn expiry_drops_expired_and_idle_copies_within_budget() {
     assert!(ack.entries.iter().all(|e| e.status == AckStatus::Applied));
     // C is written later, by an op delta kept pending.
     let ack = s.apply_batch_at(
-        DeltaBatch {
+        &DeltaBatch {
             host_id: 1,
             entries: vec![DeltaEntry {
                 sid: c,
@@ -432,7 +432,7 @@ fn expiry_drops_expired_and_idle_copies_within_budget() {
         .map(|i| full([i; 16], rec(0, if i % 2 == 0 { 10 } else { 0 })))
         .collect();
     s.apply_batch_at(
-        DeltaBatch {
+        &DeltaBatch {
             host_id: 1,
             entries: many,
         },
@@ -571,7 +571,7 @@ fn op_deltas_wait_until_a_fetch_folds_them() {
 fn idle_copies_fold_and_busy_ones_wait() {
     let at = |s: &mut Store, sid: Sid, base: u64, now_ms: u64, d: Delta| {
         let ack = s.apply_batch_at(
-            DeltaBatch {
+            &DeltaBatch {
                 host_id: 1,
                 entries: vec![DeltaEntry {
                     sid,

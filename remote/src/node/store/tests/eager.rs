@@ -115,7 +115,7 @@ fn fold_gives_the_record_eager_applies_give() {
             let e = entry(v, v + 1, 1, Delta::Ops(encode_ops(ops).to_vec()));
             eager.apply(&e, v);
             s.apply_batch_at(
-                DeltaBatch {
+                &DeltaBatch {
                     host_id: 1,
                     entries: vec![e],
                 },
@@ -219,7 +219,7 @@ proptest! {
         let flush = |store: &mut Store, eager: &mut Eager, batch: &mut Vec<DeltaEntry>, now_ms: u64|
             -> Result<(), TestCaseError> {
             let want: Vec<AckEntry> = batch.iter().map(|e| eager.apply(e, now_ms)).collect();
-            let got = store.apply_batch_at(DeltaBatch { host_id: 1, entries: std::mem::take(batch) }, now_ms);
+            let got = store.apply_batch_at(&DeltaBatch { host_id: 1, entries: std::mem::take(batch) }, now_ms);
             prop_assert_eq!(got.entries, want);
             Ok(())
         };

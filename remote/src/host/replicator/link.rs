@@ -85,7 +85,9 @@ pub(super) async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorSta
                             s.epoch = epoch;
                             s.removed = false;
                             s.fenced = false;
-                            s.note_unacked(now, version);
+                            if s.note_unacked(now, version) {
+                                st.start_waiting(sid, now);
+                            }
                         }
                         sid
                     }
@@ -98,7 +100,9 @@ pub(super) async fn dispatcher<B: Rt>(ctx: &Ctx<'_>, stats: &Mutex<ReplicatorSta
                             s.epoch = 1;
                         }
                         s.removed = true;
-                        s.note_unacked(now, 0);
+                        if s.note_unacked(now, 0) {
+                            st.start_waiting(sid, now);
+                        }
                         sid
                     }
                 };
@@ -542,9 +546,12 @@ pub(super) fn push_full(
     bytes
 }
 
-/// Adds a `Remove` entry at the session's current version and epoch (a
-/// removal, or a stand-in dropping its hinted copy); returns the bytes it
-/// adds to the batch.
+/// Adds a `Remove` entry at the session's epoch (a removal, or a stand-in
+/// dropping its hinted copy); returns the bytes it adds to the batch. A
+/// removal carries the newest version shipped of the session, which may
+/// be past the one taken (a node keeps a copy newer than the removal it
+/// gets, taking it for a write that overtook it); a drop carries the
+/// version taken, so a newer hinted copy stays.
 pub(super) fn push_remove(
     entries: &mut Vec<DeltaEntry>,
     sent: &mut Vec<Sent>,
@@ -553,16 +560,21 @@ pub(super) fn push_remove(
     base: u64,
     drops_hint: bool,
 ) -> u64 {
+    let version = if drops_hint {
+        s.version
+    } else {
+        s.newest_shipped()
+    };
     entries.push(DeltaEntry {
         sid: sid.0,
         base_version: base,
-        new_version: s.version,
+        new_version: version,
         epoch: s.epoch,
         body: Delta::Remove,
     });
     sent.push(Sent {
         sid,
-        new_version: s.version,
+        new_version: version,
         epoch: s.epoch,
         drops_hint,
     });
@@ -820,7 +832,9 @@ fn record_acks(
                 fenced += 1;
                 ss.fenced = true;
                 ss.clear_sent(id);
-                ss.since = None;
+                if ss.since.take().is_some() {
+                    st.waiting = st.waiting.saturating_sub(1);
+                }
                 ss.next = None;
                 // Another host owns it under a newer epoch: our copy at
                 // this one is stale.

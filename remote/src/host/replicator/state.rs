@@ -1,6 +1,8 @@
 //! What the replicator knows, and the rules that route and settle it:
 //! plain data, no I/O, no arena.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
 use hashbrown::{HashMap, HashSet};
@@ -38,17 +40,34 @@ pub(super) struct SidState {
 
 impl SidState {
     /// Version `version` (0: a removal) was seen at `now`, not yet acked.
-    pub(super) fn note_unacked(&mut self, now: Instant, version: u64) {
+    /// Returns whether the session started waiting with it (it was not
+    /// waiting before): the caller counts it in [`State::waiting`].
+    #[must_use]
+    pub(super) fn note_unacked(&mut self, now: Instant, version: u64) -> bool {
         match self.since {
             None => {
                 self.since = Some(now);
                 self.since_version = version;
+                true
             }
             Some(_) if self.next.is_none() && version > self.since_version => {
                 self.next = Some((now, version));
+                false
             }
-            Some(_) => {}
+            Some(_) => false,
         }
+    }
+
+    /// The newest version of this session any node was sent or
+    /// acknowledged, or the one last taken if newer. A batch is built from
+    /// the arena, which may have moved past the version taken: a removal
+    /// carries this one, so no node keeps a copy newer than it.
+    pub(super) fn newest_shipped(&self) -> u64 {
+        self.acks
+            .iter()
+            .chain(&self.sent)
+            .map(|&(_, v)| v)
+            .fold(self.version, u64::max)
     }
 
     /// Whether `r` nodes acknowledged `version` or newer.
@@ -127,6 +146,10 @@ pub struct Lag(Samples);
 /// How often a snapshot reads the lag histogram anew, ms (its quantiles
 /// walk the histogram; every tick would be waste).
 const LAG_SNAPSHOT_MS: u64 = 100;
+
+/// Ended waits the heap of waits may hold beyond twice the open ones
+/// before it is swept.
+const WAITS_SLACK: u64 = 1024;
 
 /// The lag histogram as of a snapshot, with the quantiles read off it.
 #[derive(Debug, Clone, Default)]
@@ -208,6 +231,14 @@ pub(super) struct State {
     pub(super) dispatcher: Wake,
     pub(super) rate_mark: (Instant, u64),
     pub(super) bytes_per_sec: u64,
+    /// Sessions waiting for R acks (`SidState::since` set), counted as
+    /// they start and stop waiting: a snapshot reads it without walking
+    /// every session.
+    pub(super) waiting: u64,
+    /// Each wait as it started (`since`, SID), oldest on top; a wait that
+    /// ended is dropped when it reaches the top, so the oldest one waiting
+    /// is found without walking every session.
+    waits: BinaryHeap<Reverse<(Instant, Sid)>>,
 }
 
 impl State {
@@ -223,7 +254,42 @@ impl State {
             dispatcher: Wake::default(),
             rate_mark: (Instant::now(), 0),
             bytes_per_sec: 0,
+            waiting: 0,
+            waits: BinaryHeap::new(),
         }
+    }
+
+    /// `sid` started waiting for R acks at `at` (its `since`, just set).
+    pub(super) fn start_waiting(&mut self, sid: Sid, at: Instant) {
+        self.waiting += 1;
+        self.note_wait(sid, at);
+    }
+
+    /// Remembers a wait of `sid` since `at`, keeping the heap within a
+    /// bound of the waits still open.
+    fn note_wait(&mut self, sid: Sid, at: Instant) {
+        self.waits.push(Reverse((at, sid)));
+        if self.waits.len() as u64 > 2 * self.waiting + WAITS_SLACK {
+            let sids = &self.sids;
+            self.waits
+                .retain(|Reverse((t, s))| sids.get(s).and_then(|x| x.since) == Some(*t));
+        }
+    }
+
+    /// When the oldest session still waiting for R acks started waiting.
+    fn oldest_waiting(&mut self) -> Option<Instant> {
+        if self.waiting == 0 {
+            self.waits.clear();
+            return None;
+        }
+        while let Some(&Reverse((t, sid))) = self.waits.peek() {
+            if self.sids.get(&sid).and_then(|s| s.since) == Some(t) {
+                return Some(t);
+            }
+            self.waits.pop();
+        }
+        debug_assert!(false, "{} sessions wait, none on the heap", self.waiting);
+        None
     }
 
     pub(super) fn link(&mut self, id: u16) -> Option<&mut NodeLink> {
@@ -351,16 +417,9 @@ impl State {
             .as_ref()
             .map(|(_, f)| f.clone())
             .unwrap_or_default();
-        // One pass: the sessions waiting for acks, and the oldest of them.
-        let (mut dirty, mut oldest) = (0u64, None::<Instant>);
-        for s in self.sids.values() {
-            if let Some(t) = s.since {
-                dirty += 1;
-                oldest = Some(oldest.map_or(t, |o| o.min(t)));
-            }
-        }
+        let oldest = self.oldest_waiting();
         ReplicatorStats {
-            dirty,
+            dirty: self.waiting,
             oldest_unacked_us: oldest.map_or(0, |t| t.elapsed().as_micros() as u64),
             nodes: self
                 .nodes
@@ -429,6 +488,7 @@ pub(super) fn settle(st: &mut State, sid: Sid) {
     if s.holders() >= r && (s.since.is_some() || s.removed) {
         if let Some(t) = s.since.take() {
             st.lag.record(t.elapsed());
+            st.waiting = st.waiting.saturating_sub(1);
         }
         s.next = None;
         if s.removed && !queued {
@@ -445,6 +505,7 @@ pub(super) fn settle(st: &mut State, sid: Sid) {
         let (at, v) = s.next.take().unwrap_or((Instant::now(), s.version));
         s.since = Some(at);
         s.since_version = v;
+        st.note_wait(sid, at);
     }
 }
 

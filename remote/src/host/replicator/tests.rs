@@ -107,10 +107,11 @@ fn the_oldest_wait_moves_on_once_its_version_is_acked() {
     let s = st.sids.entry(sid).or_default();
     // Version 1 seen 3 s ago, version 2 1 s ago, 3 just now.
     s.version = 3;
-    s.note_unacked(t0, 1);
-    s.note_unacked(t1, 2);
-    s.note_unacked(Instant::now(), 3);
+    assert!(s.note_unacked(t0, 1), "starts waiting");
+    assert!(!s.note_unacked(t1, 2), "waits already");
+    assert!(!s.note_unacked(Instant::now(), 3));
     s.set_ack(1, 1);
+    st.start_waiting(sid, t0);
     state::settle(&mut st, sid);
     assert_eq!(st.sids[&sid].since, Some(t0), "one ack of 1: still waiting");
     st.sids.get_mut(&sid).unwrap().set_ack(2, 2);
@@ -140,7 +141,9 @@ fn a_removal_is_kept_until_every_node_queued_for_it_has_it() {
     s.set_ack(1, 4);
     s.set_ack(2, 4);
     s.removed = true;
-    s.note_unacked(Instant::now(), 0);
+    let now = Instant::now();
+    assert!(s.note_unacked(now, 0));
+    st.start_waiting(sid, now);
     // Node 1 acked the Remove; node 2's batch is not built yet.
     st.nodes[1].pending.insert(sid);
     state::settle(&mut st, sid);
@@ -152,4 +155,75 @@ fn a_removal_is_kept_until_every_node_queued_for_it_has_it() {
     st.nodes[1].pending.remove(&sid);
     state::settle(&mut st, sid);
     assert!(!st.sids.contains_key(&sid), "forgotten once no node waits");
+}
+
+#[test]
+fn a_snapshot_counts_the_waiting_sessions_without_walking_them() {
+    let mut st = two_owners();
+    let t0 = Instant::now().checked_sub(Duration::from_secs(2)).unwrap();
+    let sids = [sessio_engine::Sid([1; 16]), sessio_engine::Sid([2; 16])];
+    for (i, sid) in sids.into_iter().enumerate() {
+        let s = st.sids.entry(sid).or_default();
+        s.version = 1;
+        let seen = if i == 0 { t0 } else { Instant::now() };
+        if s.note_unacked(seen, 1) {
+            st.start_waiting(sid, seen);
+        }
+    }
+    let snap = st.snapshot("test", true);
+    assert_eq!(snap.dirty, 2);
+    assert!(
+        snap.oldest_unacked_us >= 2_000_000,
+        "{}",
+        snap.oldest_unacked_us
+    );
+    // Both owners ack the first: one waits still.
+    for n in [1, 2] {
+        st.sids.get_mut(&sids[0]).unwrap().set_ack(n, 1);
+    }
+    state::settle(&mut st, sids[0]);
+    let snap = st.snapshot("test", true);
+    assert_eq!(snap.dirty, 1);
+    assert!(
+        snap.oldest_unacked_us < 1_000_000,
+        "the oldest wait ended: the next one is read, {} µs",
+        snap.oldest_unacked_us
+    );
+    for n in [1, 2] {
+        st.sids.get_mut(&sids[1]).unwrap().set_ack(n, 1);
+    }
+    state::settle(&mut st, sids[1]);
+    let snap = st.snapshot("test", true);
+    assert_eq!(
+        (snap.dirty, snap.oldest_unacked_us),
+        (0, 0),
+        "none waits: read at once, not from the last walk"
+    );
+}
+
+#[test]
+fn a_removal_carries_the_newest_version_shipped() {
+    use sessio_net::Delta;
+    // Version 1 was taken; the batch built later read version 2 from the
+    // arena and sent it to node 1; then the session ended.
+    let mut s = state::SidState {
+        version: 1,
+        epoch: 1,
+        removed: true,
+        ..state::SidState::default()
+    };
+    s.set_sent(1, 2);
+    let sid = sessio_engine::Sid([3; 16]);
+    let (mut entries, mut sent) = (Vec::new(), Vec::new());
+    super::link::push_remove(&mut entries, &mut sent, sid, &s, 2, false);
+    assert!(matches!(entries[0].body, Delta::Remove));
+    assert_eq!(
+        entries[0].new_version, 2,
+        "at version 1, the node would keep its copy at 2 as a write that overtook the removal"
+    );
+    // A stand-in's drop stays at the version taken: a newer hinted copy
+    // is kept.
+    let (mut entries, mut sent) = (Vec::new(), Vec::new());
+    super::link::push_remove(&mut entries, &mut sent, sid, &s, 2, true);
+    assert_eq!(entries[0].new_version, 1);
 }

@@ -77,30 +77,19 @@ mod tests {
     /// Both forms of an entry read the same fields and body.
     #[test]
     fn an_archived_entry_reads_as_its_owned_form() {
+        let entry = |n: u8, (base_version, new_version, epoch), body| DeltaEntry {
+            sid: [n; 16],
+            base_version,
+            new_version,
+            epoch,
+            body,
+        };
         let batch = DeltaBatch {
             host_id: 7,
             entries: vec![
-                DeltaEntry {
-                    sid: [1; 16],
-                    base_version: 3,
-                    new_version: 4,
-                    epoch: 2,
-                    body: Delta::Ops(vec![9; 33]),
-                },
-                DeltaEntry {
-                    sid: [2; 16],
-                    base_version: 0,
-                    new_version: 1,
-                    epoch: 5,
-                    body: Delta::Full(vec![8; 100]),
-                },
-                DeltaEntry {
-                    sid: [3; 16],
-                    base_version: 6,
-                    new_version: 0,
-                    epoch: 5,
-                    body: Delta::Remove,
-                },
+                entry(1, (3, 4, 2), Delta::Ops(vec![9; 33])),
+                entry(2, (0, 1, 5), Delta::Full(vec![8; 100])),
+                entry(3, (6, 0, 5), Delta::Remove),
             ],
         };
         let mut codec = Codec::new(Limits::default());

@@ -8,13 +8,18 @@
 //!   transport); throughput in deltas. The first `Set` of each session
 //!   adds its attribute and waits to be folded; once folded, every later
 //!   one rewrites the value at its length, in place.
+//! - `node/receive_ops_100B_batch64`: the same batches as a node serves
+//!   them: archived on the wire, then checked (`Codec::receive`) and
+//!   applied where they lie (`Store::apply_archived`); only that is timed.
 //! - `node/fetch_after_8_ops`: a fetch of a 1 KB session with 8 op deltas
 //!   pending, so it folds them.
 //!
 //! `cargo bench -p sessio-benches --bench node`.
 
 use criterion::{BatchSize, Criterion, Throughput, black_box};
-use sessio_net::{AckStatus, Delta, DeltaBatch, DeltaEntry, Fetch, Sid};
+use sessio_net::{
+    AckStatus, Codec, Delta, DeltaBatch, DeltaEntry, Fetch, Frame, Limits, Message, Received, Sid,
+};
 use sessio_remote::{NodeLimits, Store};
 use std::time::{Duration, Instant};
 
@@ -64,34 +69,64 @@ fn main() {
     let mut store = loaded(&record);
     let mut versions = vec![1u64; SESSIONS];
     let mut next = 0usize;
+    // The next batch of the round robin: one op delta per session, each on
+    // the version the store holds.
+    let mut next_batch = || {
+        let entries = (0..BATCH)
+            .map(|_| {
+                let i = next;
+                next = (next + 1) % SESSIONS;
+                versions[i] += 1;
+                DeltaEntry {
+                    sid: sid(i),
+                    base_version: versions[i] - 1,
+                    new_version: versions[i],
+                    epoch: 1,
+                    body: Delta::Ops(ops.clone()),
+                }
+            })
+            .collect();
+        DeltaBatch {
+            host_id: 1,
+            entries,
+        }
+    };
     g.throughput(Throughput::Elements(BATCH as u64));
     g.bench_function("apply_ops_100B_batch64", |b| {
-        // Each batch is built just before it is applied, as the server
-        // decodes one just before the store sees it; only the apply is
+        // Each batch is built just before it is applied; only the apply is
         // timed.
         b.iter_custom(|iters| {
             let mut spent = Duration::ZERO;
             for _ in 0..iters {
-                let entries = (0..BATCH)
-                    .map(|_| {
-                        let i = next;
-                        next = (next + 1) % SESSIONS;
-                        versions[i] += 1;
-                        DeltaEntry {
-                            sid: sid(i),
-                            base_version: versions[i] - 1,
-                            new_version: versions[i],
-                            epoch: 1,
-                            body: Delta::Ops(ops.clone()),
-                        }
-                    })
-                    .collect();
-                let batch = DeltaBatch {
-                    host_id: 1,
-                    entries,
-                };
+                let batch = next_batch();
                 let t = Instant::now();
                 let ack = store.apply_batch(&batch);
+                spent += t.elapsed();
+                assert!(ack.entries.iter().all(|e| e.status == AckStatus::Applied));
+            }
+            spent
+        });
+    });
+    g.bench_function("receive_ops_100B_batch64", |b| {
+        // Archived into a frame first, untimed; then what a node does with
+        // a frame it opened: check it and apply it where it lies.
+        let mut codec = Codec::new(Limits::default());
+        let mut wire = Vec::new();
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iters {
+                wire.clear();
+                codec
+                    .encode_into(&Message::DeltaBatch(next_batch()), &mut wire)
+                    .expect("a batch within the limits");
+                let t = Instant::now();
+                let (frame, _) = Frame::decode(&wire, Limits::default().frame_bytes_max)
+                    .expect("a frame")
+                    .expect("whole");
+                let Received::DeltaBatch(batch) = codec.receive(&frame).expect("valid") else {
+                    unreachable!("a delta batch is received where it lies")
+                };
+                let ack = store.apply_archived(batch);
                 spent += t.elapsed();
                 assert!(ack.entries.iter().all(|e| e.status == AckStatus::Applied));
             }

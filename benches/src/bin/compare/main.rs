@@ -50,6 +50,7 @@ mod memory;
 mod node;
 mod peers;
 mod report;
+mod transport;
 
 use std::error::Error;
 use std::hint::black_box;
@@ -60,10 +61,10 @@ use sessio_benches::{ArenaFixture, Floor, KEYS, VALUE_BYTES, arena_config, picks
 use sessio_engine::{Arena, HugePages, Location, Sid};
 use sessio_net::{Epoll, FoundRecord, IoUring};
 
-use node::{Frames, Node, NodeServer};
+use node::{Node, NodeServer};
 use peers::{Memcache, PeerProcess, Reply, Resp};
 use report::{Report, Row, Stat, Unit};
-use sessio_net::Backend;
+use transport::{Pump, transport};
 
 pub(crate) type BoxError = Box<dyn Error + Send + Sync>;
 
@@ -283,11 +284,6 @@ fn compare(run: &Run) -> Result<(), BoxError> {
     }
     rep.finish(started.elapsed(), run.write_doc)
 }
-
-/// Rounds of each side of the sealed-vs-unsealed transport ratio: more
-/// than [`ROUNDS`], as the ratio is a target of its own and the gap it
-/// measures is small next to a shared machine's noise.
-const SEAL_ROUNDS: usize = 9;
 
 /// Runs `round` [`ROUNDS`] times; each returns one value.
 fn rounds(mut round: impl FnMut() -> Result<f64, BoxError>) -> Result<Stat, BoxError> {
@@ -752,46 +748,6 @@ fn random_sids(n: usize, seed: u64) -> Vec<[u8; 16]> {
     (0..n).map(|_| rng.u128(..).to_le_bytes()).collect()
 }
 
-/// A node on backend `B` and a client pipelining batches to it.
-struct Pump<B: Backend> {
-    node: NodeServer,
-    frames: Frames,
-    sids: Vec<[u8; 16]>,
-    versions: Vec<u64>,
-    _b: std::marker::PhantomData<B>,
-}
-
-impl<B: Backend> Pump<B> {
-    fn start(kind: Node) -> Result<Pump<B>, BoxError> {
-        Self::start_with(kind, Frames::Sealed)
-    }
-
-    fn start_with(kind: Node, frames: Frames) -> Result<Pump<B>, BoxError> {
-        let sids = random_sids(REPL_SESSIONS, 0x5E_4D);
-        Ok(Pump {
-            node: NodeServer::start_with::<B>(kind, frames)?,
-            frames,
-            versions: vec![0; sids.len()],
-            sids,
-            _b: std::marker::PhantomData,
-        })
-    }
-
-    /// One round: deltas/s acknowledged at `batch` entries per batch.
-    fn round(&mut self, batch: usize, max_time: Duration) -> Result<f64, BoxError> {
-        node::pump::<B>(
-            self.node.addr,
-            self.frames,
-            batch,
-            DELTA_BYTES,
-            &self.sids,
-            &mut self.versions,
-            BATCHES_MAX,
-            max_time,
-        )
-    }
-}
-
 fn at_batch(curve: &[(usize, Stat)], batch: usize) -> Stat {
     curve
         .iter()
@@ -823,58 +779,6 @@ fn two_curves(
         cb.push((batch, sb));
     }
     Ok([ca, cb])
-}
-
-fn transport(run: &Run, rep: &mut Report) -> Result<(), BoxError> {
-    let mut u = Pump::<IoUring>::start(Node::Ack)?;
-    let mut e = Pump::<Epoll>::start(Node::Ack)?;
-    let [uring, epoll] = two_curves(
-        &mut |b| u.round(b, run.round),
-        &mut |b| e.round(b, run.round),
-        ["io_uring", "epoll"],
-    )?;
-    for batch in [1, TRANSPORT_HEADLINE_BATCH] {
-        let (u, e) = (at_batch(&uring, batch), at_batch(&epoll, batch));
-        rep.row(Row::new(
-            &format!("transport: `sessio-net` io_uring vs epoll, `DeltaBatch` of {batch} × 100 B, acked deltas/s"),
-            Unit::PerSec,
-            u.clone(),
-            "epoll (tokio)",
-            e.clone(),
-        ));
-        rep.ratio(
-            &format!("uring_vs_epoll_batch{batch}"),
-            u.median() / e.median(),
-        );
-    }
-    rep.batch_curve
-        .push(("sessio-net io_uring, ack only".into(), uring));
-    rep.batch_curve
-        .push(("sessio-net epoll, ack only".into(), epoll));
-
-    // What sealing costs: the same io_uring pump against a node whose
-    // records are laid out and counted the same but neither encrypted nor
-    // authenticated (a bench-only mode of `sessio-net`), rounds
-    // alternating in this run.
-    let mut plain = Pump::<IoUring>::start_with(Node::Ack, Frames::Unsealed)?;
-    for batch in [1, TRANSPORT_HEADLINE_BATCH] {
-        let mut sealed_round = || u.round(batch, run.round);
-        let mut plain_round = || plain.round(batch, run.round);
-        let s = interleaved_n(&mut [&mut sealed_round, &mut plain_round], SEAL_ROUNDS)?;
-        let [sealed, unsealed] = <[Stat; 2]>::try_from(s).expect("two stats");
-        rep.row(Row::new(
-            &format!("transport: sealed records (AEGIS-256X4) vs unsealed, io_uring, `DeltaBatch` of {batch} × 100 B, acked deltas/s"),
-            Unit::PerSec,
-            sealed.clone(),
-            "unsealed (bench only)",
-            unsealed.clone(),
-        ));
-        rep.ratio(
-            &format!("transport_sealed_vs_plain_batch{batch}"),
-            sealed.median() / unsealed.median(),
-        );
-    }
-    Ok(())
 }
 
 /// Redis `SET`s of [`DELTA_BYTES`] per second, `depth` pipelined per

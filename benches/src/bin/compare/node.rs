@@ -63,6 +63,10 @@ pub enum Node {
 pub struct NodeServer {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Its thread's name, as the kernel keeps it: `node-` and the
+    /// backend's name, `plain-` instead for an unsealed node, so a profile
+    /// and the harness's CPU counts tell the nodes of a run apart.
+    pub thread_name: String,
     stop: Shutdown,
     thread: Option<std::thread::JoinHandle<Result<(), String>>>,
 }
@@ -78,9 +82,12 @@ impl NodeServer {
     pub fn start_with<B: Backend>(kind: Node, frames: Frames) -> Result<NodeServer, BoxError> {
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Shutdown::new();
-        // Named, so a profile tells the two engines' node threads apart.
+        let thread_name = match frames {
+            Frames::Sealed => format!("node-{}", B::NAME),
+            Frames::Unsealed => format!("plain-{}", B::NAME),
+        };
         let thread = std::thread::Builder::new()
-            .name(format!("node-{}", B::NAME))
+            .name(thread_name.clone())
             .spawn({
                 let shutdown = stop.wait();
                 move || -> Result<(), String> {
@@ -139,6 +146,7 @@ impl NodeServer {
             .map_err(|e| format!("node thread did not start: {e}"))??;
         Ok(NodeServer {
             addr,
+            thread_name,
             stop,
             thread: Some(thread),
         })
@@ -231,7 +239,22 @@ pub async fn connect_with<B: Backend>(
     })
 }
 
-/// Deltas acknowledged per second by one client connection that pipelines
+/// What one [`pump`] did.
+pub struct Pumped {
+    /// Deltas acknowledged as applied.
+    pub acked: u64,
+    /// Seconds from the first batch sent to the last reply.
+    pub secs: f64,
+}
+
+impl Pumped {
+    /// Deltas acknowledged per second.
+    pub fn per_sec(&self) -> f64 {
+        self.acked as f64 / self.secs
+    }
+}
+
+/// Deltas acknowledged by one client connection that pipelines
 /// batches of `batch` entries of `delta_bytes` each, up to `max_batches`
 /// batches or `max_time`, whichever ends first. `versions` holds the version
 /// the node has of each SID in `sids` and is advanced, so a `Store` node
@@ -246,7 +269,7 @@ pub fn pump<B: Backend>(
     versions: &mut [u64],
     max_batches: u64,
     max_time: Duration,
-) -> Result<f64, BoxError> {
+) -> Result<Pumped, BoxError> {
     assert_eq!(sids.len(), versions.len());
     assert!(sids.len() >= batch, "a batch names each SID at most once");
     block_on::<B, _>(async move {
@@ -307,7 +330,7 @@ pub fn pump<B: Backend>(
             )
             .into());
         }
-        Ok(acked as f64 / secs)
+        Ok(Pumped { acked, secs })
     })?
 }
 

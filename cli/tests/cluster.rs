@@ -895,7 +895,7 @@ fn paused_owner_gets_its_writes_back_and_stand_ins_drop_them() {
 
 #[test]
 fn node_on_two_threads_is_one_store_for_every_connection() {
-    use sessio_net::{AckStatus, Delta, DeltaBatch, DeltaEntry};
+    use sessio_net::{Delta, DeltaBatch, DeltaEntry};
     let _serial = serial();
     let secret = SecretFile::new();
     let node = Node::spawn_with(
@@ -936,11 +936,13 @@ fn node_on_two_threads_is_one_store_for_every_connection() {
                     })
                     .collect(),
             };
+            let entries = batch.entries.len();
             let reply = conns[k].call(&Message::DeltaBatch(batch)).await.unwrap();
-            let Message::Ack(a) = reply else {
-                panic!("{reply:?}")
-            };
-            assert!(a.entries.iter().all(|e| e.status == AckStatus::Applied));
+            // Every entry applied at the version it named: the short answer.
+            assert!(
+                matches!(reply, Message::AllApplied(a) if a.entries as usize == entries),
+                "{reply:?}"
+            );
         }
         // ...and every connection sees every copy.
         for c in &mut conns {

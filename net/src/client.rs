@@ -108,7 +108,11 @@ impl<B: Backend> std::fmt::Debug for Client<B> {
 fn is_reply(msg: &Message) -> bool {
     matches!(
         msg,
-        Message::Ack(_) | Message::FetchReply(_) | Message::Pong(_) | Message::Stats(_)
+        Message::Ack(_)
+            | Message::AllApplied(_)
+            | Message::FetchReply(_)
+            | Message::Pong(_)
+            | Message::Stats(_)
     )
 }
 

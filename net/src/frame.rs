@@ -33,7 +33,7 @@ pub const MAGIC: u16 = 0x5E55;
 /// its arena's delta log instead); version 5 seals records with
 /// AEGIS-256X4 instead of AES-256-GCM. Peers of other versions are refused
 /// with a version `Reject`.
-pub const PROTOCOL_VERSION: u8 = 5;
+pub const PROTOCOL_VERSION: u8 = 6;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 16;
 /// Smallest `frame_bytes_max` a peer may configure: room for the largest
@@ -75,6 +75,8 @@ pub enum FrameKind {
     StatsRequest = 0x17,
     /// [`crate::message::Stats`].
     Stats = 0x18,
+    /// [`crate::message::AllApplied`].
+    AllApplied = 0x19,
     /// A sealed record ([`crate::seal`]): the only frame after the
     /// handshake; the messages (kinds above) travel inside records.
     Sealed = 0x20,
@@ -82,7 +84,7 @@ pub enum FrameKind {
 
 impl FrameKind {
     /// Every kind, in wire-code order.
-    pub const ALL: [FrameKind; 15] = [
+    pub const ALL: [FrameKind; 16] = [
         FrameKind::Hello,
         FrameKind::HelloReply,
         FrameKind::Auth,
@@ -97,6 +99,7 @@ impl FrameKind {
         FrameKind::Pong,
         FrameKind::StatsRequest,
         FrameKind::Stats,
+        FrameKind::AllApplied,
         FrameKind::Sealed,
     ];
 

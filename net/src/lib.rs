@@ -98,9 +98,9 @@ pub use client::{Client, ClientConfig};
 pub use frame::{Frame, FrameError, FrameKind};
 pub use handshake::{Handshake, HandshakeError, Identity, Secret, SecretError};
 pub use message::{
-    Ack, AckEntry, AckStatus, Codec, Counter, Delta, DeltaBatch, DeltaEntry, Fetch, FetchReply,
-    FoundRecord, Invalidate, InvalidateEntry, Limits, Message, MessageError, Ping, Pong, Received,
-    Sid, Stats, StatsRequest,
+    Ack, AckEntry, AckStatus, AllApplied, Codec, Counter, Delta, DeltaBatch, DeltaEntry, Fetch,
+    FetchReply, FoundRecord, Invalidate, InvalidateEntry, Limits, Message, MessageError, Ping,
+    Pong, Received, Sid, Stats, StatsRequest,
 };
 pub use record::RecordWriter;
 pub use seal::{Opener, SealError, Sealer, SessionKeys};

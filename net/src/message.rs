@@ -16,6 +16,13 @@ use crate::frame::{self, Frame, FrameKind};
 use crate::record;
 use crate::seal::{RECORD_OVERHEAD, SealError};
 
+mod ack;
+
+pub use ack::{
+    Ack, AckEntry, AckStatus, AllApplied, ArchivedAck, ArchivedAckEntry, ArchivedAckStatus,
+    ArchivedAllApplied,
+};
+
 /// A session id: 128 random bits.
 pub type Sid = [u8; 16];
 
@@ -92,37 +99,6 @@ pub struct DeltaBatch {
     pub host_id: u64,
     /// At most [`Limits::batch_entries_max`] entries.
     pub entries: Vec<DeltaEntry>,
-}
-
-/// What the receiver did with one [`DeltaEntry`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub enum AckStatus {
-    /// Applied; the receiver now holds `version`.
-    Applied,
-    /// The receiver lacks the base version: send the full record.
-    NeedFull,
-    /// The receiver holds a newer ownership epoch: the sender lost ownership.
-    Fenced,
-    /// Refused for another reason (over quota, malformed record).
-    Refused,
-}
-
-/// One entry of an [`Ack`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub struct AckEntry {
-    /// The session.
-    pub sid: Sid,
-    /// The version the receiver holds after this batch.
-    pub version: u64,
-    /// The outcome.
-    pub status: AckStatus,
-}
-
-/// The answer to a [`DeltaBatch`], one entry per delta entry.
-#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub struct Ack {
-    /// At most [`Limits::batch_entries_max`] entries.
-    pub entries: Vec<AckEntry>,
 }
 
 /// Asks a replica for its copy of a session (failover).
@@ -244,6 +220,8 @@ pub enum Message {
     StatsRequest(StatsRequest),
     /// Counters.
     Stats(Stats),
+    /// Outcome of a delta batch all of which was applied.
+    AllApplied(AllApplied),
 }
 
 /// Why a frame body is not an acceptable message.
@@ -430,6 +408,12 @@ impl CheckLimits for ArchivedAck {
     }
 }
 
+impl CheckLimits for ArchivedAllApplied {
+    fn check_limits(&self, l: Limits) -> Result<(), MessageError> {
+        batch_over("ack entries", self.entries.to_native() as usize, l)
+    }
+}
+
 impl CheckLimits for ArchivedInvalidate {
     fn check_limits(&self, l: Limits) -> Result<(), MessageError> {
         batch_over("invalidate entries", self.entries.len(), l)
@@ -484,6 +468,7 @@ impl Message {
             Message::Pong(_) => FrameKind::Pong,
             Message::StatsRequest(_) => FrameKind::StatsRequest,
             Message::Stats(_) => FrameKind::Stats,
+            Message::AllApplied(_) => FrameKind::AllApplied,
         }
     }
 
@@ -515,6 +500,7 @@ impl Message {
                 Ok(())
             }
             Message::Ack(a) => over("ack entries", a.entries.len(), l.batch_entries_max),
+            Message::AllApplied(a) => batch_over("ack entries", a.entries as usize, *l),
             Message::Invalidate(i) => {
                 over("invalidate entries", i.entries.len(), l.batch_entries_max)
             }
@@ -640,6 +626,7 @@ impl Codec {
             FrameKind::Pong => Message::Pong(access_checked(kind, body, l, s)?),
             FrameKind::StatsRequest => Message::StatsRequest(access_checked(kind, body, l, s)?),
             FrameKind::Stats => Message::Stats(access_checked(kind, body, l, s)?),
+            FrameKind::AllApplied => Message::AllApplied(access_checked(kind, body, l, s)?),
             other => return Err(MessageError::NotAMessage(other)),
         })
     }
@@ -701,6 +688,7 @@ where
         Message::Pong(m) => to_bytes_in::<_, rancor::Error>(m, writer),
         Message::StatsRequest(m) => to_bytes_in::<_, rancor::Error>(m, writer),
         Message::Stats(m) => to_bytes_in::<_, rancor::Error>(m, writer),
+        Message::AllApplied(m) => to_bytes_in::<_, rancor::Error>(m, writer),
     };
     result.map_err(|e| MessageError::Serialize(e.to_string()))
 }
@@ -775,6 +763,7 @@ pub fn samples() -> Vec<Message> {
             })
             .collect(),
         }),
+        Message::AllApplied(AllApplied { entries: 3 }),
         Message::Fetch(Fetch {
             request_id: 11,
             sid: [5; 16],

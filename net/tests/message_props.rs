@@ -5,7 +5,7 @@
 use proptest::collection::vec;
 use proptest::prelude::*;
 use sessio_net::frame::Frame;
-use sessio_net::message::{AckEntry, Counter, InvalidateEntry, Stats};
+use sessio_net::message::{AckEntry, AllApplied, Counter, InvalidateEntry, Stats};
 use sessio_net::{
     Ack, AckStatus, Codec, Delta, DeltaBatch, DeltaEntry, Fetch, FetchReply, FoundRecord,
     Invalidate, Message, Ping, Pong, StatsRequest,
@@ -60,6 +60,7 @@ fn message() -> impl Strategy<Value = Message> {
                 })
                 .collect()
         })),
+        (1..=1024u32).prop_map(|entries| Message::AllApplied(AllApplied { entries })),
         (any::<u64>(), any::<[u8; 16]>())
             .prop_map(|(request_id, sid)| Message::Fetch(Fetch { request_id, sid })),
         (

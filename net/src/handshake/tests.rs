@@ -124,19 +124,19 @@ fn wrong_version_is_named() {
     let s = Secret::from_bytes([3; 32]);
     let mut i = Handshake::initiator(&s, A).unwrap();
     let mut hello = i.take_output().unwrap().as_bytes().to_vec();
-    // A version 4 peer (records sealed with AES-256-GCM).
-    hello[2] = 4;
+    // A version 5 peer (every batch answered with a whole ack).
+    hello[2] = 5;
     let mut r = Handshake::responder(&s, B, 4096).unwrap();
     assert!(matches!(
         r.receive(&hello),
-        Err(HandshakeError::VersionMismatch { theirs: 4 })
+        Err(HandshakeError::VersionMismatch { theirs: 5 })
     ));
     let reject = r.take_output().unwrap();
     assert!(matches!(
         i.receive(reject.as_bytes()),
         Err(HandshakeError::Rejected {
             reason: RejectReason::Version,
-            detail: 5
+            detail: 6
         })
     ));
 }

@@ -425,8 +425,13 @@ fn fetch_once<B: Rt>(
             });
             fenced = replies
                 .iter()
-                .filter(|r| {
-                    matches!(r, Some(Message::Ack(a)) if a.entries.first().is_some_and(|e| e.status == AckStatus::Applied))
+                .filter(|r| match r {
+                    Some(Message::AllApplied(_)) => true,
+                    Some(Message::Ack(a)) => a
+                        .entries
+                        .first()
+                        .is_some_and(|e| e.status == AckStatus::Applied),
+                    _ => false,
                 })
                 .count();
         }

@@ -87,12 +87,16 @@ impl Shards {
         let msg = match msg {
             Received::DeltaBatch(b) => {
                 let ack = self.apply_entries(b.host_id.to_native(), &b.entries);
-                return Some(Message::Ack(ack));
+                let named = b.entries.iter().map(|e| e.new_version.to_native());
+                return Some(ack.into_reply(named));
             }
             Received::Message(m) => m,
         };
         match msg {
-            Message::DeltaBatch(b) => Some(Message::Ack(self.apply_batch(&b))),
+            Message::DeltaBatch(b) => {
+                let named = b.entries.iter().map(|e| e.new_version);
+                Some(self.apply_batch(&b).into_reply(named))
+            }
             Message::Fetch(f) => Some(Message::FetchReply(self.lock(&f.sid).fetch(f))),
             Message::Invalidate(inv) => {
                 self.invalidate(inv);

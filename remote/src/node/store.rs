@@ -342,14 +342,22 @@ impl Store {
 
     /// Answers one message from host `from` (its handshake id); `None` for
     /// messages that get no answer. A ping's pong carries the takeover
-    /// notices kept for `from`. A delta batch is read where it arrived.
+    /// notices kept for `from`. A delta batch is read where it arrived,
+    /// and answered with [`sessio_net::AllApplied`] when every entry was
+    /// applied at the version it named (else its whole [`Ack`]).
     pub fn handle(&mut self, from: u64, msg: Received<'_>) -> Option<Message> {
         let msg = match msg {
-            Received::DeltaBatch(b) => return Some(Message::Ack(self.apply_archived(b))),
+            Received::DeltaBatch(b) => {
+                let named = b.entries.iter().map(|e| e.new_version.to_native());
+                return Some(self.apply_archived(b).into_reply(named));
+            }
             Received::Message(m) => m,
         };
         match msg {
-            Message::DeltaBatch(b) => Some(Message::Ack(self.apply_batch(&b))),
+            Message::DeltaBatch(b) => {
+                let named = b.entries.iter().map(|e| e.new_version);
+                Some(self.apply_batch(&b).into_reply(named))
+            }
             Message::Fetch(f) => Some(Message::FetchReply(self.fetch(f))),
             Message::Invalidate(inv) => {
                 self.invalidate(&inv);

@@ -171,14 +171,15 @@ async fn feed(
             }))
             .await
             .map_err(|e: TransportError| e.to_string())?;
-        let Message::Ack(ack) = reply else {
-            return Err(format!("the node answered a batch with {reply:?}").into());
+        let ok = match reply {
+            Message::AllApplied(a) => a.entries as usize,
+            Message::Ack(ack) => ack
+                .entries
+                .iter()
+                .filter(|e| e.status == sessio_net::AckStatus::Applied)
+                .count(),
+            other => return Err(format!("the node answered a batch with {other:?}").into()),
         };
-        let ok = ack
-            .entries
-            .iter()
-            .filter(|e| e.status == sessio_net::AckStatus::Applied)
-            .count();
         if ok != FANIN_BATCH {
             return Err(format!("{ok} of {FANIN_BATCH} deltas applied").into());
         }

@@ -168,19 +168,23 @@ impl Drop for NodeServer {
 
 #[allow(clippy::needless_pass_by_value)] // the signature the server calls
 fn ack_all(_peer: sessio_net::PeerInfo, msg: Received<'_>) -> Option<Message> {
-    // Read where it arrived, as the store node reads it.
+    // Read where it arrived, and answered as a node answers a batch it
+    // applied whole.
     match msg {
-        Received::DeltaBatch(b) => Some(Message::Ack(Ack {
-            entries: b
-                .entries
-                .iter()
-                .map(|e| AckEntry {
-                    sid: e.sid,
-                    version: e.new_version.to_native(),
-                    status: AckStatus::Applied,
-                })
-                .collect(),
-        })),
+        Received::DeltaBatch(b) => {
+            let ack = Ack {
+                entries: b
+                    .entries
+                    .iter()
+                    .map(|e| AckEntry {
+                        sid: e.sid,
+                        version: e.new_version.to_native(),
+                        status: AckStatus::Applied,
+                    })
+                    .collect(),
+            };
+            Some(ack.into_reply(b.entries.iter().map(|e| e.new_version.to_native())))
+        }
         Received::Message(_) => None,
     }
 }
@@ -335,14 +339,18 @@ pub fn pump<B: Backend>(
 }
 
 fn count(reply: &Message, acked: &mut u64, refused: &mut u64) {
-    if let Message::Ack(a) = reply {
-        for e in &a.entries {
-            if e.status == AckStatus::Applied {
-                *acked += 1;
-            } else {
-                *refused += 1;
+    match reply {
+        Message::Ack(a) => {
+            for e in &a.entries {
+                if e.status == AckStatus::Applied {
+                    *acked += 1;
+                } else {
+                    *refused += 1;
+                }
             }
         }
+        Message::AllApplied(a) => *acked += u64::from(a.entries),
+        _ => {}
     }
 }
 

@@ -319,21 +319,15 @@ pub(super) async fn node_link<B: Rt>(ctx: &Ctx<'_>, id: u16, addr: std::net::Soc
                 let reply = client.recv().await.map_err(|e| e.to_string())?;
                 last_io = Instant::now();
                 match reply {
-                    Message::Ack(ack) => {
+                    reply @ (Message::Ack(_) | Message::AllApplied(_)) => {
                         let Some(sent) = in_flight.pop_front() else {
                             return Err("an ack for no batch".into());
                         };
                         if let Some(l) = ctx.state.borrow_mut().link(id) {
                             l.sent_at.pop_front();
                         }
-                        if ack.entries.len() != sent.len() {
-                            return Err(format!(
-                                "ack has {} entries for a batch of {}",
-                                ack.entries.len(),
-                                sent.len()
-                            ));
-                        }
-                        apply_acks(ctx, id, &sent, &ack.entries);
+                        let acks = acks_of(reply, &sent)?;
+                        apply_acks(ctx, id, &sent, &acks);
                         if in_flight.is_empty() {
                             // Free again: a dispatcher waiting for that
                             // (a writer urged) takes what piled up.
@@ -717,6 +711,40 @@ pub(super) fn build_once(ctx: &Ctx<'_>, id: u16) -> Built {
         },
         sent,
     )
+}
+
+/// The ack entries a node's answer to batch `sent` stands for: an
+/// [`sessio_net::AllApplied`] says what a whole ack of every entry
+/// `Applied` at the version sent would. An answer of another length than
+/// the batch is an error.
+pub(super) fn acks_of(reply: Message, sent: &[Sent]) -> Result<Vec<sessio_net::AckEntry>, String> {
+    let acks = match reply {
+        Message::Ack(ack) => ack.entries,
+        Message::AllApplied(a) if usize::try_from(a.entries) == Ok(sent.len()) => sent
+            .iter()
+            .map(|s| sessio_net::AckEntry {
+                sid: s.sid.0,
+                version: s.new_version,
+                status: AckStatus::Applied,
+            })
+            .collect(),
+        Message::AllApplied(a) => {
+            return Err(format!(
+                "ack has {} entries for a batch of {}",
+                a.entries,
+                sent.len()
+            ));
+        }
+        other => return Err(format!("unexpected {:?} as an ack", other.kind())),
+    };
+    if acks.len() != sent.len() {
+        return Err(format!(
+            "ack has {} entries for a batch of {}",
+            acks.len(),
+            sent.len()
+        ));
+    }
+    Ok(acks)
 }
 
 pub(super) fn apply_acks(ctx: &Ctx<'_>, id: u16, sent: &[Sent], acks: &[sessio_net::AckEntry]) {

@@ -227,3 +227,54 @@ fn a_removal_carries_the_newest_version_shipped() {
     super::link::push_remove(&mut entries, &mut sent, sid, &s, 2, true);
     assert_eq!(entries[0].new_version, 1);
 }
+
+/// A batch of three as sent: a change, a removal and a stand-in's drop.
+fn three_sent() -> Vec<link::Sent> {
+    [(1u8, 4u64, false), (2, 9, false), (3, 2, true)]
+        .into_iter()
+        .map(|(n, new_version, drops_hint)| link::Sent {
+            sid: sessio_engine::Sid([n; 16]),
+            new_version,
+            epoch: 1,
+            drops_hint,
+        })
+        .collect()
+}
+
+#[test]
+fn a_short_answer_stands_for_every_entry_applied_at_the_version_sent() {
+    use sessio_net::{Ack, AckEntry, AckStatus, AllApplied, Message};
+    let sent = three_sent();
+    let acks = link::acks_of(Message::AllApplied(AllApplied { entries: 3 }), &sent).unwrap();
+    let whole: Vec<AckEntry> = sent
+        .iter()
+        .map(|s| AckEntry {
+            sid: s.sid.0,
+            version: s.new_version,
+            status: AckStatus::Applied,
+        })
+        .collect();
+    assert_eq!(acks, whole);
+    // A whole ack is taken as it is.
+    let mut mixed = whole.clone();
+    mixed[1].status = AckStatus::NeedFull;
+    let got = link::acks_of(
+        Message::Ack(Ack {
+            entries: mixed.clone(),
+        }),
+        &sent,
+    );
+    assert_eq!(got, Ok(mixed));
+    // An answer of another length than the batch, or not an answer at all,
+    // ends the connection.
+    for wrong in [
+        Message::AllApplied(AllApplied { entries: 2 }),
+        Message::AllApplied(AllApplied { entries: 4 }),
+        Message::Ack(Ack {
+            entries: whole[..2].to_vec(),
+        }),
+        Message::Ping(sessio_net::Ping { nonce: 1 }),
+    ] {
+        assert!(link::acks_of(wrong, &sent).is_err());
+    }
+}

@@ -347,6 +347,64 @@ fn versions_at_the_top_of_the_range_are_refused_not_a_panic() {
     assert_eq!(a.status, AckStatus::NeedFull);
 }
 
+/// What the store answers `entries` from host 1 with, as a node serves it.
+fn answer(store: &mut Store, entries: Vec<DeltaEntry>) -> Option<Message> {
+    let batch = Message::DeltaBatch(DeltaBatch {
+        host_id: 1,
+        entries,
+    });
+    store.handle(1, Received::Message(batch))
+}
+
+#[test]
+fn a_batch_applied_whole_is_answered_short_anything_else_whole() {
+    let mut s = Store::new(NodeLimits::default(), 1);
+    let at = |n: u8, e: DeltaEntry| DeltaEntry { sid: [n; 16], ..e };
+    let full = || Delta::Full(record(&[("k", b"v")]));
+    let short = Some(Message::AllApplied(sessio_net::AllApplied { entries: 2 }));
+    assert_eq!(
+        answer(
+            &mut s,
+            vec![at(1, entry(0, 3, 1, full())), at(2, entry(0, 5, 1, full()))]
+        ),
+        short
+    );
+    assert_eq!(
+        answer(
+            &mut s,
+            vec![
+                at(1, entry(3, 4, 1, set("k", b"w"))),
+                at(2, entry(5, 6, 1, set("k", b"w")))
+            ]
+        ),
+        short
+    );
+    // One entry not applied: every entry's answer goes back.
+    let Some(Message::Ack(a)) = answer(
+        &mut s,
+        vec![
+            at(1, entry(4, 5, 1, set("k", b"x"))),
+            at(2, entry(9, 10, 1, set("k", b"x"))),
+        ],
+    ) else {
+        panic!("a batch not applied whole gets its whole ack")
+    };
+    let statuses: Vec<_> = a.entries.iter().map(|e| (e.status, e.version)).collect();
+    assert_eq!(
+        statuses,
+        [(AckStatus::Applied, 5), (AckStatus::NeedFull, 6)]
+    );
+    // Applied, but the node holds another version than the one named (a
+    // removal leaves none): the whole ack says which.
+    let Some(Message::Ack(a)) = answer(&mut s, vec![at(1, entry(5, 6, 1, Delta::Remove))]) else {
+        panic!("a removal's ack names the version left")
+    };
+    assert_eq!(
+        (a.entries[0].status, a.entries[0].version),
+        (AckStatus::Applied, 0)
+    );
+}
+
 #[test]
 fn a_removal_overtaken_by_a_write_keeps_the_copy() {
     let mut s = Store::new(NodeLimits::default(), 1);

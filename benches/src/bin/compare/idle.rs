@@ -85,6 +85,13 @@ fn point(run: &Run, bank: &Bank, capacity: u64) -> Result<Point, BoxError> {
     std::thread::sleep(window);
     let (c1, t1) = (replicator_cpu_ns()?, t0.elapsed());
     let idle_pct = (c1 - c0) as f64 / t1.as_nanos() as f64 * 100.0;
+    if idle_pct > 1.0 {
+        // Over the target: say what the replicator was doing.
+        eprintln!(
+            "idle: capacity {capacity}: {idle_pct:.2}% of a core; replicator {:?}",
+            repl.stats()
+        );
+    }
 
     let ops = [Op::Set {
         key: "cart".into(),

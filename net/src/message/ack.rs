@@ -1,6 +1,6 @@
-//! The answers to a [`DeltaBatch`](super::DeltaBatch): an [`Ack`] with one entry per delta
-//! entry, or, when every entry was applied at the version it named, the
-//! short [`AllApplied`].
+//! The answers to a [`DeltaBatch`](super::DeltaBatch): an [`Ack`] with
+//! one entry per delta entry, or, when every entry was applied at the
+//! version it named, the short [`AllApplied`].
 
 use super::{Message, Sid};
 
@@ -28,21 +28,24 @@ pub struct AckEntry {
     pub status: AckStatus,
 }
 
-/// The answer to a [`DeltaBatch`](super::DeltaBatch), one entry per delta entry.
+/// The answer to a [`DeltaBatch`](super::DeltaBatch), one entry per delta
+/// entry.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Ack {
-    /// At most [`Limits::batch_entries_max`](super::Limits::batch_entries_max) entries.
+    /// At most [`batch_entries_max`](super::Limits::batch_entries_max)
+    /// entries.
     pub entries: Vec<AckEntry>,
 }
 
-/// The short answer to a [`DeltaBatch`](super::DeltaBatch) every entry of which was applied
-/// at the version it named: what an [`Ack`] of `entries` entries, each
-/// `Applied` at its entry's `new_version`, would say, in 4 bytes instead
-/// of 32 per entry. The sender knows what it sent; anything else gets the
-/// whole [`Ack`] ([`Ack::into_reply`]).
+/// The short answer to a [`DeltaBatch`](super::DeltaBatch) every entry of
+/// which was applied at the version it named: what an [`Ack`] of `entries`
+/// entries, each `Applied` at its entry's `new_version`, would say, in 4
+/// bytes instead of 32 per entry. The sender knows what it sent; anything
+/// else gets the whole [`Ack`] ([`Ack::into_reply`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct AllApplied {
-    /// Entries of the batch answered, at most [`Limits::batch_entries_max`](super::Limits::batch_entries_max).
+    /// Entries of the batch answered, at most
+    /// [`batch_entries_max`](super::Limits::batch_entries_max).
     pub entries: u32,
 }
 

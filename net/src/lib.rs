@@ -2,14 +2,14 @@
 //!
 //! Web hosts ship session changes to replica nodes, and fetch sessions back
 //! on failover, over long-lived authenticated TCP connections. Everything on
-//! the wire is a [frame](frame): a 16-byte header (magic, version, kind,
+//! the wire is a [frame]: a 16-byte header (magic, version, kind,
 //! length, check word) and a body. Before anything else, the two peers run
-//! the [handshake](handshake): a mutual BLAKE3-keyed challenge–response over
+//! the [handshake]: a mutual BLAKE3-keyed challenge–response over
 //! a shared 32-byte secret that also exchanges ids and process incarnations
 //! and derives one key per direction. After it, every frame is a
 //! [sealed](seal) record (AEGIS-256X4 under a per-direction counter) of one
 //! or more [messages](record), as many as one socket write carries; each is
-//! one rkyv-archived [message](message), validated with bytecheck and
+//! one rkyv-archived [message], validated with bytecheck and
 //! bounded by [`Limits`] before use.
 //!
 //! Data moves through the modules like this:

@@ -17,14 +17,9 @@ use sessio_net::{Backend, Epoll, IoUring};
 use crate::node::{self, Frames, Node, NodeServer};
 use crate::report::{Report, Row, Stat, Unit};
 use crate::{
-    BATCHES_MAX, BoxError, DELTA_BYTES, REPL_SESSIONS, Run, TRANSPORT_HEADLINE_BATCH, at_batch,
-    interleaved_n, random_sids, threads_cpu_ns, two_curves,
+    BATCHES_MAX, BoxError, DELTA_BYTES, REPL_SESSIONS, Run, TARGET_ROUNDS,
+    TRANSPORT_HEADLINE_BATCH, at_batch, interleaved_n, random_sids, threads_cpu_ns, two_curves,
 };
-
-/// Rounds of each side of the sealed-vs-unsealed transport ratio: more
-/// than [`crate::ROUNDS`], as the ratio is a target of its own and the gap
-/// it measures is small next to a shared machine's noise.
-const SEAL_ROUNDS: usize = 9;
 
 /// A node on backend `B` and a client pipelining batches to it.
 pub(crate) struct Pump<B: Backend> {
@@ -138,7 +133,7 @@ pub(crate) fn transport(run: &Run, rep: &mut Report) -> Result<(), BoxError> {
         let (mut cpu_sealed, mut cpu_plain) = (Vec::new(), Vec::new());
         let mut sealed_round = || u.round_cpu(batch, run.round, &mut cpu_sealed);
         let mut plain_round = || plain.round_cpu(batch, run.round, &mut cpu_plain);
-        let s = interleaved_n(&mut [&mut sealed_round, &mut plain_round], SEAL_ROUNDS)?;
+        let s = interleaved_n(&mut [&mut sealed_round, &mut plain_round], TARGET_ROUNDS)?;
         let [sealed, unsealed] = <[Stat; 2]>::try_from(s).expect("two stats");
         rep.row(Row::new(
             &format!("transport: sealed records (AEGIS-256X4) vs unsealed, io_uring, `DeltaBatch` of {batch} × 100 B, acked deltas/s"),

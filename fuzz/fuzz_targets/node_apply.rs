@@ -12,7 +12,7 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use sessio_engine::session::{Op, SessionData, decode_session, encode_ops, encode_session};
-use sessio_net::message::{AckEntry, AckStatus, Delta, DeltaBatch, DeltaEntry};
+use sessio_net::message::{Ack, AckStatus, Delta, DeltaBatch, DeltaEntry};
 use sessio_net::{Codec, Frame, Limits, Message, Received};
 use sessio_remote::node::PENDING_BATCHES_MAX;
 use sessio_remote::{NodeLimits, Store};
@@ -97,10 +97,9 @@ fuzz_target!(|batches: Vec<Vec<Entry>>| {
             let entries = match store.handle(7, received) {
                 Some(Message::Ack(ack)) => ack.entries,
                 // Short for every entry applied at the version it named.
-                Some(Message::AllApplied(a)) => sent
-                    .iter()
-                    .map(|e| AckEntry { sid: e.sid, version: e.new_version, status: AckStatus::Applied })
-                    .collect(),
+                Some(Message::AllApplied(_)) => {
+                    Ack::all_applied(sent.iter().map(|e| (e.sid, e.new_version))).entries
+                }
                 other => panic!("a delta batch is answered with an ack, not {other:?}"),
             };
             assert_eq!(entries.len(), sent.len(), "one ack entry per delta");

@@ -50,6 +50,22 @@ pub struct AllApplied {
 }
 
 impl Ack {
+    /// The ack [`AllApplied`] stands for: each `(sid, new_version)` of the
+    /// batch, in order, `Applied` at that version.
+    #[must_use]
+    pub fn all_applied(entries: impl IntoIterator<Item = (Sid, u64)>) -> Ack {
+        Ack {
+            entries: entries
+                .into_iter()
+                .map(|(sid, version)| AckEntry {
+                    sid,
+                    version,
+                    status: AckStatus::Applied,
+                })
+                .collect(),
+        }
+    }
+
     /// The reply to a batch whose entries named `new_versions`, in order:
     /// [`AllApplied`] when every entry was applied at the version it
     /// named, else this ack.
@@ -91,6 +107,9 @@ mod tests {
         use AckStatus::{Applied, NeedFull};
         let short = Message::AllApplied(AllApplied { entries: 2 });
         assert_eq!(ack(&[(4, Applied), (9, Applied)]).into_reply([4, 9]), short);
+        // And what the short reply stands for is the ack it replaced.
+        let named = [([1; 16], 4), ([1; 16], 9)];
+        assert_eq!(Ack::all_applied(named), ack(&[(4, Applied), (9, Applied)]));
         for (entries, named) in [
             // An entry not applied.
             (vec![(4, Applied), (0, NeedFull)], vec![4, 9]),

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use sessio_net::{
-    Ack, AckEntry, AckStatus, Backend, Client, ClientConfig, Delta, DeltaBatch, DeltaEntry, Fetch,
+    Ack, AckStatus, Backend, Client, ClientConfig, Delta, DeltaBatch, DeltaEntry, Fetch,
     FetchReply, FoundRecord, Identity, IoUring, Message, Received, Secret, Server, ServerConfig,
     Shutdown, Sid,
 };
@@ -172,18 +172,8 @@ fn ack_all(_peer: sessio_net::PeerInfo, msg: Received<'_>) -> Option<Message> {
     // applied whole.
     match msg {
         Received::DeltaBatch(b) => {
-            let ack = Ack {
-                entries: b
-                    .entries
-                    .iter()
-                    .map(|e| AckEntry {
-                        sid: e.sid,
-                        version: e.new_version.to_native(),
-                        status: AckStatus::Applied,
-                    })
-                    .collect(),
-            };
-            Some(ack.into_reply(b.entries.iter().map(|e| e.new_version.to_native())))
+            let named = || b.entries.iter().map(|e| (e.sid, e.new_version.to_native()));
+            Some(Ack::all_applied(named()).into_reply(named().map(|(_, v)| v)))
         }
         Received::Message(_) => None,
     }

@@ -3,12 +3,12 @@
 //! nothing. `io_uring` against epoll, and sealed records against the
 //! bench-only unsealed ones, rounds alternating in one run.
 //!
-//! What sealing costs is given two ways. Deltas acknowledged per second is
-//! what a host sees, but on a shared 2-core machine its rounds scatter by
-//! more than the gap being measured. The CPU time both ends of the
-//! connection spend per acknowledged delta (the client's thread clock and
-//! the node thread's `schedstat`) is the cost itself, and hardly moves when
-//! the scheduler parks one of them for a while.
+//! What sealing costs is given two ways: deltas acknowledged per second,
+//! what a host sees, and the CPU time both ends of the connection spend per
+//! acknowledged delta (the client's thread clock and the node thread's
+//! `schedstat`), the cost itself whichever end is the bottleneck. On a
+//! shared 2-core guest both scatter by about as much as the gap measured:
+//! read the medians of several runs.
 
 use std::time::Duration;
 

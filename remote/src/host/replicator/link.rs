@@ -720,14 +720,9 @@ pub(super) fn build_once(ctx: &Ctx<'_>, id: u16) -> Built {
 pub(super) fn acks_of(reply: Message, sent: &[Sent]) -> Result<Vec<sessio_net::AckEntry>, String> {
     let acks = match reply {
         Message::Ack(ack) => ack.entries,
-        Message::AllApplied(a) if usize::try_from(a.entries) == Ok(sent.len()) => sent
-            .iter()
-            .map(|s| sessio_net::AckEntry {
-                sid: s.sid.0,
-                version: s.new_version,
-                status: AckStatus::Applied,
-            })
-            .collect(),
+        Message::AllApplied(a) if usize::try_from(a.entries) == Ok(sent.len()) => {
+            sessio_net::Ack::all_applied(sent.iter().map(|s| (s.sid.0, s.new_version))).entries
+        }
         Message::AllApplied(a) => {
             return Err(format!(
                 "ack has {} entries for a batch of {}",
